@@ -1,0 +1,353 @@
+//! `cellctl`: the traffic engineers' CLI for cellgate rules.
+//!
+//! Exit codes: 0 = ok, 1 = invalid input or failed check, 2 = usage.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use routing_rules::rebalance::render_table_into;
+use routing_rules::{
+    diff, parse_rules, rebalance, Colour, RebalancePlan, RouteAttrs, RoutingTable, Rules,
+    StaticHealth,
+};
+
+/// cellctl — inspect, route, diff and rebalance cellgate rules documents.
+///
+/// A rules document (TOML) says where the user key comes from, how keys
+/// hash to slots, which cell owns each slot, each cell's blue/green split
+/// and failover order, and per-user overrides. See docs/rules.md.
+///
+/// Exit status: 0 ok, 1 invalid input or failed check, 2 usage error.
+#[derive(Debug, Parser)]
+#[command(name = "cellctl", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
+enum Output {
+    /// Human-readable text.
+    #[default]
+    Text,
+    /// Machine-readable JSON.
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct OutputArg {
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Work with rules documents (validate, diff, rebalance).
+    #[command(subcommand)]
+    Rules(RulesCommand),
+    /// Show where each KEY is routed: slot, home and serving cell, colour, and why.
+    Route(RouteArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum RulesCommand {
+    /// Check a rules document; print a summary, or every problem found (exit 1).
+    Validate {
+        /// The rules document (TOML).
+        file: PathBuf,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Show who moves where between two rules documents.
+    Diff {
+        /// The current document.
+        old: PathBuf,
+        /// The proposed document.
+        new: PathBuf,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Reassign slots with consistent hashing when cells are added or removed.
+    ///
+    /// Adding a cell moves to it only the slots the ring gives it (about
+    /// slots/(N+1) for an (N+1)th equal cell); removing a cell moves only
+    /// its slots. Pinned ranges never move. Cells must already be defined
+    /// in the document. The new document keeps everything else, comments
+    /// included; its diff against FILE is printed.
+    Rebalance {
+        /// The current document.
+        file: PathBuf,
+        /// Give slots to this cell; NAME or NAME=WEIGHT (weight 1..=1000, default: the cell's weight).
+        #[arg(long = "add-cell", value_name = "NAME[=WEIGHT]", value_parser = parse_add_cell)]
+        add: Vec<(String, Option<u32>)>,
+        /// Take all slots away from this cell.
+        #[arg(long = "remove-cell", value_name = "NAME")]
+        remove: Vec<String>,
+        /// Where to write the new document (written atomically).
+        #[arg(long, value_name = "NEW")]
+        out: PathBuf,
+        #[command(flatten)]
+        output: OutputArg,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RouteArgs {
+    /// The rules document (TOML).
+    #[arg(long, value_name = "FILE")]
+    rules: PathBuf,
+    /// Treat a cell (CELL) or one colour of it (CELL:COLOUR) as having no
+    /// healthy instance. Repeatable. Without it, every colour with instances
+    /// in the rules is healthy.
+    #[arg(long, value_name = "CELL[:COLOUR]")]
+    down: Vec<String>,
+    /// Route as if the request carried this tester-header value (honoured
+    /// only when the rules enable the tester header).
+    #[arg(long, value_name = "COLOUR")]
+    tester_colour: Option<String>,
+    #[command(flatten)]
+    out: OutputArg,
+    /// User keys to route.
+    #[arg(required = true, value_name = "KEY")]
+    keys: Vec<String>,
+}
+
+fn parse_add_cell(s: &str) -> Result<(String, Option<u32>), String> {
+    match s.split_once('=') {
+        None if !s.is_empty() => Ok((s.to_string(), None)),
+        None => Err("empty cell name".into()),
+        Some((name, w)) => {
+            let w: u32 = w
+                .parse()
+                .map_err(|_| format!("weight \"{w}\" is not a whole number"))?;
+            if name.is_empty() {
+                return Err("empty cell name".into());
+            }
+            Ok((name.to_string(), Some(w)))
+        }
+    }
+}
+
+/// A failure already reported to the user: exit 1 without more output.
+#[derive(Debug)]
+struct Reported;
+
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("reported")
+    }
+}
+impl std::error::Error for Reported {}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if e.downcast_ref::<Reported>().is_none() {
+                eprintln!("cellctl: {e:#}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Loads and validates a document; on failure prints every problem.
+fn load(path: &Path, out: Output) -> Result<(String, Rules)> {
+    let text = read(path)?;
+    match parse_rules(&text) {
+        Ok(r) => Ok((text, r)),
+        Err(e) => {
+            match out {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({
+                        "valid": false,
+                        "file": path.display().to_string(),
+                        "errors": e.problems(),
+                    })
+                ),
+                Output::Text => eprintln!("{}: invalid rules: {e}", path.display()),
+            }
+            Err(Reported.into())
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Rules(RulesCommand::Validate { file, out }) => {
+            let (_, rules) = load(&file, out.output)?;
+            let per_cell = rules.slots_per_cell();
+            match out.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({
+                        "valid": true,
+                        "file": file.display().to_string(),
+                        "slots": rules.slots,
+                        "cells": rules.cells.len(),
+                        "overrides": rules.overrides.len(),
+                        "slots_per_cell": per_cell,
+                    })
+                ),
+                Output::Text => {
+                    println!(
+                        "{}: valid ({} cells, {} slots, {} overrides)",
+                        file.display(),
+                        rules.cells.len(),
+                        rules.slots,
+                        rules.overrides.len()
+                    );
+                    for (cell, n) in per_cell {
+                        let c = &rules.cells[cell];
+                        println!(
+                            "  {cell}: {n} slots, {}, green {} bp, blue {} / green {} instances",
+                            c.state,
+                            c.split.green,
+                            c.blue.len(),
+                            c.green.len()
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Rules(RulesCommand::Diff { old, new, out }) => {
+            let (_, a) = load(&old, out.output)?;
+            let (_, b) = load(&new, out.output)?;
+            let d = diff(&a, &b);
+            match out.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&d)?),
+                Output::Text => print!("{}", d.summary()),
+            }
+            Ok(())
+        }
+        Command::Rules(RulesCommand::Rebalance {
+            file,
+            add,
+            remove,
+            out,
+            output,
+        }) => {
+            let (text, rules) = load(&file, output.output)?;
+            let plan = RebalancePlan { add, remove };
+            let new_rules = rebalance(&rules, &plan)?;
+            let new_text = render_table_into(&text, &new_rules)?;
+            // Never write a document that would not load back identically.
+            let reparsed = parse_rules(&new_text)
+                .context("internal error: the rebalanced document does not validate")?;
+            anyhow::ensure!(
+                reparsed == new_rules,
+                "internal error: the rebalanced document does not read back as computed"
+            );
+            write_atomically(&out, &new_text)?;
+            let d = diff(&rules, &new_rules);
+            match output.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&d)?),
+                Output::Text => {
+                    println!("wrote {}", out.display());
+                    print!("{}", d.summary());
+                }
+            }
+            Ok(())
+        }
+        Command::Route(args) => route(args),
+    }
+}
+
+fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file path", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn route(args: RouteArgs) -> Result<()> {
+    let (_, rules) = load(&args.rules, args.out.output)?;
+    let table = RoutingTable::compile(rules, 0)?;
+    let mut health = StaticHealth::from_table(&table);
+    for d in &args.down {
+        let (cell, colour) = match d.split_once(':') {
+            Some((c, col)) => (
+                c,
+                Some(Colour::parse(col).with_context(|| {
+                    format!("--down {d}: colour \"{col}\" is not blue or green")
+                })?),
+            ),
+            None => (d.as_str(), None),
+        };
+        let idx = table
+            .cell_index(cell)
+            .with_context(|| format!("--down {d}: unknown cell \"{cell}\""))?;
+        health.set(idx, colour, false);
+    }
+    let attrs = RouteAttrs {
+        tester_colour: args.tester_colour.as_deref().map(str::as_bytes),
+    };
+    let mut json = Vec::new();
+    let mut rejected = 0;
+    for key in &args.keys {
+        match table.route(Some(key.as_bytes()), &attrs, &health) {
+            Ok(d) => {
+                let e = table.explain(key, &d);
+                match args.out.output {
+                    Output::Json => json.push(serde_json::to_value(&e)?),
+                    Output::Text => {
+                        let slot = e.slot.map_or("-".to_string(), |s| s.to_string());
+                        println!(
+                            "{key}\tslot {slot}/{}\thome {}\tserving {}\t{}\t(cell: {}, colour: {}{})",
+                            e.slots,
+                            e.home_cell,
+                            e.serving_cell,
+                            e.colour,
+                            e.reason.as_str(),
+                            e.colour_reason.as_str(),
+                            e.bucket
+                                .map(|b| format!(", bucket {b} vs green share {}", e.green_share))
+                                .unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            Err(problem) => {
+                rejected += 1;
+                let message = format!(
+                    "key is {} and the rules reject such keys (HTTP 400)",
+                    problem.as_str()
+                );
+                match args.out.output {
+                    Output::Json => json.push(serde_json::json!({
+                        "key": key, "error": problem.as_str(), "message": message,
+                    })),
+                    Output::Text => println!("{key}\trejected: {message}"),
+                }
+            }
+        }
+    }
+    if args.out.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    }
+    if rejected > 0 {
+        return Err(Reported.into());
+    }
+    Ok(())
+}

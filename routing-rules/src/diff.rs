@@ -1,0 +1,477 @@
+//! `diff(a, b)`: who moves where between two rule sets, and `apply` which
+//! replays a diff onto `a` to get `b` exactly.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::model::*;
+
+/// A value before and after.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Change<T> {
+    /// Old value.
+    pub before: T,
+    /// New value.
+    pub after: T,
+}
+
+/// A run of slots whose owner changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SlotMove {
+    /// First slot (inclusive).
+    pub from: u32,
+    /// Last slot (inclusive).
+    pub to: u32,
+    /// Old owner (`None` for slots that did not exist before).
+    pub from_cell: Option<String>,
+    /// New owner.
+    pub to_cell: String,
+}
+
+/// A run of slots whose pinned flag changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PinChange {
+    /// First slot.
+    pub from: u32,
+    /// Last slot.
+    pub to: u32,
+    /// New flag.
+    pub pinned: bool,
+}
+
+/// Slot ownership of one cell before and after.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct CellSlots {
+    /// Slots owned before.
+    pub slots_before: u32,
+    /// Slots owned after.
+    pub slots_after: u32,
+    /// Slots it gained.
+    pub gained: u32,
+    /// Slots it lost.
+    pub lost: u32,
+}
+
+/// A split change.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SplitChange {
+    /// Old split.
+    pub before: Split,
+    /// New split.
+    pub after: Split,
+    /// Fraction of the cell's users that switch colour.
+    pub users_switching_fraction: f64,
+}
+
+/// A cell present in both, with a different definition.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CellModified {
+    /// Cell name.
+    pub name: String,
+    /// State change, if any.
+    pub state: Option<Change<CellState>>,
+    /// Split change, if any.
+    pub split: Option<SplitChange>,
+    /// Whole definition before.
+    pub before: Cell,
+    /// Whole definition after.
+    pub after: Cell,
+}
+
+/// Everything that differs between two rule sets.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RulesDiff {
+    /// Slots whose owner changed (within the new slot range).
+    pub slots_moved: u32,
+    /// Fraction of users whose home cell changes. Exact (moved / slots)
+    /// when hash and slot count are unchanged; an estimate when they change.
+    pub users_moved_fraction: f64,
+    /// True when the hash or slot count changed, so every key is re-hashed.
+    pub rehash: bool,
+    /// Slot count before and after.
+    pub slots: Change<u32>,
+    /// Runs of moved slots.
+    pub moves: Vec<SlotMove>,
+    /// Runs of slots whose pin changed.
+    pub pins: Vec<PinChange>,
+    /// Per-cell slot gains and losses (cells in either document).
+    pub cells: BTreeMap<String, CellSlots>,
+    /// Cells only in the new document.
+    pub cells_added: BTreeMap<String, Cell>,
+    /// Cells only in the old document.
+    pub cells_removed: Vec<String>,
+    /// Cells defined differently.
+    pub cells_changed: Vec<CellModified>,
+    /// Overrides only in the new document.
+    pub overrides_added: BTreeMap<String, Override<String>>,
+    /// Overrides only in the old document.
+    pub overrides_removed: Vec<String>,
+    /// Overrides that differ.
+    pub overrides_changed: BTreeMap<String, Change<Override<String>>>,
+    /// Key source change.
+    pub key: Option<Change<KeySource>>,
+    /// Missing-key policy change.
+    pub on_missing: Option<Change<MissingKeyPolicy>>,
+    /// Hash change.
+    pub hash: Option<Change<HashAlgorithm>>,
+    /// Tester policy change.
+    pub tester: Option<Change<Tester>>,
+}
+
+fn change<T: PartialEq + Clone>(a: &T, b: &T) -> Option<Change<T>> {
+    (a != b).then(|| Change {
+        before: a.clone(),
+        after: b.clone(),
+    })
+}
+
+/// Fraction of users switching colour when a split changes.
+pub fn split_switch_fraction(a: Split, b: Split) -> f64 {
+    let (ga, gb) = (
+        a.green as f64 / BASIS_POINTS as f64,
+        b.green as f64 / BASIS_POINTS as f64,
+    );
+    if a.seed == b.seed {
+        (gb - ga).abs()
+    } else {
+        // Independent buckets: green→blue plus blue→green.
+        ga * (1.0 - gb) + (1.0 - ga) * gb
+    }
+}
+
+/// Computes the difference from `a` to `b`.
+pub fn diff(a: &Rules, b: &Rules) -> RulesDiff {
+    let (oa, ob) = (a.slot_owners(), b.slot_owners());
+    let (pa, pb) = (a.slot_pins(), b.slot_pins());
+    let rehash = a.hash != b.hash || a.slots != b.slots;
+
+    let mut cells: BTreeMap<String, CellSlots> = BTreeMap::new();
+    for (name, n) in a.slots_per_cell() {
+        cells.entry(name.to_string()).or_default().slots_before = n;
+    }
+    for (name, n) in b.slots_per_cell() {
+        cells.entry(name.to_string()).or_default().slots_after = n;
+    }
+
+    let mut moves: Vec<SlotMove> = Vec::new();
+    let mut pins: Vec<PinChange> = Vec::new();
+    let mut slots_moved = 0;
+    for (s, new) in ob.iter().enumerate() {
+        let s = s as u32;
+        let old = oa.get(s as usize).copied();
+        if old != Some(*new) {
+            slots_moved += 1;
+            if let Some(o) = old {
+                cells.entry(o.to_string()).or_default().lost += 1;
+            }
+            cells.entry(new.to_string()).or_default().gained += 1;
+            match moves.last_mut() {
+                Some(m) if m.to + 1 == s && m.to_cell == *new && m.from_cell.as_deref() == old => {
+                    m.to = s
+                }
+                _ => moves.push(SlotMove {
+                    from: s,
+                    to: s,
+                    from_cell: old.map(str::to_string),
+                    to_cell: new.to_string(),
+                }),
+            }
+        }
+        let (old_pin, new_pin) = (pa.get(s as usize).copied().unwrap_or(false), pb[s as usize]);
+        if old_pin != new_pin {
+            match pins.last_mut() {
+                Some(p) if p.to + 1 == s && p.pinned == new_pin => p.to = s,
+                _ => pins.push(PinChange {
+                    from: s,
+                    to: s,
+                    pinned: new_pin,
+                }),
+            }
+        }
+    }
+
+    let users_moved_fraction = if rehash {
+        // A re-hashed user lands in a new cell independently of the old one.
+        let (sa, sb) = (a.slots_per_cell(), b.slots_per_cell());
+        let stay: f64 = sa
+            .iter()
+            .map(|(c, n)| {
+                let nb = sb.get(c).copied().unwrap_or(0);
+                (*n as f64 / a.slots as f64) * (nb as f64 / b.slots as f64)
+            })
+            .sum();
+        1.0 - stay
+    } else {
+        slots_moved as f64 / b.slots as f64
+    };
+
+    let mut cells_added = BTreeMap::new();
+    let mut cells_changed = Vec::new();
+    for (name, cb) in &b.cells {
+        match a.cells.get(name) {
+            None => {
+                cells_added.insert(name.clone(), cb.clone());
+            }
+            Some(ca) if ca != cb => cells_changed.push(CellModified {
+                name: name.clone(),
+                state: change(&ca.state, &cb.state),
+                split: (ca.split != cb.split).then(|| SplitChange {
+                    before: ca.split,
+                    after: cb.split,
+                    users_switching_fraction: split_switch_fraction(ca.split, cb.split),
+                }),
+                before: ca.clone(),
+                after: cb.clone(),
+            }),
+            Some(_) => {}
+        }
+    }
+    let cells_removed = a
+        .cells
+        .keys()
+        .filter(|n| !b.cells.contains_key(*n))
+        .cloned()
+        .collect();
+
+    let mut overrides_added = BTreeMap::new();
+    let mut overrides_changed = BTreeMap::new();
+    for (user, ob) in &b.overrides {
+        match a.overrides.get(user) {
+            None => {
+                overrides_added.insert(user.clone(), ob.clone());
+            }
+            Some(oa) if oa != ob => {
+                overrides_changed.insert(
+                    user.clone(),
+                    Change {
+                        before: oa.clone(),
+                        after: ob.clone(),
+                    },
+                );
+            }
+            Some(_) => {}
+        }
+    }
+    let overrides_removed = a
+        .overrides
+        .keys()
+        .filter(|u| !b.overrides.contains_key(*u))
+        .cloned()
+        .collect();
+
+    RulesDiff {
+        slots_moved,
+        users_moved_fraction,
+        rehash,
+        slots: Change {
+            before: a.slots,
+            after: b.slots,
+        },
+        moves,
+        pins,
+        cells,
+        cells_added,
+        cells_removed,
+        cells_changed,
+        overrides_added,
+        overrides_removed,
+        overrides_changed,
+        key: change(&a.key, &b.key),
+        on_missing: change(&a.on_missing, &b.on_missing),
+        hash: change(&a.hash, &b.hash),
+        tester: change(&a.tester, &b.tester),
+    }
+}
+
+impl RulesDiff {
+    /// True when the two documents mean the same thing.
+    pub fn is_empty(&self) -> bool {
+        self.slots_moved == 0
+            && !self.rehash
+            && self.pins.is_empty()
+            && self.cells_added.is_empty()
+            && self.cells_removed.is_empty()
+            && self.cells_changed.is_empty()
+            && self.overrides_added.is_empty()
+            && self.overrides_removed.is_empty()
+            && self.overrides_changed.is_empty()
+            && self.key.is_none()
+            && self.on_missing.is_none()
+            && self.hash.is_none()
+            && self.tester.is_none()
+    }
+
+    /// Replays this diff onto `a` (the document it was computed from).
+    pub fn apply(&self, a: &Rules) -> Rules {
+        let mut r = a.clone();
+        if let Some(c) = &self.key {
+            r.key = c.after.clone();
+        }
+        if let Some(c) = &self.on_missing {
+            r.on_missing = c.after.clone();
+        }
+        if let Some(c) = &self.hash {
+            r.hash = c.after;
+        }
+        if let Some(c) = &self.tester {
+            r.tester = c.after.clone();
+        }
+        for name in &self.cells_removed {
+            r.cells.remove(name);
+        }
+        for (name, cell) in &self.cells_added {
+            r.cells.insert(name.clone(), cell.clone());
+        }
+        for m in &self.cells_changed {
+            r.cells.insert(m.name.clone(), m.after.clone());
+        }
+        for user in &self.overrides_removed {
+            r.overrides.remove(user);
+        }
+        for (user, o) in &self.overrides_added {
+            r.overrides.insert(user.clone(), o.clone());
+        }
+        for (user, c) in &self.overrides_changed {
+            r.overrides.insert(user.clone(), c.after.clone());
+        }
+        let n = self.slots.after as usize;
+        let mut owners: Vec<String> = a.slot_owners().into_iter().map(str::to_string).collect();
+        let mut pins = a.slot_pins();
+        owners.resize(n, String::new());
+        pins.resize(n, false);
+        for m in &self.moves {
+            for s in m.from..=m.to {
+                owners[s as usize] = m.to_cell.clone();
+            }
+        }
+        for p in &self.pins {
+            for s in p.from..=p.to {
+                pins[s as usize] = p.pinned;
+            }
+        }
+        r.slots = self.slots.after;
+        r.table = Rules::table_from_slots(&owners, &pins);
+        r
+    }
+
+    /// A human summary, one change per line.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        if self.is_empty() {
+            s.push_str("no changes\n");
+            return s;
+        }
+        let pct = |f: f64| format!("{:.2}%", f * 100.0);
+        if self.rehash {
+            let _ = writeln!(
+                s,
+                "hash or slot count changed ({} → {} slots): every key is re-hashed; about {} of users change home cell",
+                self.slots.before,
+                self.slots.after,
+                pct(self.users_moved_fraction)
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "slots moved: {} of {} ({} of users)",
+                self.slots_moved,
+                self.slots.after,
+                pct(self.users_moved_fraction)
+            );
+        }
+        for m in &self.moves {
+            let range = if m.from == m.to {
+                format!("slot {}", m.from)
+            } else {
+                format!("slots {}-{}", m.from, m.to)
+            };
+            let _ = writeln!(
+                s,
+                "  {range}: {} → {}",
+                m.from_cell.as_deref().unwrap_or("(new)"),
+                m.to_cell
+            );
+        }
+        for (cell, c) in &self.cells {
+            if c.gained > 0 || c.lost > 0 {
+                let _ = writeln!(
+                    s,
+                    "  cell {cell}: {} → {} slots (+{} −{})",
+                    c.slots_before, c.slots_after, c.gained, c.lost
+                );
+            }
+        }
+        for p in &self.pins {
+            let _ = writeln!(
+                s,
+                "pins: slots {}-{} {}",
+                p.from,
+                p.to,
+                if p.pinned { "pinned" } else { "unpinned" }
+            );
+        }
+        for name in self.cells_added.keys() {
+            let _ = writeln!(s, "cell added: {name}");
+        }
+        for name in &self.cells_removed {
+            let _ = writeln!(s, "cell removed: {name}");
+        }
+        for m in &self.cells_changed {
+            let mut what = Vec::new();
+            if let Some(st) = &m.state {
+                what.push(format!("state {} → {}", st.before, st.after));
+            }
+            if let Some(sp) = &m.split {
+                what.push(format!(
+                    "green {} → {} bp{} ({} of its users switch colour)",
+                    sp.before.green,
+                    sp.after.green,
+                    if sp.before.seed != sp.after.seed {
+                        ", seed changed"
+                    } else {
+                        ""
+                    },
+                    pct(sp.users_switching_fraction)
+                ));
+            }
+            let (b, a) = (&m.before, &m.after);
+            if b.failover != a.failover {
+                what.push(format!("failover {:?} → {:?}", b.failover, a.failover));
+            }
+            if b.failover_policy != a.failover_policy {
+                what.push(format!(
+                    "failover_policy {} → {}",
+                    b.failover_policy.as_str(),
+                    a.failover_policy.as_str()
+                ));
+            }
+            if b.blue != a.blue || b.green != a.green {
+                what.push("instances changed".to_string());
+            }
+            if b.weight != a.weight {
+                what.push(format!("weight {} → {}", b.weight, a.weight));
+            }
+            let _ = writeln!(s, "cell {}: {}", m.name, what.join("; "));
+        }
+        let _ = writeln!(
+            s,
+            "overrides: +{} −{} ~{}",
+            self.overrides_added.len(),
+            self.overrides_removed.len(),
+            self.overrides_changed.len()
+        );
+        for (what, changed) in [
+            ("key", self.key.is_some()),
+            ("on_missing", self.on_missing.is_some()),
+            ("hash", self.hash.is_some()),
+            ("tester", self.tester.is_some()),
+        ] {
+            if changed {
+                let _ = writeln!(s, "{what} changed");
+            }
+        }
+        s
+    }
+}

@@ -1,0 +1,726 @@
+//! Parsing and validation: TOML text → file structs (serde, unknown keys
+//! rejected) → checked [`Rules`]. Every problem found is reported, not just
+//! the first, and nothing is accepted unless all checks pass.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Deserialize;
+
+use crate::error::{RulesError, ValidationError};
+use crate::model::*;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDoc {
+    #[serde(default)]
+    key: FileKey,
+    hash: Option<FileHash>,
+    slots: Option<i64>,
+    digits: Option<FileDigits>,
+    #[serde(default)]
+    tester: FileTester,
+    #[serde(default)]
+    cells: BTreeMap<String, FileCell>,
+    #[serde(default)]
+    ranges: Vec<FileRange>,
+    #[serde(default)]
+    overrides: BTreeMap<String, FileOverride>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum FileHash {
+    Xxh64,
+    Digits,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileKey {
+    source: Option<FileKeySource>,
+    name: Option<String>,
+    segment: Option<i64>,
+    on_missing: Option<FileOnMissing>,
+    default_cell: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum FileKeySource {
+    Header,
+    Cookie,
+    Query,
+    Path,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum FileOnMissing {
+    Reject,
+    DefaultCell,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDigits {
+    count: i64,
+    #[serde(default)]
+    skip: i64,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileTester {
+    header: Option<String>,
+    #[serde(default)]
+    enabled: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCell {
+    #[serde(default)]
+    state: CellState,
+    #[serde(default)]
+    failover_policy: FailoverPolicy,
+    #[serde(default)]
+    failover: Vec<String>,
+    weight: Option<i64>,
+    #[serde(default)]
+    blue: Vec<String>,
+    #[serde(default)]
+    green: Vec<String>,
+    #[serde(default)]
+    split: FileSplit,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileSplit {
+    #[serde(default)]
+    green: i64,
+    #[serde(default)]
+    seed: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRange {
+    from: i64,
+    to: i64,
+    cell: String,
+    #[serde(default)]
+    pinned: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileOverride {
+    cell: Option<String>,
+    colour: Option<Colour>,
+}
+
+/// 1-based (line, column) of a byte offset in `text`.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+/// Parses and validates a rules document.
+///
+/// ```
+/// let rules = routing_rules::parse_rules(r#"
+/// slots = 10
+/// [cells.a]
+/// blue = ["127.0.0.1:9001"]
+/// [[ranges]]
+/// from = 0
+/// to = 9
+/// cell = "a"
+/// "#).unwrap();
+/// assert_eq!(rules.slots, 10);
+/// ```
+pub fn parse_rules(text: &str) -> Result<Rules, RulesError> {
+    let doc: FileDoc = toml::from_str(text).map_err(|e| {
+        let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        RulesError::Parse {
+            line,
+            column,
+            message: e.message().trim().to_string(),
+        }
+    })?;
+    check(doc)
+}
+
+fn is_token_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
+}
+
+fn valid_cell_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_CELL_NAME_LEN
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+/// Checks an instance address of the form `host:port` (`[v6]:port` for IPv6).
+pub fn check_address(addr: &str) -> Result<(), String> {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(format!("\"{addr}\" is not host:port"));
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => {}
+        _ => {
+            return Err(format!(
+                "\"{addr}\" has an invalid port \"{port}\" (1..=65535)"
+            ))
+        }
+    }
+    let host_ok = if let Some(inner) = host.strip_prefix('[') {
+        inner
+            .strip_suffix(']')
+            .is_some_and(|v6| v6.parse::<std::net::Ipv6Addr>().is_ok())
+    } else {
+        !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+    };
+    if !host_ok {
+        return Err(format!("\"{addr}\" has an invalid host \"{host}\""));
+    }
+    Ok(())
+}
+
+struct Checker {
+    errors: Vec<ValidationError>,
+    known: String,
+}
+
+impl Checker {
+    fn bad(&mut self, at: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ValidationError::BadValue {
+            at: at.into(),
+            message: message.into(),
+        });
+    }
+
+    fn cell_ref(&mut self, cells: &BTreeMap<String, FileCell>, at: String, cell: &str) {
+        if !cells.contains_key(cell) {
+            self.errors.push(ValidationError::UnknownCell {
+                at,
+                cell: cell.to_string(),
+                known: self.known.clone(),
+            });
+        }
+    }
+}
+
+fn check(mut doc: FileDoc) -> Result<Rules, RulesError> {
+    let file_overrides = std::mem::take(&mut doc.overrides);
+    let mut c = Checker {
+        errors: Vec::new(),
+        known: doc.cells.keys().cloned().collect::<Vec<_>>().join(", "),
+    };
+
+    // Slots and hash.
+    let slots_raw = doc.slots.unwrap_or(DEFAULT_SLOTS as i64);
+    let slots = if (1..=MAX_SLOTS as i64).contains(&slots_raw) {
+        slots_raw as u32
+    } else {
+        c.errors.push(ValidationError::SlotCount(slots_raw as u64));
+        1
+    };
+    let hash = match (doc.hash.unwrap_or(FileHash::Xxh64), &doc.digits) {
+        (FileHash::Xxh64, None) => HashAlgorithm::Xxh64,
+        (FileHash::Xxh64, Some(_)) => {
+            c.bad("digits", "[digits] is only used with hash = \"digits\"");
+            HashAlgorithm::Xxh64
+        }
+        (FileHash::Digits, None) => {
+            c.bad(
+                "digits",
+                "hash = \"digits\" needs a [digits] table with count (and optionally skip)",
+            );
+            HashAlgorithm::Xxh64
+        }
+        (FileHash::Digits, Some(d)) => {
+            let mut ok = true;
+            if !(1..=9).contains(&d.count) {
+                c.bad(
+                    "digits.count",
+                    format!("{} is out of range (1..=9)", d.count),
+                );
+                ok = false;
+            }
+            if !(0..=32).contains(&d.skip) {
+                c.bad(
+                    "digits.skip",
+                    format!("{} is out of range (0..=32)", d.skip),
+                );
+                ok = false;
+            }
+            if ok && 10u64.pow(d.count as u32) < slots as u64 {
+                c.bad(
+                    "digits.count",
+                    format!(
+                        "{} digit(s) give only {} values, fewer than slots = {slots}",
+                        d.count,
+                        10u64.pow(d.count as u32)
+                    ),
+                );
+            }
+            HashAlgorithm::Digits {
+                count: d.count.clamp(1, 9) as u8,
+                skip: d.skip.clamp(0, 32) as u8,
+            }
+        }
+    };
+
+    // Key source and policy.
+    let source = doc.key.source.unwrap_or(FileKeySource::Header);
+    let key = match source {
+        FileKeySource::Header => {
+            let name = doc
+                .key
+                .name
+                .clone()
+                .unwrap_or_else(|| DEFAULT_KEY_HEADER.to_string());
+            if name.is_empty() || !name.chars().all(is_token_char) {
+                c.bad("key.name", format!("\"{name}\" is not a valid header name"));
+            }
+            KeySource::Header {
+                name: name.to_ascii_lowercase(),
+            }
+        }
+        FileKeySource::Cookie | FileKeySource::Query => {
+            let name = match &doc.key.name {
+                Some(n) => n.clone(),
+                None => {
+                    c.bad("key.name", "a cookie or query key source needs a name");
+                    String::new()
+                }
+            };
+            if doc.key.name.is_some()
+                && (name.is_empty()
+                    || name
+                        .chars()
+                        .any(|ch| ch.is_whitespace() || ch.is_control() || "=;&,".contains(ch)))
+            {
+                c.bad(
+                    "key.name",
+                    format!("\"{name}\" is not a valid cookie or parameter name"),
+                );
+            }
+            if source == FileKeySource::Cookie {
+                KeySource::Cookie { name }
+            } else {
+                KeySource::Query { name }
+            }
+        }
+        FileKeySource::Path => match doc.key.segment {
+            Some(s) if (0..=64).contains(&s) => KeySource::Path {
+                segment: s as usize,
+            },
+            Some(s) => {
+                c.bad("key.segment", format!("{s} is out of range (0..=64)"));
+                KeySource::Path { segment: 0 }
+            }
+            None => {
+                c.bad("key.segment", "a path key source needs a segment index");
+                KeySource::Path { segment: 0 }
+            }
+        },
+    };
+    if source != FileKeySource::Path && doc.key.segment.is_some() {
+        c.bad("key.segment", "only used with source = \"path\"");
+    }
+    if source == FileKeySource::Path && doc.key.name.is_some() {
+        c.bad("key.name", "not used with source = \"path\" (use segment)");
+    }
+    let on_missing = match (
+        doc.key.on_missing.unwrap_or(FileOnMissing::Reject),
+        &doc.key.default_cell,
+    ) {
+        (FileOnMissing::Reject, None) => MissingKeyPolicy::Reject,
+        (FileOnMissing::Reject, Some(_)) => {
+            c.bad(
+                "key.default_cell",
+                "only used with on_missing = \"default-cell\"",
+            );
+            MissingKeyPolicy::Reject
+        }
+        (FileOnMissing::DefaultCell, None) => {
+            c.bad(
+                "key.default_cell",
+                "on_missing = \"default-cell\" needs default_cell",
+            );
+            MissingKeyPolicy::Reject
+        }
+        (FileOnMissing::DefaultCell, Some(cell)) => {
+            c.cell_ref(&doc.cells, "key.default_cell".into(), cell);
+            MissingKeyPolicy::DefaultCell(cell.clone())
+        }
+    };
+
+    // Tester header.
+    let tester_header = doc
+        .tester
+        .header
+        .clone()
+        .unwrap_or_else(|| DEFAULT_TESTER_HEADER.to_string());
+    if tester_header.is_empty() || !tester_header.chars().all(is_token_char) {
+        c.bad(
+            "tester.header",
+            format!("\"{tester_header}\" is not a valid header name"),
+        );
+    }
+    let tester = Tester {
+        header: tester_header.to_ascii_lowercase(),
+        enabled: doc.tester.enabled,
+    };
+
+    // Cells.
+    if doc.cells.is_empty() {
+        c.errors.push(ValidationError::NoCells);
+    }
+    let mut seen_addr: HashMap<&str, String> = HashMap::new();
+    let mut cells = BTreeMap::new();
+    for (name, fc) in &doc.cells {
+        if !valid_cell_name(name) {
+            c.bad(
+                format!("cells.{name}"),
+                format!("cell name \"{name}\" must be 1..=64 characters of A-Z a-z 0-9 - _ ."),
+            );
+        }
+        for (i, target) in fc.failover.iter().enumerate() {
+            if target == name {
+                c.errors
+                    .push(ValidationError::FailoverToSelf { cell: name.clone() });
+            } else {
+                c.cell_ref(&doc.cells, format!("cells.{name}.failover[{i}]"), target);
+            }
+            if fc.failover[..i].contains(target) {
+                c.errors.push(ValidationError::DuplicateFailover {
+                    cell: name.clone(),
+                    target: target.clone(),
+                });
+            }
+        }
+        if fc.state == CellState::FailedOver && fc.failover.is_empty() {
+            c.bad(
+                format!("cells.{name}.state"),
+                "a failed-over cell needs a failover list to serve its users",
+            );
+        }
+        let weight = fc.weight.unwrap_or(1);
+        if !(1..=1000).contains(&weight) {
+            c.bad(
+                format!("cells.{name}.weight"),
+                format!("{weight} is out of range (1..=1000)"),
+            );
+        }
+        let green = fc.split.green;
+        if !(0..=BASIS_POINTS as i64).contains(&green) {
+            c.errors.push(ValidationError::SplitOutOfRange {
+                cell: name.clone(),
+                value: green,
+            });
+        }
+        let green = green.clamp(0, BASIS_POINTS as i64) as u32;
+        for (colour, list, share) in [
+            (Colour::Blue, &fc.blue, BASIS_POINTS - green),
+            (Colour::Green, &fc.green, green),
+        ] {
+            if share > 0 && list.is_empty() {
+                c.errors.push(ValidationError::WeightWithoutInstances {
+                    cell: name.clone(),
+                    colour: colour.to_string(),
+                    share,
+                });
+            }
+            for (i, addr) in list.iter().enumerate() {
+                if let Err(m) = check_address(addr) {
+                    c.bad(format!("cells.{name}.{colour}[{i}]"), m);
+                }
+                let here = format!("{name}/{colour}");
+                if let Some(first) = seen_addr.get(addr.as_str()) {
+                    c.errors.push(ValidationError::DuplicateInstance {
+                        address: addr.clone(),
+                        first: first.clone(),
+                        second: here,
+                    });
+                } else {
+                    seen_addr.insert(addr, here);
+                }
+            }
+        }
+        cells.insert(
+            name.clone(),
+            Cell {
+                state: fc.state,
+                failover_policy: fc.failover_policy,
+                failover: fc.failover.clone(),
+                weight: weight.clamp(1, 1000) as u32,
+                blue: fc.blue.clone(),
+                green: fc.green.clone(),
+                split: Split {
+                    green,
+                    seed: fc.split.seed,
+                },
+            },
+        );
+    }
+
+    // Slot table: every slot exactly once.
+    let mut owner: Vec<Option<usize>> = vec![None; slots as usize];
+    let mut table = Vec::new();
+    let mut overlaps: Vec<(u32, u32, usize, usize)> = Vec::new();
+    for (i, r) in doc.ranges.iter().enumerate() {
+        c.cell_ref(&doc.cells, format!("ranges[{i}].cell"), &r.cell);
+        if r.from < 0 || r.to < 0 || r.from > r.to {
+            c.errors.push(ValidationError::BadRange {
+                index: i,
+                message: format!(
+                    "from = {} to = {} is not a range (0 <= from <= to)",
+                    r.from, r.to
+                ),
+            });
+            continue;
+        }
+        if r.to >= slots as i64 {
+            c.errors.push(ValidationError::BadRange {
+                index: i,
+                message: format!(
+                    "to = {} is beyond the last slot ({}; slots = {slots})",
+                    r.to,
+                    slots - 1
+                ),
+            });
+            continue;
+        }
+        for s in r.from as u32..=r.to as u32 {
+            match owner[s as usize] {
+                None => owner[s as usize] = Some(i),
+                Some(first) => match overlaps.last_mut() {
+                    Some(o) if o.2 == first && o.3 == i && o.1 + 1 == s => o.1 = s,
+                    _ => overlaps.push((s, s, first, i)),
+                },
+            }
+        }
+        table.push(SlotRange {
+            from: r.from as u32,
+            to: r.to as u32,
+            cell: r.cell.clone(),
+            pinned: r.pinned,
+        });
+    }
+    for (from, to, first, second) in overlaps {
+        c.errors.push(ValidationError::DoublyAssigned {
+            from,
+            to,
+            first,
+            first_cell: doc.ranges[first].cell.clone(),
+            second,
+            second_cell: doc.ranges[second].cell.clone(),
+        });
+    }
+    let mut s = 0usize;
+    while s < owner.len() {
+        if owner[s].is_none() {
+            let start = s;
+            while s < owner.len() && owner[s].is_none() {
+                s += 1;
+            }
+            c.errors.push(ValidationError::Unassigned {
+                from: start as u32,
+                to: (s - 1) as u32,
+            });
+        } else {
+            s += 1;
+        }
+    }
+
+    // Overrides.
+    let mut overrides = BTreeMap::new();
+    for (user, o) in file_overrides {
+        if user.is_empty() || user.len() > MAX_KEY_LEN {
+            c.bad(
+                format!("overrides.\"{user}\""),
+                format!("a user key must be 1..={MAX_KEY_LEN} bytes"),
+            );
+        }
+        if o.cell.is_none() && o.colour.is_none() {
+            c.bad(
+                format!("overrides.\"{user}\""),
+                "an override needs a cell, a colour, or both",
+            );
+        }
+        if let Some(cell) = &o.cell {
+            if !doc.cells.contains_key(cell) {
+                c.cell_ref(&doc.cells, format!("overrides.\"{user}\".cell"), cell);
+            }
+        }
+        overrides.insert(
+            user,
+            Override {
+                cell: o.cell,
+                colour: o.colour,
+            },
+        );
+    }
+
+    if !c.errors.is_empty() {
+        return Err(RulesError::Invalid(c.errors));
+    }
+    table.sort_by_key(|r| r.from);
+    let mut rules = Rules {
+        key,
+        on_missing,
+        hash,
+        slots,
+        tester,
+        cells,
+        table,
+        overrides,
+    };
+    rules.normalise_table();
+    Ok(rules)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "slots = 4\n[cells.a]\nblue = [\"127.0.0.1:1\"]\n[[ranges]]\nfrom = 0\nto = 3\ncell = \"a\"\n";
+
+    fn problems(text: &str) -> Vec<String> {
+        match parse_rules(text) {
+            Ok(_) => panic!("accepted: {text}"),
+            Err(e) => e.problems(),
+        }
+    }
+
+    #[test]
+    fn minimal_document_is_accepted() {
+        let r = parse_rules(MIN).unwrap();
+        assert_eq!(r.table.len(), 1);
+        assert_eq!(r.key, KeySource::default());
+    }
+
+    #[test]
+    fn parse_error_has_line_and_column() {
+        let err = parse_rules("slots = 4\n[cells.a]\nblue = [\"x:1\"\n").unwrap_err();
+        match err {
+            RulesError::Parse { line, .. } => assert!(line >= 3, "{err}"),
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_a_parse_error_at_its_line() {
+        let err = parse_rules(&format!("{MIN}[cells.b]\nbleu = []\n")).unwrap_err();
+        let RulesError::Parse { line, message, .. } = err else {
+            panic!()
+        };
+        assert_eq!(line, 9);
+        assert!(message.contains("bleu"), "{message}");
+    }
+
+    #[test]
+    fn unassigned_and_doubly_assigned_slots_are_named() {
+        let p = problems(
+            "slots = 10\n[cells.a]\nblue=[\"h:1\"]\n[cells.b]\nblue=[\"h:2\"]\n\
+             [[ranges]]\nfrom=0\nto=4\ncell=\"a\"\n[[ranges]]\nfrom=3\nto=5\ncell=\"b\"\n",
+        );
+        assert!(
+            p.iter().any(|m| m.contains("slots 6-9 not assigned")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|m| m.contains("slots 3-4 assigned twice")
+                && m.contains("ranges[0]")
+                && m.contains("ranges[1]")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn bad_references_are_named() {
+        let p = problems(
+            "slots = 2\n[key]\non_missing=\"default-cell\"\ndefault_cell=\"zz\"\n\
+             [cells.a]\nblue=[\"h:1\"]\nfailover=[\"a\",\"b\"]\nsplit={green=10001}\n\
+             [[ranges]]\nfrom=0\nto=1\ncell=\"c\"\n[overrides]\nu1={cell=\"d\"}\nu2={}\n",
+        );
+        let all = p.join("\n");
+        for want in [
+            "key.default_cell: unknown cell \"zz\"",
+            "fails over to itself",
+            "cells.a.failover[1]: unknown cell \"b\"",
+            "10001 basis points is out of range",
+            "ranges[0].cell: unknown cell \"c\"",
+            "overrides.\"u1\".cell: unknown cell \"d\"",
+            "overrides.\"u2\": an override needs",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in\n{all}");
+        }
+    }
+
+    #[test]
+    fn duplicate_instances_and_empty_colours_are_named() {
+        let p = problems(
+            "slots = 1\n[cells.a]\nblue=[\"h:1\"]\nsplit={green=100}\n\
+             [cells.b]\nblue=[\"h:1\"]\n[[ranges]]\nfrom=0\nto=0\ncell=\"a\"\n",
+        );
+        let all = p.join("\n");
+        assert!(
+            all.contains("h:1 is used by both a/blue and b/blue"),
+            "{all}"
+        );
+        assert!(
+            all.contains("cells.a.green: the split gives green 100"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn slot_count_and_digits_are_checked() {
+        assert!(problems("slots = 0\n[cells.a]\nblue=[\"h:1\"]\n")
+            .join("\n")
+            .contains("slots: 0 is out of range"));
+        let all = problems(&MIN.replace(
+            "slots = 4",
+            "slots = 4\nhash = \"digits\"\ndigits = { count = 0 }",
+        ))
+        .join("\n");
+        assert!(all.contains("digits.count: 0 is out of range"), "{all}");
+        let all = problems(&MIN.replace(
+            "slots = 4",
+            "slots = 1000\nhash = \"digits\"\ndigits = { count = 2 }",
+        ))
+        .join("\n");
+        assert!(all.contains("fewer than slots = 1000"), "{all}");
+    }
+
+    #[test]
+    fn addresses_are_checked() {
+        assert!(check_address("127.0.0.1:80").is_ok());
+        assert!(check_address("[::1]:80").is_ok());
+        assert!(check_address("cell-a.internal:8080").is_ok());
+        assert!(check_address("127.0.0.1").is_err());
+        assert!(check_address("127.0.0.1:0").is_err());
+        assert!(check_address("http://x:1").is_err());
+        assert!(check_address("[zz]:1").is_err());
+    }
+
+    #[test]
+    fn line_col_counts_characters() {
+        assert_eq!(line_col("ab\ncé d", 7), (2, 4));
+        assert_eq!(line_col("", 5), (1, 1));
+    }
+}

@@ -1,0 +1,302 @@
+//! `cellctl` end to end: real processes, real files, exit codes and JSON.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn cellctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cellctl"))
+        .args(args)
+        .output()
+        .expect("run cellctl")
+}
+
+fn example(name: &str) -> String {
+    format!("{}/../examples/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "cellctl-test-{tag}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn file(&self, name: &str, text: &str) -> String {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn examples_validate() {
+    for ex in ["cells.toml", "digits.toml"] {
+        let o = cellctl(&["rules", "validate", &example(ex)]);
+        assert!(o.status.success(), "{ex}: {}", stderr(&o));
+        let o = cellctl(&["rules", "validate", "-o", "json", &example(ex)]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["valid"], true);
+    }
+}
+
+#[test]
+fn broken_documents_get_precise_errors_and_exit_1() {
+    let dir = TempDir::new("broken");
+    let base = std::fs::read_to_string(example("cells.toml")).unwrap();
+    let cases = [
+        (
+            base.replace("to = 66", "to = 60"),
+            "slots 61-66 not assigned",
+        ),
+        (
+            base.replace("from = 67", "from = 60"),
+            "slots 60-66 assigned twice",
+        ),
+        (
+            base.replace(
+                "failover = [\"cell-c\", \"cell-a\"]",
+                "failover = [\"cell-b\"]",
+            ),
+            "\"cell-b\" fails over to itself",
+        ),
+        (
+            base.replace("green = 1000", "green = 12000"),
+            "cells.cell-a.split.green: 12000 basis points",
+        ),
+        (
+            base.replace("18202", "18101"),
+            "127.0.0.1:18101 is used by both cell-a/blue and cell-b/green",
+        ),
+        (
+            base.replace("cell = \"cell-c\"", "cell = \"cell-x\""),
+            "ranges[2].cell: unknown cell \"cell-x\"",
+        ),
+        (
+            base.replace("slots = 100", "slots = 100\nslotz = 3"),
+            "line 8, column 1: unknown field `slotz`",
+        ),
+        (
+            base.replace("hash = \"xxh64\"", "hash = \"md5\""),
+            "line 6, column 8: unknown variant `md5`, expected `xxh64` or `digits`",
+        ),
+    ];
+    for (text, want) in cases {
+        let f = dir.file("bad.toml", &text);
+        let o = cellctl(&["rules", "validate", &f]);
+        assert_eq!(o.status.code(), Some(1), "{want}");
+        assert!(
+            stderr(&o).contains(want),
+            "want {want:?} in:\n{}",
+            stderr(&o)
+        );
+        let o = cellctl(&["rules", "validate", "-o", "json", &f]);
+        assert_eq!(o.status.code(), Some(1));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["valid"], false);
+        assert!(
+            v["errors"].to_string().contains(&want.replace('"', "\\\"")),
+            "{v}"
+        );
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(cellctl(&["route"]).status.code(), Some(2));
+    assert_eq!(cellctl(&["rules", "frobnicate"]).status.code(), Some(2));
+    assert_eq!(
+        cellctl(&[
+            "rules",
+            "rebalance",
+            &example("cells.toml"),
+            "--add-cell",
+            "x=heavy",
+            "--out",
+            "/dev/null"
+        ])
+        .status
+        .code(),
+        Some(2)
+    );
+    let help = cellctl(&["--help"]);
+    assert!(help.status.success());
+    assert!(stdout(&help).contains("Exit status"));
+}
+
+#[test]
+fn missing_file_exits_1_with_its_name() {
+    let o = cellctl(&["rules", "validate", "/nonexistent/rules.toml"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("/nonexistent/rules.toml"));
+}
+
+#[test]
+fn route_json_has_the_decision_fields() {
+    let o = cellctl(&[
+        "route",
+        "--rules",
+        &example("cells.toml"),
+        "-o",
+        "json",
+        "alice",
+        "vip-42",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let arr = v.as_array().unwrap();
+    assert_eq!(arr.len(), 2);
+    for field in [
+        "key",
+        "slot",
+        "slots",
+        "home_cell",
+        "serving_cell",
+        "colour",
+        "reason",
+    ] {
+        assert!(arr[0].get(field).is_some(), "missing {field}: {v}");
+    }
+    assert_eq!(arr[0]["key"], "alice");
+    assert_eq!(arr[0]["slot"], 89); // docs/hash.md
+    assert_eq!(arr[0]["home_cell"], "cell-c");
+    assert_eq!(arr[1]["reason"], "override");
+    assert_eq!(arr[1]["serving_cell"], "cell-b");
+}
+
+#[test]
+fn route_with_down_cell_fails_over() {
+    let o = cellctl(&[
+        "route",
+        "--rules",
+        &example("cells.toml"),
+        "--down",
+        "cell-c",
+        "-o",
+        "json",
+        "alice",
+    ]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["home_cell"], "cell-c");
+    assert_eq!(v[0]["serving_cell"], "cell-a");
+    assert_eq!(v[0]["reason"], "failover");
+    let o = cellctl(&[
+        "route",
+        "--rules",
+        &example("cells.toml"),
+        "--down",
+        "cell-z",
+        "alice",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("unknown cell \"cell-z\""));
+}
+
+#[test]
+fn route_rejects_malformed_keys_with_exit_1() {
+    let o = cellctl(&["route", "--rules", &example("cells.toml"), "-o", "json", ""]);
+    assert_eq!(o.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["error"], "malformed");
+}
+
+#[test]
+fn diff_reports_moves_and_fractions() {
+    let dir = TempDir::new("diff");
+    let base = std::fs::read_to_string(example("cells.toml")).unwrap();
+    let new = dir.file(
+        "new.toml",
+        &base
+            .replace("to = 33", "to = 23")
+            .replace("from = 34", "from = 24")
+            .replace("green = 1000", "green = 2000"),
+    );
+    let o = cellctl(&["rules", "diff", "-o", "json", &example("cells.toml"), &new]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["slots_moved"], 10);
+    assert_eq!(v["users_moved_fraction"], 0.1);
+    assert_eq!(v["cells"]["cell-a"]["lost"], 10);
+    assert_eq!(v["cells"]["cell-b"]["gained"], 10);
+    assert_eq!(
+        v["cells_changed"][0]["split"]["users_switching_fraction"],
+        0.1
+    );
+    let text = stdout(&cellctl(&["rules", "diff", &example("cells.toml"), &new]));
+    assert!(
+        text.contains("slots moved: 10 of 100 (10.00% of users)"),
+        "{text}"
+    );
+    assert!(text.contains("slots 24-33: cell-a → cell-b"), "{text}");
+}
+
+#[test]
+fn rebalance_writes_a_valid_document_and_prints_its_diff() {
+    let dir = TempDir::new("rebalance");
+    let input = format!(
+        "{}/tests/fixtures/rebalance-in.toml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = dir.path("out.toml");
+    let o = cellctl(&[
+        "rules",
+        "rebalance",
+        &input,
+        "--add-cell",
+        "cell-d",
+        "--out",
+        out.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let moved = v["slots_moved"].as_u64().unwrap();
+    // 1001 unpinned slots over 4 equal cells: about 250 move, all to cell-d.
+    assert!((175..=325).contains(&moved), "moved {moved}");
+    assert_eq!(v["cells"]["cell-d"]["gained"].as_u64(), Some(moved));
+    let written = std::fs::read_to_string(&out).unwrap();
+    assert!(written.starts_with("# Fixture for the pinned rebalance test"));
+    let o = cellctl(&["rules", "validate", out.to_str().unwrap()]);
+    assert!(o.status.success());
+    // Removing cell-d again returns its slots; an unknown cell changes nothing.
+    let out2 = dir.path("out2.toml");
+    let o = cellctl(&[
+        "rules",
+        "rebalance",
+        out.to_str().unwrap(),
+        "--remove-cell",
+        "cell-zz",
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("cell \"cell-zz\" is not defined"));
+    assert!(!Path::new(&out2).exists());
+}

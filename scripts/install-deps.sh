@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what cellgate's build and tests need on a fresh Debian machine.
+# Idempotent: does nothing when everything is present.
+set -euo pipefail
+
+need=()
+command -v cargo >/dev/null || { echo "install-deps: cargo (rustup) is required" >&2; exit 1; }
+command -v make >/dev/null || need+=(make)
+command -v cc >/dev/null || need+=(gcc)
+
+if ((${#need[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "install-deps: missing ${need[*]}; run as root or install them: apt-get install -y ${need[*]}" >&2
+        exit 1
+    fi
+    echo "install-deps: installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need[@]}"
+fi
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt 2>/dev/null || true
