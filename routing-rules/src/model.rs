@@ -20,7 +20,20 @@ pub const MAX_KEY_LEN: usize = 256;
 /// Default header carrying the routing key.
 pub const DEFAULT_KEY_HEADER: &str = "x-user-id";
 /// Default tester header (honoured only when `tester.enabled = true`).
-pub const DEFAULT_TESTER_HEADER: &str = "x-cellgate-colour";
+pub const DEFAULT_TESTER_HEADER: &str = "x-cellgate-test-colour";
+/// Request header stamped by the gateway: the user's slot.
+pub const STAMP_SLOT: &str = "x-cellgate-slot";
+/// Request header stamped by the gateway: the serving cell.
+pub const STAMP_CELL: &str = "x-cellgate-cell";
+/// Request header stamped by the gateway: the user's home cell.
+pub const STAMP_HOME: &str = "x-cellgate-home";
+/// Request header stamped by the gateway: the colour.
+pub const STAMP_COLOUR: &str = "x-cellgate-colour";
+/// Request header stamped by the gateway: the rules revision.
+pub const STAMP_REV: &str = "x-cellgate-rev";
+/// All stamp headers. Clients may not send them (the gateway strips them),
+/// and no rule may use them as key or tester header.
+pub const STAMP_HEADERS: [&str; 5] = [STAMP_SLOT, STAMP_CELL, STAMP_HOME, STAMP_COLOUR, STAMP_REV];
 /// Longest cell name; names are also metric label values.
 pub const MAX_CELL_NAME_LEN: usize = 64;
 

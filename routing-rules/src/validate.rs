@@ -380,6 +380,20 @@ fn check(mut doc: FileDoc) -> Result<Rules, RulesError> {
             format!("\"{tester_header}\" is not a valid header name"),
         );
     }
+    if STAMP_HEADERS.contains(&tester_header.to_ascii_lowercase().as_str()) {
+        c.bad(
+            "tester.header",
+            format!("\"{tester_header}\" is a header the gateway stamps itself"),
+        );
+    }
+    if let KeySource::Header { name } = &key {
+        if STAMP_HEADERS.contains(&name.as_str()) {
+            c.bad(
+                "key.name",
+                format!("\"{name}\" is a header the gateway stamps itself"),
+            );
+        }
+    }
     let tester = Tester {
         header: tester_header.to_ascii_lowercase(),
         enabled: doc.tester.enabled,
@@ -705,6 +719,22 @@ mod tests {
         ))
         .join("\n");
         assert!(all.contains("fewer than slots = 1000"), "{all}");
+    }
+
+    #[test]
+    fn stamp_headers_cannot_be_key_or_tester() {
+        let all = problems(&format!(
+            "{MIN}[tester]\nheader = \"X-Cellgate-Colour\"\n[key]\nname = \"x-cellgate-rev\"\n"
+        ))
+        .join("\n");
+        assert!(
+            all.contains("tester.header: \"X-Cellgate-Colour\" is a header the gateway stamps"),
+            "{all}"
+        );
+        assert!(
+            all.contains("key.name: \"x-cellgate-rev\" is a header"),
+            "{all}"
+        );
     }
 
     #[test]
