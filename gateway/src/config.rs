@@ -1,0 +1,198 @@
+//! `cellgate serve` configuration: flags, their defaults and their checks.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+/// Flags of `cellgate serve`. Every duration is in milliseconds.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Rules document (TOML). Watched: a valid change is applied atomically,
+    /// an invalid one is logged, counted and ignored.
+    #[arg(long, value_name = "FILE")]
+    pub rules: PathBuf,
+
+    /// Address of the proxy listener (HTTP/1.1, and HTTP/2 with prior knowledge).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Address of the admin listener (/metrics, /admin/*, /healthz, /readyz).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
+    pub admin: SocketAddr,
+
+    /// Bearer token required on /metrics and /admin/* (env CELLGATE_ADMIN_TOKEN).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "CELLGATE_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+
+    /// Tokio worker threads (1 = a single-threaded runtime). Default: one per core.
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+
+    /// Upstream TCP connect timeout.
+    #[arg(long, value_name = "MS", default_value_t = 1_000)]
+    pub connect_timeout_ms: u64,
+
+    /// Time allowed for an upstream to send response headers (504 after).
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    pub request_timeout_ms: u64,
+
+    /// Most connections (= requests in flight) per upstream instance.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub max_conns_per_instance: usize,
+
+    /// Most requests in flight per serving cell; beyond it, a fast 503 with Retry-After.
+    #[arg(long, value_name = "N", default_value_t = 2_048)]
+    pub cell_max_inflight: usize,
+
+    /// Attempts per request (first try + retries on another instance or cell).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub max_attempts: usize,
+
+    /// Path of the active health check (HTTP GET, 2xx = healthy).
+    #[arg(long, value_name = "PATH", default_value = "/healthz")]
+    pub health_path: String,
+
+    /// Interval between active health checks of each instance.
+    #[arg(long, value_name = "MS", default_value_t = 1_000)]
+    pub health_interval_ms: u64,
+
+    /// Timeout of one active health check.
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    pub health_timeout_ms: u64,
+
+    /// Consecutive successful checks that mark a down instance up.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub health_rise: u32,
+
+    /// Consecutive failed checks that mark an up instance down.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub health_fall: u32,
+
+    /// Consecutive 5xx responses that eject an instance (passive check).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub eject_5xx_streak: u32,
+
+    /// First ejection time; doubles with each consecutive ejection.
+    #[arg(long, value_name = "MS", default_value_t = 1_000)]
+    pub eject_base_ms: u64,
+
+    /// Longest ejection time.
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    pub eject_max_ms: u64,
+
+    /// How often the rules file is checked for changes.
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    pub reload_interval_ms: u64,
+
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    pub drain_timeout_ms: u64,
+
+    /// Add the routing decision to responses (x-cellgate-* headers), for debugging.
+    #[arg(long)]
+    pub debug_headers: bool,
+}
+
+/// A flag value that cannot work.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("--{flag}: {message}")]
+pub struct ConfigError {
+    /// The flag.
+    pub flag: &'static str,
+    /// Why.
+    pub message: String,
+}
+
+impl ServeConfig {
+    /// A configuration with every default, for `rules`, listening on
+    /// ephemeral loopback ports (tests and embedding).
+    pub fn for_tests(rules: PathBuf) -> Self {
+        ServeConfig {
+            rules,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_token: None,
+            workers: None,
+            connect_timeout_ms: 1_000,
+            request_timeout_ms: 30_000,
+            max_conns_per_instance: 256,
+            cell_max_inflight: 2_048,
+            max_attempts: 3,
+            health_path: "/healthz".into(),
+            health_interval_ms: 1_000,
+            health_timeout_ms: 500,
+            health_rise: 2,
+            health_fall: 2,
+            eject_5xx_streak: 5,
+            eject_base_ms: 1_000,
+            eject_max_ms: 30_000,
+            reload_interval_ms: 200,
+            drain_timeout_ms: 10_000,
+            debug_headers: false,
+        }
+    }
+
+    /// Checks values that clap's types cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |flag, message: &str| {
+            Err(ConfigError {
+                flag,
+                message: message.to_string(),
+            })
+        };
+        if self.workers == Some(0) {
+            return err("workers", "must be at least 1");
+        }
+        for (flag, v) in [
+            ("connect-timeout-ms", self.connect_timeout_ms),
+            ("request-timeout-ms", self.request_timeout_ms),
+            ("health-interval-ms", self.health_interval_ms),
+            ("health-timeout-ms", self.health_timeout_ms),
+            ("eject-base-ms", self.eject_base_ms),
+            ("reload-interval-ms", self.reload_interval_ms),
+        ] {
+            if v == 0 {
+                return err(flag, "must be at least 1 ms");
+            }
+        }
+        if self.eject_max_ms < self.eject_base_ms {
+            return err("eject-max-ms", "must be at least --eject-base-ms");
+        }
+        for (flag, v) in [
+            ("max-conns-per-instance", self.max_conns_per_instance),
+            ("cell-max-inflight", self.cell_max_inflight),
+            ("max-attempts", self.max_attempts),
+            ("health-rise", self.health_rise as usize),
+            ("health-fall", self.health_fall as usize),
+            ("eject-5xx-streak", self.eject_5xx_streak as usize),
+        ] {
+            if v == 0 {
+                return err(flag, "must be at least 1");
+            }
+        }
+        if !self.health_path.starts_with('/') {
+            return err("health-path", "must start with /");
+        }
+        if self.admin_token.as_deref() == Some("") {
+            return err("admin-token", "must not be empty");
+        }
+        Ok(())
+    }
+
+    /// Connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// Request (response-headers) timeout.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}

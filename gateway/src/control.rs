@@ -1,0 +1,456 @@
+//! The control side of the gateway: loads the rules file, watches it, and
+//! publishes each accepted version as an immutable [`Generation`] through an
+//! `ArcSwap`, which the data path reads without locks.
+//!
+//! Instances, their pools, health state and the cells' in-flight limiters
+//! live across generations (keyed by cell, colour and address), so a reload
+//! neither drops connections nor forgets health.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use prometheus::IntGauge;
+use routing_rules::{parse_rules, CellIdx, Colour, HealthView, RoutingTable, RulesError};
+
+use crate::health::{run_checks, HealthSettings};
+use crate::metrics::{BoundMetrics, Metrics};
+use crate::upstream::{now_ms, Instance, UpstreamSettings};
+
+/// Caps the requests in flight to one serving cell.
+#[derive(Debug)]
+pub struct CellLimiter {
+    inflight: AtomicUsize,
+    cap: usize,
+    gauge: IntGauge,
+}
+
+/// One in-flight slot of a cell; released on drop.
+#[derive(Debug)]
+pub struct InflightGuard(Arc<CellLimiter>);
+
+impl CellLimiter {
+    /// Takes a slot, or `None` when the cell is at its cap.
+    #[inline]
+    pub fn try_acquire(self: &Arc<Self>) -> Option<InflightGuard> {
+        let n = self.inflight.fetch_add(1, Ordering::Relaxed);
+        if n >= self.cap {
+            self.inflight.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        self.gauge.inc();
+        Some(InflightGuard(self.clone()))
+    }
+
+    /// Requests in flight now.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.0.gauge.dec();
+    }
+}
+
+/// The instances of one (cell, colour) and its metric handles.
+#[derive(Debug)]
+pub struct ColourGroup {
+    /// Instances, in rules order.
+    pub instances: Vec<Arc<Instance>>,
+    rr: AtomicUsize,
+    /// Pre-bound metrics.
+    pub metrics: BoundMetrics,
+}
+
+impl ColourGroup {
+    /// True when any instance is up at `now`.
+    #[inline]
+    pub fn any_up(&self, now: u64) -> bool {
+        self.instances.iter().any(|i| i.is_up(now))
+    }
+
+    /// Round-robin pick of an up instance not in `tried`; failing that, any
+    /// instance not tried (health may lag).
+    pub fn pick(&self, now: u64, tried: &[Arc<Instance>]) -> Option<Arc<Instance>> {
+        let n = self.instances.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.rr.fetch_add(1, Ordering::Relaxed);
+        let untried = |i: &&Arc<Instance>| !tried.iter().any(|t| Arc::ptr_eq(t, i));
+        (0..n)
+            .map(|k| &self.instances[(start + k) % n])
+            .filter(untried)
+            .find(|i| i.is_up(now))
+            .or_else(|| self.instances.iter().find(untried))
+            .cloned()
+    }
+}
+
+/// Runtime state of one cell in a generation.
+#[derive(Debug)]
+pub struct CellRuntime {
+    /// Cell name, as a header value (stamps).
+    pub name_header: HeaderValue,
+    /// In-flight cap.
+    pub limiter: Arc<CellLimiter>,
+    /// Blue and green.
+    pub colours: [ColourGroup; 2],
+}
+
+/// One accepted version of the rules with everything the data path needs.
+#[derive(Debug)]
+pub struct Generation {
+    /// The compiled routing table.
+    pub table: RoutingTable,
+    /// Per cell, by [`CellIdx`].
+    pub cells: Vec<CellRuntime>,
+    /// The revision, as a header value.
+    pub rev_header: HeaderValue,
+    /// When it was loaded.
+    pub loaded_at: SystemTime,
+}
+
+impl Generation {
+    /// The group of a (cell, colour).
+    #[inline]
+    pub fn group(&self, cell: CellIdx, colour: Colour) -> &ColourGroup {
+        &self.cells[cell as usize].colours[colour as usize]
+    }
+
+    /// Health view at `now`.
+    pub fn health(&self, now: u64) -> GenerationHealth<'_> {
+        GenerationHealth { gen: self, now }
+    }
+
+    /// Health view at `now` in which the `tried` instances count as down
+    /// (re-routing a request after attempts failed).
+    pub fn health_excluding<'a>(
+        &'a self,
+        now: u64,
+        tried: &'a [Arc<Instance>],
+    ) -> ExcludingHealth<'a> {
+        ExcludingHealth {
+            gen: self,
+            now,
+            tried,
+        }
+    }
+}
+
+/// Live health minus instances already tried for this request.
+#[derive(Debug, Clone, Copy)]
+pub struct ExcludingHealth<'a> {
+    gen: &'a Generation,
+    now: u64,
+    tried: &'a [Arc<Instance>],
+}
+
+impl HealthView for ExcludingHealth<'_> {
+    fn is_up(&self, cell: CellIdx, colour: Colour) -> bool {
+        self.gen
+            .group(cell, colour)
+            .instances
+            .iter()
+            .any(|i| i.is_up(self.now) && !self.tried.iter().any(|t| Arc::ptr_eq(t, i)))
+    }
+}
+
+/// Live health of a generation's instances at one instant.
+#[derive(Debug, Clone, Copy)]
+pub struct GenerationHealth<'a> {
+    gen: &'a Generation,
+    now: u64,
+}
+
+impl HealthView for GenerationHealth<'_> {
+    #[inline]
+    fn is_up(&self, cell: CellIdx, colour: Colour) -> bool {
+        self.gen.group(cell, colour).any_up(self.now)
+    }
+}
+
+/// Why a rules file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Unreadable.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Invalid.
+    #[error("{path}: invalid rules: {source}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Every problem.
+        source: RulesError,
+    },
+    /// Cannot compile.
+    #[error("{path}: {message}")]
+    Compile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Owns the current generation and builds new ones.
+pub struct Control {
+    current: ArcSwap<Generation>,
+    instances: Mutex<HashMap<(String, Colour, String), Arc<Instance>>>,
+    limiters: Mutex<HashMap<String, Arc<CellLimiter>>>,
+    metrics: Metrics,
+    upstream: Arc<UpstreamSettings>,
+    health: Arc<HealthSettings>,
+    cell_max_inflight: usize,
+    last_text: Mutex<String>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("revision", &self.current.load().table.revision())
+            .finish()
+    }
+}
+
+/// Revision of a file-based rules version: its modification time in
+/// milliseconds since the epoch, so every process reading the same file
+/// agrees, and never below `previous + 1`.
+pub fn file_revision(path: &Path, previous: u64) -> u64 {
+    let mtime = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    mtime.max(previous + 1)
+}
+
+impl Control {
+    /// Loads `path` and builds the first generation. Must run inside a
+    /// tokio runtime (it starts health-check tasks).
+    pub fn load(
+        path: &Path,
+        metrics: Metrics,
+        upstream: UpstreamSettings,
+        health: HealthSettings,
+        cell_max_inflight: usize,
+    ) -> Result<Arc<Self>, LoadError> {
+        let text = read(path)?;
+        let table = compile(path, &text, file_revision(path, 0))?;
+        let control = Arc::new(Control {
+            current: ArcSwap::from_pointee(Generation {
+                table: table.clone(),
+                cells: Vec::new(),
+                rev_header: HeaderValue::from(0u64),
+                loaded_at: SystemTime::now(),
+            }),
+            instances: Mutex::new(HashMap::new()),
+            limiters: Mutex::new(HashMap::new()),
+            metrics,
+            upstream: Arc::new(upstream),
+            health: Arc::new(health),
+            cell_max_inflight,
+            last_text: Mutex::new(text),
+        });
+        control.install(table);
+        control.metrics.reloads.with_label_values(&["ok"]).inc();
+        Ok(control)
+    }
+
+    /// The generation being served.
+    #[inline]
+    pub fn current(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// Metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Re-reads `path`; applies it when its content changed and is valid.
+    /// Returns the new revision when applied, `Ok(None)` when unchanged.
+    pub fn reload(&self, path: &Path) -> Result<Option<u64>, LoadError> {
+        let text = read(path)?;
+        if self.last_text.lock().map(|t| *t == text).unwrap_or(false) {
+            return Ok(None);
+        }
+        let previous = self.current.load().table.revision();
+        let result = compile(path, &text, file_revision(path, previous));
+        match result {
+            Ok(table) => {
+                let rev = table.revision();
+                self.install(table);
+                if let Ok(mut t) = self.last_text.lock() {
+                    *t = text;
+                }
+                self.metrics.reloads.with_label_values(&["ok"]).inc();
+                Ok(Some(rev))
+            }
+            Err(e) => {
+                // Remember the bad text so it is reported once, not every poll.
+                if let Ok(mut t) = self.last_text.lock() {
+                    *t = text;
+                }
+                self.metrics.reloads.with_label_values(&["error"]).inc();
+                Err(e)
+            }
+        }
+    }
+
+    fn install(&self, table: RoutingTable) {
+        let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+        let mut limiters = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next_instances = HashMap::new();
+        let mut cells = Vec::with_capacity(table.cells().len());
+        let now = now_ms();
+        for (idx, cell) in table.cells().iter().enumerate() {
+            let name = cell.name.clone();
+            let limiter = limiters
+                .entry(name.to_string())
+                .or_insert_with(|| {
+                    Arc::new(CellLimiter {
+                        inflight: AtomicUsize::new(0),
+                        cap: self.cell_max_inflight,
+                        gauge: self.metrics.cell_inflight.with_label_values(&[&name]),
+                    })
+                })
+                .clone();
+            let colours = Colour::ALL.map(|colour| {
+                let list = table
+                    .instances(idx as CellIdx, colour)
+                    .iter()
+                    .map(|addr| {
+                        let key = (name.to_string(), colour, addr.clone());
+                        let inst = instances.remove(&key).unwrap_or_else(|| {
+                            let gauge = self.metrics.instance_up.with_label_values(&[
+                                &name,
+                                colour.as_str(),
+                                addr,
+                            ]);
+                            let inst = Arc::new(Instance::new(
+                                name.clone(),
+                                colour,
+                                addr,
+                                self.upstream.clone(),
+                                gauge,
+                            ));
+                            tokio::spawn(run_checks(Arc::downgrade(&inst), self.health.clone()));
+                            inst
+                        });
+                        inst.refresh_gauge(now);
+                        next_instances.insert(key, inst.clone());
+                        inst
+                    })
+                    .collect();
+                ColourGroup {
+                    instances: list,
+                    rr: AtomicUsize::new(0),
+                    metrics: self.metrics.bind(&name, colour.as_str()),
+                }
+            });
+            cells.push(CellRuntime {
+                name_header: HeaderValue::from_str(&name)
+                    .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
+                limiter,
+                colours,
+            });
+        }
+        // Instances no longer in the rules: forget their metric series.
+        for ((cell, colour, addr), _) in instances.drain() {
+            let _ = self
+                .metrics
+                .instance_up
+                .remove_label_values(&[&cell, colour.as_str(), &addr]);
+        }
+        *instances = next_instances;
+        let rev = table.revision();
+        self.metrics.rules_revision.set(rev as i64);
+        self.current.store(Arc::new(Generation {
+            rev_header: HeaderValue::from(rev),
+            table,
+            cells,
+            loaded_at: SystemTime::now(),
+        }));
+    }
+
+    /// Watches `path` every `interval` until `stop` resolves.
+    pub async fn watch(
+        self: Arc<Self>,
+        path: PathBuf,
+        interval: std::time::Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        // None: the first tick always compares the text, so a change made
+        // between the initial load and this task's start is not missed.
+        let mut last_meta = None;
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let meta = meta_key(&path);
+            if meta == last_meta {
+                continue;
+            }
+            last_meta = meta;
+            let control = self.clone();
+            let p = path.clone();
+            // Parsing a large document is CPU work: keep it off the I/O threads.
+            let outcome = tokio::task::spawn_blocking(move || control.reload(&p)).await;
+            match outcome {
+                Ok(Ok(Some(rev))) => {
+                    tracing::info!(file = %path.display(), revision = rev, "rules reloaded")
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "rules rejected; still serving the previous rules")
+                }
+                Err(e) => tracing::error!(error = %e, "rules reload task failed"),
+            }
+        }
+    }
+}
+
+fn meta_key(path: &Path) -> Option<(SystemTime, u64, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let ino = std::os::unix::fs::MetadataExt::ino(&m);
+    #[cfg(not(unix))]
+    let ino = 0;
+    Some((m.modified().ok()?, m.len(), ino))
+}
+
+fn read(path: &Path) -> Result<String, LoadError> {
+    std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn compile(path: &Path, text: &str, revision: u64) -> Result<RoutingTable, LoadError> {
+    let rules = parse_rules(text).map_err(|source| LoadError::Invalid {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    RoutingTable::compile(rules, revision).map_err(|e| LoadError::Compile {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}

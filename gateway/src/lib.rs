@@ -1,0 +1,18 @@
+//! cellgate's edge data plane: routes every request to the home cell and
+//! colour of its user (with the `routing-rules` engine), stamps it, proxies
+//! it over pooled keep-alive connections, fails over on health, and exposes
+//! Prometheus metrics and a read-only admin API.
+//!
+//! Built on hyper + tower; see docs/gateway.md for the phases of a request.
+
+pub mod admin;
+pub mod config;
+pub mod control;
+pub mod health;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
+pub mod upstream;
+
+pub use config::ServeConfig;
+pub use server::{start, RunningGateway};

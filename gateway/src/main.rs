@@ -1,0 +1,91 @@
+//! `cellgate`: the edge gateway of a unitized (multi-cell) deployment.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gateway::ServeConfig;
+
+/// cellgate — routes every request to its user's home cell and colour.
+///
+/// Each request's user key (by default the x-user-id header) is hashed to a
+/// slot; the rules' slot table names the home cell; failover, blue/green
+/// splits and per-user overrides decide the rest (see docs/gateway.md and
+/// docs/rules.md).
+#[derive(Debug, Parser)]
+#[command(name = "cellgate", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway: proxy listener + admin listener, rules file watched.
+    Serve(ServeConfig),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CELLGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Serve(cfg) => match serve(cfg) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cellgate: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let runtime = match cfg.workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+    };
+    runtime.block_on(async move {
+        let gw = gateway::start(cfg, prometheus::Registry::new()).await?;
+        wait_for_signal().await;
+        tracing::info!("shutting down: draining in-flight requests");
+        let clean = gw.shutdown().await;
+        tracing::info!(clean, "stopped");
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

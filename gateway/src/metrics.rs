@@ -1,0 +1,210 @@
+//! Prometheus metrics of the gateway. The registry is passed in (never a
+//! global), so tests and several gateways in one process do not collide.
+//! Label sets are bounded: cell, colour, status class, error kind, instance
+//! address — never a user id.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets (seconds) for request durations: 250 µs to 10 s.
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// Status classes used as `code_class` label values, indexed by status/100.
+pub const CODE_CLASSES: [&str; 6] = ["0xx", "1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Kinds of upstream error (`kind` label of `cellgate_upstream_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// TCP connect failed or timed out.
+    Connect,
+    /// No response headers within the request timeout.
+    Timeout,
+    /// The connection failed after the request was sent.
+    Reset,
+    /// The instance's connection cap was reached and no connection freed in time.
+    Saturated,
+    /// The upstream answered 5xx.
+    Status5xx,
+}
+
+impl UpstreamErrorKind {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Reset => "reset",
+            UpstreamErrorKind::Saturated => "saturated",
+            UpstreamErrorKind::Status5xx => "5xx",
+        }
+    }
+}
+
+/// All gateway metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `cellgate_requests_total{cell,colour,code_class}`.
+    pub requests: IntCounterVec,
+    /// `cellgate_request_duration_seconds{cell,colour}`: until response headers.
+    pub duration: HistogramVec,
+    /// `cellgate_upstream_errors_total{cell,colour,kind}`.
+    pub upstream_errors: IntCounterVec,
+    /// `cellgate_failovers_total{from,to}`: requests served by a backup cell.
+    pub failovers: IntCounterVec,
+    /// `cellgate_retries_total{cell,colour}`: attempts after the first.
+    pub retries: IntCounterVec,
+    /// `cellgate_rejected_total{reason}`: requests answered by the gateway itself.
+    pub rejected: IntCounterVec,
+    /// `cellgate_rules_revision`.
+    pub rules_revision: IntGauge,
+    /// `cellgate_rules_reloads_total{result}` (`ok` / `error`).
+    pub reloads: IntCounterVec,
+    /// `cellgate_instance_up{cell,colour,instance}`.
+    pub instance_up: IntGaugeVec,
+    /// `cellgate_cell_inflight{cell}`.
+    pub cell_inflight: IntGaugeVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    c: T,
+) -> prometheus::Result<T> {
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn new(registry: Registry) -> prometheus::Result<Self> {
+        let r = &registry;
+        Ok(Metrics {
+            requests: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("cellgate_requests_total", "Requests by serving cell, colour and status class."),
+                    &["cell", "colour", "code_class"],
+                )?,
+            )?,
+            duration: reg(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "cellgate_request_duration_seconds",
+                        "Time from request received to response headers sent, by serving cell and colour.",
+                    )
+                    .buckets(DURATION_BUCKETS.to_vec()),
+                    &["cell", "colour"],
+                )?,
+            )?,
+            upstream_errors: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("cellgate_upstream_errors_total", "Upstream failures by cell, colour and kind (connect, timeout, reset, saturated, 5xx)."),
+                    &["cell", "colour", "kind"],
+                )?,
+            )?,
+            failovers: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("cellgate_failovers_total", "Requests served by a backup cell instead of their home cell."),
+                    &["from", "to"],
+                )?,
+            )?,
+            retries: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("cellgate_retries_total", "Upstream attempts after the first, by the cell and colour retried on."),
+                    &["cell", "colour"],
+                )?,
+            )?,
+            rejected: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("cellgate_rejected_total", "Requests the gateway answered itself (missing_key, malformed_key, cell_overloaded, no_upstream, upstream_timeout)."),
+                    &["reason"],
+                )?,
+            )?,
+            rules_revision: reg(
+                r,
+                IntGauge::new("cellgate_rules_revision", "Revision of the rules being served.")?,
+            )?,
+            reloads: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("cellgate_rules_reloads_total", "Rules reload attempts by result (ok, error)."),
+                    &["result"],
+                )?,
+            )?,
+            instance_up: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("cellgate_instance_up", "1 when the instance passes health checks and is not ejected."),
+                    &["cell", "colour", "instance"],
+                )?,
+            )?,
+            cell_inflight: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("cellgate_cell_inflight", "Requests in flight per serving cell."),
+                    &["cell"],
+                )?,
+            )?,
+            registry,
+        })
+    }
+
+    /// The registry holding these metrics.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Text exposition of every metric in the registry.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        let enc = TextEncoder::new();
+        if enc.encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Pre-bound per-(cell, colour) handles, so the hot path does no label
+    /// lookups.
+    pub fn bind(&self, cell: &str, colour: &str) -> BoundMetrics {
+        BoundMetrics {
+            requests: std::array::from_fn(|i| {
+                self.requests
+                    .with_label_values(&[cell, colour, CODE_CLASSES[i]])
+            }),
+            duration: self.duration.with_label_values(&[cell, colour]),
+        }
+    }
+}
+
+/// Metric handles bound to one (cell, colour).
+#[derive(Clone, Debug)]
+pub struct BoundMetrics {
+    requests: [IntCounter; 6],
+    duration: Histogram,
+}
+
+impl BoundMetrics {
+    /// Records one finished request.
+    #[inline]
+    pub fn observe(&self, status: u16, seconds: f64) {
+        let class = (status / 100).min(5) as usize;
+        self.requests[class].inc();
+        self.duration.observe(seconds);
+    }
+}

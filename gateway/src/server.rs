@@ -1,0 +1,208 @@
+//! Listeners and lifecycle: binds the proxy and admin listeners, runs the
+//! rules watcher, and drains gracefully on shutdown.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::Admin;
+use crate::config::ServeConfig;
+use crate::control::Control;
+use crate::health::HealthSettings;
+use crate::metrics::Metrics;
+use crate::proxy::{ProxyService, ProxySettings};
+use crate::upstream::UpstreamSettings;
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct RunningGateway {
+    /// Where the proxy listens.
+    pub proxy_addr: SocketAddr,
+    /// Where the admin API listens.
+    pub admin_addr: SocketAddr,
+    /// The control side (current rules).
+    pub control: Arc<Control>,
+    admin: Arc<Admin>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    drain_timeout: Duration,
+}
+
+/// Starts a gateway: loads the rules (an invalid file is an error), binds
+/// both listeners and starts serving. Must run inside a tokio runtime.
+pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<RunningGateway> {
+    cfg.validate()?;
+    let metrics = Metrics::new(registry)?;
+    let control = Control::load(
+        &cfg.rules,
+        metrics,
+        UpstreamSettings {
+            connect_timeout: cfg.connect_timeout(),
+            max_conns: cfg.max_conns_per_instance,
+            eject_5xx_streak: cfg.eject_5xx_streak,
+            eject_base_ms: cfg.eject_base_ms,
+            eject_max_ms: cfg.eject_max_ms,
+        },
+        HealthSettings {
+            path: cfg.health_path.clone(),
+            interval: Duration::from_millis(cfg.health_interval_ms),
+            timeout: Duration::from_millis(cfg.health_timeout_ms),
+            rise: cfg.health_rise,
+            fall: cfg.health_fall,
+        },
+        cfg.cell_max_inflight,
+    )?;
+    let proxy_listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (--listen): {e}", cfg.listen))?;
+    let admin_listener = TcpListener::bind(cfg.admin)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (--admin): {e}", cfg.admin))?;
+    let proxy_addr = proxy_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let gen = control.current();
+    tracing::info!(
+        proxy = %proxy_addr,
+        admin = %admin_addr,
+        rules = %cfg.rules.display(),
+        revision = gen.table.revision(),
+        cells = gen.table.cells().len(),
+        "cellgate serving"
+    );
+
+    let (stop, stop_rx) = watch::channel(false);
+    let proxy = ProxyService::new(
+        control.clone(),
+        ProxySettings {
+            request_timeout: cfg.request_timeout(),
+            max_attempts: cfg.max_attempts,
+            debug_headers: cfg.debug_headers,
+        },
+    );
+    let admin = Admin::new(
+        control.clone(),
+        cfg.admin_token.clone(),
+        cfg.rules.display().to_string(),
+    );
+    let tasks = vec![
+        tokio::spawn(control.clone().watch(
+            cfg.rules.clone(),
+            Duration::from_millis(cfg.reload_interval_ms),
+            stop_rx.clone(),
+        )),
+        tokio::spawn(serve_proxy(proxy_listener, proxy, stop_rx.clone())),
+        tokio::spawn(serve_admin(admin_listener, admin.clone(), stop_rx)),
+    ];
+    Ok(RunningGateway {
+        proxy_addr,
+        admin_addr,
+        control,
+        admin,
+        stop,
+        tasks,
+        drain_timeout: Duration::from_millis(cfg.drain_timeout_ms),
+    })
+}
+
+fn builder() -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .keep_alive(true);
+    b
+}
+
+async fn serve_proxy(listener: TcpListener, proxy: ProxyService, mut stop: watch::Receiver<bool>) {
+    let graceful = GracefulShutdown::new();
+    let builder = builder();
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = TowerToHyperService::new(proxy.for_peer(peer));
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let n = graceful.count();
+    if n > 0 {
+        tracing::info!(connections = n, "draining client connections");
+    }
+    graceful.shutdown().await;
+}
+
+async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Receiver<bool>) {
+    let builder = builder();
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(_) => continue,
+            },
+            _ = stop.changed() => break,
+        };
+        let admin = admin.clone();
+        let svc = service_fn(move |req| {
+            let admin = admin.clone();
+            async move { Ok::<_, Infallible>(admin.handle(&req)) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
+impl RunningGateway {
+    /// Stops accepting, lets in-flight requests finish within the drain
+    /// deadline, then stops. Returns false when the deadline cut requests off.
+    pub async fn shutdown(self) -> bool {
+        self.admin.set_draining();
+        let _ = self.stop.send(true);
+        let mut tasks = self.tasks;
+        let proxy = tasks.remove(1);
+        let drained = tokio::time::timeout(self.drain_timeout, proxy)
+            .await
+            .is_ok();
+        if !drained {
+            tracing::warn!(
+                timeout_ms = self.drain_timeout.as_millis() as u64,
+                "drain deadline reached; closing remaining connections"
+            );
+        }
+        for t in tasks {
+            t.abort();
+        }
+        drained
+    }
+}

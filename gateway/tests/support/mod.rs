@@ -1,0 +1,320 @@
+//! Test support: real backend servers on loopback ports, a rules file
+//! written for them, a gateway, and an HTTP client.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// How a backend answers.
+pub const NORMAL: u8 = 0;
+/// Answer 500.
+pub const FAIL_500: u8 = 1;
+/// Close the connection without answering (after reading the request).
+pub const RESET: u8 = 2;
+
+/// A real HTTP backend standing in for one instance of a (cell, colour).
+pub struct Backend {
+    pub cell: String,
+    pub colour: String,
+    pub addr: SocketAddr,
+    pub delay_ms: Arc<AtomicU64>,
+    pub mode: Arc<AtomicU8>,
+    pub requests: Arc<AtomicUsize>,
+    stop: watch::Sender<bool>,
+}
+
+impl Backend {
+    pub async fn start(cell: &str, colour: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        Self::serve(cell, colour, listener, addr)
+    }
+
+    /// Restarts a stopped backend on the same address.
+    pub async fn restart(&self) -> Backend {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        Self::serve(&self.cell, &self.colour, listener, self.addr)
+    }
+
+    fn serve(cell: &str, colour: &str, listener: TcpListener, addr: SocketAddr) -> Backend {
+        let (stop, stop_rx) = watch::channel(false);
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let mode = Arc::new(AtomicU8::new(NORMAL));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let b = Backend {
+            cell: cell.into(),
+            colour: colour.into(),
+            addr,
+            delay_ms: delay_ms.clone(),
+            mode: mode.clone(),
+            requests: requests.clone(),
+            stop,
+        };
+        let (cell, colour) = (cell.to_string(), colour.to_string());
+        tokio::spawn(async move {
+            let mut stop_accept = stop_rx.clone();
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    _ = stop_accept.changed() => return,
+                };
+                let (cell, colour) = (cell.clone(), colour.clone());
+                let (delay_ms, mode, requests) = (delay_ms.clone(), mode.clone(), requests.clone());
+                let mut stop_conn = stop_rx.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (cell, colour) = (cell.clone(), colour.clone());
+                        let (delay_ms, mode, requests) =
+                            (delay_ms.clone(), mode.clone(), requests.clone());
+                        async move {
+                            if req.uri().path() == "/healthz" {
+                                return Ok::<_, std::io::Error>(Response::new(Full::new(
+                                    Bytes::from("ok"),
+                                )));
+                            }
+                            requests.fetch_add(1, Ordering::SeqCst);
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            if mode.load(Ordering::Relaxed) == RESET {
+                                // hyper closes the connection without an answer.
+                                return Err(std::io::Error::other("backend reset"));
+                            }
+                            let d = delay_ms.load(Ordering::Relaxed);
+                            if d > 0 {
+                                tokio::time::sleep(Duration::from_millis(d)).await;
+                            }
+                            let h = |n: &str| {
+                                parts
+                                    .headers
+                                    .get(n)
+                                    .and_then(|v| v.to_str().ok())
+                                    .map(str::to_string)
+                            };
+                            let echo = json!({
+                                "cell": cell, "colour": colour,
+                                "method": parts.method.as_str(), "path": parts.uri.to_string(),
+                                "stamp_slot": h("x-cellgate-slot"), "stamp_cell": h("x-cellgate-cell"),
+                                "stamp_home": h("x-cellgate-home"), "stamp_colour": h("x-cellgate-colour"),
+                                "stamp_rev": h("x-cellgate-rev"), "xff": h("x-forwarded-for"),
+                                "request_id": h("x-request-id"), "connection": h("connection"),
+                                "x_custom_hop": h("x-custom-hop"), "body_len": body.len(),
+                            });
+                            let mut resp = Response::new(Full::new(Bytes::from(echo.to_string())));
+                            resp.headers_mut().insert("x-cell", cell.parse().unwrap());
+                            resp.headers_mut()
+                                .insert("x-colour", colour.parse().unwrap());
+                            if mode.load(Ordering::Relaxed) == FAIL_500 {
+                                *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                            }
+                            Ok(resp)
+                        }
+                    });
+                    let io = TokioIo::new(stream);
+                    let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = &mut conn => {}
+                        _ = stop_conn.changed() => {}
+                    }
+                });
+            }
+        });
+        b
+    }
+
+    /// Stops the backend: the listener closes and open connections drop.
+    pub fn kill(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "cellgate-gw-{tag}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Three cells (a, b, c) × two colours with `per_colour` backends each.
+pub struct Topology {
+    pub backends: Vec<Backend>,
+}
+
+impl Topology {
+    pub async fn start(per_colour: usize) -> Topology {
+        let mut backends = Vec::new();
+        for cell in ["cell-a", "cell-b", "cell-c"] {
+            for colour in ["blue", "green"] {
+                for _ in 0..per_colour {
+                    backends.push(Backend::start(cell, colour).await);
+                }
+            }
+        }
+        Topology { backends }
+    }
+
+    pub fn addrs(&self, cell: &str, colour: &str) -> Vec<String> {
+        self.backends
+            .iter()
+            .filter(|b| b.cell == cell && b.colour == colour)
+            .map(|b| format!("\"{}\"", b.addr))
+            .collect()
+    }
+
+    pub fn of(&self, cell: &str) -> impl Iterator<Item = &Backend> {
+        let cell = cell.to_string();
+        self.backends.iter().filter(move |b| b.cell == cell)
+    }
+
+    /// A rules document over these backends; `green` is each cell's green
+    /// share in basis points.
+    pub fn rules(&self, green: [u32; 3], extra: &str) -> String {
+        let mut s = String::from("slots = 100\n[tester]\nenabled = true\n");
+        let cells = ["cell-a", "cell-b", "cell-c"];
+        let failover = [
+            r#"["cell-b", "cell-c"]"#,
+            r#"["cell-c", "cell-a"]"#,
+            r#"["cell-a", "cell-b"]"#,
+        ];
+        for (i, c) in cells.iter().enumerate() {
+            s.push_str(&format!(
+                "[cells.{c}]\nfailover = {}\nblue = [{}]\ngreen = [{}]\nsplit = {{ green = {}, seed = {} }}\n",
+                failover[i],
+                self.addrs(c, "blue").join(", "),
+                self.addrs(c, "green").join(", "),
+                green[i],
+                i + 1
+            ));
+        }
+        s.push_str(extra);
+        s.push_str(
+            "[[ranges]]\nfrom = 0\nto = 32\ncell = \"cell-a\"\n[[ranges]]\nfrom = 33\nto = 65\ncell = \"cell-b\"\n[[ranges]]\nfrom = 66\nto = 99\ncell = \"cell-c\"\n",
+        );
+        s
+    }
+}
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(64)
+        .build_http()
+}
+
+/// Response status, headers and JSON body (Null when not JSON).
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub json: Value,
+}
+
+pub async fn send(client: &HttpClient, req: Request<Full<Bytes>>) -> Result<Reply, String> {
+    let resp = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Reply {
+        status: parts.status,
+        headers: parts.headers,
+        json: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    })
+}
+
+pub async fn get(
+    client: &HttpClient,
+    url: String,
+    headers: &[(&str, &str)],
+) -> Result<Reply, String> {
+    let mut b = Request::get(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(client, b.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+pub async fn get_user(client: &HttpClient, gw: SocketAddr, user: &str) -> Result<Reply, String> {
+    get(
+        client,
+        format!("http://{gw}/v1/accounts/{user}"),
+        &[("x-user-id", user)],
+    )
+    .await
+}
+
+/// Polls `f` every 20 ms until it returns true, or panics after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Fast health settings for tests.
+pub fn fast_config(rules: PathBuf) -> gateway::ServeConfig {
+    let mut cfg = gateway::ServeConfig::for_tests(rules);
+    cfg.health_interval_ms = 50;
+    cfg.health_timeout_ms = 200;
+    cfg.health_rise = 1;
+    cfg.health_fall = 2;
+    cfg.reload_interval_ms = 20;
+    cfg.connect_timeout_ms = 300;
+    cfg
+}
+
+/// Parses the Prometheus text exposition into `name{labels}` → value.
+pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
