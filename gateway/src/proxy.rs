@@ -32,7 +32,7 @@ use routing_rules::{CellReason, KeyProblem, RouteAttrs, STAMP_HEADERS};
 
 use crate::control::{Control, Generation, InflightGuard};
 use crate::metrics::UpstreamErrorKind;
-use crate::upstream::{now_ms, CheckoutError, Instance, ResponseBody, UpstreamBody};
+use crate::upstream::{ms_at, now_ms, CheckoutError, Instance, ResponseBody, UpstreamBody};
 
 /// Body of responses to clients.
 pub type ProxyBody = Either<ResponseBody<InflightGuard>, Full<Bytes>>;
@@ -99,6 +99,8 @@ struct Shared {
 pub struct ProxyService {
     shared: Arc<Shared>,
     peer: Option<SocketAddr>,
+    /// The peer's IP as a header value, formatted once per connection.
+    peer_ip: Option<HeaderValue>,
 }
 
 impl std::fmt::Debug for ProxyService {
@@ -119,6 +121,7 @@ impl ProxyService {
                 ids: RequestIds::new(),
             }),
             peer: None,
+            peer_ip: None,
         }
     }
 
@@ -127,6 +130,7 @@ impl ProxyService {
         ProxyService {
             shared: self.shared.clone(),
             peer: Some(peer),
+            peer_ip: HeaderValue::from_str(&peer.ip().to_string()).ok(),
         }
     }
 }
@@ -142,8 +146,8 @@ impl tower::Service<Request<Incoming>> for ProxyService {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let shared = self.shared.clone();
-        let peer = self.peer;
-        Box::pin(async move { Ok(shared.handle(req, peer).await) })
+        let peer_ip = self.peer_ip.clone();
+        Box::pin(async move { Ok(shared.handle(req, peer_ip.as_ref()).await) })
     }
 }
 
@@ -168,18 +172,42 @@ pub fn json_error(status: StatusCode, error: &str, message: &str) -> Response<Pr
     resp
 }
 
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-];
+/// Stamp and bookkeeping header names, built once (no parsing per request).
+const X_SLOT: HeaderName = HeaderName::from_static("x-cellgate-slot");
+const X_CELL: HeaderName = HeaderName::from_static("x-cellgate-cell");
+const X_HOME: HeaderName = HeaderName::from_static("x-cellgate-home");
+const X_COLOUR: HeaderName = HeaderName::from_static("x-cellgate-colour");
+const X_REV: HeaderName = HeaderName::from_static("x-cellgate-rev");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Removes hop-by-hop headers, including those named by `Connection`.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Whether a header must not be forwarded: hop-by-hop headers, and (in
+/// requests) the stamps only the gateway may set.
+#[inline]
+fn is_hop_or_stamp(name: &HeaderName, stamps: bool) -> bool {
+    matches!(
+        *name,
+        header::CONNECTION
+            | header::PROXY_AUTHORIZATION
+            | header::TE
+            | header::TRAILER
+            | header::UPGRADE
+            | header::TRANSFER_ENCODING
+    ) || {
+        let n = name.as_str();
+        n == "keep-alive"
+            || n == "proxy-connection"
+            || (stamps && n.starts_with("x-cellgate-") && STAMP_HEADERS.contains(&n))
+    }
+}
+
+/// Removes hop-by-hop headers, including those named by `Connection`, and
+/// with `stamps` the stamp headers. One pass over the names; nothing is
+/// looked up when there is nothing to remove (the common case).
+fn strip_hop_by_hop(headers: &mut HeaderMap, stamps: bool) {
+    if !headers.keys().any(|n| is_hop_or_stamp(n, stamps)) {
+        return;
+    }
     if let Some(conn) = headers.get(header::CONNECTION).cloned() {
         if let Ok(list) = conn.to_str() {
             for name in list.split(',') {
@@ -190,10 +218,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             }
         }
     }
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_or_stamp(n, stamps))
+        .cloned()
+        .collect();
+    for n in doomed {
+        headers.remove(n);
     }
-    headers.remove(header::TRANSFER_ENCODING);
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -225,10 +257,10 @@ impl Shared {
     async fn handle(
         &self,
         req: Request<Incoming>,
-        peer: Option<SocketAddr>,
+        peer_ip: Option<&HeaderValue>,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
-        let now = now_ms();
+        let now = ms_at(start);
         let gen = self.control.current();
         let metrics = self.control.metrics();
         let table = &gen.table;
@@ -284,10 +316,7 @@ impl Shared {
         }
 
         // 4: rewrite the request head.
-        strip_hop_by_hop(&mut parts.headers);
-        for h in STAMP_HEADERS {
-            parts.headers.remove(h);
-        }
+        strip_hop_by_hop(&mut parts.headers, true);
         if parts.version == Version::HTTP_2 && !parts.headers.contains_key(header::HOST) {
             if let Some(auth) = parts.uri.authority() {
                 if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
@@ -304,25 +333,33 @@ impl Shared {
                 .unwrap_or("/");
             parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
         }
-        if let Some(peer) = peer {
-            let ip = peer.ip().to_string();
-            let xff = match parts
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prev) => format!("{prev}, {ip}"),
-                None => ip,
-            };
-            if let Ok(v) = HeaderValue::from_str(&xff) {
-                parts.headers.insert("x-forwarded-for", v);
+        if let Some(ip) = peer_ip {
+            match parts.headers.entry(X_FORWARDED_FOR) {
+                header::Entry::Vacant(e) => {
+                    e.insert(ip.clone());
+                }
+                header::Entry::Occupied(mut e) => {
+                    let mut v = e.get().as_bytes().to_vec();
+                    v.extend_from_slice(b", ");
+                    v.extend_from_slice(ip.as_bytes());
+                    if let Ok(v) = HeaderValue::from_bytes(&v) {
+                        e.insert(v);
+                    }
+                }
             }
         }
-        let request_id = match parts.headers.get("x-request-id") {
-            Some(v) if !v.is_empty() && v.len() <= 128 => v.clone(),
-            _ => {
+        let request_id = match parts.headers.entry(X_REQUEST_ID) {
+            header::Entry::Occupied(e) if !e.get().is_empty() && e.get().len() <= 128 => {
+                e.get().clone()
+            }
+            header::Entry::Occupied(mut e) => {
                 let id = self.ids.next();
-                parts.headers.insert("x-request-id", id.clone());
+                e.insert(id.clone());
+                id
+            }
+            header::Entry::Vacant(e) => {
+                let id = self.ids.next();
+                e.insert(id.clone());
                 id
             }
         };
@@ -372,7 +409,8 @@ impl Shared {
                 }
             }
             let group = gen.group(cell, colour);
-            let Some(instance) = group.pick(now_ms(), &tried) else {
+            let Some(instance) = group.pick(if attempt == 0 { now } else { now_ms() }, &tried)
+            else {
                 break;
             };
             if attempt > 0 {
@@ -408,7 +446,7 @@ impl Shared {
             match sent {
                 Ok(Ok(resp)) => {
                     let status = resp.status().as_u16();
-                    if let Some(ms) = instance.record_status(status, now_ms()) {
+                    if let Some(ms) = instance.record_status(status) {
                         tracing::warn!(cell = %instance.cell, colour = %colour, instance = %instance.address, eject_ms = ms, "5xx streak; instance ejected");
                     }
                     if status >= 500 {
@@ -416,8 +454,8 @@ impl Shared {
                     }
                     group.metrics.observe(status, start.elapsed().as_secs_f64());
                     let (mut rparts, rbody) = resp.into_parts();
-                    strip_hop_by_hop(&mut rparts.headers);
-                    rparts.headers.insert("x-request-id", request_id);
+                    strip_hop_by_hop(&mut rparts.headers, false);
+                    rparts.headers.insert(X_REQUEST_ID, request_id);
                     if self.settings.debug_headers {
                         let mut tmp = Request::new(());
                         stamp(&mut tmp, &gen, &decision, runtime);
@@ -533,18 +571,12 @@ fn stamp<B>(
 ) {
     let h = req.headers_mut();
     if let Some(slot) = d.slot {
-        h.insert("x-cellgate-slot", HeaderValue::from(slot));
+        h.insert(X_SLOT, HeaderValue::from(slot));
     } else {
-        h.remove("x-cellgate-slot");
+        h.remove(X_SLOT);
     }
-    h.insert("x-cellgate-cell", runtime.name_header.clone());
-    h.insert(
-        "x-cellgate-home",
-        gen.cells[d.home_cell as usize].name_header.clone(),
-    );
-    h.insert(
-        "x-cellgate-colour",
-        HeaderValue::from_static(d.colour.as_str()),
-    );
-    h.insert("x-cellgate-rev", gen.rev_header.clone());
+    h.insert(X_CELL, runtime.name_header.clone());
+    h.insert(X_HOME, gen.cells[d.home_cell as usize].name_header.clone());
+    h.insert(X_COLOUR, HeaderValue::from_static(d.colour.as_str()));
+    h.insert(X_REV, gen.rev_header.clone());
 }

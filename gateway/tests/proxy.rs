@@ -617,3 +617,28 @@ async fn shutdown_drains_in_flight_requests() {
     // The listener is closed.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_are_served_over_http1_upstreams() {
+    let topo = Topology::start(1).await;
+    let dir = TempDir::new("h2");
+    let rules = topo.rules([0, 0, 0], "");
+    let gw = gateway_for(&dir, &rules).await;
+    let t = table(&rules);
+    let h2: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    for k in ["alice", "bob", "carol"] {
+        let req = Request::get(format!("http://{}/v1/accounts/{k}", gw.proxy_addr))
+            .header("x-user-id", k)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let r = send(&h2, req).await.unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        let d = t.route(Some(k.as_bytes()), &RouteAttrs::default(), &AllHealthy).unwrap();
+        assert_eq!(r.json["cell"], t.cell_name(d.serving_cell));
+        assert_eq!(r.json["path"], format!("/v1/accounts/{k}"));
+    }
+    gw.shutdown().await;
+}
