@@ -636,7 +636,9 @@ async fn http2_clients_are_served_over_http1_upstreams() {
             .unwrap();
         let r = send(&h2, req).await.unwrap();
         assert_eq!(r.status, StatusCode::OK);
-        let d = t.route(Some(k.as_bytes()), &RouteAttrs::default(), &AllHealthy).unwrap();
+        let d = t
+            .route(Some(k.as_bytes()), &RouteAttrs::default(), &AllHealthy)
+            .unwrap();
         assert_eq!(r.json["cell"], t.cell_name(d.serving_cell));
         assert_eq!(r.json["path"], format!("/v1/accounts/{k}"));
     }

@@ -1,0 +1,212 @@
+//! The cell guard: a tower [`Layer`] that lets through only requests whose
+//! user this cell owns under the rules it holds, and answers every other
+//! request `421 Misdirected Request` naming the owning cell.
+//!
+//! Reusable by any Rust service of a cell: give it an [`OwnershipView`].
+//! A request stamped (`x-cellgate-rev`) with a newer revision than the
+//! view's makes the view catch up first; a request for a user this cell
+//! gave away in a newer revision is refused even when the gateway that sent
+//! it is stale.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use routing_rules::key::{extract_key, HeaderLookup, RequestParts};
+use routing_rules::{AllHealthy, RouteAttrs, RoutingTable, STAMP_REV};
+use tower::{Layer, Service};
+
+/// What the guard needs to know.
+pub trait OwnershipView: Send + Sync + 'static {
+    /// The rules now.
+    fn table(&self) -> Arc<RoutingTable>;
+    /// This cell's name.
+    fn cell(&self) -> &str;
+    /// Catch up to `revision` if possible (reload the rules).
+    fn catch_up(&self, revision: u64);
+}
+
+impl OwnershipView for crate::rules::RulesHolder {
+    fn table(&self) -> Arc<RoutingTable> {
+        crate::rules::RulesHolder::table(self)
+    }
+    fn cell(&self) -> &str {
+        crate::rules::RulesHolder::cell(self)
+    }
+    fn catch_up(&self, revision: u64) {
+        crate::rules::RulesHolder::catch_up(self, revision)
+    }
+}
+
+/// The guarded user, put in the request's extensions for handlers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardedUser {
+    /// The routing key (user id).
+    pub key: String,
+    /// Its slot.
+    pub slot: u32,
+    /// Rules revision the decision was made at.
+    pub revision: u64,
+}
+
+/// Layer that adds the guard. Only paths under `prefix` are guarded.
+#[derive(Debug)]
+pub struct GuardLayer<V> {
+    view: Arc<V>,
+    prefix: &'static str,
+}
+
+impl<V> Clone for GuardLayer<V> {
+    fn clone(&self) -> Self {
+        GuardLayer {
+            view: self.view.clone(),
+            prefix: self.prefix,
+        }
+    }
+}
+
+impl<V: OwnershipView> GuardLayer<V> {
+    /// Guards every path that starts with `prefix` (e.g. `/v1/`).
+    pub fn new(view: Arc<V>, prefix: &'static str) -> Self {
+        GuardLayer { view, prefix }
+    }
+}
+
+impl<S, V> Layer<S> for GuardLayer<V> {
+    type Service = Guard<S, V>;
+    fn layer(&self, inner: S) -> Guard<S, V> {
+        Guard {
+            inner,
+            view: self.view.clone(),
+            prefix: self.prefix,
+        }
+    }
+}
+
+/// The guard service.
+#[derive(Debug)]
+pub struct Guard<S, V> {
+    inner: S,
+    view: Arc<V>,
+    prefix: &'static str,
+}
+
+impl<S: Clone, V> Clone for Guard<S, V> {
+    fn clone(&self) -> Self {
+        Guard {
+            inner: self.inner.clone(),
+            view: self.view.clone(),
+            prefix: self.prefix,
+        }
+    }
+}
+
+struct Headers<'a>(&'a http::HeaderMap);
+impl HeaderLookup for Headers<'_> {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.0.get(name).map(HeaderValue::as_bytes)
+    }
+}
+
+fn reject<B: From<Bytes>>(status: StatusCode, body: serde_json::Value) -> Response<B> {
+    let mut r = Response::new(B::from(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// The guard's verdict for a request (exposed for tests and other services).
+pub fn decide<B, V: OwnershipView + ?Sized>(
+    view: &V,
+    req: &Request<B>,
+) -> Result<GuardedUser, (StatusCode, serde_json::Value)> {
+    if let Some(rev) = req
+        .headers()
+        .get(STAMP_REV)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        view.catch_up(rev);
+    }
+    let table = view.table();
+    let headers = Headers(req.headers());
+    let parts = RequestParts {
+        headers: &headers,
+        path: req.uri().path(),
+        query: req.uri().query(),
+    };
+    let key = extract_key(&table.rules().key, &parts);
+    let Some(key) = key else {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "missing_key", "message": "the request carries no user key (routing key)"}),
+        ));
+    };
+    let decision = table.route(Some(&key), &RouteAttrs::default(), &AllHealthy);
+    let (Ok(d), Ok(key)) = (decision, String::from_utf8(key.into_owned())) else {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "malformed_key", "message": "the user key is malformed"}),
+        ));
+    };
+    let Some(slot) = d.slot else {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "malformed_key", "message": "the user key does not map to a slot"}),
+        ));
+    };
+    let owner = table.cell_name(d.home_cell);
+    if owner != view.cell() {
+        return Err((
+            StatusCode::MISDIRECTED_REQUEST,
+            serde_json::json!({
+                "error": "misdirected",
+                "message": format!("user {key:?} (slot {slot}) belongs to cell {owner}, not {}", view.cell()),
+                "owner_cell": owner,
+                "slot": slot,
+                "revision": table.revision(),
+            }),
+        ));
+    }
+    Ok(GuardedUser {
+        key,
+        slot,
+        revision: table.revision(),
+    })
+}
+
+impl<S, V, ReqBody, ResBody> Service<Request<ReqBody>> for Guard<S, V>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    V: OwnershipView,
+    ReqBody: Send + 'static,
+    ResBody: From<Bytes> + Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ResBody>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        if !req.uri().path().starts_with(self.prefix) {
+            return Box::pin(self.inner.call(req));
+        }
+        match decide(&*self.view, &req) {
+            Ok(user) => {
+                req.extensions_mut().insert(user);
+                Box::pin(self.inner.call(req))
+            }
+            Err((status, body)) => Box::pin(async move { Ok(reject(status, body)) }),
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! The cell agent: runs in every cell and serves the wallet and order data
+//! of the cell's own users (accounts, an append-only ledger, orders with
+//! try/confirm/cancel, same-cell and cross-cell transfers) over its own
+//! SQLite shard, behind a guard that refuses users the cell does not own.
+
+pub mod api;
+pub mod check;
+pub mod guard;
+pub mod metrics;
+pub mod relay;
+pub mod rules;
+pub mod server;
+pub mod store;
+
+pub use server::{start, AgentConfig, RunningAgent};

@@ -1,0 +1,116 @@
+//! `cell-agent`: one cell's wallet and order service.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use cell_agent::AgentConfig;
+use clap::{Parser, Subcommand};
+
+/// cell-agent — serves one cell's shard of wallets and orders.
+///
+/// Every request's user must belong to this cell under the rules it holds
+/// (else 421 naming the owning cell). Money is integer minor units; every
+/// write is durable before it is acknowledged. See docs/api.md.
+#[derive(Debug, Parser)]
+#[command(name = "cell-agent", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the cell's API.
+    Serve(AgentConfig),
+    /// Verify a cell database's invariants offline (exit 1 on any violation).
+    Check {
+        /// The database file.
+        #[arg(long, value_name = "PATH")]
+        db: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CELL_AGENT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match cli.command {
+        Command::Serve(cfg) => match serve(cfg) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cell-agent: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Check { db, json } => {
+            match cell_agent::check::check(&db) {
+                Ok(report) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&report).unwrap_or_default()
+                        );
+                    } else {
+                        println!(
+                        "{}: {} accounts, {} ledger entries, {} orders; total {} = in {} - out {}",
+                        db.display(), report.accounts, report.ledger_entries, report.orders,
+                        report.balance_total, report.money_in, report.money_out
+                    );
+                        for v in &report.violations {
+                            println!("VIOLATION: {v}");
+                        }
+                        println!("{}", if report.ok() { "ok" } else { "FAILED" });
+                    }
+                    if report.ok() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("cell-agent: cannot check {}: {e}", db.display());
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let agent = cell_agent::start(cfg, prometheus::Registry::new()).await?;
+        println!("listening on {}", agent.addr);
+        wait_for_signal().await;
+        tracing::info!("shutting down: draining in-flight requests");
+        let clean = agent.shutdown().await;
+        tracing::info!(clean, "stopped");
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! `cell-agent serve`: opens the store, loads the rules, serves the API
+//! behind the guard, runs the outbox relay, and drains on shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use http::{HeaderValue, Request};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use routing_rules::Colour;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::{Layer, ServiceExt};
+
+use crate::api::{json_response, Api};
+use crate::guard::GuardLayer;
+use crate::metrics::AgentMetrics;
+use crate::rules::RulesHolder;
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
+
+/// Flags of `cell-agent serve`.
+#[derive(Debug, Clone, Args)]
+pub struct AgentConfig {
+    /// This agent's cell (must be defined in the rules).
+    #[arg(long, value_name = "NAME")]
+    pub cell: String,
+    /// This agent's colour.
+    #[arg(long, value_name = "blue|green", value_parser = parse_colour)]
+    pub colour: Colour,
+    /// SQLite database of the cell (created if missing; both colours share it).
+    #[arg(long, value_name = "PATH")]
+    pub db: PathBuf,
+    /// Rules document (TOML), watched for changes.
+    #[arg(long, value_name = "FILE")]
+    pub rules: PathBuf,
+    /// Listen address (port 0 picks a free port; the address is logged and
+    /// printed on stdout as `listening on ADDR`).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8181")]
+    pub listen: SocketAddr,
+    /// How often the rules file is checked, ms.
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    pub reload_interval_ms: u64,
+    /// On SIGTERM, how long in-flight requests may take, ms.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    pub drain_timeout_ms: u64,
+}
+
+fn parse_colour(s: &str) -> Result<Colour, String> {
+    Colour::parse(s).ok_or_else(|| format!("colour must be blue or green, not {s:?}"))
+}
+
+/// A running agent.
+pub struct RunningAgent {
+    /// Bound address.
+    pub addr: SocketAddr,
+    /// The rules holder.
+    pub rules: Arc<RulesHolder>,
+    stop: watch::Sender<bool>,
+    serve: tokio::task::JoinHandle<()>,
+    others: Vec<tokio::task::JoinHandle<()>>,
+    api: Arc<Api<SqliteStore>>,
+    drain: Duration,
+}
+
+impl std::fmt::Debug for RunningAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningAgent")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+/// Starts an agent. Must run inside a tokio runtime.
+pub async fn start(
+    cfg: AgentConfig,
+    registry: prometheus::Registry,
+) -> anyhow::Result<RunningAgent> {
+    let rules = RulesHolder::load(&cfg.rules, &cfg.cell)?;
+    let store = SqliteStore::open(&cfg.db, &cfg.cell)
+        .map_err(|e| anyhow::anyhow!("cannot open the database {}: {e}", cfg.db.display()))?;
+    let metrics = AgentMetrics::new(registry)?;
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (--listen): {e}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let (stop, stop_rx) = watch::channel(false);
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let api = Arc::new(Api {
+        store: store.clone(),
+        rules: rules.clone(),
+        metrics: metrics.clone(),
+        relay_wake: wake.clone(),
+        ready: AtomicBool::new(true),
+    });
+    let others = vec![
+        tokio::spawn(rules.clone().watch(
+            Duration::from_millis(cfg.reload_interval_ms),
+            stop_rx.clone(),
+        )),
+        tokio::spawn(crate::relay::run(
+            store,
+            rules.clone(),
+            metrics,
+            wake,
+            stop_rx.clone(),
+        )),
+    ];
+    let identity = (
+        HeaderValue::from_str(&cfg.cell)
+            .map_err(|_| anyhow::anyhow!("--cell: not a valid header value"))?,
+        HeaderValue::from_static(cfg.colour.as_str()),
+    );
+    let serve = tokio::spawn(serve(
+        listener,
+        api.clone(),
+        rules.clone(),
+        identity,
+        stop_rx,
+    ));
+    tracing::info!(cell = %cfg.cell, colour = %cfg.colour, db = %cfg.db.display(), %addr,
+        revision = rules.table().revision(), "cell agent serving");
+    Ok(RunningAgent {
+        addr,
+        rules,
+        stop,
+        serve,
+        others,
+        api,
+        drain: Duration::from_millis(cfg.drain_timeout_ms),
+    })
+}
+
+async fn serve(
+    listener: TcpListener,
+    api: Arc<Api<SqliteStore>>,
+    rules: Arc<RulesHolder>,
+    identity: (HeaderValue, HeaderValue),
+    mut stop: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let guard = GuardLayer::new(rules, "/v1/");
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let api = api.clone();
+        let identity = identity.clone();
+        let inner = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let api = api.clone();
+            async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
+        });
+        let svc = guard
+            .layer(inner)
+            .map_response(move |mut resp: http::Response<_>| {
+                // Every answer names who gave it.
+                resp.headers_mut().insert("x-cell", identity.0.clone());
+                resp.headers_mut().insert("x-colour", identity.1.clone());
+                resp
+            });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    graceful.shutdown().await;
+}
+
+impl RunningAgent {
+    /// Stops accepting and drains in-flight requests (bounded by the drain
+    /// timeout). Returns false when the deadline cut requests off.
+    pub async fn shutdown(self) -> bool {
+        self.api.ready.store(false, Ordering::Relaxed);
+        let _ = self.stop.send(true);
+        let clean = tokio::time::timeout(self.drain, self.serve).await.is_ok();
+        for t in self.others {
+            t.abort();
+        }
+        clean
+    }
+
+    /// `/metrics` text, after refreshing the data gauges.
+    pub async fn metrics_text(&self) -> String {
+        metrics_text(&self.api).await
+    }
+}
+
+/// Refreshes the data gauges and renders the metrics.
+pub async fn metrics_text<S: Store>(api: &Api<S>) -> String {
+    if let Ok(stats) = api.store.stats().await {
+        api.metrics.set_stats(&stats);
+    }
+    api.metrics.encode()
+}
+
+/// Builds the `/metrics` response.
+pub async fn metrics_response<S: Store>(
+    api: &Api<S>,
+) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    let mut r = json_response(200, &serde_json::Value::Null);
+    *r.body_mut() = http_body_util::Full::new(bytes::Bytes::from(metrics_text(api).await));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
+}

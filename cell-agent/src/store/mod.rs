@@ -1,0 +1,261 @@
+//! The cell's data: accounts, an append-only ledger, orders, transfers,
+//! the cross-cell outbox and inbox, and idempotency records.
+//!
+//! [`Store`] is the storage boundary: the HTTP layer speaks only
+//! [`WriteOp`] / [`ReadOp`] and gets JSON back, so a server database can
+//! replace SQLite ([`sqlite::SqliteStore`]) behind the same trait.
+
+pub mod sqlite;
+
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A domain error: the HTTP status it maps to, a code and a message.
+/// Nothing is written when one is returned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct DomainError {
+    /// HTTP status.
+    pub status: u16,
+    /// Machine-readable code (`insufficient_funds`, ...).
+    pub code: &'static str,
+    /// Human message.
+    pub message: String,
+}
+
+impl DomainError {
+    /// A new error.
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        DomainError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    /// 400.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "bad_request", message)
+    }
+    /// 404.
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(404, code, message)
+    }
+    /// 409.
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(409, code, message)
+    }
+    /// 422.
+    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(422, code, message)
+    }
+    /// 503 (storage unavailable, busy).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(503, "storage_unavailable", message)
+    }
+}
+
+/// What to do to an order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderAction {
+    /// Freeze the amount.
+    Try,
+    /// Debit the frozen amount.
+    Confirm,
+    /// Unfreeze (or drop an untried order).
+    Cancel,
+    /// Try and confirm in one step.
+    Pay,
+}
+
+impl OrderAction {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderAction::Try => "try",
+            OrderAction::Confirm => "confirm",
+            OrderAction::Cancel => "cancel",
+            OrderAction::Pay => "pay",
+        }
+    }
+}
+
+/// A write, executed atomically (all or nothing) and durably.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOp {
+    /// Credit a user's account from outside (creates the account).
+    Deposit {
+        /// The user.
+        user: String,
+        /// Minor units, > 0.
+        amount: i64,
+        /// Idempotency key.
+        key: String,
+        /// The user's slot.
+        slot: u32,
+    },
+    /// Create an order in state `created`.
+    CreateOrder {
+        /// The payer.
+        user: String,
+        /// Minor units, > 0.
+        amount: i64,
+        /// Merchant id.
+        merchant: String,
+        /// Idempotency key.
+        key: String,
+    },
+    /// Try / confirm / cancel / pay an order (idempotent by state).
+    Order {
+        /// Order id.
+        id: String,
+        /// The user the request is for; the order must be theirs.
+        user: String,
+        /// Action.
+        action: OrderAction,
+    },
+    /// Move money to another user. `to_cell` is `None` when the payee is in
+    /// this cell (one local transaction), else the payee's cell: the debit
+    /// and an outbox record are written together.
+    Transfer {
+        /// Payer.
+        from: String,
+        /// Payee.
+        to: String,
+        /// Minor units, > 0.
+        amount: i64,
+        /// Idempotency key.
+        key: String,
+        /// Payee's cell when not this one.
+        to_cell: Option<String>,
+        /// Payee's slot (for a local payee's account).
+        to_slot: u32,
+    },
+    /// An incoming cross-cell credit, idempotent by `transfer_id`.
+    Credit {
+        /// The payer cell's transfer id.
+        transfer_id: String,
+        /// The payer's cell.
+        from_cell: String,
+        /// Payee (in this cell).
+        to: String,
+        /// Minor units, > 0.
+        amount: i64,
+        /// Payee's slot.
+        slot: u32,
+    },
+    /// The outbox record was acknowledged by the payee's cell.
+    Delivered {
+        /// Outbox id.
+        outbox_id: i64,
+    },
+    /// A delivery attempt failed; retry at `next_attempt_ms` (unix ms).
+    DeliveryFailed {
+        /// Outbox id.
+        outbox_id: i64,
+        /// When to retry.
+        next_attempt_ms: i64,
+        /// Why it failed.
+        error: String,
+    },
+}
+
+/// A read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadOp {
+    /// Balance, frozen, available.
+    Account {
+        /// The user.
+        user: String,
+    },
+    /// Ledger entries, newest first; `before` is an entry id for paging.
+    Ledger {
+        /// The user.
+        user: String,
+        /// Page size (1..=500).
+        limit: u32,
+        /// Only entries with a smaller id.
+        before: Option<i64>,
+    },
+    /// One order.
+    Order {
+        /// Order id.
+        id: String,
+    },
+    /// A user's orders, newest first.
+    UserOrders {
+        /// The user.
+        user: String,
+        /// Page size.
+        limit: u32,
+        /// Only orders created before this order id (paging).
+        before: Option<i64>,
+    },
+    /// One transfer.
+    Transfer {
+        /// Transfer id.
+        id: String,
+    },
+}
+
+/// An outbox record to deliver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutboxItem {
+    /// Outbox id.
+    pub id: i64,
+    /// Transfer id (the payee's idempotency key).
+    pub transfer_id: String,
+    /// Payee.
+    pub to: String,
+    /// Payee's cell.
+    pub to_cell: String,
+    /// Amount.
+    pub amount: i64,
+    /// Attempts so far.
+    pub attempts: i64,
+}
+
+/// Figures for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// Sum of balances in the cell.
+    pub balance_total: i64,
+    /// Orders by state.
+    pub orders_by_state: Vec<(String, i64)>,
+    /// Undelivered outbox records.
+    pub outbox_backlog: i64,
+    /// Age of the oldest undelivered record, ms.
+    pub outbox_oldest_age_ms: i64,
+}
+
+/// A successful write or read: HTTP status and JSON body.
+pub type Reply = (u16, Value);
+
+/// The storage boundary of a cell.
+pub trait Store: Send + Sync + 'static {
+    /// Runs a write atomically and durably.
+    fn write(&self, op: WriteOp) -> impl Future<Output = Result<Reply, DomainError>> + Send;
+    /// Runs a read.
+    fn read(&self, op: ReadOp) -> impl Future<Output = Result<Reply, DomainError>> + Send;
+    /// Outbox records due for delivery at `now_ms`.
+    fn due_outbox(
+        &self,
+        now_ms: i64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<OutboxItem>, DomainError>> + Send;
+    /// Figures for `/metrics`.
+    fn stats(&self) -> impl Future<Output = Result<Stats, DomainError>> + Send;
+}
+
+/// Checks an amount: > 0.
+pub fn check_amount(amount: i64) -> Result<i64, DomainError> {
+    if amount <= 0 {
+        return Err(DomainError::unprocessable(
+            "invalid_amount",
+            format!("amount must be a positive number of minor units, got {amount}"),
+        ));
+    }
+    Ok(amount)
+}

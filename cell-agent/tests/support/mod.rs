@@ -1,0 +1,308 @@
+//! Test support: temp dirs, rules files, agents (in-process or as real
+//! processes), and a small HTTP client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use routing_rules::{parse_rules, AllHealthy, RouteAttrs, RoutingTable};
+use serde_json::Value;
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "cell-agent-{tag}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Rules for cells a, b, c with the given instance addresses (blue, green)
+/// and slot split [0-32] a, [33-65] b, [66-99] c unless `ranges` is given.
+pub fn rules(addrs: &[(&str, String, String)], ranges: Option<&str>) -> String {
+    let mut s = String::from("slots = 100\n");
+    for (cell, blue, green) in addrs {
+        s.push_str(&format!(
+            "[cells.{cell}]\nblue = [\"{blue}\"]\ngreen = [\"{green}\"]\nsplit = {{ green = 5000, seed = 1 }}\n"
+        ));
+    }
+    s.push_str(ranges.unwrap_or(
+        "[[ranges]]\nfrom = 0\nto = 32\ncell = \"cell-a\"\n[[ranges]]\nfrom = 33\nto = 65\ncell = \"cell-b\"\n[[ranges]]\nfrom = 66\nto = 99\ncell = \"cell-c\"\n",
+    ));
+    s
+}
+
+/// Placeholder addresses (nothing listens there) for cells a, b, c.
+pub fn placeholder_rules() -> String {
+    rules(
+        &[
+            ("cell-a", "127.0.0.1:9".into(), "127.0.0.1:10".into()),
+            ("cell-b", "127.0.0.1:11".into(), "127.0.0.1:12".into()),
+            ("cell-c", "127.0.0.1:13".into(), "127.0.0.1:14".into()),
+        ],
+        None,
+    )
+}
+
+/// `n` user ids whose home cell is `cell` under `rules_text`.
+pub fn users_in(rules_text: &str, cell: &str, n: usize) -> Vec<String> {
+    let t = RoutingTable::compile(parse_rules(rules_text).unwrap(), 0).unwrap();
+    (0..100_000)
+        .map(|i| format!("user-{i}"))
+        .filter(|k| {
+            let d = t
+                .route(Some(k.as_bytes()), &RouteAttrs::default(), &AllHealthy)
+                .unwrap();
+            t.cell_name(d.home_cell) == cell
+        })
+        .take(n)
+        .collect()
+}
+
+pub fn config(cell: &str, colour: &str, db: &Path, rules: &Path) -> cell_agent::AgentConfig {
+    cell_agent::AgentConfig {
+        cell: cell.into(),
+        colour: routing_rules::Colour::parse(colour).unwrap(),
+        db: db.into(),
+        rules: rules.into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        reload_interval_ms: 50,
+        drain_timeout_ms: 5_000,
+    }
+}
+
+/// A cell agent running as a real process.
+pub struct AgentProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub args: Vec<String>,
+}
+
+impl AgentProcess {
+    /// Starts `cell-agent serve` with `args` (plus `--listen`), waiting for
+    /// its "listening on ADDR" line.
+    pub fn start(args: &[String], listen: &str) -> AgentProcess {
+        let mut full: Vec<String> = vec!["serve".into()];
+        full.extend(args.iter().cloned());
+        full.extend([
+            "--listen".into(),
+            listen.into(),
+            "--reload-interval-ms".into(),
+            "50".into(),
+        ]);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cell-agent"))
+            .args(&full)
+            .env("CELL_AGENT_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start cell-agent");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        AgentProcess {
+            child,
+            addr,
+            args: args.to_vec(),
+        }
+    }
+
+    /// Kills the process at once (SIGKILL), like a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the same agent again on the same address.
+    pub fn restart(&self) -> AgentProcess {
+        AgentProcess::start(&self.args, &self.addr.to_string())
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub json: Value,
+}
+
+pub async fn call(
+    client: &HttpClient,
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    user: &str,
+    body: Option<Value>,
+) -> Reply {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    if !user.is_empty() {
+        b = b.header("x-user-id", user);
+    }
+    let body = body.map(|v| Bytes::from(v.to_string())).unwrap_or_default();
+    let resp = client
+        .request(b.body(Full::new(body)).unwrap())
+        .await
+        .expect("request");
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        json: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    }
+}
+
+pub async fn raw(
+    client: &HttpClient,
+    addr: SocketAddr,
+    path: &str,
+    user: &str,
+    body: &'static str,
+) -> Reply {
+    let req = Request::post(format!("http://{addr}{path}"))
+        .header("x-user-id", user)
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap();
+    let resp = client.request(req).await.expect("request");
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        json: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    }
+}
+
+pub async fn deposit(
+    client: &HttpClient,
+    addr: SocketAddr,
+    user: &str,
+    amount: i64,
+    key: &str,
+) -> Reply {
+    call(
+        client,
+        "POST",
+        addr,
+        &format!("/v1/accounts/{user}/deposit"),
+        user,
+        Some(serde_json::json!({"amount": amount, "idempotency_key": key})),
+    )
+    .await
+}
+
+pub async fn balance(client: &HttpClient, addr: SocketAddr, user: &str) -> i64 {
+    let r = call(
+        client,
+        "GET",
+        addr,
+        &format!("/v1/accounts/{user}"),
+        user,
+        None,
+    )
+    .await;
+    r.json["balance"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no balance: {} {}", r.status, r.json))
+}
+
+/// Polls until `f` is true (an observed event), or panics after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !f().await {
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every row of every table, for "nothing changed" comparisons.
+pub fn snapshot(db: &Path) -> String {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut out = String::new();
+    for table in [
+        "accounts",
+        "ledger",
+        "orders",
+        "transfers",
+        "outbox",
+        "inbox",
+        "idempotency",
+    ] {
+        let mut s = conn
+            .prepare(&format!("SELECT * FROM {table} ORDER BY 1"))
+            .unwrap();
+        let n = s.column_count();
+        let rows = s
+            .query_map([], |r| {
+                Ok((0..n)
+                    .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
+                    .collect::<Vec<_>>()
+                    .join("|"))
+            })
+            .unwrap();
+        for row in rows {
+            out.push_str(table);
+            out.push(':');
+            out.push_str(&row.unwrap());
+            out.push('\n');
+        }
+    }
+    out
+}
+
+pub fn check(db: &Path) -> cell_agent::check::CheckReport {
+    let r = cell_agent::check::check(db).unwrap();
+    assert!(r.ok(), "invariants violated: {:#?}", r.violations);
+    r
+}
