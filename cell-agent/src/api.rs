@@ -12,6 +12,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
+use routing_rules::key::percent_decode;
 use routing_rules::{AllHealthy, RouteAttrs};
 use serde_json::{json, Value};
 
@@ -165,7 +166,7 @@ fn page(query: Option<&str>) -> Result<(u32, Option<i64>), DomainError> {
 }
 
 /// A low-cardinality name of the route, for metrics.
-fn route_name(method: &Method, segs: &[&str]) -> &'static str {
+pub fn route_name(method: &Method, segs: &[&str]) -> &'static str {
     match (method, segs) {
         (&Method::POST, ["v1", "accounts", _, "deposit"]) => "deposit",
         (&Method::GET, ["v1", "accounts", _]) => "account",
@@ -177,9 +178,9 @@ fn route_name(method: &Method, segs: &[&str]) -> &'static str {
         (&Method::POST, ["v1", "transfers"]) => "transfer",
         (&Method::GET, ["v1", "transfers", _]) => "get_transfer",
         (&Method::POST, ["v1", "internal", "credits"]) => "credit",
-        (_, ["healthz"]) => "healthz",
-        (_, ["readyz"]) => "readyz",
-        (_, ["metrics"]) => "metrics",
+        (&Method::GET, ["healthz"]) => "healthz",
+        (&Method::GET, ["readyz"]) => "readyz",
+        (&Method::GET, ["metrics"]) => "metrics",
         _ => "other",
     }
 }
@@ -188,9 +189,37 @@ impl<S: Store> Api<S> {
     /// Answers one request (after the guard).
     pub async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
         let start = Instant::now();
-        let path = req.uri().path().to_string();
-        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        // Path segments percent-decoded: user ids may hold any character.
+        let decoded: Vec<String> = req
+            .uri()
+            .path()
+            .trim_matches('/')
+            .split('/')
+            .map(|s| String::from_utf8_lossy(&percent_decode(s.as_bytes())).into_owned())
+            .collect();
+        let segs: Vec<&str> = decoded.iter().map(String::as_str).collect();
         let route = route_name(req.method(), &segs);
+        if route == "other" {
+            let allowed: Vec<&str> = [Method::GET, Method::POST]
+                .iter()
+                .filter(|m| route_name(m, &segs) != "other")
+                .map(Method::as_str)
+                .collect();
+            if !allowed.is_empty() {
+                let e = DomainError::new(
+                    405,
+                    "method_not_allowed",
+                    format!("use {}", allowed.join(" or ")),
+                );
+                let mut r = error_response(&e);
+                if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
+                    r.headers_mut().insert(header::ALLOW, v);
+                }
+                self.metrics
+                    .observe(route, 405, start.elapsed().as_secs_f64());
+                return r;
+            }
+        }
         if route == "metrics" && req.method() == Method::GET {
             return crate::server::metrics_response(self).await;
         }

@@ -126,13 +126,21 @@ pub fn decide<B, V: OwnershipView + ?Sized>(
     view: &V,
     req: &Request<B>,
 ) -> Result<GuardedUser, (StatusCode, serde_json::Value)> {
-    if let Some(rev) = req
-        .headers()
-        .get(STAMP_REV)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        view.catch_up(rev);
+    if let Some(v) = req.headers().get(STAMP_REV) {
+        match v
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+            .filter(|r| *r >= 0)
+        {
+            Some(rev) => view.catch_up(rev as u64),
+            None => {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": "malformed_revision", "message": format!("{STAMP_REV} must be a revision number (0..=9223372036854775807)")}),
+                ))
+            }
+        }
     }
     let table = view.table();
     let headers = Headers(req.headers());

@@ -716,3 +716,104 @@ async fn cross_cell_transfers_are_credited_exactly_once_through_outages_and_cras
     );
     drop(a2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_requests_get_precise_answers() {
+    let dir = TempDir::new("odd");
+    let agent = start_in_process(&dir, "cell-a", "blue").await;
+    let client = client();
+    let users = users_in(&placeholder_rules(), "cell-a", 1);
+    // A malformed revision stamp.
+    let req = http::Request::get(format!("http://{}/v1/accounts/{}", agent.addr, users[0]))
+        .header("x-user-id", &users[0])
+        .header("x-cellgate-rev", "9223372036854775808")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let r = client.request(req).await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // Wrong method on a known path: 405 with Allow.
+    let r = call(&client, "DELETE", agent.addr, "/healthz", "", None).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.headers["allow"], "GET");
+    // Percent-encoded user ids in paths are decoded.
+    let odd = users_in(&placeholder_rules(), "cell-a", 500)
+        .into_iter()
+        .map(|u| format!("{u} x/é"))
+        .find(|u| {
+            let t = routing_rules::RoutingTable::compile(
+                routing_rules::parse_rules(&placeholder_rules()).unwrap(),
+                0,
+            )
+            .unwrap();
+            let d = t
+                .route(
+                    Some(u.as_bytes()),
+                    &Default::default(),
+                    &routing_rules::AllHealthy,
+                )
+                .unwrap();
+            t.cell_name(d.home_cell) == "cell-a"
+        })
+        .unwrap();
+    let encoded = odd
+        .replace(' ', "%20")
+        .replace('/', "%2F")
+        .replace('é', "%C3%A9");
+    let req = http::Request::post(format!(
+        "http://{}/v1/accounts/{encoded}/deposit",
+        agent.addr
+    ))
+    .header(
+        "x-user-id",
+        http::HeaderValue::from_bytes(odd.as_bytes()).unwrap(),
+    )
+    .body(http_body_util::Full::new(bytes::Bytes::from(
+        json!({"amount": 3, "idempotency_key": "k"}).to_string(),
+    )))
+    .unwrap();
+    let r = client.request(req).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_command_exits_1_on_a_tampered_database() {
+    let dir = TempDir::new("check");
+    let agent = start_in_process(&dir, "cell-a", "blue").await;
+    let client = client();
+    let user = users_in(&placeholder_rules(), "cell-a", 1).remove(0);
+    deposit(&client, agent.addr, &user, 100, "d").await;
+    agent.shutdown().await;
+    let db = dir.path("cell-a.db");
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cell-agent"))
+            .args(["check", "--db"])
+            .arg(&db)
+            .output()
+            .unwrap()
+    };
+    let ok = run();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout)
+        .trim_end()
+        .ends_with("ok"));
+    // Someone edits a balance behind the ledger's back.
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute("UPDATE accounts SET balance = balance + 1", [])
+        .unwrap();
+    let bad = run();
+    assert_eq!(bad.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&bad.stdout);
+    assert!(out.contains("VIOLATION: account"), "{out}");
+    assert!(out.contains("cell total 101"), "{out}");
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_cell-agent"))
+        .args(["check", "--db", "/nonexistent/x.db"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+}
