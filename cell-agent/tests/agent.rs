@@ -241,6 +241,12 @@ async fn idempotent_retries_never_move_money_twice() {
     assert_eq!(t1.json["state"], "completed");
     assert_eq!(balance(&client, agent.addr, &user).await, 350);
     assert_eq!(balance(&client, agent.addr, payee).await, 50);
+    assert!(agent.shutdown().await, "drained cleanly");
+    // After a restart the same keys still return the original results.
+    let agent = start_in_process(&dir, "cell-a", "green").await;
+    let again = deposit(&client, agent.addr, &user, 500, "k1").await;
+    assert_eq!((again.status, &again.json), (StatusCode::OK, &first.json));
+    assert_eq!(balance(&client, agent.addr, &user).await, 350);
     agent.shutdown().await;
     check(&dir.path("cell-a.db"));
 }
@@ -816,4 +822,40 @@ async fn check_command_exits_1_on_a_tampered_database() {
         .output()
         .unwrap();
     assert_eq!(missing.status.code(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_agent_cleanly() {
+    let dir = TempDir::new("sigterm");
+    let rules = dir.path("rules.toml");
+    std::fs::write(&rules, placeholder_rules()).unwrap();
+    let args: Vec<String> = [
+        "--cell",
+        "cell-a",
+        "--colour",
+        "blue",
+        "--db",
+        dir.path("a.db").to_str().unwrap(),
+        "--rules",
+        rules.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut agent = AgentProcess::start(&args, "127.0.0.1:0");
+    let client = client();
+    let user = users_in(&placeholder_rules(), "cell-a", 1).remove(0);
+    assert_eq!(
+        deposit(&client, agent.addr, &user, 5, "k").await.status,
+        StatusCode::OK
+    );
+    let pid = agent.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = agent.child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    check(&dir.path("a.db"));
 }
