@@ -1,10 +1,11 @@
 # Targets shared by developers and CI (.ci/run calls `make test`).
 CARGO ?= cargo
 
-.PHONY: test deps lint unit bench fuzz vectors
+.PHONY: test deps lint unit e2e demo bench fuzz vectors
 
-## test: install what a fresh machine lacks, then lint and run every test.
-test: deps lint unit
+## test: install what a fresh machine lacks, then lint, run every test, and
+## run the demo's end-to-end smoke workload.
+test: deps lint unit e2e
 
 deps:
 	./scripts/install-deps.sh
@@ -15,6 +16,14 @@ lint:
 
 unit:
 	$(CARGO) test --workspace --locked
+
+## e2e: the whole system (gateway + 3 cells x 2 colours) with a checked workload.
+e2e:
+	$(CARGO) run -q --locked -p gateway --bin cellgate -- demo --smoke
+
+## demo: run the demo until Ctrl-C.
+demo:
+	$(CARGO) run -q --release -p gateway --bin cellgate -- demo
 
 ## bench: criterion benches of the rule engine (figures: docs/benchmarks.md).
 bench:

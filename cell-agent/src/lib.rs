@@ -12,4 +12,4 @@ pub mod rules;
 pub mod server;
 pub mod store;
 
-pub use server::{start, AgentConfig, RunningAgent};
+pub use server::{start, start_on, AgentConfig, RunningAgent};

@@ -82,13 +82,24 @@ pub async fn start(
     cfg: AgentConfig,
     registry: prometheus::Registry,
 ) -> anyhow::Result<RunningAgent> {
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (--listen): {e}", cfg.listen))?;
+    start_on(cfg, listener, registry).await
+}
+
+/// Starts an agent on a listener the caller already bound (`cfg.listen`
+/// is ignored), e.g. when the address must be known before the rules are
+/// written.
+pub async fn start_on(
+    cfg: AgentConfig,
+    listener: TcpListener,
+    registry: prometheus::Registry,
+) -> anyhow::Result<RunningAgent> {
     let rules = RulesHolder::load(&cfg.rules, &cfg.cell)?;
     let store = SqliteStore::open(&cfg.db, &cfg.cell)
         .map_err(|e| anyhow::anyhow!("cannot open the database {}: {e}", cfg.db.display()))?;
     let metrics = AgentMetrics::new(registry)?;
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {} (--listen): {e}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let (stop, stop_rx) = watch::channel(false);
     let wake = Arc::new(tokio::sync::Notify::new());

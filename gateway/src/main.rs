@@ -28,19 +28,42 @@ struct Cli {
 enum Command {
     /// Run the gateway: proxy listener + admin listener, rules file watched.
     Serve(ServeConfig),
+    /// Run everything on this machine (no etcd): a gateway and 3 cells x 2
+    /// colours of cell agents with their own SQLite files, until Ctrl-C.
+    /// With --smoke, run a bounded workload, check it, and exit 0 or 1.
+    Demo(gateway::demo::DemoConfig),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo prints its own guide; keep its logs to warnings by default.
+    let default_level = match cli.command {
+        Command::Demo(_) => "warn",
+        Command::Serve(_) => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CELLGATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
+        Command::Demo(cfg) => {
+            let result = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(gateway::demo::run(cfg)));
+            match result {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("cellgate demo: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Serve(cfg) => match serve(cfg) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -67,32 +90,10 @@ fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     };
     runtime.block_on(async move {
         let gw = gateway::start(cfg, prometheus::Registry::new()).await?;
-        wait_for_signal().await;
+        gateway::server::wait_for_signal().await;
         tracing::info!("shutting down: draining in-flight requests");
         let clean = gw.shutdown().await;
         tracing::info!(clean, "stopped");
         Ok(())
     })
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

@@ -1,0 +1,508 @@
+//! `cellgate demo`: the whole system on one machine, no etcd — one gateway
+//! and 3 cells × 2 colours of cell agents on free loopback ports, each cell
+//! with its own SQLite file, routed by the example rules. With `--smoke` it
+//! also runs a bounded workload through the gateway and checks that every
+//! response came from the user's home cell, that every cell's invariants
+//! hold, and that no money went missing.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Args;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use routing_rules::{parse_rules, AllHealthy, Colour, RouteAttrs, RoutingTable};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use crate::config::ServeConfig;
+
+/// The example rules the demo routes by (addresses are replaced).
+pub const DEMO_RULES: &str = include_str!("../../examples/cells.toml");
+/// Cells of the demo.
+pub const DEMO_CELLS: [&str; 3] = ["cell-a", "cell-b", "cell-c"];
+/// Users seeded with money at start.
+pub const SEEDED_USERS: [&str; 6] = ["alice", "bob", "carol", "dave", "erin", "vip-42"];
+/// Each seeded user's deposit (minor units).
+pub const SEED_AMOUNT: i64 = 100_000;
+
+/// Flags of `cellgate demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoConfig {
+    /// Where the cells' SQLite files and the rules go (default: a fresh
+    /// temporary directory, removed on exit).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Gateway proxy address (port 0 = a free port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Gateway admin address (port 0 = a free port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub admin: SocketAddr,
+    /// Run a bounded workload through the gateway, check every cell, print a
+    /// summary and exit 0 (all checks pass) or 1.
+    #[arg(long)]
+    pub smoke: bool,
+    /// Users in the smoke workload (each deposits, pays an order, transfers).
+    #[arg(long, value_name = "N", default_value_t = 60, value_parser = clap::value_parser!(u32).range(2..=10_000))]
+    pub smoke_users: u32,
+}
+
+/// A running demo.
+pub struct Demo {
+    /// The gateway.
+    pub gateway: crate::RunningGateway,
+    /// The agents, `(cell, colour, agent)`.
+    pub agents: Vec<(String, Colour, cell_agent::RunningAgent)>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// The rules file.
+    pub rules_path: PathBuf,
+    /// Remove `data_dir` on stop.
+    temporary: bool,
+}
+
+impl std::fmt::Debug for Demo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Demo")
+            .field("data_dir", &self.data_dir)
+            .finish()
+    }
+}
+
+/// The example rules with the instance addresses replaced.
+pub fn demo_rules(addrs: &BTreeMap<(String, Colour), SocketAddr>) -> anyhow::Result<String> {
+    let mut doc: toml_edit::DocumentMut = DEMO_RULES.parse()?;
+    for ((cell, colour), addr) in addrs {
+        let mut arr = toml_edit::Array::new();
+        arr.push(addr.to_string());
+        doc["cells"][cell.as_str()][colour.as_str()] = toml_edit::value(arr);
+    }
+    let text = doc.to_string();
+    parse_rules(&text).map_err(|e| anyhow::anyhow!("demo rules: {e}"))?;
+    Ok(text)
+}
+
+impl Demo {
+    /// Starts everything. Must run inside a tokio runtime.
+    pub async fn start(cfg: &DemoConfig) -> anyhow::Result<Demo> {
+        let (data_dir, temporary) = match &cfg.data_dir {
+            Some(d) => (d.clone(), false),
+            None => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0);
+                (
+                    std::env::temp_dir()
+                        .join(format!("cellgate-demo-{}-{nanos}", std::process::id())),
+                    true,
+                )
+            }
+        };
+        std::fs::create_dir_all(&data_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", data_dir.display()))?;
+        // Bind every agent first, so the rules can name the real addresses.
+        let mut listeners = Vec::new();
+        let mut addrs = BTreeMap::new();
+        for cell in DEMO_CELLS {
+            for colour in Colour::ALL {
+                let l = TcpListener::bind("127.0.0.1:0").await?;
+                addrs.insert((cell.to_string(), colour), l.local_addr()?);
+                listeners.push((cell, colour, l));
+            }
+        }
+        let rules_path = data_dir.join("rules.toml");
+        std::fs::write(&rules_path, demo_rules(&addrs)?)?;
+        let mut agents = Vec::new();
+        for (cell, colour, listener) in listeners {
+            let agent_cfg = cell_agent::AgentConfig {
+                cell: cell.into(),
+                colour,
+                db: data_dir.join(format!("{cell}.db")),
+                rules: rules_path.clone(),
+                listen: listener.local_addr()?,
+                reload_interval_ms: 200,
+                drain_timeout_ms: 5_000,
+            };
+            let agent =
+                cell_agent::start_on(agent_cfg, listener, prometheus::Registry::new()).await?;
+            agents.push((cell.to_string(), colour, agent));
+        }
+        let mut gw_cfg = ServeConfig::for_tests(rules_path.clone());
+        gw_cfg.listen = cfg.listen;
+        gw_cfg.admin = cfg.admin;
+        gw_cfg.health_interval_ms = 500;
+        let gateway = crate::start(gw_cfg, prometheus::Registry::new()).await?;
+        Ok(Demo {
+            gateway,
+            agents,
+            data_dir,
+            rules_path,
+            temporary,
+        })
+    }
+
+    /// Deposits [`SEED_AMOUNT`] for each of [`SEEDED_USERS`] through the gateway.
+    pub async fn seed(&self) -> anyhow::Result<()> {
+        let client = client();
+        for user in SEEDED_USERS {
+            let r = post(
+                &client,
+                self.gateway.proxy_addr,
+                &format!("/v1/accounts/{user}/deposit"),
+                user,
+                json!({"amount": SEED_AMOUNT, "idempotency_key": format!("seed-{user}")}),
+            )
+            .await?;
+            anyhow::ensure!(r.0 == 200, "seeding {user}: {} {}", r.0, r.2);
+        }
+        Ok(())
+    }
+
+    /// What to paste into a shell.
+    pub fn banner(&self) -> String {
+        let gw = self.gateway.proxy_addr;
+        let admin = self.gateway.admin_addr;
+        let rules = self.rules_path.display();
+        let mut s = format!(
+            "cellgate demo: 1 gateway, 3 cells x 2 colours, data in {}\n\n  gateway  http://{gw}\n  admin    http://{admin}/admin/rules\n  metrics  http://{admin}/metrics\n\n",
+            self.data_dir.display()
+        );
+        for (cell, colour, agent) in &self.agents {
+            s.push_str(&format!(
+                "  {cell:<7} {:<5}  http://{}  ({cell}.db)\n",
+                colour.as_str(),
+                agent.addr
+            ));
+        }
+        let lines = [
+            format!("curl -s -H 'x-user-id: alice' http://{gw}/v1/accounts/alice"),
+            format!("curl -s -XPOST -H 'x-user-id: bob' http://{gw}/v1/orders -d '{{\"user\":\"bob\",\"amount\":1250,\"merchant\":\"m-1\",\"idempotency_key\":\"o-1\"}}'"),
+            format!("curl -s -XPOST -H 'x-user-id: bob' http://{gw}/v1/transfers -d '{{\"from\":\"bob\",\"to\":\"alice\",\"amount\":500,\"idempotency_key\":\"t-1\"}}'"),
+            format!("curl -s 'http://{admin}/admin/route?key=alice'"),
+            format!("curl -s http://{admin}/admin/health"),
+            format!("cellctl route --rules {rules} alice bob vip-42"),
+            format!("cellctl route --rules {rules} --down cell-c alice"),
+            format!("cell-agent check --db {}", self.data_dir.join("cell-a.db").display()),
+        ];
+        s.push_str(&format!(
+            "\nSeeded users {} with {SEED_AMOUNT} minor units each. Try:\n\n",
+            SEEDED_USERS.join(", ")
+        ));
+        for l in lines {
+            s.push_str("  ");
+            s.push_str(&l);
+            s.push('\n');
+        }
+        s.push_str(&format!(
+            "\nEdit {rules} to change splits or move slots: the gateway and the cells reload it.\nPress Ctrl-C to stop everything.\n"
+        ));
+        s
+    }
+
+    /// Stops the gateway and every agent; removes a temporary data dir.
+    pub async fn stop(self) {
+        self.gateway.shutdown().await;
+        for (_, _, agent) in self.agents {
+            agent.shutdown().await;
+        }
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
+    }
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Status, `x-cell` header, JSON body.
+async fn send(
+    client: &HttpClient,
+    method: http::Method,
+    gw: SocketAddr,
+    path: &str,
+    user: &str,
+    body: Option<Value>,
+) -> anyhow::Result<(u16, String, Value)> {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{gw}{path}"))
+        .header("x-user-id", user)
+        .header("content-type", "application/json")
+        .body(Full::new(
+            body.map(|b| Bytes::from(b.to_string())).unwrap_or_default(),
+        ))?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| anyhow::anyhow!("{path}: no answer within 10 s"))??;
+    let status = resp.status().as_u16();
+    let cell = resp
+        .headers()
+        .get("x-cell")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    Ok((
+        status,
+        cell,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    ))
+}
+
+async fn post(
+    client: &HttpClient,
+    gw: SocketAddr,
+    path: &str,
+    user: &str,
+    body: Value,
+) -> anyhow::Result<(u16, String, Value)> {
+    send(client, http::Method::POST, gw, path, user, Some(body)).await
+}
+
+/// Outcome of the smoke workload.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct SmokeReport {
+    /// Requests sent through the gateway.
+    pub requests: u64,
+    /// Responses from a cell other than the user's home cell.
+    pub wrong_cell: Vec<String>,
+    /// Unexpected statuses or bodies.
+    pub failures: Vec<String>,
+    /// Money deposited.
+    pub deposited: i64,
+    /// Money paid to merchants (left the cells).
+    pub paid: i64,
+    /// Sum of balances over all cells at the end.
+    pub total: i64,
+    /// Cross-cell transfers made.
+    pub cross_cell_transfers: u64,
+    /// Same-cell transfers made.
+    pub local_transfers: u64,
+    /// Invariant violations reported by `cell-agent check`, per cell.
+    pub violations: Vec<String>,
+}
+
+impl SmokeReport {
+    /// True when every check passed.
+    pub fn ok(&self) -> bool {
+        self.wrong_cell.is_empty()
+            && self.failures.is_empty()
+            && self.violations.is_empty()
+            && self.total == self.deposited - self.paid
+    }
+}
+
+/// The check applied to every response: it must come from the home cell.
+pub fn check_served_by(table: &RoutingTable, user: &str, x_cell: &str) -> Result<(), String> {
+    let d = table
+        .route(Some(user.as_bytes()), &RouteAttrs::default(), &AllHealthy)
+        .map_err(|p| format!("{user}: key {}", p.as_str()))?;
+    let home = table.cell_name(d.home_cell);
+    if x_cell != home {
+        return Err(format!("{user}: served by {x_cell:?}, home cell is {home}"));
+    }
+    Ok(())
+}
+
+impl Demo {
+    /// Runs the smoke workload: per user, a deposit (and its retry), an
+    /// order paid (and the pay retried), a transfer to the next user (and its
+    /// retry) — same-cell or cross-cell; then waits for cross-cell credits,
+    /// checks every cell and that total = deposits − payments.
+    pub async fn smoke(&self, users: u32) -> anyhow::Result<SmokeReport> {
+        let client = client();
+        let gw = self.gateway.proxy_addr;
+        let table = self.gateway.control.current().table.clone();
+        let mut r = SmokeReport {
+            deposited: SEED_AMOUNT * SEEDED_USERS.len() as i64,
+            ..Default::default()
+        };
+        let names: Vec<String> = (0..users).map(|i| format!("smoke-{i}")).collect();
+        let expect = |r: &mut SmokeReport,
+                      what: &str,
+                      user: &str,
+                      got: (u16, String, Value),
+                      want: u16|
+         -> Value {
+            r.requests += 1;
+            if let Err(e) = check_served_by(&table, user, &got.1) {
+                r.wrong_cell.push(format!("{what}: {e}"));
+            }
+            if got.0 != want {
+                r.failures
+                    .push(format!("{what} for {user}: {} {}", got.0, got.2));
+            }
+            got.2
+        };
+        for (i, user) in names.iter().enumerate() {
+            let dep = json!({"amount": 10_000, "idempotency_key": format!("dep-{user}")});
+            let path = format!("/v1/accounts/{user}/deposit");
+            let first = expect(
+                &mut r,
+                "deposit",
+                user,
+                post(&client, gw, &path, user, dep.clone()).await?,
+                200,
+            );
+            let retry = expect(
+                &mut r,
+                "deposit retry",
+                user,
+                post(&client, gw, &path, user, dep).await?,
+                200,
+            );
+            if first != retry {
+                r.failures
+                    .push(format!("deposit retry for {user} answered differently"));
+            }
+            r.deposited += 10_000;
+            let amount = 100 + i as i64;
+            let order = expect(
+                &mut r,
+                "order",
+                user,
+                post(&client, gw, "/v1/orders", user, json!({"user": user, "amount": amount, "merchant": "m-1", "idempotency_key": format!("ord-{user}")})).await?,
+                201,
+            );
+            let id = order["id"].as_str().unwrap_or("").to_string();
+            for attempt in ["pay", "pay retry"] {
+                expect(
+                    &mut r,
+                    attempt,
+                    user,
+                    post(
+                        &client,
+                        gw,
+                        &format!("/v1/orders/{id}/pay"),
+                        user,
+                        json!({}),
+                    )
+                    .await?,
+                    200,
+                );
+            }
+            r.paid += amount;
+            let to = &names[(i + 1) % names.len()];
+            let tr = json!({"from": user, "to": to, "amount": 1_000 + i as i64, "idempotency_key": format!("tr-{user}")});
+            let t1 = expect(
+                &mut r,
+                "transfer",
+                user,
+                post(&client, gw, "/v1/transfers", user, tr.clone()).await?,
+                201,
+            );
+            let t2 = expect(
+                &mut r,
+                "transfer retry",
+                user,
+                post(&client, gw, "/v1/transfers", user, tr).await?,
+                201,
+            );
+            if t1["id"] != t2["id"] {
+                r.failures.push(format!(
+                    "transfer retry for {user} created a second transfer"
+                ));
+            }
+            if t1["to_cell"].is_null() {
+                r.local_transfers += 1;
+            } else {
+                r.cross_cell_transfers += 1;
+            }
+        }
+        // The money only adds up once every cross-cell credit has landed.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let backlog: i64 = DEMO_CELLS
+                .iter()
+                .map(|c| outbox_backlog(&self.data_dir.join(format!("{c}.db"))))
+                .sum();
+            if backlog == 0 {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                r.failures.push(format!(
+                    "{backlog} cross-cell transfers still undelivered after 30 s"
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for cell in DEMO_CELLS {
+            let db = self.data_dir.join(format!("{cell}.db"));
+            match cell_agent::check::check(&db) {
+                Ok(c) => {
+                    r.total += c.balance_total;
+                    r.violations
+                        .extend(c.violations.into_iter().map(|v| format!("{cell}: {v}")));
+                }
+                Err(e) => r
+                    .violations
+                    .push(format!("{cell}: cannot check {}: {e}", db.display())),
+            }
+        }
+        Ok(r)
+    }
+}
+
+fn outbox_backlog(db: &Path) -> i64 {
+    rusqlite_backlog(db).unwrap_or(i64::MAX / 8)
+}
+
+fn rusqlite_backlog(db: &Path) -> Option<i64> {
+    let conn = cell_agent::store::sqlite::open(db, true).ok()?;
+    conn.query_row(
+        "SELECT COUNT(*) FROM outbox WHERE delivered_ms IS NULL",
+        [],
+        |r| r.get(0),
+    )
+    .ok()
+}
+
+/// Runs `cellgate demo`. Returns the process exit code.
+pub async fn run(cfg: DemoConfig) -> anyhow::Result<u8> {
+    let demo = Demo::start(&cfg).await?;
+    demo.seed().await?;
+    if cfg.smoke {
+        let report = demo.smoke(cfg.smoke_users).await?;
+        println!(
+            "smoke: {} requests through the gateway; {} same-cell and {} cross-cell transfers",
+            report.requests, report.local_transfers, report.cross_cell_transfers
+        );
+        println!(
+            "smoke: money: deposited {} - paid {} = {} expected, {} found across cells",
+            report.deposited,
+            report.paid,
+            report.deposited - report.paid,
+            report.total
+        );
+        for (title, list) in [
+            ("served by the wrong cell", &report.wrong_cell),
+            ("unexpected answers", &report.failures),
+            ("invariant violations", &report.violations),
+        ] {
+            println!("smoke: {title}: {}", list.len());
+            for item in list.iter().take(20) {
+                println!("  - {item}");
+            }
+        }
+        let ok = report.ok();
+        println!("smoke: {}", if ok { "PASS" } else { "FAIL" });
+        demo.stop().await;
+        return Ok(if ok { 0 } else { 1 });
+    }
+    println!("{}", demo.banner());
+    crate::server::wait_for_signal().await;
+    println!("stopping...");
+    demo.stop().await;
+    Ok(0)
+}
