@@ -19,7 +19,10 @@
 //! ```
 
 pub mod diff;
+pub mod edit;
 pub mod error;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod hash;
 pub mod key;
 pub mod model;

@@ -9,9 +9,103 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use routing_rules::rebalance::render_table_into;
 use routing_rules::{
-    diff, parse_rules, rebalance, Colour, RebalancePlan, RouteAttrs, RoutingTable, Rules,
-    StaticHealth,
+    diff, parse_rules, rebalance, CellState, Colour, RebalancePlan, RouteAttrs, RoutingTable,
+    Rules, StaticHealth,
 };
+
+mod online;
+
+thread_local! {
+    /// The live rules fetched for `cellctl route` without `--rules`.
+    static LIVE: std::cell::RefCell<Option<(String, u64)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Where online commands go: the etcd control plane of one cluster.
+#[derive(Debug, Clone, Args)]
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+pub(crate) struct Target {
+    /// etcd endpoints for online commands (env CELLGATE_ETCD).
+    #[arg(
+        long,
+        global = true,
+        env = "CELLGATE_ETCD",
+        value_name = "URL[,URL...]"
+    )]
+    etcd: Option<String>,
+    /// Cluster name: the keys live under /cellgate/NAME/ (env CELLGATE_CLUSTER).
+    #[arg(
+        long,
+        global = true,
+        env = "CELLGATE_CLUSTER",
+        value_name = "NAME",
+        default_value = "default"
+    )]
+    cluster: String,
+}
+
+/// Format of `rules get`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+pub(crate) enum GetFormat {
+    /// The document, verbatim.
+    Toml,
+    /// `{revision, cluster, document}`.
+    Json,
+}
+
+/// An edit of the live rules.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+pub(crate) enum EditOp {
+    /// Set a cell's green share.
+    Split { cell: String, green: String },
+    /// Set a cell's state.
+    State { cell: String, state: CellState },
+    /// Fail a cell over.
+    Failover { cell: String, to: String },
+    /// Fail a cell back.
+    Failback { cell: String },
+    /// Pin a user.
+    OverrideSet {
+        user: String,
+        cell: Option<String>,
+        colour: Option<Colour>,
+    },
+    /// Unpin a user.
+    OverrideRm { user: String },
+}
+
+/// A command against the control plane.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+pub(crate) enum OnlineCommand {
+    /// `rules get`.
+    Get { output: GetFormat },
+    /// `rules apply`.
+    Apply {
+        file: PathBuf,
+        dry_run: bool,
+        expect_revision: Option<u64>,
+        message: String,
+        output: Output,
+    },
+    /// `rules history`.
+    History { output: Output },
+    /// `rules rollback`.
+    Rollback {
+        revision: u64,
+        message: String,
+        output: Output,
+    },
+    /// Shortcuts.
+    Edit {
+        edit: EditOp,
+        message: String,
+        output: Output,
+    },
+    /// Fetch the live document (for `route`).
+    Document,
+}
 
 /// cellctl — inspect, route, diff and rebalance cellgate rules documents.
 ///
@@ -23,12 +117,14 @@ use routing_rules::{
 #[derive(Debug, Parser)]
 #[command(name = "cellctl", version, about, long_about)]
 struct Cli {
+    #[command(flatten)]
+    target: Target,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
-enum Output {
+pub(crate) enum Output {
     /// Human-readable text.
     #[default]
     Text,
@@ -50,6 +146,94 @@ enum Command {
     Rules(RulesCommand),
     /// Show where each KEY is routed: slot, home and serving cell, colour, and why.
     Route(RouteArgs),
+    /// Set a cell's green share (live rules, compare-and-swap).
+    Split {
+        /// The cell.
+        cell: String,
+        /// Green share in percent, 0..=100, up to two decimals (e.g. 0.5, 5, 25).
+        #[arg(long, value_name = "PERCENT")]
+        green: String,
+        #[command(flatten)]
+        msg: MessageArg,
+    },
+    /// Set a cell's state (live rules, compare-and-swap).
+    Cell {
+        /// The cell.
+        cell: String,
+        /// New state.
+        #[arg(long, value_parser = parse_state)]
+        state: CellState,
+        #[command(flatten)]
+        msg: MessageArg,
+    },
+    /// Fail a cell over to another: state failed-over, OTHER first in its failover list.
+    Failover {
+        /// The cell.
+        cell: String,
+        /// The cell that takes its users.
+        #[arg(long, value_name = "OTHER")]
+        to: String,
+        #[command(flatten)]
+        msg: MessageArg,
+    },
+    /// Return a failed-over or draining cell to active.
+    Failback {
+        /// The cell.
+        cell: String,
+        #[command(flatten)]
+        msg: MessageArg,
+    },
+    /// Pin or unpin users (live rules).
+    #[command(subcommand)]
+    Override(OverrideCommand),
+}
+
+#[derive(Debug, Args)]
+struct MessageArg {
+    /// Message recorded in the history.
+    #[arg(short = 'm', long = "message", default_value = "")]
+    message: String,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Debug, Subcommand)]
+enum OverrideCommand {
+    /// Pin USER to a cell and/or a colour.
+    Set {
+        /// The user key.
+        user: String,
+        /// Cell to pin to.
+        #[arg(long)]
+        cell: Option<String>,
+        /// Colour to pin to.
+        #[arg(long, value_parser = parse_colour)]
+        colour: Option<Colour>,
+        #[command(flatten)]
+        msg: MessageArg,
+    },
+    /// Remove USER's pin.
+    Rm {
+        /// The user key.
+        user: String,
+        #[command(flatten)]
+        msg: MessageArg,
+    },
+}
+
+fn parse_state(s: &str) -> Result<CellState, String> {
+    match s {
+        "active" => Ok(CellState::Active),
+        "draining" => Ok(CellState::Draining),
+        _ => Err(format!(
+            "{s:?}: use active or draining (cellctl failover for failed-over)"
+        )),
+    }
+}
+
+fn parse_colour(s: &str) -> Result<Colour, String> {
+    Colour::parse(s).ok_or_else(|| format!("{s:?}: use blue or green"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -69,6 +253,38 @@ enum RulesCommand {
         new: PathBuf,
         #[command(flatten)]
         out: OutputArg,
+    },
+    /// Print the live rules (etcd).
+    Get {
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = GetFormat::Toml)]
+        output: GetFormat,
+    },
+    /// Validate FILE, print its diff against the live rules, and write it as the next
+    /// revision with compare-and-swap (a concurrent change is a conflict, not an overwrite).
+    Apply {
+        /// The new document.
+        file: PathBuf,
+        /// Only validate and print the diff.
+        #[arg(long)]
+        dry_run: bool,
+        /// Fail unless the live rules are at this revision (default: the revision just read).
+        #[arg(long, value_name = "R")]
+        expect_revision: Option<u64>,
+        #[command(flatten)]
+        msg: MessageArg,
+    },
+    /// Every applied revision: who, when, message.
+    History {
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Re-apply the document of revision REV as a new revision.
+    Rollback {
+        /// The revision to go back to.
+        revision: u64,
+        #[command(flatten)]
+        msg: MessageArg,
     },
     /// Reassign slots with consistent hashing when cells are added or removed.
     ///
@@ -96,9 +312,9 @@ enum RulesCommand {
 
 #[derive(Debug, Args)]
 struct RouteArgs {
-    /// The rules document (TOML).
+    /// The rules document (TOML); without it, the live rules from etcd.
     #[arg(long, value_name = "FILE")]
-    rules: PathBuf,
+    rules: Option<PathBuf>,
     /// Treat a cell (CELL) or one colour of it (CELL:COLOUR) as having no
     /// healthy instance. Repeatable. Without it, every colour with instances
     /// in the rules is healthy.
@@ -182,7 +398,73 @@ fn load(path: &Path, out: Output) -> Result<(String, Rules)> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let target = cli.target;
+    let edit = |edit: EditOp, msg: MessageArg| OnlineCommand::Edit {
+        edit,
+        message: msg.message,
+        output: msg.output,
+    };
     match cli.command {
+        Command::Rules(RulesCommand::Get { output }) => {
+            online::run(&target, OnlineCommand::Get { output })
+        }
+        Command::Rules(RulesCommand::Apply {
+            file,
+            dry_run,
+            expect_revision,
+            msg,
+        }) => online::run(
+            &target,
+            OnlineCommand::Apply {
+                file,
+                dry_run,
+                expect_revision,
+                message: msg.message,
+                output: msg.output,
+            },
+        ),
+        Command::Rules(RulesCommand::History { out }) => {
+            online::run(&target, OnlineCommand::History { output: out.output })
+        }
+        Command::Rules(RulesCommand::Rollback { revision, msg }) => online::run(
+            &target,
+            OnlineCommand::Rollback {
+                revision,
+                message: msg.message,
+                output: msg.output,
+            },
+        ),
+        Command::Split { cell, green, msg } => {
+            online::run(&target, edit(EditOp::Split { cell, green }, msg))
+        }
+        Command::Cell { cell, state, msg } => {
+            online::run(&target, edit(EditOp::State { cell, state }, msg))
+        }
+        Command::Failover { cell, to, msg } => {
+            online::run(&target, edit(EditOp::Failover { cell, to }, msg))
+        }
+        Command::Failback { cell, msg } => {
+            online::run(&target, edit(EditOp::Failback { cell }, msg))
+        }
+        Command::Override(OverrideCommand::Set {
+            user,
+            cell,
+            colour,
+            msg,
+        }) => online::run(
+            &target,
+            edit(EditOp::OverrideSet { user, cell, colour }, msg),
+        ),
+        Command::Override(OverrideCommand::Rm { user, msg }) => {
+            online::run(&target, edit(EditOp::OverrideRm { user }, msg))
+        }
+        Command::Route(args) if args.rules.is_none() => {
+            online::run(&target, OnlineCommand::Document)?;
+            let (text, rev) = LIVE
+                .with(|l| l.borrow_mut().take())
+                .context("no live rules")?;
+            route(args, Some((text, rev)))
+        }
         Command::Rules(RulesCommand::Validate { file, out }) => {
             let (_, rules) = load(&file, out.output)?;
             let per_cell = rules.slots_per_cell();
@@ -259,7 +541,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Route(args) => route(args),
+        Command::Route(args) => route(args, None),
     }
 }
 
@@ -281,9 +563,16 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-fn route(args: RouteArgs) -> Result<()> {
-    let (_, rules) = load(&args.rules, args.out.output)?;
-    let table = RoutingTable::compile(rules, 0)?;
+fn route(args: RouteArgs, live: Option<(String, u64)>) -> Result<()> {
+    let (rules, revision) = match (&args.rules, live) {
+        (Some(path), _) => (load(path, args.out.output)?.1, 0),
+        (None, Some((text, rev))) => (
+            parse_rules(&text).context("the live rules do not validate")?,
+            rev,
+        ),
+        (None, None) => anyhow::bail!("give --rules FILE, or --etcd for the live rules"),
+    };
+    let table = RoutingTable::compile(rules, revision)?;
     let mut health = StaticHealth::from_table(&table);
     for d in &args.down {
         let (cell, colour) = match d.split_once(':') {

@@ -1,0 +1,262 @@
+//! Small, validated edits of a rules document's text — the operations
+//! behind `cellctl split`, `cell`, `failover`, `failback` and `override`.
+//! Edits go through `toml_edit`, so comments and layout are kept, and the
+//! result is validated before it is returned.
+
+use thiserror::Error;
+use toml_edit::{value, Array, DocumentMut, InlineTable, Item};
+
+use crate::error::RulesError;
+use crate::model::{CellState, Colour, BASIS_POINTS};
+use crate::validate::parse_rules;
+
+/// Why an edit cannot be made. Nothing is changed.
+#[derive(Debug, Error)]
+pub enum EditError {
+    /// The current document does not parse as TOML.
+    #[error("the current rules do not parse: {0}")]
+    Parse(String),
+    /// The cell is not defined.
+    #[error("cell {0:?} is not defined in the rules")]
+    UnknownCell(String),
+    /// A bad argument.
+    #[error("{0}")]
+    BadArgument(String),
+    /// The edited document would be invalid.
+    #[error("the edited rules would be invalid: {0}")]
+    Invalid(RulesError),
+}
+
+fn doc(text: &str) -> Result<DocumentMut, EditError> {
+    text.parse::<DocumentMut>()
+        .map_err(|e| EditError::Parse(e.to_string()))
+}
+
+fn finish(doc: DocumentMut) -> Result<String, EditError> {
+    let text = doc.to_string();
+    parse_rules(&text).map_err(EditError::Invalid)?;
+    Ok(text)
+}
+
+fn cell_table<'a>(
+    doc: &'a mut DocumentMut,
+    cell: &str,
+) -> Result<&'a mut dyn toml_edit::TableLike, EditError> {
+    doc.get_mut("cells")
+        .and_then(|c| c.get_mut(cell))
+        .and_then(Item::as_table_like_mut)
+        .ok_or_else(|| EditError::UnknownCell(cell.to_string()))
+}
+
+/// Parses a percentage such as `5`, `0.5` or `12.34` into basis points.
+pub fn percent_to_bp(s: &str) -> Result<u32, EditError> {
+    let bad = || {
+        EditError::BadArgument(format!(
+            "--green {s:?}: give a percentage from 0 to 100 with at most two decimals"
+        ))
+    };
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    if int.is_empty()
+        || frac.len() > 2
+        || !int.chars().all(|c| c.is_ascii_digit())
+        || !frac.chars().all(|c| c.is_ascii_digit())
+    {
+        return Err(bad());
+    }
+    let whole: u32 = int.parse().map_err(|_| bad())?;
+    let frac_bp: u32 = format!("{frac:0<2}").parse().map_err(|_| bad())?;
+    let bp = whole
+        .checked_mul(100)
+        .and_then(|w| w.checked_add(frac_bp))
+        .ok_or_else(bad)?;
+    if bp > BASIS_POINTS {
+        return Err(bad());
+    }
+    Ok(bp)
+}
+
+/// Sets a cell's green share (basis points), keeping its seed.
+pub fn set_split(text: &str, cell: &str, green_bp: u32) -> Result<String, EditError> {
+    let mut d = doc(text)?;
+    let t = cell_table(&mut d, cell)?;
+    match t.get_mut("split") {
+        Some(Item::Value(toml_edit::Value::InlineTable(it))) => {
+            it.insert("green", (green_bp as i64).into());
+        }
+        Some(Item::Table(tb)) => {
+            tb.insert("green", value(green_bp as i64));
+        }
+        _ => {
+            let mut it = InlineTable::new();
+            it.insert("green", (green_bp as i64).into());
+            t.insert("split", Item::Value(toml_edit::Value::InlineTable(it)));
+        }
+    }
+    finish(d)
+}
+
+/// Sets a cell's state.
+pub fn set_state(text: &str, cell: &str, state: CellState) -> Result<String, EditError> {
+    let mut d = doc(text)?;
+    cell_table(&mut d, cell)?.insert("state", value(state.as_str()));
+    finish(d)
+}
+
+/// Fails `cell` over to `to`: state `failed-over`, with `to` first in its
+/// failover list.
+pub fn failover(text: &str, cell: &str, to: &str) -> Result<String, EditError> {
+    if cell == to {
+        return Err(EditError::BadArgument(format!(
+            "cannot fail {cell} over to itself"
+        )));
+    }
+    let mut d = doc(text)?;
+    if d.get("cells").and_then(|c| c.get(to)).is_none() {
+        return Err(EditError::UnknownCell(to.to_string()));
+    }
+    let t = cell_table(&mut d, cell)?;
+    let mut list: Vec<String> = t
+        .get("failover")
+        .and_then(Item::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    list.retain(|c| c != to);
+    list.insert(0, to.to_string());
+    let mut arr = Array::new();
+    for c in list {
+        arr.push(c);
+    }
+    t.insert("failover", value(arr));
+    t.insert("state", value(CellState::FailedOver.as_str()));
+    finish(d)
+}
+
+/// Returns a failed-over or draining cell to `active`.
+pub fn failback(text: &str, cell: &str) -> Result<String, EditError> {
+    set_state(text, cell, CellState::Active)
+}
+
+/// Pins a user to a cell and/or colour.
+pub fn set_override(
+    text: &str,
+    user: &str,
+    cell: Option<&str>,
+    colour: Option<Colour>,
+) -> Result<String, EditError> {
+    if cell.is_none() && colour.is_none() {
+        return Err(EditError::BadArgument(
+            "give --cell, --colour, or both".into(),
+        ));
+    }
+    let mut d = doc(text)?;
+    if let Some(c) = cell {
+        if d.get("cells").and_then(|cs| cs.get(c)).is_none() {
+            return Err(EditError::UnknownCell(c.to_string()));
+        }
+    }
+    let mut it = InlineTable::new();
+    if let Some(c) = cell {
+        it.insert("cell", c.into());
+    }
+    if let Some(c) = colour {
+        it.insert("colour", c.as_str().into());
+    }
+    if d.get("overrides").is_none() {
+        d.insert("overrides", Item::Table(toml_edit::Table::new()));
+    }
+    let o = d
+        .get_mut("overrides")
+        .and_then(Item::as_table_like_mut)
+        .ok_or_else(|| EditError::BadArgument("overrides is not a table".into()))?;
+    o.insert(user, Item::Value(toml_edit::Value::InlineTable(it)));
+    finish(d)
+}
+
+/// Removes a user's override.
+pub fn remove_override(text: &str, user: &str) -> Result<String, EditError> {
+    let mut d = doc(text)?;
+    let removed = d
+        .get_mut("overrides")
+        .and_then(Item::as_table_like_mut)
+        .and_then(|o| o.remove(user));
+    if removed.is_none() {
+        return Err(EditError::BadArgument(format!(
+            "user {user:?} has no override"
+        )));
+    }
+    finish(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = include_str!("../../examples/cells.toml");
+
+    #[test]
+    fn percentages() {
+        assert_eq!(percent_to_bp("5").unwrap(), 500);
+        assert_eq!(percent_to_bp("0.5").unwrap(), 50);
+        assert_eq!(percent_to_bp("12.34").unwrap(), 1234);
+        assert_eq!(percent_to_bp("100").unwrap(), 10_000);
+        for bad in ["101", "-1", "1.234", "", "x", "1e2", ".5"] {
+            assert!(percent_to_bp(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn edits_keep_comments_and_validate() {
+        let t = set_split(DOC, "cell-c", 2500).unwrap();
+        assert!(t.contains("# Slot table: every slot exactly once."));
+        let r = parse_rules(&t).unwrap();
+        assert_eq!(r.cells["cell-c"].split.green, 2500);
+        assert_eq!(r.cells["cell-c"].split.seed, 33);
+        let t = failover(&t, "cell-c", "cell-b").unwrap();
+        let r = parse_rules(&t).unwrap();
+        assert_eq!(r.cells["cell-c"].state, CellState::FailedOver);
+        assert_eq!(r.cells["cell-c"].failover, ["cell-b", "cell-a"]);
+        let r = parse_rules(&failback(&t, "cell-c").unwrap()).unwrap();
+        assert_eq!(r.cells["cell-c"].state, CellState::Active);
+        let t = set_override(DOC, "u-1", Some("cell-a"), Some(Colour::Green)).unwrap();
+        assert_eq!(
+            parse_rules(&t).unwrap().overrides["u-1"].cell.as_deref(),
+            Some("cell-a")
+        );
+        let t = remove_override(&t, "u-1").unwrap();
+        assert!(!parse_rules(&t).unwrap().overrides.contains_key("u-1"));
+    }
+
+    #[test]
+    fn bad_edits_are_refused() {
+        assert!(matches!(
+            set_split(DOC, "cell-z", 1),
+            Err(EditError::UnknownCell(_))
+        ));
+        assert!(matches!(
+            failover(DOC, "cell-a", "cell-a"),
+            Err(EditError::BadArgument(_))
+        ));
+        assert!(matches!(
+            failover(DOC, "cell-a", "cell-z"),
+            Err(EditError::UnknownCell(_))
+        ));
+        assert!(matches!(
+            set_override(DOC, "u", None, None),
+            Err(EditError::BadArgument(_))
+        ));
+        assert!(matches!(
+            remove_override(DOC, "nobody"),
+            Err(EditError::BadArgument(_))
+        ));
+        // cell-c has no... every colour with traffic needs instances: green share on a cell without green.
+        let no_green = DOC.replace("green = [\"127.0.0.1:18302\"]\n", "");
+        assert!(matches!(
+            set_split(&no_green, "cell-c", 100),
+            Err(EditError::Invalid(_))
+        ));
+    }
+}

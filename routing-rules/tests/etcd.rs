@@ -1,0 +1,231 @@
+//! The control plane against a real etcd (Debian's etcd-server), started on
+//! free loopback ports with a temporary data dir. Needs the `etcd` feature.
+#![cfg(feature = "etcd")]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use routing_rules::etcd::{ControlError, ControlPlane};
+use routing_rules::parse_rules;
+
+struct Etcd {
+    child: Child,
+    url: String,
+    dir: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let dir = std::env::temp_dir().join(format!(
+            "cellgate-etcd-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(&dir)
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("t={peer_url}"),
+                "--log-level",
+                "error",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd is installed (apt-get install etcd-server)");
+        let e = Etcd { child, url, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+            assert!(Instant::now() < deadline, "etcd did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        e
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const DOC: &str = include_str!("../../examples/cells.toml");
+
+async fn cp(e: &Etcd, cluster: &str) -> ControlPlane {
+    ControlPlane::connect(std::slice::from_ref(&e.url), cluster)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn apply_get_conflict_history_rollback() {
+    let e = Etcd::start();
+    let mut c = cp(&e, "test").await;
+    assert!(c.get().await.unwrap().is_none());
+    assert_eq!(c.apply(DOC, 0, "ann@host", "first").await.unwrap(), 1);
+    let stored = c.get().await.unwrap().unwrap();
+    assert_eq!(stored.document, DOC, "stored verbatim");
+    assert_eq!(stored.revision, 1);
+    let v2 = DOC.replace("green = 1000", "green = 2000");
+    assert_eq!(c.apply(&v2, 1, "bob@host", "more green").await.unwrap(), 2);
+    // A second engineer still at revision 1: conflict, nothing written.
+    let v3 = DOC.replace("green = 1000", "green = 3000");
+    match c.apply(&v3, 1, "carl@host", "stale").await {
+        Err(ControlError::Conflict {
+            expected: 1,
+            current: 2,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.get().await.unwrap().unwrap().document, v2);
+    // Invalid documents are refused before anything is written.
+    assert!(matches!(
+        c.apply("slots = 0", 2, "x", "bad").await,
+        Err(ControlError::Invalid(_))
+    ));
+    let h = c.history().await.unwrap();
+    assert_eq!(h.iter().map(|e| e.revision).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(
+        (h[1].applied_by.as_str(), h[1].message.as_str()),
+        ("bob@host", "more green")
+    );
+    // Rollback = re-apply an old document as a new revision.
+    let old = c.history_entry(1).await.unwrap();
+    assert_eq!(
+        c.apply(&old.document, 2, "ann@host", "rollback")
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(c.get().await.unwrap().unwrap().document, DOC);
+    // Clusters are separate.
+    assert!(cp(&e, "other").await.get().await.unwrap().is_none());
+}
+
+fn cellctl(e: &Etcd, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cellctl"))
+        .args(args)
+        .env("CELLGATE_ETCD", &e.url)
+        .env("CELLGATE_CLUSTER", "ops")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn cellctl_online_commands() {
+    let e = Etcd::start();
+    let dir = std::env::temp_dir().join(format!("cellctl-online-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("rules.toml");
+    std::fs::write(&file, DOC).unwrap();
+    let f = file.to_str().unwrap();
+
+    let o = cellctl(&e, &["rules", "apply", f, "-m", "initial"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("applied revision 1"));
+    let o = cellctl(&e, &["rules", "get"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), DOC);
+
+    // A stale --expect-revision is a conflict (exit 1) and changes nothing.
+    let o = cellctl(&e, &["rules", "apply", f, "--expect-revision", "7"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("conflict"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // Shortcuts go through the same validated CAS path.
+    assert!(
+        cellctl(&e, &["split", "cell-c", "--green", "5", "-m", "canary 5%"])
+            .status
+            .success()
+    );
+    assert!(cellctl(&e, &["failover", "cell-c", "--to", "cell-b"])
+        .status
+        .success());
+    let o = cellctl(&e, &["route", "-o", "json", "alice"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (v[0]["home_cell"].as_str(), v[0]["serving_cell"].as_str()),
+        (Some("cell-c"), Some("cell-b"))
+    );
+    assert_eq!(v[0]["revision"], 3);
+    assert!(cellctl(&e, &["failback", "cell-c"]).status.success());
+    assert!(
+        cellctl(&e, &["override", "set", "alice", "--cell", "cell-a"])
+            .status
+            .success()
+    );
+    let o = cellctl(&e, &["route", "-o", "json", "alice"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (v[0]["serving_cell"].as_str(), v[0]["reason"].as_str()),
+        (Some("cell-a"), Some("override"))
+    );
+    assert!(cellctl(&e, &["override", "rm", "alice"]).status.success());
+
+    // Bad edits: precise error, exit 1, nothing written.
+    let before = cellctl(&e, &["rules", "get", "-o", "json"]).stdout;
+    for bad in [
+        &["split", "cell-z", "--green", "5"][..],
+        &["split", "cell-a", "--green", "150"],
+        &["failover", "cell-a", "--to", "cell-a"],
+        &["override", "rm", "nobody"],
+    ] {
+        let o = cellctl(&e, bad);
+        assert_eq!(o.status.code(), Some(1), "{bad:?}");
+        assert!(!o.stderr.is_empty());
+    }
+    assert_eq!(cellctl(&e, &["rules", "get", "-o", "json"]).stdout, before);
+
+    let o = cellctl(&e, &["rules", "history", "-o", "json"]);
+    let h: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(h.as_array().unwrap().len(), 6);
+    assert_eq!(h[1]["message"], "canary 5%");
+    assert_eq!(
+        parse_rules(h[1]["document"].as_str().unwrap())
+            .unwrap()
+            .cells["cell-c"]
+            .split
+            .green,
+        500
+    );
+    assert!(cellctl(&e, &["rules", "rollback", "1"]).status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&cellctl(&e, &["rules", "get"]).stdout),
+        DOC
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
