@@ -8,11 +8,35 @@ use clap::Args;
 
 /// Flags of `cellgate serve`. Every duration is in milliseconds.
 #[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["rules", "etcd"])))]
 pub struct ServeConfig {
     /// Rules document (TOML). Watched: a valid change is applied atomically,
     /// an invalid one is logged, counted and ignored.
     #[arg(long, value_name = "FILE")]
-    pub rules: PathBuf,
+    pub rules: Option<PathBuf>,
+
+    /// Follow the rules in etcd instead of a file (needs a build with the
+    /// `etcd` feature). Env CELLGATE_ETCD.
+    #[arg(long, value_name = "URL[,URL...]", env = "CELLGATE_ETCD")]
+    pub etcd: Option<String>,
+
+    /// Cluster name in etcd (keys under /cellgate/NAME/). Env CELLGATE_CLUSTER.
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "CELLGATE_CLUSTER",
+        default_value = "default"
+    )]
+    pub cluster: String,
+
+    /// With --etcd: where the last good rules are saved, to boot from when
+    /// etcd is unreachable at start.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// With --etcd: this gateway's id in /cellgate/NAME/gateways/ (default: host-pid).
+    #[arg(long, value_name = "ID")]
+    pub gateway_id: Option<String>,
 
     /// Address of the proxy listener (HTTP/1.1, and HTTP/2 with prior knowledge).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
@@ -115,7 +139,11 @@ impl ServeConfig {
     /// ephemeral loopback ports (tests and embedding).
     pub fn for_tests(rules: PathBuf) -> Self {
         ServeConfig {
-            rules,
+            rules: Some(rules),
+            etcd: None,
+            cluster: "default".into(),
+            state_dir: None,
+            gateway_id: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_token: None,

@@ -216,6 +216,7 @@ pub struct Control {
     health: Arc<HealthSettings>,
     cell_max_inflight: usize,
     last_text: Mutex<String>,
+    good_text: Mutex<String>,
 }
 
 impl std::fmt::Debug for Control {
@@ -250,7 +251,30 @@ impl Control {
         cell_max_inflight: usize,
     ) -> Result<Arc<Self>, LoadError> {
         let text = read(path)?;
-        let table = compile(path, &text, file_revision(path, 0))?;
+        let revision = file_revision(path, 0);
+        Self::from_text(
+            path,
+            text,
+            revision,
+            metrics,
+            upstream,
+            health,
+            cell_max_inflight,
+        )
+    }
+
+    /// Builds the first generation from a document and its revision;
+    /// `source` names where it came from (errors, logs).
+    pub fn from_text(
+        source: &Path,
+        text: String,
+        revision: u64,
+        metrics: Metrics,
+        upstream: UpstreamSettings,
+        health: HealthSettings,
+        cell_max_inflight: usize,
+    ) -> Result<Arc<Self>, LoadError> {
+        let table = compile(source, &text, revision)?;
         let control = Arc::new(Control {
             current: ArcSwap::from_pointee(Generation {
                 table: table.clone(),
@@ -264,6 +288,7 @@ impl Control {
             upstream: Arc::new(upstream),
             health: Arc::new(health),
             cell_max_inflight,
+            good_text: Mutex::new(text.clone()),
             last_text: Mutex::new(text),
         });
         control.install(table);
@@ -282,6 +307,11 @@ impl Control {
         &self.metrics
     }
 
+    /// The document being served, verbatim.
+    pub fn current_text(&self) -> String {
+        self.good_text.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+
     /// Re-reads `path`; applies it when its content changed and is valid.
     /// Returns the new revision when applied, `Ok(None)` when unchanged.
     pub fn reload(&self, path: &Path) -> Result<Option<u64>, LoadError> {
@@ -290,16 +320,24 @@ impl Control {
             return Ok(None);
         }
         let previous = self.current.load().table.revision();
-        let result = compile(path, &text, file_revision(path, previous));
-        match result {
+        self.apply_text(path, text, file_revision(path, previous))
+            .map(Some)
+    }
+
+    /// Validates, compiles and swaps in `text` as `revision`. An invalid
+    /// document is counted and refused; the current rules keep serving.
+    pub fn apply_text(&self, source: &Path, text: String, revision: u64) -> Result<u64, LoadError> {
+        match compile(source, &text, revision) {
             Ok(table) => {
-                let rev = table.revision();
                 self.install(table);
+                if let Ok(mut t) = self.good_text.lock() {
+                    t.clone_from(&text);
+                }
                 if let Ok(mut t) = self.last_text.lock() {
                     *t = text;
                 }
                 self.metrics.reloads.with_label_values(&["ok"]).inc();
-                Ok(Some(rev))
+                Ok(revision)
             }
             Err(e) => {
                 // Remember the bad text so it is reported once, not every poll.

@@ -9,6 +9,8 @@ pub mod admin;
 pub mod config;
 pub mod control;
 pub mod demo;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod health;
 pub mod metrics;
 pub mod proxy;

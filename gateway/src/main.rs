@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gateway: proxy listener + admin listener, rules file watched.
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Run everything on this machine (no etcd): a gateway and 3 cells x 2
     /// colours of cell agents with their own SQLite files, until Ctrl-C.
     /// With --smoke, run a bounded workload, check it, and exit 0 or 1.
@@ -64,7 +64,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Serve(cfg) => match serve(cfg) {
+        Command::Serve(cfg) => match serve(*cfg) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("cellgate: {e:#}");

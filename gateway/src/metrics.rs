@@ -68,6 +68,11 @@ pub struct Metrics {
     pub instance_up: IntGaugeVec,
     /// `cellgate_cell_inflight{cell}`.
     pub cell_inflight: IntGaugeVec,
+    /// `cellgate_control_plane_up`: 1 while the etcd session is healthy.
+    pub control_plane_up: IntGauge,
+    /// `cellgate_rules_from_saved_state`: 1 while serving rules booted from
+    /// the state dir without confirmation from etcd.
+    pub rules_from_saved_state: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -159,6 +164,14 @@ impl Metrics {
                     Opts::new("cellgate_cell_inflight", "Requests in flight per serving cell."),
                     &["cell"],
                 )?,
+            )?,
+            control_plane_up: reg(
+                r,
+                IntGauge::new("cellgate_control_plane_up", "1 while the gateway's etcd session is healthy (always 0 with --rules FILE).")?,
+            )?,
+            rules_from_saved_state: reg(
+                r,
+                IntGauge::new("cellgate_rules_from_saved_state", "1 while serving rules booted from --state-dir because etcd was unreachable.")?,
             )?,
             registry,
         })

@@ -44,25 +44,21 @@ pub struct RunningGateway {
 pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<RunningGateway> {
     cfg.validate()?;
     let metrics = Metrics::new(registry)?;
-    let control = Control::load(
-        &cfg.rules,
-        metrics,
-        UpstreamSettings {
-            connect_timeout: cfg.connect_timeout(),
-            max_conns: cfg.max_conns_per_instance,
-            eject_5xx_streak: cfg.eject_5xx_streak,
-            eject_base_ms: cfg.eject_base_ms,
-            eject_max_ms: cfg.eject_max_ms,
-        },
-        HealthSettings {
-            path: cfg.health_path.clone(),
-            interval: Duration::from_millis(cfg.health_interval_ms),
-            timeout: Duration::from_millis(cfg.health_timeout_ms),
-            rise: cfg.health_rise,
-            fall: cfg.health_fall,
-        },
-        cfg.cell_max_inflight,
-    )?;
+    let upstream = UpstreamSettings {
+        connect_timeout: cfg.connect_timeout(),
+        max_conns: cfg.max_conns_per_instance,
+        eject_5xx_streak: cfg.eject_5xx_streak,
+        eject_base_ms: cfg.eject_base_ms,
+        eject_max_ms: cfg.eject_max_ms,
+    };
+    let health = HealthSettings {
+        path: cfg.health_path.clone(),
+        interval: Duration::from_millis(cfg.health_interval_ms),
+        timeout: Duration::from_millis(cfg.health_timeout_ms),
+        rise: cfg.health_rise,
+        fall: cfg.health_fall,
+    };
+    let (control, source) = load_rules(&cfg, metrics, upstream, health).await?;
     let proxy_listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (--listen): {e}", cfg.listen))?;
@@ -75,7 +71,7 @@ pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<Runni
     tracing::info!(
         proxy = %proxy_addr,
         admin = %admin_addr,
-        rules = %cfg.rules.display(),
+        rules = %source,
         revision = gen.table.revision(),
         cells = gen.table.cells().len(),
         "cellgate serving"
@@ -90,17 +86,23 @@ pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<Runni
             debug_headers: cfg.debug_headers,
         },
     );
-    let admin = Admin::new(
-        control.clone(),
-        cfg.admin_token.clone(),
-        cfg.rules.display().to_string(),
-    );
-    let tasks = vec![
-        tokio::spawn(control.clone().watch(
-            cfg.rules.clone(),
+    let admin = Admin::new(control.clone(), cfg.admin_token.clone(), source.clone());
+    let follower = match &cfg.rules {
+        Some(path) => tokio::spawn(control.clone().watch(
+            path.clone(),
             Duration::from_millis(cfg.reload_interval_ms),
             stop_rx.clone(),
         )),
+        None => follow_etcd(
+            &cfg,
+            control.clone(),
+            proxy_addr,
+            admin_addr,
+            stop_rx.clone(),
+        )?,
+    };
+    let tasks = vec![
+        follower,
         tokio::spawn(serve_proxy(proxy_listener, proxy, stop_rx.clone())),
         tokio::spawn(serve_admin(admin_listener, admin.clone(), stop_rx)),
     ];
@@ -113,6 +115,103 @@ pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<Runni
         tasks,
         drain_timeout: Duration::from_millis(cfg.drain_timeout_ms),
     })
+}
+
+/// Loads the first rules from the file or from etcd. Returns the control
+/// side and a label of the source.
+async fn load_rules(
+    cfg: &ServeConfig,
+    metrics: Metrics,
+    upstream: UpstreamSettings,
+    health: HealthSettings,
+) -> anyhow::Result<(Arc<Control>, String)> {
+    if let Some(path) = &cfg.rules {
+        let control = Control::load(path, metrics, upstream, health, cfg.cell_max_inflight)?;
+        return Ok((control, path.display().to_string()));
+    }
+    #[cfg(feature = "etcd")]
+    {
+        let src = etcd_source(cfg)?;
+        let (text, revision, from_state) = crate::etcd::boot(&src).await?;
+        let label = crate::etcd::source_label(&cfg.cluster);
+        let control = Control::from_text(
+            &label,
+            text,
+            revision,
+            metrics,
+            upstream,
+            health,
+            cfg.cell_max_inflight,
+        )?;
+        control
+            .metrics()
+            .rules_from_saved_state
+            .set(from_state as i64);
+        Ok((control, label.display().to_string()))
+    }
+    #[cfg(not(feature = "etcd"))]
+    {
+        let _ = (metrics, upstream, health);
+        anyhow::bail!("--etcd: this cellgate was built without etcd support; build it with `--features etcd` (needs protoc)")
+    }
+}
+
+#[cfg(feature = "etcd")]
+fn etcd_source(cfg: &ServeConfig) -> anyhow::Result<crate::etcd::EtcdSource> {
+    let endpoints: Vec<String> = cfg
+        .etcd
+        .as_deref()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    anyhow::ensure!(!endpoints.is_empty(), "--etcd: no endpoint given");
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "gateway".into());
+    Ok(crate::etcd::EtcdSource {
+        endpoints,
+        cluster: cfg.cluster.clone(),
+        state_dir: cfg.state_dir.clone(),
+        gateway_id: cfg
+            .gateway_id
+            .clone()
+            .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
+    })
+}
+
+#[cfg(feature = "etcd")]
+fn follow_etcd(
+    cfg: &ServeConfig,
+    control: Arc<Control>,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let src = etcd_source(cfg)?;
+    let registration = serde_json::json!({
+        "id": src.gateway_id, "listen": proxy.to_string(), "admin": admin.to_string(),
+        "started_at_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+    });
+    Ok(tokio::spawn(crate::etcd::follow(
+        control,
+        src,
+        registration,
+        stop,
+    )))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn follow_etcd(
+    _cfg: &ServeConfig,
+    _control: Arc<Control>,
+    _proxy: SocketAddr,
+    _admin: SocketAddr,
+    _stop: watch::Receiver<bool>,
+) -> anyhow::Result<JoinHandle<()>> {
+    anyhow::bail!("--etcd: this cellgate was built without etcd support")
 }
 
 fn builder() -> auto::Builder<TokioExecutor> {

@@ -530,7 +530,7 @@ async fn retries_only_when_no_effect_can_be_duplicated() {
     let dir = TempDir::new("retry");
     let rules = topo.rules([0, 0, 0], "");
     let mut cfg = fast_config(dir.0.join("rules.toml"));
-    std::fs::write(&cfg.rules, &rules).unwrap();
+    std::fs::write(cfg.rules.as_ref().unwrap(), &rules).unwrap();
     // Slow active checks so that passive behaviour is what is tested.
     cfg.health_interval_ms = 60_000;
     let gw = gateway::start(cfg, prometheus::Registry::new())

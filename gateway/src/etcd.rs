@@ -1,0 +1,263 @@
+//! Following the rules in etcd (cargo feature `etcd`).
+//!
+//! - Boot: read the rules from etcd; if etcd is unreachable, boot from the
+//!   last good document saved in `--state-dir` (warning + metric).
+//! - Follow: watch the revision key from the last etcd revision seen; on an
+//!   event re-read document and revision together (one transaction) and
+//!   swap them in. A watch that breaks is resumed from the last revision
+//!   seen; one whose start was compacted re-reads everything. While etcd is
+//!   unreachable the gateway keeps serving its last good rules.
+//! - Register: `/cellgate/<cluster>/gateways/<id>` under a lease, with the
+//!   revision the gateway runs, updated on every change.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{EventType, PutOptions, WatchOptions};
+use routing_rules::etcd::{ControlPlane, Keys};
+use tokio::sync::watch;
+
+use crate::control::Control;
+
+/// Lease TTL of a gateway's registration, seconds.
+pub const GATEWAY_LEASE_TTL_S: i64 = 5;
+/// Pause before reconnecting after an etcd failure.
+pub const RETRY_MS: u64 = 200;
+
+/// Where the gateway follows its rules.
+#[derive(Debug, Clone)]
+pub struct EtcdSource {
+    /// Endpoints.
+    pub endpoints: Vec<String>,
+    /// Cluster.
+    pub cluster: String,
+    /// Saved last-good rules.
+    pub state_dir: Option<PathBuf>,
+    /// Registration id.
+    pub gateway_id: String,
+}
+
+/// A label for errors and logs.
+pub fn source_label(cluster: &str) -> PathBuf {
+    PathBuf::from(format!("etcd:/cellgate/{cluster}/rules"))
+}
+
+fn saved_paths(dir: &Path) -> (PathBuf, PathBuf) {
+    (dir.join("rules.toml"), dir.join("rules.revision"))
+}
+
+/// Saves the last good document (atomically).
+pub fn save_state(dir: &Path, text: &str, revision: u64) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let (doc, rev) = saved_paths(dir);
+    let tmp = dir.join(".rules.toml.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::write(dir.join(".rules.revision.tmp"), revision.to_string())?;
+    std::fs::rename(&tmp, &doc)?;
+    std::fs::rename(dir.join(".rules.revision.tmp"), &rev)?;
+    Ok(())
+}
+
+/// The last good document saved in `dir`, if any.
+pub fn load_state(dir: &Path) -> Option<(String, u64)> {
+    let (doc, rev) = saved_paths(dir);
+    let text = std::fs::read_to_string(doc).ok()?;
+    let revision = std::fs::read_to_string(rev).ok()?.trim().parse().ok()?;
+    Some((text, revision))
+}
+
+/// Reads the rules for boot: from etcd, else from the state dir. Returns
+/// the document, its revision and whether it came from the saved state.
+pub async fn boot(src: &EtcdSource) -> anyhow::Result<(String, u64, bool)> {
+    let from_etcd = async {
+        let mut cp = ControlPlane::connect(&src.endpoints, &src.cluster).await?;
+        anyhow::Ok(cp.get().await?)
+    };
+    match tokio::time::timeout(Duration::from_secs(5), from_etcd).await {
+        Ok(Ok(Some(stored))) => {
+            if let Some(dir) = &src.state_dir {
+                if let Err(e) = save_state(dir, &stored.document, stored.revision) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot save the rules to the state dir");
+                }
+            }
+            Ok((stored.document, stored.revision, false))
+        }
+        Ok(Ok(None)) => anyhow::bail!(
+            "no rules in etcd for cluster {:?}: apply some first (cellctl rules apply FILE)",
+            src.cluster
+        ),
+        outcome => {
+            let why = match outcome {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".to_string(),
+            };
+            match src.state_dir.as_deref().and_then(load_state) {
+                Some((text, rev)) => {
+                    tracing::warn!(error = %why, revision = rev, "etcd unreachable at start; serving the rules saved in the state dir");
+                    Ok((text, rev, true))
+                }
+                None => anyhow::bail!(
+                    "etcd unreachable ({why}) and no saved rules (--state-dir) to boot from"
+                ),
+            }
+        }
+    }
+}
+
+/// Follows the rules and keeps the registration alive until `stop` flips.
+pub async fn follow(
+    control: Arc<Control>,
+    src: EtcdSource,
+    registration: serde_json::Value,
+    mut stop: watch::Receiver<bool>,
+) {
+    let label = source_label(&src.cluster);
+    let keys = match Keys::new(&src.cluster) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!(error = %e, "bad cluster name");
+            return;
+        }
+    };
+    let metrics = control.metrics().clone();
+    let mut resume_from: i64 = 0;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let session = async {
+            let mut cp = ControlPlane::connect(&src.endpoints, &src.cluster).await?;
+            // Catch up: the document and revision, read together.
+            let stored = cp.get().await?;
+            let mut etcd_rev = stored.as_ref().map(|s| s.etcd_revision).unwrap_or(0);
+            if let Some(s) = stored {
+                adopt(&control, &label, &src, s.document, s.revision);
+            }
+            metrics.control_plane_up.set(1);
+            // Register under a lease, with the revision we run.
+            let lease = cp
+                .client()
+                .lease_grant(GATEWAY_LEASE_TTL_S, None)
+                .await?
+                .id();
+            let (mut keeper, mut acks) = cp.client().lease_keep_alive(lease).await?;
+            let key = keys.gateway(&src.gateway_id);
+            let mut running = control.current().table.revision();
+            register(&mut cp, &key, &registration, lease, running).await?;
+            let start = if resume_from > etcd_rev {
+                resume_from
+            } else {
+                etcd_rev + 1
+            };
+            let mut events = cp
+                .client()
+                .watch(
+                    keys.revision(),
+                    Some(WatchOptions::new().with_start_revision(start)),
+                )
+                .await?;
+            let mut tick =
+                tokio::time::interval(Duration::from_secs((GATEWAY_LEASE_TTL_S as u64 / 3).max(1)));
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return anyhow::Ok(()),
+                    _ = tick.tick() => {
+                        keeper.keep_alive().await?;
+                    }
+                    ack = acks.message() => {
+                        if ack?.map(|a| a.ttl() <= 0).unwrap_or(true) {
+                            anyhow::bail!("gateway lease lost");
+                        }
+                    }
+                    msg = events.message() => {
+                        let Some(resp) = msg? else { anyhow::bail!("watch closed") };
+                        if resp.compact_revision() > 0 {
+                            // Our start revision is gone: read everything again.
+                            resume_from = 0;
+                            anyhow::bail!("watch start compacted at {}", resp.compact_revision());
+                        }
+                        if resp.canceled() {
+                            anyhow::bail!("watch canceled");
+                        }
+                        for ev in resp.events() {
+                            if let Some(kv) = ev.kv() {
+                                etcd_rev = etcd_rev.max(kv.mod_revision());
+                            }
+                            if ev.event_type() == EventType::Put {
+                                if let Some(s) = cp.get().await? {
+                                    etcd_rev = etcd_rev.max(s.etcd_revision);
+                                    adopt(&control, &label, &src, s.document, s.revision);
+                                }
+                            }
+                        }
+                        resume_from = etcd_rev + 1;
+                        let now = control.current().table.revision();
+                        if now != running {
+                            running = now;
+                            register(&mut cp, &key, &registration, lease, running).await?;
+                        }
+                    }
+                }
+            }
+        };
+        match session.await {
+            Ok(()) => return,
+            Err(e) => {
+                metrics.control_plane_up.set(0);
+                tracing::warn!(error = %e, "etcd session ended; serving the last good rules and reconnecting");
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_millis(RETRY_MS)) => {}
+        }
+    }
+}
+
+async fn register(
+    cp: &mut ControlPlane,
+    key: &str,
+    registration: &serde_json::Value,
+    lease: i64,
+    revision: u64,
+) -> Result<(), etcd_client::Error> {
+    let mut v = registration.clone();
+    v["revision"] = revision.into();
+    v["applied_at_ms"] = now_ms().into();
+    cp.client()
+        .put(
+            key,
+            v.to_string(),
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await?;
+    Ok(())
+}
+
+fn adopt(control: &Control, label: &Path, src: &EtcdSource, text: String, revision: u64) {
+    if revision == control.current().table.revision() {
+        return;
+    }
+    match control.apply_text(label, text.clone(), revision) {
+        Ok(rev) => {
+            control.metrics().rules_from_saved_state.set(0);
+            tracing::info!(revision = rev, "rules applied from etcd");
+            if let Some(dir) = &src.state_dir {
+                if let Err(e) = save_state(dir, &text, rev) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot save the rules to the state dir");
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "rules in etcd rejected; still serving the previous rules")
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
