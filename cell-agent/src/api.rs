@@ -40,6 +40,9 @@ pub struct Api<S> {
     pub relay_wake: Arc<tokio::sync::Notify>,
     /// False once draining.
     pub ready: std::sync::atomic::AtomicBool,
+    /// False while the instance does not hold its control-plane lease
+    /// (self-fencing): writes are refused, reads go on.
+    pub writes_allowed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A JSON response.
@@ -256,6 +259,17 @@ impl<S: Store> Api<S> {
                 };
             }
             _ => {}
+        }
+        if method == Method::POST
+            && !self
+                .writes_allowed
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(DomainError::new(
+                503,
+                "fenced",
+                "this instance does not hold its control-plane lease; writes are refused until it is renewed (reads still work)",
+            ));
         }
         let guarded = req
             .extensions()

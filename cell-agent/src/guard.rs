@@ -26,7 +26,7 @@ pub trait OwnershipView: Send + Sync + 'static {
     /// This cell's name.
     fn cell(&self) -> &str;
     /// Catch up to `revision` if possible (reload the rules).
-    fn catch_up(&self, revision: u64);
+    fn catch_up(&self, revision: u64) -> impl Future<Output = ()> + Send;
 }
 
 impl OwnershipView for crate::rules::RulesHolder {
@@ -36,7 +36,7 @@ impl OwnershipView for crate::rules::RulesHolder {
     fn cell(&self) -> &str {
         crate::rules::RulesHolder::cell(self)
     }
-    fn catch_up(&self, revision: u64) {
+    fn catch_up(&self, revision: u64) -> impl Future<Output = ()> + Send {
         crate::rules::RulesHolder::catch_up(self, revision)
     }
 }
@@ -121,27 +121,35 @@ fn reject<B: From<Bytes>>(status: StatusCode, body: serde_json::Value) -> Respon
     r
 }
 
-/// The guard's verdict for a request (exposed for tests and other services).
-pub fn decide<B, V: OwnershipView + ?Sized>(
-    view: &V,
+/// The revision a request is stamped with: `Ok(None)` when absent, `Err`
+/// (a 400) when malformed.
+pub fn stamped_revision<B>(
     req: &Request<B>,
-) -> Result<GuardedUser, (StatusCode, serde_json::Value)> {
-    if let Some(v) = req.headers().get(STAMP_REV) {
-        match v
+) -> Result<Option<u64>, (StatusCode, serde_json::Value)> {
+    match req.headers().get(STAMP_REV) {
+        None => Ok(None),
+        Some(v) => v
             .to_str()
             .ok()
             .and_then(|v| v.parse::<i64>().ok())
             .filter(|r| *r >= 0)
-        {
-            Some(rev) => view.catch_up(rev as u64),
-            None => {
-                return Err((
+            .map(|r| Some(r as u64))
+            .ok_or_else(|| {
+                (
                     StatusCode::BAD_REQUEST,
                     serde_json::json!({"error": "malformed_revision", "message": format!("{STAMP_REV} must be a revision number (0..=9223372036854775807)")}),
-                ))
-            }
-        }
+                )
+            }),
     }
+}
+
+/// The guard's verdict for a request with the rules the view holds now
+/// (the layer first lets the view catch up to a newer stamped revision).
+pub fn decide<B, V: OwnershipView + ?Sized>(
+    view: &V,
+    req: &Request<B>,
+) -> Result<GuardedUser, (StatusCode, serde_json::Value)> {
+    stamped_revision(req)?;
     let table = view.table();
     let headers = Headers(req.headers());
     let parts = RequestParts {
@@ -208,6 +216,25 @@ where
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         if !req.uri().path().starts_with(self.prefix) {
             return Box::pin(self.inner.call(req));
+        }
+        // A newer stamped revision than ours: catch up before deciding.
+        let newer = match stamped_revision(&req) {
+            Ok(Some(rev)) if rev > self.view.table().revision() => Some(rev),
+            _ => None,
+        };
+        if let Some(rev) = newer {
+            let view = self.view.clone();
+            let mut inner = self.inner.clone();
+            return Box::pin(async move {
+                view.catch_up(rev).await;
+                match decide(&*view, &req) {
+                    Ok(user) => {
+                        req.extensions_mut().insert(user);
+                        inner.call(req).await
+                    }
+                    Err((status, body)) => Ok(reject(status, body)),
+                }
+            });
         }
         match decide(&*self.view, &req) {
             Ok(user) => {

@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the cell's API.
-    Serve(AgentConfig),
+    Serve(Box<AgentConfig>),
     /// Verify a cell database's invariants offline (exit 1 on any violation).
     Check {
         /// The database file.
@@ -44,7 +44,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Serve(cfg) => match serve(cfg) {
+        Command::Serve(cfg) => match serve(*cfg) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("cell-agent: {e:#}");

@@ -32,12 +32,19 @@ pub async fn run<S: Store>(
     rules: Arc<RulesHolder>,
     metrics: AgentMetrics,
     wake: Arc<tokio::sync::Notify>,
+    writes_allowed: Arc<std::sync::atomic::AtomicBool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     loop {
-        let due = match store.due_outbox(unix_ms(), 64).await {
+        // A fenced instance changes nothing, its outbox included.
+        let fenced = !writes_allowed.load(std::sync::atomic::Ordering::Relaxed);
+        let due = match if fenced {
+            Ok(Vec::new())
+        } else {
+            store.due_outbox(unix_ms(), 64).await
+        } {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the outbox");

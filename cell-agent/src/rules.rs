@@ -28,6 +28,29 @@ pub struct RulesHolder {
     cell: String,
     table: ArcSwap<RoutingTable>,
     last_text: Mutex<String>,
+    /// Set when the rules follow etcd instead of a file.
+    #[cfg(feature = "etcd")]
+    etcd: Option<EtcdLink>,
+}
+
+/// Where rules following etcd come from, and a cached connection for
+/// catching up on demand.
+#[cfg(feature = "etcd")]
+pub struct EtcdLink {
+    /// Endpoints.
+    pub endpoints: Vec<String>,
+    /// Cluster.
+    pub cluster: String,
+    conn: tokio::sync::Mutex<Option<routing_rules::etcd::ControlPlane>>,
+}
+
+#[cfg(feature = "etcd")]
+impl std::fmt::Debug for EtcdLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdLink")
+            .field("cluster", &self.cluster)
+            .finish()
+    }
 }
 
 /// Why rules could not be used.
@@ -58,7 +81,56 @@ impl RulesHolder {
             cell: cell.to_string(),
             table: ArcSwap::from_pointee(table),
             last_text: Mutex::new(text),
+            #[cfg(feature = "etcd")]
+            etcd: None,
         }))
+    }
+
+    /// Rules following etcd, starting from `text` at `revision`.
+    #[cfg(feature = "etcd")]
+    pub fn from_etcd(
+        endpoints: Vec<String>,
+        cluster: &str,
+        cell: &str,
+        text: String,
+        revision: u64,
+    ) -> Result<Arc<Self>, RulesLoadError> {
+        let label = PathBuf::from(format!("etcd:/cellgate/{cluster}/rules"));
+        let table = compile(&label, &text, cell, revision)?;
+        Ok(Arc::new(RulesHolder {
+            path: label,
+            cell: cell.to_string(),
+            table: ArcSwap::from_pointee(table),
+            last_text: Mutex::new(text),
+            etcd: Some(EtcdLink {
+                endpoints,
+                cluster: cluster.to_string(),
+                conn: tokio::sync::Mutex::new(None),
+            }),
+        }))
+    }
+
+    /// Applies `text` as `revision` (from the control plane) when newer.
+    pub fn apply(&self, text: String, revision: u64) -> Result<Option<u64>, RulesLoadError> {
+        if revision <= self.table.load().revision() {
+            return Ok(None);
+        }
+        let table = compile(&self.path, &text, &self.cell, revision)?;
+        self.table.store(Arc::new(table));
+        *self.last_text.lock().unwrap_or_else(|e| e.into_inner()) = text;
+        Ok(Some(revision))
+    }
+
+    /// Whether the rules follow etcd.
+    pub fn follows_etcd(&self) -> bool {
+        #[cfg(feature = "etcd")]
+        {
+            self.etcd.is_some()
+        }
+        #[cfg(not(feature = "etcd"))]
+        {
+            false
+        }
     }
 
     /// The current table.
@@ -79,6 +151,9 @@ impl RulesHolder {
     /// Re-reads the file; applies a changed, valid version. Returns the new
     /// revision when one was applied.
     pub fn reload(&self) -> Result<Option<u64>, RulesLoadError> {
+        if self.follows_etcd() {
+            return Ok(None);
+        }
         let text = std::fs::read_to_string(&self.path)
             .map_err(|e| RulesLoadError::Read(self.path.clone(), e))?;
         let mut last = self.last_text.lock().unwrap_or_else(|e| e.into_inner());
@@ -100,8 +175,42 @@ impl RulesHolder {
 
     /// Makes sure the rules are at least at `revision` if the file has it
     /// (a request was stamped with a newer revision than ours).
-    pub fn catch_up(&self, revision: u64) {
-        if revision > self.table.load().revision() {
+    pub async fn catch_up(&self, revision: u64) {
+        if revision <= self.table.load().revision() {
+            return;
+        }
+        #[cfg(feature = "etcd")]
+        if let Some(link) = &self.etcd {
+            let mut conn = link.conn.lock().await;
+            if conn.is_none() {
+                *conn = routing_rules::etcd::ControlPlane::connect(&link.endpoints, &link.cluster)
+                    .await
+                    .ok();
+            }
+            let fetched = match conn.as_mut() {
+                Some(cp) => cp.get().await,
+                None => return,
+            };
+            match fetched {
+                Ok(Some(stored)) => match self.apply(stored.document, stored.revision) {
+                    Ok(Some(rev)) => tracing::info!(
+                        revision = rev,
+                        "rules fetched from etcd (a request carried a newer revision)"
+                    ),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "rules in etcd rejected; keeping the current rules")
+                    }
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot fetch the rules from etcd");
+                    *conn = None;
+                }
+            }
+            return;
+        }
+        {
             match self.reload() {
                 Ok(Some(rev)) => tracing::info!(
                     revision = rev,
@@ -115,7 +224,8 @@ impl RulesHolder {
         }
     }
 
-    /// Polls the file every `interval` until `stop` flips.
+    /// Polls the file every `interval` until `stop` flips (no-op when
+    /// following etcd).
     pub async fn watch(
         self: Arc<Self>,
         interval: std::time::Duration,

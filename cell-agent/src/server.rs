@@ -27,6 +27,7 @@ use crate::store::Store;
 
 /// Flags of `cell-agent serve`.
 #[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["rules", "etcd"])))]
 pub struct AgentConfig {
     /// This agent's cell (must be defined in the rules).
     #[arg(long, value_name = "NAME")]
@@ -39,7 +40,28 @@ pub struct AgentConfig {
     pub db: PathBuf,
     /// Rules document (TOML), watched for changes.
     #[arg(long, value_name = "FILE")]
-    pub rules: PathBuf,
+    pub rules: Option<PathBuf>,
+    /// Follow the rules in etcd and register this instance under a lease
+    /// (needs a build with the `etcd` feature). Env CELLGATE_ETCD.
+    #[arg(long, value_name = "URL[,URL...]", env = "CELLGATE_ETCD")]
+    pub etcd: Option<String>,
+    /// Cluster name in etcd (env CELLGATE_CLUSTER).
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "CELLGATE_CLUSTER",
+        default_value = "default"
+    )]
+    pub cluster: String,
+    /// With --etcd: registration id under /cellgate/NAME/instances/CELL/COLOUR/ (default: host-pid).
+    #[arg(long, value_name = "ID")]
+    pub instance_id: Option<String>,
+    /// With --etcd: the address gateways should use (default: the bound listen address).
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<String>,
+    /// With --etcd: lease TTL in seconds. Without a live lease the agent refuses writes.
+    #[arg(long, value_name = "S", default_value_t = 5, value_parser = clap::value_parser!(i64).range(1..=300))]
+    pub lease_ttl_s: i64,
     /// Listen address (port 0 picks a free port; the address is logged and
     /// printed on stdout as `listening on ADDR`).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8181")]
@@ -96,21 +118,28 @@ pub async fn start_on(
     listener: TcpListener,
     registry: prometheus::Registry,
 ) -> anyhow::Result<RunningAgent> {
-    let rules = RulesHolder::load(&cfg.rules, &cfg.cell)?;
+    let rules = match &cfg.rules {
+        Some(path) => RulesHolder::load(path, &cfg.cell)?,
+        None => etcd_rules(&cfg).await?,
+    };
     let store = SqliteStore::open(&cfg.db, &cfg.cell)
         .map_err(|e| anyhow::anyhow!("cannot open the database {}: {e}", cfg.db.display()))?;
     let metrics = AgentMetrics::new(registry)?;
     let addr = listener.local_addr()?;
     let (stop, stop_rx) = watch::channel(false);
     let wake = Arc::new(tokio::sync::Notify::new());
+    // With a control plane, writes wait for the instance's lease (self-fencing).
+    let writes_allowed = Arc::new(AtomicBool::new(cfg.rules.is_some()));
     let api = Arc::new(Api {
         store: store.clone(),
         rules: rules.clone(),
         metrics: metrics.clone(),
         relay_wake: wake.clone(),
         ready: AtomicBool::new(true),
+        writes_allowed: writes_allowed.clone(),
     });
-    let others = vec![
+    let mut others = control_plane_tasks(&cfg, &rules, addr, writes_allowed, &stop_rx)?;
+    others.extend([
         tokio::spawn(rules.clone().watch(
             Duration::from_millis(cfg.reload_interval_ms),
             stop_rx.clone(),
@@ -120,9 +149,10 @@ pub async fn start_on(
             rules.clone(),
             metrics,
             wake,
+            api.writes_allowed.clone(),
             stop_rx.clone(),
         )),
-    ];
+    ]);
     let identity = (
         HeaderValue::from_str(&cfg.cell)
             .map_err(|_| anyhow::anyhow!("--cell: not a valid header value"))?,
@@ -146,6 +176,130 @@ pub async fn start_on(
         api,
         drain: Duration::from_millis(cfg.drain_timeout_ms),
     })
+}
+
+#[cfg(feature = "etcd")]
+fn endpoints(cfg: &AgentConfig) -> Vec<String> {
+    cfg.etcd
+        .as_deref()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Boots the rules from etcd.
+#[cfg(feature = "etcd")]
+async fn etcd_rules(cfg: &AgentConfig) -> anyhow::Result<Arc<RulesHolder>> {
+    let eps = endpoints(cfg);
+    anyhow::ensure!(!eps.is_empty(), "--etcd: no endpoint given");
+    let mut cp = routing_rules::etcd::ControlPlane::connect(&eps, &cfg.cluster).await?;
+    let stored = cp.get().await?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no rules in etcd for cluster {:?} (cellctl rules apply FILE)",
+            cfg.cluster
+        )
+    })?;
+    Ok(RulesHolder::from_etcd(
+        eps,
+        &cfg.cluster,
+        &cfg.cell,
+        stored.document,
+        stored.revision,
+    )?)
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn etcd_rules(_cfg: &AgentConfig) -> anyhow::Result<Arc<RulesHolder>> {
+    anyhow::bail!("--etcd: this cell-agent was built without etcd support; build it with `--features etcd` (needs protoc)")
+}
+
+/// With --etcd: follow the rules and hold the instance's registration
+/// lease; the lease state opens and closes writes (self-fencing).
+#[cfg(feature = "etcd")]
+fn control_plane_tasks(
+    cfg: &AgentConfig,
+    rules: &Arc<RulesHolder>,
+    addr: SocketAddr,
+    writes_allowed: Arc<AtomicBool>,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    if cfg.rules.is_some() {
+        return Ok(Vec::new());
+    }
+    let eps = endpoints(cfg);
+    let keys = routing_rules::etcd::Keys::new(&cfg.cluster)?;
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "cell".into());
+    let id = cfg
+        .instance_id
+        .clone()
+        .unwrap_or_else(|| format!("{host}-{}", std::process::id()));
+    let key = keys.instance(&cfg.cell, cfg.colour.as_str(), &id);
+    let value = serde_json::json!({
+        "id": id, "cell": cfg.cell, "colour": cfg.colour.as_str(),
+        "address": cfg.advertise.clone().unwrap_or_else(|| addr.to_string()),
+        "version": env!("CARGO_PKG_VERSION"),
+        "started_at_ms": crate::store::sqlite::unix_ms(),
+    })
+    .to_string();
+    let (value_tx, value_rx) = watch::channel(value);
+    let cluster = cfg.cluster.clone();
+    let ttl = cfg.lease_ttl_s;
+    let stop_reg = stop.clone();
+    let registration = tokio::spawn(async move {
+        let _sender = value_tx; // the value never changes; keep the channel open
+        routing_rules::etcd::keep_registered(
+            eps.clone(),
+            cluster,
+            key,
+            value_rx,
+            ttl,
+            move |held| {
+                let was = writes_allowed.swap(held, Ordering::Relaxed);
+                if was != held {
+                    if held {
+                        tracing::info!("control-plane lease held: accepting writes");
+                    } else {
+                        tracing::warn!(
+                            "control-plane lease lost: refusing writes until it is renewed"
+                        );
+                    }
+                }
+            },
+            stop_reg,
+        )
+        .await
+    });
+    let holder = rules.clone();
+    let follower = tokio::spawn(routing_rules::etcd::follow_rules(
+        endpoints(cfg),
+        cfg.cluster.clone(),
+        move |stored| match holder.apply(stored.document, stored.revision) {
+            Ok(Some(rev)) => tracing::info!(revision = rev, "rules applied from etcd"),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "rules in etcd rejected; keeping the current rules")
+            }
+        },
+        |_| {},
+        stop.clone(),
+    ));
+    Ok(vec![registration, follower])
+}
+
+#[cfg(not(feature = "etcd"))]
+fn control_plane_tasks(
+    _cfg: &AgentConfig,
+    _rules: &Arc<RulesHolder>,
+    _addr: SocketAddr,
+    _writes_allowed: Arc<AtomicBool>,
+    _stop: &watch::Receiver<bool>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    Ok(Vec::new())
 }
 
 async fn serve(

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{EventType, PutOptions, WatchOptions};
 use routing_rules::etcd::{ControlPlane, Keys};
 use tokio::sync::watch;
 
@@ -22,8 +21,6 @@ use crate::control::Control;
 
 /// Lease TTL of a gateway's registration, seconds.
 pub const GATEWAY_LEASE_TTL_S: i64 = 5;
-/// Pause before reconnecting after an etcd failure.
-pub const RETRY_MS: u64 = 200;
 
 /// Where the gateway follows its rules.
 #[derive(Debug, Clone)]
@@ -110,129 +107,57 @@ pub async fn follow(
     control: Arc<Control>,
     src: EtcdSource,
     registration: serde_json::Value,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let label = source_label(&src.cluster);
-    let keys = match Keys::new(&src.cluster) {
-        Ok(k) => k,
+    let key = match Keys::new(&src.cluster) {
+        Ok(k) => k.gateway(&src.gateway_id),
         Err(e) => {
             tracing::error!(error = %e, "bad cluster name");
             return;
         }
     };
+    let value = move |rev: u64| {
+        let mut v = registration.clone();
+        v["revision"] = rev.into();
+        v["applied_at_ms"] = now_ms().into();
+        v.to_string()
+    };
+    let (reg_tx, reg_rx) = watch::channel(value(control.current().table.revision()));
     let metrics = control.metrics().clone();
-    let mut resume_from: i64 = 0;
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        let session = async {
-            let mut cp = ControlPlane::connect(&src.endpoints, &src.cluster).await?;
-            // Catch up: the document and revision, read together.
-            let stored = cp.get().await?;
-            let mut etcd_rev = stored.as_ref().map(|s| s.etcd_revision).unwrap_or(0);
-            if let Some(s) = stored {
-                adopt(&control, &label, &src, s.document, s.revision);
+    let registrar = tokio::spawn(routing_rules::etcd::keep_registered(
+        src.endpoints.clone(),
+        src.cluster.clone(),
+        key,
+        reg_rx,
+        GATEWAY_LEASE_TTL_S,
+        |_| {},
+        stop.clone(),
+    ));
+    let follower_control = control.clone();
+    let follower_src = src.clone();
+    routing_rules::etcd::follow_rules(
+        src.endpoints.clone(),
+        src.cluster.clone(),
+        move |stored| {
+            let before = follower_control.current().table.revision();
+            adopt(
+                &follower_control,
+                &label,
+                &follower_src,
+                stored.document,
+                stored.revision,
+            );
+            let now = follower_control.current().table.revision();
+            if now != before {
+                let _ = reg_tx.send(value(now));
             }
-            metrics.control_plane_up.set(1);
-            // Register under a lease, with the revision we run.
-            let lease = cp
-                .client()
-                .lease_grant(GATEWAY_LEASE_TTL_S, None)
-                .await?
-                .id();
-            let (mut keeper, mut acks) = cp.client().lease_keep_alive(lease).await?;
-            let key = keys.gateway(&src.gateway_id);
-            let mut running = control.current().table.revision();
-            register(&mut cp, &key, &registration, lease, running).await?;
-            let start = if resume_from > etcd_rev {
-                resume_from
-            } else {
-                etcd_rev + 1
-            };
-            let mut events = cp
-                .client()
-                .watch(
-                    keys.revision(),
-                    Some(WatchOptions::new().with_start_revision(start)),
-                )
-                .await?;
-            let mut tick =
-                tokio::time::interval(Duration::from_secs((GATEWAY_LEASE_TTL_S as u64 / 3).max(1)));
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => return anyhow::Ok(()),
-                    _ = tick.tick() => {
-                        keeper.keep_alive().await?;
-                    }
-                    ack = acks.message() => {
-                        if ack?.map(|a| a.ttl() <= 0).unwrap_or(true) {
-                            anyhow::bail!("gateway lease lost");
-                        }
-                    }
-                    msg = events.message() => {
-                        let Some(resp) = msg? else { anyhow::bail!("watch closed") };
-                        if resp.compact_revision() > 0 {
-                            // Our start revision is gone: read everything again.
-                            resume_from = 0;
-                            anyhow::bail!("watch start compacted at {}", resp.compact_revision());
-                        }
-                        if resp.canceled() {
-                            anyhow::bail!("watch canceled");
-                        }
-                        for ev in resp.events() {
-                            if let Some(kv) = ev.kv() {
-                                etcd_rev = etcd_rev.max(kv.mod_revision());
-                            }
-                            if ev.event_type() == EventType::Put {
-                                if let Some(s) = cp.get().await? {
-                                    etcd_rev = etcd_rev.max(s.etcd_revision);
-                                    adopt(&control, &label, &src, s.document, s.revision);
-                                }
-                            }
-                        }
-                        resume_from = etcd_rev + 1;
-                        let now = control.current().table.revision();
-                        if now != running {
-                            running = now;
-                            register(&mut cp, &key, &registration, lease, running).await?;
-                        }
-                    }
-                }
-            }
-        };
-        match session.await {
-            Ok(()) => return,
-            Err(e) => {
-                metrics.control_plane_up.set(0);
-                tracing::warn!(error = %e, "etcd session ended; serving the last good rules and reconnecting");
-            }
-        }
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tokio::time::sleep(Duration::from_millis(RETRY_MS)) => {}
-        }
-    }
-}
-
-async fn register(
-    cp: &mut ControlPlane,
-    key: &str,
-    registration: &serde_json::Value,
-    lease: i64,
-    revision: u64,
-) -> Result<(), etcd_client::Error> {
-    let mut v = registration.clone();
-    v["revision"] = revision.into();
-    v["applied_at_ms"] = now_ms().into();
-    cp.client()
-        .put(
-            key,
-            v.to_string(),
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await?;
-    Ok(())
+        },
+        move |up| metrics.control_plane_up.set(up as i64),
+        stop,
+    )
+    .await;
+    let _ = registrar.await;
 }
 
 fn adopt(control: &Control, label: &Path, src: &EtcdSource, text: String, revision: u64) {

@@ -1,0 +1,148 @@
+//! A cell agent on the control plane: rules from etcd, registration under a
+//! lease, self-fencing when the lease cannot be renewed.
+#![cfg(feature = "etcd")]
+
+mod support;
+
+use std::time::Duration;
+
+use http::StatusCode;
+use routing_rules::etcd::testing::EtcdServer;
+use routing_rules::etcd::ControlPlane;
+use support::*;
+
+async fn registrations(url: &str) -> Vec<serde_json::Value> {
+    let mut cp = ControlPlane::connect(&[url.to_string()], "cells")
+        .await
+        .unwrap();
+    let prefix = cp.keys().instances_prefix();
+    let r = cp
+        .client()
+        .get(prefix, Some(etcd_client_get_prefix()))
+        .await
+        .unwrap();
+    r.kvs()
+        .iter()
+        .map(|kv| serde_json::from_slice(kv.value()).unwrap())
+        .collect()
+}
+
+fn etcd_client_get_prefix() -> routing_rules::etcd::GetOptions {
+    routing_rules::etcd::GetOptions::new().with_prefix()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_from_etcd_registration_and_self_fencing() {
+    let mut etcd = EtcdServer::start();
+    let mut cp = ControlPlane::connect(std::slice::from_ref(&etcd.url), "cells")
+        .await
+        .unwrap();
+    let v1 = placeholder_rules();
+    assert_eq!(cp.apply(&v1, 0, "test", "v1").await.unwrap(), 1);
+    let dir = TempDir::new("etcd-agent");
+    let args: Vec<String> = [
+        "--cell",
+        "cell-a",
+        "--colour",
+        "blue",
+        "--db",
+        dir.path("a.db").to_str().unwrap(),
+        "--etcd",
+        &etcd.url,
+        "--cluster",
+        "cells",
+        "--instance-id",
+        "a-blue-1",
+        "--lease-ttl-s",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut agent = AgentProcess::start(&args, "127.0.0.1:0");
+    let client = client();
+    let users = users_in(&v1, "cell-a", 200);
+    // A user that stays in cell-a after v2 moves slots 0-15 away.
+    let user = users
+        .iter()
+        .find(|u| routing_rules::hash::xxh64_slot(u.as_bytes(), 100) > 15)
+        .unwrap()
+        .clone();
+    // Writes open once the lease is held.
+    wait_until("the agent to hold its lease", Duration::from_secs(10), || {
+        let (client, user) = (client.clone(), user.clone());
+        async move { deposit(&client, agent.addr, &user, 5, "d1").await.status == StatusCode::OK }
+    })
+    .await;
+    let regs = registrations(&etcd.url).await;
+    assert_eq!(regs.len(), 1);
+    assert_eq!(regs[0]["address"], agent.addr.to_string());
+    assert_eq!(
+        (regs[0]["cell"].as_str(), regs[0]["colour"].as_str()),
+        (Some("cell-a"), Some("blue"))
+    );
+
+    // A new revision moving slots 0-15 to cell-b reaches the agent's guard.
+    let v2 = v1.replace(
+        "[[ranges]]\nfrom = 0\nto = 32\ncell = \"cell-a\"\n",
+        "[[ranges]]\nfrom = 0\nto = 15\ncell = \"cell-b\"\n[[ranges]]\nfrom = 16\nto = 32\ncell = \"cell-a\"\n",
+    );
+    assert_eq!(cp.apply(&v2, 1, "test", "move 0-15").await.unwrap(), 2);
+    let moved = users
+        .iter()
+        .find(|u| routing_rules::hash::xxh64_slot(u.as_bytes(), 100) <= 15)
+        .unwrap()
+        .clone();
+    wait_until(
+        "the agent to follow revision 2",
+        Duration::from_secs(10),
+        || {
+            let client = client.clone();
+            async move {
+                call(&client, "GET", agent.addr, "/healthz", "", None)
+                    .await
+                    .json["revision"]
+                    == 2
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        deposit(&client, agent.addr, &moved, 5, "m").await.status,
+        StatusCode::MISDIRECTED_REQUEST
+    );
+
+    // etcd goes away: within the lease TTL the agent fences itself —
+    // writes are refused, reads go on.
+    etcd.kill();
+    wait_until("the agent to fence itself", Duration::from_secs(10), || {
+        let (client, user) = (client.clone(), user.clone());
+        async move {
+            deposit(&client, agent.addr, &user, 5, "while-fenced")
+                .await
+                .status
+                == StatusCode::SERVICE_UNAVAILABLE
+        }
+    })
+    .await;
+    let r = deposit(&client, agent.addr, &user, 5, "while-fenced").await;
+    assert_eq!(r.json["error"], "fenced");
+    assert_eq!(balance(&client, agent.addr, &user).await, 5);
+    // etcd is back: the lease is renewed and writes resume.
+    etcd.restart();
+    wait_until("writes to resume", Duration::from_secs(15), || {
+        let (client, user) = (client.clone(), user.clone());
+        async move { deposit(&client, agent.addr, &user, 5, "after").await.status == StatusCode::OK }
+    })
+    .await;
+    assert_eq!(balance(&client, agent.addr, &user).await, 10);
+
+    // A crashed agent's lease lapses and its registration disappears within the TTL.
+    agent.kill();
+    wait_until("the registration to lapse", Duration::from_secs(10), || {
+        let url = etcd.url.clone();
+        async move { registrations(&url).await.is_empty() }
+    })
+    .await;
+    check(&dir.path("a.db"));
+}
