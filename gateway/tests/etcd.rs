@@ -179,6 +179,41 @@ async fn gateways_follow_applies_survive_etcd_outages_and_boot_from_saved_rules(
     );
     wait_revision(&g1, 3).await;
     wait_revision(&g2, 3).await;
+    let status = cp.status().await.unwrap();
+    assert_eq!(status.revision, 3);
+    wait_until(
+        "both gateways to register revision 3",
+        Duration::from_secs(10),
+        || {
+            let url = etcd.url.clone();
+            async move {
+                let mut c = ControlPlane::connect(&[url], "gw-test").await.unwrap();
+                let s = c.status().await.unwrap();
+                s.gateways.len() == 2 && s.all_current()
+            }
+        },
+    )
+    .await;
+
+    // cellctl failover / failback (the same edit + CAS apply) move cell-c's users.
+    let c_user = (0..1000)
+        .map(|i| format!("c{i}"))
+        .find(|u| routing_rules::hash::xxh64_slot(u.as_bytes(), 100) >= 66)
+        .unwrap();
+    let current = cp.get().await.unwrap().unwrap();
+    let failed = routing_rules::edit::failover(&current.document, "cell-c", "cell-b").unwrap();
+    assert_eq!(cp.apply(&failed, 3, "sre", "drill").await.unwrap(), 4);
+    wait_revision(&g1, 4).await;
+    let r = get_user(&client, g1.proxy_addr, &c_user).await.unwrap();
+    assert_eq!(
+        (r.json["cell"].as_str(), r.json["stamp_home"].as_str()),
+        (Some("cell-b"), Some("cell-c"))
+    );
+    let back = routing_rules::edit::failback(&failed, "cell-c").unwrap();
+    assert_eq!(cp.apply(&back, 4, "sre", "drill over").await.unwrap(), 5);
+    wait_revision(&g1, 5).await;
+    let r = get_user(&client, g1.proxy_addr, &c_user).await.unwrap();
+    assert_eq!(r.json["cell"], "cell-c");
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = load.await.unwrap();
     assert!(

@@ -331,6 +331,165 @@ impl ControlPlane {
     }
 }
 
+/// What `cellctl status` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    /// Cluster name.
+    pub cluster: String,
+    /// Latest applied revision (0 = none).
+    pub revision: u64,
+    /// Registered gateways.
+    pub gateways: Vec<GatewayStatus>,
+    /// Registered instances per `cell/colour`, and the static ones in the rules.
+    pub cells: std::collections::BTreeMap<String, CellColourStatus>,
+}
+
+/// One gateway's registration.
+#[derive(Debug, Clone, Serialize)]
+pub struct GatewayStatus {
+    /// Id.
+    pub id: String,
+    /// Revision it runs.
+    pub revision: u64,
+    /// Milliseconds since it applied that revision.
+    pub applied_ms_ago: u64,
+    /// Whether it runs the latest revision.
+    pub current: bool,
+    /// Its registration, as stored.
+    pub registration: serde_json::Value,
+}
+
+/// Instances of one cell and colour.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CellColourStatus {
+    /// Addresses registered under live leases.
+    pub registered: Vec<String>,
+    /// Static addresses in the rules.
+    pub static_instances: Vec<String>,
+}
+
+impl ClusterStatus {
+    /// Every registered gateway runs the latest revision.
+    pub fn all_current(&self) -> bool {
+        self.gateways.iter().all(|g| g.current)
+    }
+
+    /// Text for humans.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "cluster {}: rules revision {}",
+            self.cluster, self.revision
+        );
+        let _ = writeln!(s, "gateways ({}):", self.gateways.len());
+        for g in &self.gateways {
+            let _ = writeln!(
+                s,
+                "  {:<24} revision {:<6} applied {:.1} s ago{}",
+                g.id,
+                g.revision,
+                g.applied_ms_ago as f64 / 1000.0,
+                if g.current { "" } else { "  BEHIND" }
+            );
+        }
+        let _ = writeln!(s, "instances (registered = holds a live lease):");
+        for (cc, st) in &self.cells {
+            let _ = writeln!(
+                s,
+                "  {cc:<20} registered [{}]  static [{}]",
+                st.registered.join(", "),
+                st.static_instances.join(", ")
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{}",
+            if self.all_current() {
+                "every gateway runs the latest revision"
+            } else {
+                "NOT every gateway runs the latest revision yet"
+            }
+        );
+        s
+    }
+}
+
+impl ControlPlane {
+    /// Registrations of gateways and instances, and the live revision.
+    pub async fn status(&mut self) -> Result<ClusterStatus, ControlError> {
+        let stored = self.get().await?;
+        let revision = stored.as_ref().map(|s| s.revision).unwrap_or(0);
+        let now = now_ms();
+        let mut gateways = Vec::new();
+        let resp = self
+            .client
+            .get(
+                self.keys.gateways_prefix(),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        for kv in resp.kvs() {
+            let v: serde_json::Value = serde_json::from_slice(kv.value()).unwrap_or_default();
+            let rev = v["revision"].as_u64().unwrap_or(0);
+            gateways.push(GatewayStatus {
+                id: v["id"].as_str().unwrap_or("?").to_string(),
+                revision: rev,
+                applied_ms_ago: now.saturating_sub(v["applied_at_ms"].as_u64().unwrap_or(now)),
+                current: rev == revision,
+                registration: v,
+            });
+        }
+        let mut cells: std::collections::BTreeMap<String, CellColourStatus> = Default::default();
+        if let Some(s) = &stored {
+            if let Ok(rules) = parse_rules(&s.document) {
+                for (name, cell) in &rules.cells {
+                    for (colour, list) in [("blue", &cell.blue), ("green", &cell.green)] {
+                        cells
+                            .entry(format!("{name}/{colour}"))
+                            .or_default()
+                            .static_instances = list.clone();
+                    }
+                }
+            }
+        }
+        let resp = self
+            .client
+            .get(
+                self.keys.instances_prefix(),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        for kv in resp.kvs() {
+            let v: serde_json::Value = serde_json::from_slice(kv.value()).unwrap_or_default();
+            let key = format!(
+                "{}/{}",
+                v["cell"].as_str().unwrap_or("?"),
+                v["colour"].as_str().unwrap_or("?")
+            );
+            cells
+                .entry(key)
+                .or_default()
+                .registered
+                .push(v["address"].as_str().unwrap_or("?").to_string());
+        }
+        Ok(ClusterStatus {
+            cluster: self
+                .keys
+                .prefix
+                .trim_start_matches("/cellgate/")
+                .trim_end_matches('/')
+                .to_string(),
+            revision,
+            gateways,
+            cells,
+        })
+    }
+}
+
 fn parse_revision(key: &str, bytes: &[u8]) -> Result<u64, ControlError> {
     std::str::from_utf8(bytes)
         .ok()

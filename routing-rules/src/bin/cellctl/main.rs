@@ -105,6 +105,8 @@ pub(crate) enum OnlineCommand {
     },
     /// Fetch the live document (for `route`).
     Document,
+    /// `status`.
+    Status { output: Output },
 }
 
 /// cellctl — inspect, route, diff and rebalance cellgate rules documents.
@@ -186,6 +188,13 @@ enum Command {
     /// Pin or unpin users (live rules).
     #[command(subcommand)]
     Override(OverrideCommand),
+    /// The live revision, each gateway's running revision and how long ago it
+    /// applied it, each cell/colour's registered instances; exit 1 when some
+    /// gateway does not run the latest revision yet.
+    Status {
+        #[command(flatten)]
+        out: OutputArg,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -455,6 +464,9 @@ fn run(cli: Cli) -> Result<()> {
             &target,
             edit(EditOp::OverrideSet { user, cell, colour }, msg),
         ),
+        Command::Status { out } => {
+            online::run(&target, OnlineCommand::Status { output: out.output })
+        }
         Command::Override(OverrideCommand::Rm { user, msg }) => {
             online::run(&target, edit(EditOp::OverrideRm { user }, msg))
         }

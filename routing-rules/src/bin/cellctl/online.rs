@@ -212,6 +212,18 @@ mod imp {
                 };
                 apply_edit(&mut cp, current, &new_text, None, &message, false, output).await
             }
+            OnlineCommand::Status { output } => {
+                let status = cp.status().await?;
+                match output {
+                    Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+                    Output::Text => print!("{}", status.summary()),
+                }
+                if status.all_current() {
+                    Ok(())
+                } else {
+                    Err(Reported.into())
+                }
+            }
             OnlineCommand::Document => {
                 let (text, rev) = need_current()?;
                 crate::LIVE.with(|l| *l.borrow_mut() = Some((text, rev)));
