@@ -109,7 +109,7 @@ pub struct CellRuntime {
 #[derive(Debug)]
 pub struct Generation {
     /// The compiled routing table.
-    pub table: RoutingTable,
+    pub table: Arc<RoutingTable>,
     /// Per cell, by [`CellIdx`].
     pub cells: Vec<CellRuntime>,
     /// The revision, as a header value.
@@ -217,6 +217,10 @@ pub struct Control {
     cell_max_inflight: usize,
     last_text: Mutex<String>,
     good_text: Mutex<String>,
+    /// Instances registered in the control plane, by (cell, colour name).
+    registered: Mutex<std::collections::BTreeMap<(String, String), Vec<String>>>,
+    /// Serialises installs (rules changes and registration changes).
+    install_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for Control {
@@ -277,7 +281,7 @@ impl Control {
         let table = compile(source, &text, revision)?;
         let control = Arc::new(Control {
             current: ArcSwap::from_pointee(Generation {
-                table: table.clone(),
+                table: Arc::new(table.clone()),
                 cells: Vec::new(),
                 rev_header: HeaderValue::from(0u64),
                 loaded_at: SystemTime::now(),
@@ -289,9 +293,11 @@ impl Control {
             health: Arc::new(health),
             cell_max_inflight,
             good_text: Mutex::new(text.clone()),
+            registered: Mutex::new(Default::default()),
+            install_lock: Mutex::new(()),
             last_text: Mutex::new(text),
         });
-        control.install(table);
+        control.install(Arc::new(table));
         control.metrics.reloads.with_label_values(&["ok"]).inc();
         Ok(control)
     }
@@ -329,7 +335,8 @@ impl Control {
     pub fn apply_text(&self, source: &Path, text: String, revision: u64) -> Result<u64, LoadError> {
         match compile(source, &text, revision) {
             Ok(table) => {
-                self.install(table);
+                let _serial = self.install_lock.lock().unwrap_or_else(|e| e.into_inner());
+                self.install(Arc::new(table));
                 if let Ok(mut t) = self.good_text.lock() {
                     t.clone_from(&text);
                 }
@@ -350,7 +357,31 @@ impl Control {
         }
     }
 
-    fn install(&self, table: RoutingTable) {
+    /// Replaces the set of instances registered in the control plane and
+    /// re-publishes the current rules with it: new instances join routing
+    /// (after their first health check), lapsed ones leave it.
+    pub fn set_registered(
+        &self,
+        registered: std::collections::BTreeMap<(String, String), Vec<String>>,
+    ) {
+        let _serial = self.install_lock.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut r = self.registered.lock().unwrap_or_else(|e| e.into_inner());
+            if *r == registered {
+                return;
+            }
+            *r = registered;
+        }
+        let table = self.current.load().table.clone();
+        self.install(table);
+    }
+
+    fn install(&self, table: Arc<RoutingTable>) {
+        let registered = self
+            .registered
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default();
         let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
         let mut limiters = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
         let mut next_instances = HashMap::new();
@@ -369,8 +400,17 @@ impl Control {
                 })
                 .clone();
             let colours = Colour::ALL.map(|colour| {
-                let list = table
-                    .instances(idx as CellIdx, colour)
+                let mut addrs: Vec<String> = table.instances(idx as CellIdx, colour).to_vec();
+                if let Some(extra) =
+                    registered.get(&(name.to_string(), colour.as_str().to_string()))
+                {
+                    for a in extra {
+                        if !addrs.contains(a) {
+                            addrs.push(a.clone());
+                        }
+                    }
+                }
+                let list = addrs
                     .iter()
                     .map(|addr| {
                         let key = (name.to_string(), colour, addr.clone());

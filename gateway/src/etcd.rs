@@ -9,6 +9,9 @@
 //!   unreachable the gateway keeps serving its last good rules.
 //! - Register: `/cellgate/<cluster>/gateways/<id>` under a lease, with the
 //!   revision the gateway runs, updated on every change.
+//! - Instances: cell agents' registrations (`instances/<cell>/<colour>/<id>`)
+//!   join the static addresses of the rules; a lapsed lease deletes the key
+//!   and the instance leaves routing.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -134,6 +137,13 @@ pub async fn follow(
         |_| {},
         stop.clone(),
     ));
+    let registry_control = control.clone();
+    let instances = tokio::spawn(routing_rules::etcd::follow_instances(
+        src.endpoints.clone(),
+        src.cluster.clone(),
+        move |registered| registry_control.set_registered(registered),
+        stop.clone(),
+    ));
     let follower_control = control.clone();
     let follower_src = src.clone();
     routing_rules::etcd::follow_rules(
@@ -158,6 +168,7 @@ pub async fn follow(
     )
     .await;
     let _ = registrar.await;
+    let _ = instances.await;
 }
 
 fn adopt(control: &Control, label: &Path, src: &EtcdSource, text: String, revision: u64) {

@@ -221,6 +221,66 @@ async fn gateways_follow_applies_survive_etcd_outages_and_boot_from_saved_rules(
         "requests failed during the etcd outage: {failed:?}"
     );
     assert!(ok > 50, "the load ran ({ok})");
+
+    // A registered instance joins routing; when its lease lapses it leaves.
+    let extra = Backend::start("cell-a", "blue").await;
+    let key = cp.keys().instance("cell-a", "blue", "extra-1");
+    let value = serde_json::json!({"id": "extra-1", "cell": "cell-a", "colour": "blue", "address": extra.addr.to_string()}).to_string();
+    let (_value_tx, value_rx) = tokio::sync::watch::channel(value);
+    let (_never, never_rx) = tokio::sync::watch::channel(false);
+    let registration = tokio::spawn(routing_rules::etcd::keep_registered(
+        vec![etcd.url.clone()],
+        "gw-test".into(),
+        key,
+        value_rx,
+        1,
+        |_| {},
+        never_rx,
+    ));
+    let blue_a: Vec<String> = (0..5000)
+        .map(|i| format!("ba{i}"))
+        .filter(|u| routing_rules::hash::xxh64_slot(u.as_bytes(), 100) <= 32)
+        .take(40)
+        .collect();
+    wait_until(
+        "the registered instance to receive traffic",
+        Duration::from_secs(10),
+        || {
+            let (client, users, addr) = (client.clone(), blue_a.clone(), g1.proxy_addr);
+            let seen = extra.requests.clone();
+            async move {
+                for u in &users {
+                    let _ = get_user(&client, addr, u).await;
+                }
+                seen.load(Ordering::SeqCst) > 0
+            }
+        },
+    )
+    .await;
+    // The agent dies without revoking: the lease (1 s) lapses.
+    registration.abort();
+    let n = extra.requests.clone();
+    wait_until(
+        "the lapsed instance to leave routing",
+        Duration::from_secs(10),
+        || {
+            let (client, users, addr, n) =
+                (client.clone(), blue_a.clone(), g1.proxy_addr, n.clone());
+            async move {
+                let before = n.load(Ordering::SeqCst);
+                for u in &users {
+                    let _ = get_user(&client, addr, u).await;
+                }
+                n.load(Ordering::SeqCst) == before
+            }
+        },
+    )
+    .await;
+    assert!(
+        failed.is_empty(),
+        "requests failed during the etcd outage: {failed:?}"
+    );
+    assert!(ok > 50, "the load ran ({ok})");
     drop(check);
     g1.shutdown().await;
     g2.shutdown().await;

@@ -698,6 +698,110 @@ pub async fn keep_registered(
     }
 }
 
+/// Registered instance addresses by `(cell, colour)`.
+pub type Registered = std::collections::BTreeMap<(String, String), Vec<String>>;
+
+/// Follows the instance registrations of `cluster`: calls `on_change` with
+/// the full set after the first read and after every change (a lapsed lease
+/// deletes its key, so the instance leaves the set), until `stop` flips.
+pub async fn follow_instances(
+    endpoints: Vec<String>,
+    cluster: String,
+    mut on_change: impl FnMut(Registered) + Send,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let session = async {
+            let mut cp = ControlPlane::connect(&endpoints, &cluster).await?;
+            let prefix = cp.keys().instances_prefix();
+            let resp = cp
+                .client()
+                .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+                .await
+                .map_err(|e| cp.err(e))?;
+            let start = resp.header().map(|h| h.revision()).unwrap_or(0) + 1;
+            // key → ((cell, colour), address)
+            let mut by_key: std::collections::BTreeMap<Vec<u8>, ((String, String), String)> =
+                Default::default();
+            let parse = |value: &[u8]| -> Option<((String, String), String)> {
+                let v: serde_json::Value = serde_json::from_slice(value).ok()?;
+                Some((
+                    (
+                        v["cell"].as_str()?.to_string(),
+                        v["colour"].as_str()?.to_string(),
+                    ),
+                    v["address"].as_str()?.to_string(),
+                ))
+            };
+            for kv in resp.kvs() {
+                if let Some(e) = parse(kv.value()) {
+                    by_key.insert(kv.key().to_vec(), e);
+                }
+            }
+            let snapshot =
+                |by_key: &std::collections::BTreeMap<Vec<u8>, ((String, String), String)>| {
+                    let mut r = Registered::new();
+                    for (cc, addr) in by_key.values() {
+                        r.entry(cc.clone()).or_default().push(addr.clone());
+                    }
+                    r
+                };
+            on_change(snapshot(&by_key));
+            let mut events = cp
+                .client()
+                .watch(
+                    prefix,
+                    Some(
+                        etcd_client::WatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(start),
+                    ),
+                )
+                .await
+                .map_err(|e| cp.err(e))?;
+            loop {
+                let msg = tokio::select! {
+                    _ = stop.changed() => return Ok::<(), ControlError>(()),
+                    m = events.message() => m.map_err(|e| cp.err(e))?,
+                };
+                let Some(resp) = msg else {
+                    return Err(ControlError::NotFound("the watch closed".into()));
+                };
+                if resp.canceled() || resp.compact_revision() > 0 {
+                    return Err(ControlError::NotFound(
+                        "the instances watch was canceled".into(),
+                    ));
+                }
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    match ev.event_type() {
+                        etcd_client::EventType::Put => {
+                            if let Some(e) = parse(kv.value()) {
+                                by_key.insert(kv.key().to_vec(), e);
+                            }
+                        }
+                        etcd_client::EventType::Delete => {
+                            by_key.remove(kv.key());
+                        }
+                    }
+                }
+                on_change(snapshot(&by_key));
+            }
+        };
+        match session.await {
+            Ok(()) => return,
+            Err(e) => tracing_warn(&format!("etcd instances session ended ({e}); reconnecting")),
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(RETRY_MS)) => {}
+        }
+    }
+}
+
 fn tracing_warn(msg: &str) {
     tracing::warn!("{msg}");
 }
