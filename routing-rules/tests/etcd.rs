@@ -3,6 +3,7 @@
 #![cfg(feature = "etcd")]
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use routing_rules::etcd::{ControlError, ControlPlane};
 use routing_rules::parse_rules;
@@ -157,4 +158,110 @@ async fn cellctl_online_commands() {
         DOC
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A TCP forwarder to etcd that the test can cut and restore, to make a
+/// follower lose its connection while etcd itself stays up.
+struct Cut {
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    epoch: tokio::sync::watch::Sender<u64>,
+    url: String,
+}
+
+impl Cut {
+    async fn start(target: &str) -> Cut {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let target = target.trim_start_matches("http://").to_string();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (epoch, epoch_rx) = tokio::sync::watch::channel(0u64);
+        let o = open.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !o.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: connection refused-ish
+                }
+                let target = target.clone();
+                let mut cut = epoch_rx.clone();
+                let started = *cut.borrow();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = async { while *cut.borrow() == started { if cut.changed().await.is_err() { break } } } => {}
+                    }
+                });
+            }
+        });
+        Cut { open, epoch, url }
+    }
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.epoch.send_modify(|e| *e += 1);
+    }
+    fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_resumes_after_a_disconnect_and_rereads_after_a_compaction() {
+    let e = Etcd::start();
+    let proxy = Cut::start(&e.url).await;
+    let mut c = cp(&e, "f").await;
+    c.apply(DOC, 0, "t", "1").await.unwrap();
+    let (seen_tx, mut seen_rx) = tokio::sync::watch::channel(0u64);
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let follower = tokio::spawn(routing_rules::etcd::follow_rules(
+        vec![proxy.url.clone()],
+        "f".into(),
+        move |s| {
+            let _ = seen_tx.send(s.revision);
+        },
+        |_| {},
+        stop_rx,
+    ));
+    let wait_for = |rx: &mut tokio::sync::watch::Receiver<u64>, rev: u64| {
+        let mut rx = rx.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(15), rx.wait_for(|r| *r == rev))
+                .await
+                .unwrap_or_else(|_| panic!("the follower never saw revision {rev}"))
+                .unwrap();
+        }
+    };
+    wait_for(&mut seen_rx, 1).await;
+    c.apply(&DOC.replace("green = 1000", "green = 1100"), 1, "t", "2")
+        .await
+        .unwrap();
+    wait_for(&mut seen_rx, 2).await;
+    // Cut the follower off; meanwhile two changes land and etcd compacts
+    // its history past the revision the follower would resume from.
+    proxy.cut();
+    c.apply(&DOC.replace("green = 1000", "green = 1200"), 2, "t", "3")
+        .await
+        .unwrap();
+    c.apply(&DOC.replace("green = 1000", "green = 1300"), 3, "t", "4")
+        .await
+        .unwrap();
+    let head = c
+        .client()
+        .get("x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    c.client().compact(head, None).await.unwrap();
+    proxy.restore();
+    wait_for(&mut seen_rx, 4).await;
+    // And it keeps following.
+    c.apply(DOC, 4, "t", "5").await.unwrap();
+    wait_for(&mut seen_rx, 5).await;
+    follower.abort();
 }
