@@ -125,9 +125,11 @@ async fn rules_from_etcd_registration_and_self_fencing() {
         }
     })
     .await;
-    let r = deposit(&client, agent.addr, &user, 5, "while-fenced").await;
+    // (Writes made before the fence, while the lease was still valid, count.)
+    let fenced_balance = balance(&client, agent.addr, &user).await;
+    let r = deposit(&client, agent.addr, &user, 5, "refused").await;
     assert_eq!(r.json["error"], "fenced");
-    assert_eq!(balance(&client, agent.addr, &user).await, 5);
+    assert_eq!(balance(&client, agent.addr, &user).await, fenced_balance);
     // etcd is back: the lease is renewed and writes resume.
     etcd.restart();
     wait_until("writes to resume", Duration::from_secs(15), || {
@@ -135,7 +137,10 @@ async fn rules_from_etcd_registration_and_self_fencing() {
         async move { deposit(&client, agent.addr, &user, 5, "after").await.status == StatusCode::OK }
     })
     .await;
-    assert_eq!(balance(&client, agent.addr, &user).await, 10);
+    assert_eq!(
+        balance(&client, agent.addr, &user).await,
+        fenced_balance + 5
+    );
 
     // A crashed agent's lease lapses and its registration disappears within the TTL.
     agent.kill();

@@ -51,7 +51,16 @@ pub struct DemoConfig {
     /// Users in the smoke workload (each deposits, pays an order, transfers).
     #[arg(long, value_name = "N", default_value_t = 60, value_parser = clap::value_parser!(u32).range(2..=10_000))]
     pub smoke_users: u32,
+    /// Put the rules and the registrations in etcd (cluster `demo`) instead
+    /// of a file: the rules are applied there, agents register under leases
+    /// and self-fence, the gateway follows etcd. Needs a build with
+    /// `--features etcd`.
+    #[arg(long, value_name = "URL[,URL...]")]
+    pub etcd: Option<String>,
 }
+
+/// The cluster name the demo uses in etcd.
+pub const DEMO_CLUSTER: &str = "demo";
 
 /// A running demo.
 pub struct Demo {
@@ -118,16 +127,21 @@ impl Demo {
             }
         }
         let rules_path = data_dir.join("rules.toml");
-        std::fs::write(&rules_path, demo_rules(&addrs)?)?;
+        let text = demo_rules(&addrs)?;
+        std::fs::write(&rules_path, &text)?;
+        if let Some(url) = &cfg.etcd {
+            publish_to_etcd(url, &text).await?;
+        }
+        let file = cfg.etcd.is_none().then(|| rules_path.clone());
         let mut agents = Vec::new();
         for (cell, colour, listener) in listeners {
             let agent_cfg = cell_agent::AgentConfig {
                 cell: cell.into(),
                 colour,
                 db: data_dir.join(format!("{cell}.db")),
-                rules: Some(rules_path.clone()),
-                etcd: None,
-                cluster: "default".into(),
+                rules: file.clone(),
+                etcd: cfg.etcd.clone(),
+                cluster: DEMO_CLUSTER.into(),
                 instance_id: None,
                 advertise: None,
                 lease_ttl_s: 5,
@@ -140,6 +154,12 @@ impl Demo {
             agents.push((cell.to_string(), colour, agent));
         }
         let mut gw_cfg = ServeConfig::for_tests(rules_path.clone());
+        if let Some(url) = &cfg.etcd {
+            gw_cfg.rules = None;
+            gw_cfg.etcd = Some(url.clone());
+            gw_cfg.cluster = DEMO_CLUSTER.into();
+            gw_cfg.state_dir = Some(data_dir.join("gateway-state"));
+        }
         gw_cfg.listen = cfg.listen;
         gw_cfg.admin = cfg.admin;
         gw_cfg.health_interval_ms = 500;
@@ -221,6 +241,22 @@ impl Demo {
             let _ = std::fs::remove_dir_all(&self.data_dir);
         }
     }
+}
+
+/// Applies the demo's rules in etcd (as the next revision of cluster `demo`).
+#[cfg(feature = "etcd")]
+async fn publish_to_etcd(url: &str, text: &str) -> anyhow::Result<()> {
+    let endpoints: Vec<String> = url.split(',').map(|s| s.trim().to_string()).collect();
+    let mut cp = routing_rules::etcd::ControlPlane::connect(&endpoints, DEMO_CLUSTER).await?;
+    let current = cp.get().await?.map(|s| s.revision).unwrap_or(0);
+    cp.apply(text, current, "cellgate-demo", "demo start")
+        .await?;
+    Ok(())
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn publish_to_etcd(_url: &str, _text: &str) -> anyhow::Result<()> {
+    anyhow::bail!("--etcd: this cellgate was built without etcd support; build it with `--features etcd` (needs protoc)")
 }
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;

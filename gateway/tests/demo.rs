@@ -11,6 +11,7 @@ async fn the_demo_smoke_workload_passes() {
         admin: "127.0.0.1:0".parse().unwrap(),
         smoke: true,
         smoke_users: 30,
+        etcd: None,
     };
     let demo = Demo::start(&cfg).await.unwrap();
     demo.seed().await.unwrap();
@@ -57,4 +58,46 @@ fn the_smoke_checks_catch_a_wrong_cell_and_missing_money() {
         ..good.clone()
     };
     assert!(!misrouted.ok());
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_smoke_workload_passes_through_etcd() {
+    let etcd = routing_rules::etcd::testing::EtcdServer::start();
+    let cfg = DemoConfig {
+        data_dir: None,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin: "127.0.0.1:0".parse().unwrap(),
+        smoke: true,
+        smoke_users: 20,
+        etcd: Some(etcd.url.clone()),
+    };
+    let demo = Demo::start(&cfg).await.unwrap();
+    // Agents on etcd accept writes once they hold their leases.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while demo.seed().await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agents never accepted writes"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let report = demo.smoke(20).await.unwrap();
+    assert!(report.ok(), "{report:#?}");
+    let mut cp =
+        routing_rules::etcd::ControlPlane::connect(std::slice::from_ref(&etcd.url), "demo")
+            .await
+            .unwrap();
+    let status = cp.status().await.unwrap();
+    assert_eq!(status.revision, 1);
+    assert_eq!(status.gateways.len(), 1);
+    assert_eq!(
+        status
+            .cells
+            .values()
+            .map(|c| c.registered.len())
+            .sum::<usize>(),
+        6
+    );
+    demo.stop().await;
 }
