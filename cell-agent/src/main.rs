@@ -92,25 +92,10 @@ fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     rt.block_on(async move {
         let agent = cell_agent::start(cfg, prometheus::Registry::new()).await?;
         println!("listening on {}", agent.addr);
-        wait_for_signal().await;
+        cell_agent::server::wait_for_signal().await;
         tracing::info!("shutting down: draining in-flight requests");
         let clean = agent.shutdown().await;
         tracing::info!(clean, "stopped");
         Ok(())
     })
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
@@ -231,18 +231,9 @@ impl std::fmt::Debug for Control {
     }
 }
 
-/// Revision of a file-based rules version: its modification time in
-/// milliseconds since the epoch, so every process reading the same file
-/// agrees, and never below `previous + 1`.
-pub fn file_revision(path: &Path, previous: u64) -> u64 {
-    let mtime = std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    mtime.max(previous + 1)
-}
+/// Revision of a file-based rules version (the file's mtime in ms, shared
+/// with the cell agents so every process reading the same file agrees).
+pub use cell_agent::rules::file_revision;
 
 impl Control {
     /// Loads `path` and builds the first generation. Must run inside a
