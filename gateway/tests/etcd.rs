@@ -194,6 +194,23 @@ async fn gateways_follow_applies_survive_etcd_outages_and_boot_from_saved_rules(
         },
     )
     .await;
+    // cellctl status' health view: every static instance up in both gateways.
+    let mut status = cp.status().await.unwrap();
+    status.add_health(None).await;
+    assert!(
+        status.unreachable_gateways.is_empty(),
+        "{:?}",
+        status.unreachable_gateways
+    );
+    let a_blue = topo
+        .of("cell-a")
+        .find(|b| b.colour == "blue")
+        .unwrap()
+        .addr
+        .to_string();
+    let h = &status.health["cell-a/blue"][&a_blue];
+    assert_eq!((h.up_in, h.seen_by), (2, 2));
+    assert!(status.summary().contains("up in 2/2 gateways"));
 
     // cellctl failover / failback (the same edit + CAS apply) move cell-c's users.
     let c_user = (0..1000)

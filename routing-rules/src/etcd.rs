@@ -342,6 +342,21 @@ pub struct ClusterStatus {
     pub gateways: Vec<GatewayStatus>,
     /// Registered instances per `cell/colour`, and the static ones in the rules.
     pub cells: std::collections::BTreeMap<String, CellColourStatus>,
+    /// Instance health as the gateways see it (from their `/admin/health`):
+    /// per `cell/colour`, per address, how many gateways see it up.
+    pub health:
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, InstanceHealth>>,
+    /// Gateways whose admin API could not be read.
+    pub unreachable_gateways: Vec<String>,
+}
+
+/// One instance's health across gateways.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct InstanceHealth {
+    /// Gateways that see it up.
+    pub up_in: usize,
+    /// Gateways that report it.
+    pub seen_by: usize,
 }
 
 /// One gateway's registration.
@@ -394,13 +409,31 @@ impl ClusterStatus {
                 if g.current { "" } else { "  BEHIND" }
             );
         }
-        let _ = writeln!(s, "instances (registered = holds a live lease):");
+        let _ = writeln!(
+            s,
+            "instances (registered = holds a live lease; up = passes the gateways' health checks):"
+        );
         for (cc, st) in &self.cells {
             let _ = writeln!(
                 s,
                 "  {cc:<20} registered [{}]  static [{}]",
                 st.registered.join(", "),
                 st.static_instances.join(", ")
+            );
+            if let Some(h) = self.health.get(cc) {
+                for (addr, ih) in h {
+                    let _ = writeln!(
+                        s,
+                        "    {addr:<22} up in {}/{} gateways",
+                        ih.up_in, ih.seen_by
+                    );
+                }
+            }
+        }
+        for g in &self.unreachable_gateways {
+            let _ = writeln!(
+                s,
+                "  (gateway {g}: admin API unreachable; its view of health is missing)"
             );
         }
         let _ = writeln!(
@@ -486,7 +519,63 @@ impl ControlPlane {
             revision,
             gateways,
             cells,
+            health: Default::default(),
+            unreachable_gateways: Vec::new(),
         })
+    }
+}
+
+impl ClusterStatus {
+    /// Asks every registered gateway's admin API (`/admin/health`, with
+    /// `token` as bearer token when given) how it sees each instance.
+    pub async fn add_health(&mut self, token: Option<&str>) {
+        use http_body_util::BodyExt;
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        for g in &self.gateways {
+            let Some(admin) = g.registration["admin"].as_str() else {
+                self.unreachable_gateways.push(g.id.clone());
+                continue;
+            };
+            let mut req = http::Request::get(format!("http://{admin}/admin/health"));
+            if let Some(t) = token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            let Ok(req) = req.body(http_body_util::Empty::new()) else {
+                continue;
+            };
+            let fetched = async {
+                let resp = client.request(req).await.ok()?;
+                if !resp.status().is_success() {
+                    return None;
+                }
+                let body = resp.into_body().collect().await.ok()?.to_bytes();
+                serde_json::from_slice::<serde_json::Value>(&body).ok()
+            };
+            match tokio::time::timeout(std::time::Duration::from_secs(2), fetched).await {
+                Ok(Some(v)) => {
+                    for i in v["instances"].as_array().into_iter().flatten() {
+                        let cc = format!(
+                            "{}/{}",
+                            i["cell"].as_str().unwrap_or("?"),
+                            i["colour"].as_str().unwrap_or("?")
+                        );
+                        let e = self
+                            .health
+                            .entry(cc)
+                            .or_default()
+                            .entry(i["address"].as_str().unwrap_or("?").to_string())
+                            .or_default();
+                        e.seen_by += 1;
+                        if i["up"].as_bool() == Some(true) {
+                            e.up_in += 1;
+                        }
+                    }
+                }
+                _ => self.unreachable_gateways.push(g.id.clone()),
+            }
+        }
     }
 }
 

@@ -213,7 +213,9 @@ mod imp {
                 apply_edit(&mut cp, current, &new_text, None, &message, false, output).await
             }
             OnlineCommand::Status { output } => {
-                let status = cp.status().await?;
+                let mut status = cp.status().await?;
+                let token = std::env::var("CELLGATE_ADMIN_TOKEN").ok();
+                status.add_health(token.as_deref()).await;
                 match output {
                     Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
                     Output::Text => print!("{}", status.summary()),
