@@ -29,6 +29,7 @@ fn rules(cells: usize, overrides: usize) -> Rules {
                     green: 2_500,
                     seed: i as u64,
                 },
+                registered: false,
             },
         );
     }

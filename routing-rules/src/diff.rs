@@ -450,6 +450,9 @@ impl RulesDiff {
             if b.blue != a.blue || b.green != a.green {
                 what.push("instances changed".to_string());
             }
+            if b.registered != a.registered {
+                what.push(format!("registered {} → {}", b.registered, a.registered));
+            }
             if b.weight != a.weight {
                 what.push(format!("weight {} → {}", b.weight, a.weight));
             }

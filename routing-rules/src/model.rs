@@ -227,6 +227,9 @@ pub struct Cell {
     pub green: Vec<String>,
     /// Blue/green split.
     pub split: Split,
+    /// Instances may also come from control-plane registrations, so a
+    /// colour with traffic may list no static instance (default false).
+    pub registered: bool,
 }
 
 impl Cell {

@@ -43,13 +43,19 @@ pub struct StaticHealth {
 }
 
 impl StaticHealth {
-    /// Up wherever the rules list at least one instance for the colour.
+    /// Up wherever the rules list at least one instance for the colour (or
+    /// the cell takes registered instances).
     pub fn from_table(table: &RoutingTable) -> Self {
         let up = table
             .rules()
             .cells
             .values()
-            .map(|c| [!c.blue.is_empty(), !c.green.is_empty()])
+            .map(|c| {
+                [
+                    c.registered || !c.blue.is_empty(),
+                    c.registered || !c.green.is_empty(),
+                ]
+            })
             .collect();
         StaticHealth { up }
     }

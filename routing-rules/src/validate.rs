@@ -92,6 +92,8 @@ struct FileCell {
     green: Vec<String>,
     #[serde(default)]
     split: FileSplit,
+    #[serde(default)]
+    registered: bool,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -451,7 +453,7 @@ fn check(mut doc: FileDoc) -> Result<Rules, RulesError> {
             (Colour::Blue, &fc.blue, BASIS_POINTS - green),
             (Colour::Green, &fc.green, green),
         ] {
-            if share > 0 && list.is_empty() {
+            if share > 0 && list.is_empty() && !fc.registered {
                 c.errors.push(ValidationError::WeightWithoutInstances {
                     cell: name.clone(),
                     colour: colour.to_string(),
@@ -487,6 +489,7 @@ fn check(mut doc: FileDoc) -> Result<Rules, RulesError> {
                     green,
                     seed: fc.split.seed,
                 },
+                registered: fc.registered,
             },
         );
     }
@@ -700,6 +703,16 @@ mod tests {
             all.contains("cells.a.green: the split gives green 100"),
             "{all}"
         );
+    }
+
+    #[test]
+    fn registered_cells_may_list_no_static_instances() {
+        let doc = "slots = 1\n[cells.a]\nregistered = true\nsplit = { green = 5000 }\n[[ranges]]\nfrom = 0\nto = 0\ncell = \"a\"\n";
+        let r = parse_rules(doc).unwrap();
+        assert!(r.cells["a"].registered);
+        assert!(problems(&doc.replace("registered = true\n", ""))
+            .join("\n")
+            .contains("has no instances"));
     }
 
     #[test]

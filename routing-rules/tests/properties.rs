@@ -33,6 +33,7 @@ fn cell_strategy(names: Vec<String>, me: String) -> impl Strategy<Value = Cell> 
                 blue: (0..n).map(|i| format!("{me}-blue-{i}:80")).collect(),
                 green: (0..n).map(|i| format!("{me}-green-{i}:80")).collect(),
                 split: Split { green, seed },
+                registered: false,
             },
         )
 }
@@ -119,6 +120,7 @@ fn equal_table(cells: usize, slots: u32) -> Rules {
                 blue: vec![format!("{n}:1")],
                 green: vec![],
                 split: Split::default(),
+                registered: false,
             },
         );
     }
