@@ -267,26 +267,7 @@ impl Shared {
 
         // 1-2: key and route.
         let (mut parts, body) = req.into_parts();
-        let decision = {
-            let headers = Headers(&parts.headers);
-            let rp = RequestParts {
-                headers: &headers,
-                path: parts.uri.path(),
-                query: parts.uri.query(),
-            };
-            let key = extract_key(&table.rules().key, &rp);
-            let attrs = RouteAttrs {
-                tester_colour: if table.rules().tester.enabled {
-                    parts
-                        .headers
-                        .get(table.rules().tester.header.as_str())
-                        .map(HeaderValue::as_bytes)
-                } else {
-                    None
-                },
-            };
-            table.route(key.as_deref(), &attrs, &gen.health(now))
-        };
+        let decision = route_request(table, &parts.headers, &parts.uri, &gen.health(now));
         let decision = match decision {
             Ok(d) => d,
             Err(problem) => {
@@ -437,8 +418,8 @@ impl Shared {
                         tracing::warn!(cell = %instance.cell, colour = %colour, instance = %instance.address, eject_ms = ms, "upstream connect failed; instance ejected");
                     }
                     tried.push(instance);
+                    decision = reroute(&gen, req.headers(), req.uri(), &decision, &tried);
                     upstream_req = Some(req);
-                    decision = self.reroute(&gen, upstream_req.as_ref(), &decision, &tried);
                     continue;
                 }
             };
@@ -484,8 +465,7 @@ impl Shared {
                     );
                     match &replay {
                         Some(r) => {
-                            let again = r.request();
-                            decision = self.reroute(&gen, Some(&again), &decision, &tried);
+                            decision = reroute(&gen, &r.headers, &r.uri, &decision, &tried);
                         }
                         None => break,
                     }
@@ -525,42 +505,53 @@ impl Shared {
             .with_label_values(&[gen.table.cell_name(cell), colour.as_str(), kind.as_str()])
             .inc();
     }
+}
 
-    /// Routes again after an instance was ejected: the decision may now fall
-    /// back to the other colour or fail over to a backup cell.
-    fn reroute(
-        &self,
-        gen: &Generation,
-        req: Option<&Request<UpstreamBody>>,
-        previous: &routing_rules::RouteDecision,
-        tried: &[Arc<Instance>],
-    ) -> routing_rules::RouteDecision {
-        let Some(req) = req else { return *previous };
-        let table = &gen.table;
-        let headers = Headers(req.headers());
-        let rp = RequestParts {
-            headers: &headers,
-            path: req.uri().path(),
-            query: req.uri().query(),
-        };
-        let key = extract_key(&table.rules().key, &rp);
-        let attrs = RouteAttrs {
-            tester_colour: if table.rules().tester.enabled {
-                req.headers()
-                    .get(table.rules().tester.header.as_str())
-                    .map(HeaderValue::as_bytes)
-            } else {
-                None
-            },
-        };
-        table
-            .route(
-                key.as_deref(),
-                &attrs,
-                &gen.health_excluding(now_ms(), tried),
-            )
-            .unwrap_or(*previous)
-    }
+/// Routes a request head: key from the rules' source, tester colour when
+/// enabled, decision under `health`.
+fn route_request(
+    table: &routing_rules::RoutingTable,
+    headers: &HeaderMap,
+    uri: &Uri,
+    health: &impl routing_rules::HealthView,
+) -> Result<routing_rules::RouteDecision, KeyProblem> {
+    let lookup = Headers(headers);
+    let rp = RequestParts {
+        headers: &lookup,
+        path: uri.path(),
+        query: uri.query(),
+    };
+    let key = extract_key(&table.rules().key, &rp);
+    let tester = &table.rules().tester;
+    let attrs = RouteAttrs {
+        tester_colour: if tester.enabled {
+            headers
+                .get(tester.header.as_str())
+                .map(HeaderValue::as_bytes)
+        } else {
+            None
+        },
+    };
+    table.route(key.as_deref(), &attrs, health)
+}
+
+/// Routes again after an instance was ejected or failed: with every
+/// instance already tried counted as down, the decision may fall back to
+/// the other colour or fail over to a backup cell.
+fn reroute(
+    gen: &Generation,
+    headers: &HeaderMap,
+    uri: &Uri,
+    previous: &routing_rules::RouteDecision,
+    tried: &[Arc<Instance>],
+) -> routing_rules::RouteDecision {
+    route_request(
+        &gen.table,
+        headers,
+        uri,
+        &gen.health_excluding(now_ms(), tried),
+    )
+    .unwrap_or(*previous)
 }
 
 fn stamp<B>(
