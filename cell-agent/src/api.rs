@@ -224,7 +224,7 @@ impl<S: Store> Api<S> {
             }
         }
         if route == "metrics" && req.method() == Method::GET {
-            return crate::server::metrics_response(self).await;
+            return self.metrics_response().await;
         }
         let resp = match self.dispatch(req, &segs).await {
             Ok((status, body)) => json_response(status, &body),
@@ -456,6 +456,19 @@ impl<S: Store> Api<S> {
             ));
         }
         Ok(r)
+    }
+
+    /// `/metrics`: refreshes the data gauges from the store, then renders.
+    async fn metrics_response(&self) -> Response<Full<Bytes>> {
+        if let Ok(stats) = self.store.stats().await {
+            self.metrics.set_stats(&stats);
+        }
+        let mut r = Response::new(Full::new(Bytes::from(self.metrics.encode())));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        r
     }
 
     async fn write(&self, op: WriteOp) -> Result<(u16, Value), DomainError> {

@@ -18,12 +18,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::{Layer, ServiceExt};
 
-use crate::api::{json_response, Api};
+use crate::api::Api;
 use crate::guard::GuardLayer;
 use crate::metrics::AgentMetrics;
 use crate::rules::RulesHolder;
 use crate::store::sqlite::SqliteStore;
-use crate::store::Store;
 
 /// Flags of `cell-agent serve`.
 #[derive(Debug, Clone, Args)]
@@ -180,14 +179,7 @@ pub async fn start_on(
 
 #[cfg(feature = "etcd")]
 fn endpoints(cfg: &AgentConfig) -> Vec<String> {
-    cfg.etcd
-        .as_deref()
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .collect()
+    routing_rules::etcd::parse_endpoints(cfg.etcd.as_deref().unwrap_or_default())
 }
 
 /// Boots the rules from etcd.
@@ -231,9 +223,7 @@ fn control_plane_tasks(
     }
     let eps = endpoints(cfg);
     let keys = routing_rules::etcd::Keys::new(&cfg.cluster)?;
-    let host = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "cell".into());
+    let host = routing_rules::etcd::host_name().unwrap_or_else(|| "cell".into());
     let id = cfg
         .instance_id
         .clone()
@@ -355,32 +345,6 @@ impl RunningAgent {
         }
         clean
     }
-
-    /// `/metrics` text, after refreshing the data gauges.
-    pub async fn metrics_text(&self) -> String {
-        metrics_text(&self.api).await
-    }
-}
-
-/// Refreshes the data gauges and renders the metrics.
-pub async fn metrics_text<S: Store>(api: &Api<S>) -> String {
-    if let Ok(stats) = api.store.stats().await {
-        api.metrics.set_stats(&stats);
-    }
-    api.metrics.encode()
-}
-
-/// Builds the `/metrics` response.
-pub async fn metrics_response<S: Store>(
-    api: &Api<S>,
-) -> http::Response<http_body_util::Full<bytes::Bytes>> {
-    let mut r = json_response(200, &serde_json::Value::Null);
-    *r.body_mut() = http_body_util::Full::new(bytes::Bytes::from(metrics_text(api).await));
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
-    r
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

@@ -10,8 +10,8 @@ use std::time::UNIX_EPOCH;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use routing_rules::key::percent_decode;
-use routing_rules::{CellIdx, Colour, RouteAttrs};
+use routing_rules::key::{extract_key, RequestParts};
+use routing_rules::{CellIdx, Colour, KeySource, RouteAttrs};
 use serde_json::json;
 
 use crate::control::Control;
@@ -46,12 +46,19 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The first value of query parameter `name`, percent-decoded.
+/// The first value of query parameter `name`, percent-decoded (the same
+/// parsing as a `source = "query"` routing key).
 fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    query?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| String::from_utf8_lossy(&percent_decode(v.as_bytes())).into_owned())
-    })
+    let no_headers = |_: &str| None;
+    let parts = RequestParts {
+        headers: &no_headers,
+        path: "",
+        query,
+    };
+    let source = KeySource::Query {
+        name: name.to_string(),
+    };
+    extract_key(&source, &parts).map(|v| String::from_utf8_lossy(&v).into_owned())
 }
 
 impl Admin {

@@ -246,7 +246,7 @@ impl Demo {
 /// Applies the demo's rules in etcd (as the next revision of cluster `demo`).
 #[cfg(feature = "etcd")]
 async fn publish_to_etcd(url: &str, text: &str) -> anyhow::Result<()> {
-    let endpoints: Vec<String> = url.split(',').map(|s| s.trim().to_string()).collect();
+    let endpoints = routing_rules::etcd::parse_endpoints(url);
     let mut cp = routing_rules::etcd::ControlPlane::connect(&endpoints, DEMO_CLUSTER).await?;
     let current = cp.get().await?.map(|s| s.revision).unwrap_or(0);
     cp.apply(text, current, "cellgate-demo", "demo start")

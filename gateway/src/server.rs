@@ -158,19 +158,9 @@ async fn load_rules(
 
 #[cfg(feature = "etcd")]
 fn etcd_source(cfg: &ServeConfig) -> anyhow::Result<crate::etcd::EtcdSource> {
-    let endpoints: Vec<String> = cfg
-        .etcd
-        .as_deref()
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .collect();
+    let endpoints = routing_rules::etcd::parse_endpoints(cfg.etcd.as_deref().unwrap_or_default());
     anyhow::ensure!(!endpoints.is_empty(), "--etcd: no endpoint given");
-    let host = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "gateway".into());
+    let host = routing_rules::etcd::host_name().unwrap_or_else(|| "gateway".into());
     Ok(crate::etcd::EtcdSource {
         endpoints,
         cluster: cfg.cluster.clone(),

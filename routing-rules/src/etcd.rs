@@ -101,6 +101,25 @@ pub fn check_cluster(name: &str) -> Result<(), ControlError> {
     Ok(())
 }
 
+/// Parses an endpoint list such as `http://a:2379, http://b:2379`
+/// (`--etcd`, `CELLGATE_ETCD`); empty entries are dropped.
+pub fn parse_endpoints(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// This machine's host name (for registration ids and `applied_by`), if
+/// it can be read.
+pub fn host_name() -> Option<String> {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
 /// The key layout of one cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {

@@ -32,9 +32,7 @@ mod imp {
 
     fn who() -> String {
         let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-        let host = std::fs::read_to_string("/etc/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "localhost".into());
+        let host = routing_rules::etcd::host_name().unwrap_or_else(|| "localhost".into());
         format!("{user}@{host}")
     }
 
@@ -43,12 +41,7 @@ mod imp {
             .etcd
             .as_deref()
             .context("no etcd endpoints: give --etcd URL[,URL...] or set CELLGATE_ETCD")?;
-        let endpoints: Vec<String> = endpoints
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect();
+        let endpoints = routing_rules::etcd::parse_endpoints(endpoints);
         Ok(ControlPlane::connect(&endpoints, &target.cluster).await?)
     }
 
