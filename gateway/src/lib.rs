@@ -3,7 +3,9 @@
 //! it over pooled keep-alive connections, fails over on health, and exposes
 //! Prometheus metrics and a read-only admin API.
 //!
-//! Built on hyper + tower; see docs/gateway.md for the phases of a request.
+//! Plain HTTP/1.x requests take a lean path (`fast`, `h1`); HTTP/2 and
+//! everything unusual go through hyper + tower. See docs/gateway.md for the
+//! phases of a request.
 
 pub mod admin;
 pub mod config;
@@ -11,6 +13,8 @@ pub mod control;
 pub mod demo;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod fast;
+pub mod h1;
 pub mod health;
 pub mod metrics;
 pub mod proxy;

@@ -1,12 +1,18 @@
-//! The data path: a tower `Service` that routes each request to its user's
-//! cell and colour, stamps it, and proxies it over a pooled connection,
-//! retrying elsewhere only when that cannot duplicate an effect.
+//! The data path: routes each request to its user's cell and colour,
+//! stamps it, and proxies it over a pooled HTTP/1.1 connection, retrying
+//! elsewhere only when that cannot duplicate an effect.
+//!
+//! Two front ends share it: the lean HTTP/1.1 connection loop (`fast.rs`,
+//! plain HTTP/1.x requests) and a hyper + tower service (HTTP/2, and
+//! HTTP/1 requests the lean loop leaves to hyper: chunked request bodies,
+//! `Expect`, upgrades, absolute-form targets, malformed heads).
 //!
 //! Phases of one request (see docs/gateway.md):
 //! 1. load the current generation (lock-free);
 //! 2. extract the key, route (override → slot → home → serving → colour);
 //! 3. take an in-flight slot of the serving cell (503 + Retry-After if full);
-//! 4. rewrite headers (hop-by-hop out; stamps, x-forwarded-for, request id in);
+//! 4. write the upstream head once (hop-by-hop out; x-forwarded-for and
+//!    request id in); the stamps are appended per attempt;
 //! 5. attempt: pick an instance, check out a connection, send; on a connect
 //!    failure re-route with the instance ejected and try again; after the
 //!    request reached an upstream, retry only idempotent body-less requests;
@@ -22,20 +28,24 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{Either, Empty, Full};
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use routing_rules::key::{extract_key, HeaderLookup, RequestParts};
-use routing_rules::{CellReason, KeyProblem, RouteAttrs, STAMP_HEADERS};
+use routing_rules::{CellReason, KeyProblem, RouteAttrs, RouteDecision, STAMP_HEADERS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::control::{Control, Generation, InflightGuard};
+use crate::h1::{self, BodyDecoder, Framing, ResponseHead};
 use crate::metrics::UpstreamErrorKind;
-use crate::upstream::{ms_at, now_ms, CheckoutError, Instance, ResponseBody, UpstreamBody};
+use crate::upstream::{ms_at, now_ms, CheckoutError, Instance, PooledConn, ReadHeadError};
 
-/// Body of responses to clients.
-pub type ProxyBody = Either<ResponseBody<InflightGuard>, Full<Bytes>>;
+/// Body of responses to clients on the hyper front end.
+pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
 
 /// Proxy settings.
 #[derive(Debug, Clone)]
@@ -68,7 +78,7 @@ impl RequestIds {
         }
     }
 
-    fn next(&self) -> HeaderValue {
+    fn next(&self) -> [u8; 32] {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut buf = [0u8; 32];
@@ -77,7 +87,7 @@ impl RequestIds {
                 buf[i * 16 + j] = HEX[((v >> (60 - 4 * j)) & 0xf) as usize];
             }
         }
-        HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+        buf
     }
 }
 
@@ -88,75 +98,67 @@ fn xorshift(mut x: u64) -> u64 {
     x
 }
 
-struct Shared {
-    control: Arc<Control>,
-    settings: ProxySettings,
+/// What both front ends share: the rules, settings and request ids.
+#[derive(Debug)]
+pub struct Shared {
+    pub(crate) control: Arc<Control>,
+    pub(crate) settings: ProxySettings,
     ids: RequestIds,
 }
 
-/// The proxy service for one downstream connection.
-#[derive(Clone)]
-pub struct ProxyService {
-    shared: Arc<Shared>,
-    peer: Option<SocketAddr>,
-    /// The peer's IP as a header value, formatted once per connection.
-    peer_ip: Option<HeaderValue>,
-}
-
-impl std::fmt::Debug for ProxyService {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProxyService")
-            .field("peer", &self.peer)
-            .finish()
+impl Shared {
+    /// Shared state over `control`'s rules.
+    pub fn new(control: Arc<Control>, settings: ProxySettings) -> Arc<Self> {
+        Arc::new(Shared {
+            control,
+            settings,
+            ids: RequestIds::new(),
+        })
     }
 }
 
-impl ProxyService {
-    /// A service over `control`'s rules.
-    pub fn new(control: Arc<Control>, settings: ProxySettings) -> Self {
-        ProxyService {
-            shared: Arc::new(Shared {
-                control,
-                settings,
-                ids: RequestIds::new(),
-            }),
-            peer: None,
-            peer_ip: None,
+/// A request the gateway answers itself (bad key, overload, upstream
+/// failure), with a JSON body `{error, message}`.
+#[derive(Debug, Clone, Copy)]
+pub struct Refusal {
+    /// Status.
+    pub status: StatusCode,
+    /// Short machine-readable code.
+    pub error: &'static str,
+    /// Human-readable message.
+    pub message: &'static str,
+    /// Add `retry-after: 1`.
+    pub retry_after: bool,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, error: &'static str, message: &'static str) -> Self {
+        Refusal {
+            status,
+            error,
+            message,
+            retry_after: false,
         }
     }
 
-    /// The same service for a connection from `peer`.
-    pub fn for_peer(&self, peer: SocketAddr) -> Self {
-        ProxyService {
-            shared: self.shared.clone(),
-            peer: Some(peer),
-            peer_ip: HeaderValue::from_str(&peer.ip().to_string()).ok(),
-        }
-    }
-}
-
-impl tower::Service<Request<Incoming>> for ProxyService {
-    type Response = Response<ProxyBody>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
+    fn for_key(problem: KeyProblem) -> Self {
+        let (error, message) = match problem {
+            KeyProblem::Missing => ("missing_key", "the request carries no routing key"),
+            KeyProblem::Malformed => (
+                "malformed_key",
+                "the routing key is empty, longer than 256 bytes, or has control characters",
+            ),
+            KeyProblem::NotDigits => (
+                "malformed_key",
+                "the routing key is not a long enough string of decimal digits",
+            ),
+        };
+        Refusal::new(StatusCode::BAD_REQUEST, error, message)
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let shared = self.shared.clone();
-        let peer_ip = self.peer_ip.clone();
-        Box::pin(async move { Ok(shared.handle(req, peer_ip.as_ref()).await) })
-    }
-}
-
-struct Headers<'a>(&'a HeaderMap);
-
-impl HeaderLookup for Headers<'_> {
-    #[inline]
-    fn header(&self, name: &str) -> Option<&[u8]> {
-        self.0.get(name).map(HeaderValue::as_bytes)
+    /// The JSON body.
+    pub fn body(&self) -> String {
+        serde_json::json!({ "error": self.error, "message": self.message }).to_string()
     }
 }
 
@@ -172,120 +174,328 @@ pub fn json_error(status: StatusCode, error: &str, message: &str) -> Response<Pr
     resp
 }
 
-/// Stamp and bookkeeping header names, built once (no parsing per request).
-const X_SLOT: HeaderName = HeaderName::from_static("x-cellgate-slot");
-const X_CELL: HeaderName = HeaderName::from_static("x-cellgate-cell");
-const X_HOME: HeaderName = HeaderName::from_static("x-cellgate-home");
-const X_COLOUR: HeaderName = HeaderName::from_static("x-cellgate-colour");
-const X_REV: HeaderName = HeaderName::from_static("x-cellgate-rev");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+fn refusal_response(r: &Refusal) -> Response<ProxyBody> {
+    let mut resp = json_error(r.status, r.error, r.message);
+    if r.retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
 
-/// Whether a header must not be forwarded: hop-by-hop headers, and (in
-/// requests) the stamps only the gateway may set.
+/// Header lookup over raw (name, value) pairs.
+struct RawHeaders<'a, I>(&'a I);
+
+impl<'a, 'h: 'a, I> HeaderLookup for RawHeaders<'a, I>
+where
+    I: Iterator<Item = (&'h [u8], &'h [u8])> + Clone,
+{
+    #[inline]
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.0
+            .clone()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+}
+
 #[inline]
-fn is_hop_or_stamp(name: &HeaderName, stamps: bool) -> bool {
-    matches!(
-        *name,
-        header::CONNECTION
-            | header::PROXY_AUTHORIZATION
-            | header::TE
-            | header::TRAILER
-            | header::UPGRADE
-            | header::TRANSFER_ENCODING
-    ) || {
-        let n = name.as_str();
-        n == "keep-alive"
-            || n == "proxy-connection"
-            || (stamps && n.starts_with("x-cellgate-") && STAMP_HEADERS.contains(&n))
-    }
+fn is_stamp(name: &[u8]) -> bool {
+    name.len() > 11
+        && name[..11].eq_ignore_ascii_case(b"x-cellgate-")
+        && STAMP_HEADERS
+            .iter()
+            .any(|s| s.as_bytes().eq_ignore_ascii_case(name))
 }
 
-/// Removes hop-by-hop headers, including those named by `Connection`, and
-/// with `stamps` the stamp headers. One pass over the names; nothing is
-/// looked up when there is nothing to remove (the common case).
-fn strip_hop_by_hop(headers: &mut HeaderMap, stamps: bool) {
-    if !headers.keys().any(|n| is_hop_or_stamp(n, stamps)) {
-        return;
-    }
-    if let Some(conn) = headers.get(header::CONNECTION).cloned() {
-        if let Ok(list) = conn.to_str() {
-            for name in list.split(',') {
-                let name = name.trim();
-                if !name.is_empty() {
-                    headers.remove(name);
-                }
-            }
-        }
-    }
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| is_hop_or_stamp(n, stamps))
-        .cloned()
-        .collect();
-    for n in doomed {
-        headers.remove(n);
-    }
-}
-
-fn is_idempotent(m: &Method) -> bool {
+fn is_idempotent(method: &[u8]) -> bool {
     matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+        method,
+        b"GET" | b"HEAD" | b"OPTIONS" | b"TRACE" | b"PUT" | b"DELETE"
     )
 }
 
-/// What to replay when an idempotent, body-less request must be retried
-/// after it reached an upstream.
-struct Replay {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+/// A request in wire form, ready to be sent (and re-sent) upstream.
+pub struct Outgoing {
+    /// Request line and forwarded headers; the stamps and the final CRLF
+    /// are appended per attempt after `base_len`.
+    wire: Vec<u8>,
+    base_len: usize,
+    key: Option<Vec<u8>>,
+    tester: Option<Vec<u8>>,
+    /// The request id (the client's, or generated).
+    pub request_id: Vec<u8>,
+    head_request: bool,
+    idempotent: bool,
+    /// First routing decision.
+    pub decision: RouteDecision,
+    /// When the request arrived.
+    pub start: Instant,
 }
 
-impl Replay {
-    fn request(&self) -> Request<UpstreamBody> {
-        let mut r = Request::new(Either::Right(Empty::new()));
-        *r.method_mut() = self.method.clone();
-        *r.uri_mut() = self.uri.clone();
-        *r.headers_mut() = self.headers.clone();
-        r
+/// The parts of a request head that [`Outgoing::build`] needs.
+pub struct HeadParts<'a, I> {
+    /// Method.
+    pub method: &'a [u8],
+    /// Origin-form target (path and query).
+    pub target: &'a str,
+    /// Headers as (name, value).
+    pub headers: I,
+    /// `host` to add when the request has none (HTTP/2 authority).
+    pub host: Option<&'a [u8]>,
+    /// The body is sent with chunked encoding (length unknown).
+    pub chunked_body: bool,
+}
+
+impl Outgoing {
+    /// Routes a request head and writes its upstream form. `Err`: the
+    /// key is missing or malformed (400, or the default cell by policy).
+    pub fn build<'h, I>(
+        shared: &Shared,
+        gen: &Generation,
+        parts: HeadParts<'_, I>,
+        peer_ip: &[u8],
+        start: Instant,
+    ) -> Result<Outgoing, Refusal>
+    where
+        I: Iterator<Item = (&'h [u8], &'h [u8])> + Clone,
+    {
+        let table = &gen.table;
+        let lookup = RawHeaders(&parts.headers);
+        let (path, query) = match parts.target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (parts.target, None),
+        };
+        let rp = RequestParts {
+            headers: &lookup,
+            path,
+            query,
+        };
+        let key = extract_key(&table.rules().key, &rp);
+        let tester = &table.rules().tester;
+        let tester = if tester.enabled {
+            lookup.header(tester.header.as_str())
+        } else {
+            None
+        };
+        let decision = table
+            .route(
+                key.as_deref(),
+                &RouteAttrs {
+                    tester_colour: tester,
+                },
+                &gen.health(ms_at(start)),
+            )
+            .map_err(|p| {
+                shared
+                    .control
+                    .metrics()
+                    .rejected
+                    .with_label_values(&[Refusal::for_key(p).error])
+                    .inc();
+                Refusal::for_key(p)
+            })?;
+
+        let mut wire = Vec::with_capacity(512);
+        wire.extend_from_slice(parts.method);
+        wire.push(b' ');
+        wire.extend_from_slice(parts.target.as_bytes());
+        wire.extend_from_slice(b" HTTP/1.1\r\n");
+        // Headers the client marked hop-by-hop in `connection`.
+        let mut connection: [&[u8]; 4] = [b""; 4];
+        let mut n_conn = 0;
+        let mut has_host = false;
+        let mut xff: Option<&[u8]> = None;
+        let mut xff_more = false;
+        let mut request_id: Option<&[u8]> = None;
+        for (n, v) in parts.headers.clone() {
+            if n.eq_ignore_ascii_case(b"connection") && n_conn < connection.len() {
+                connection[n_conn] = v;
+                n_conn += 1;
+            }
+        }
+        let connection = &connection[..n_conn];
+        for (n, v) in parts.headers.clone() {
+            if h1::is_hop_by_hop(n)
+                || (!connection.is_empty() && h1::named_by_connection(connection, n))
+                || is_stamp(n)
+            {
+                continue;
+            }
+            if n.eq_ignore_ascii_case(b"x-forwarded-for") {
+                if xff.is_some() {
+                    xff_more = true;
+                } else {
+                    xff = Some(v);
+                }
+                continue;
+            }
+            if n.eq_ignore_ascii_case(b"x-request-id") {
+                if request_id.is_none() && !v.is_empty() && v.len() <= 128 {
+                    request_id = Some(v);
+                }
+                continue;
+            }
+            has_host |= n.eq_ignore_ascii_case(b"host");
+            h1::write_header(&mut wire, n, v);
+        }
+        if !has_host {
+            if let Some(h) = parts.host {
+                h1::write_header(&mut wire, b"host", h);
+            }
+        }
+        if parts.chunked_body {
+            h1::write_header(&mut wire, b"transfer-encoding", b"chunked");
+        }
+        wire.extend_from_slice(b"x-forwarded-for: ");
+        if xff_more {
+            let all = parts
+                .headers
+                .clone()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(b"x-forwarded-for"))
+                .map(|(_, v)| v);
+            for (i, v) in all.enumerate() {
+                if i > 0 {
+                    wire.extend_from_slice(b", ");
+                }
+                wire.extend_from_slice(v);
+            }
+            wire.extend_from_slice(b", ");
+        } else if let Some(v) = xff {
+            wire.extend_from_slice(v);
+            wire.extend_from_slice(b", ");
+        }
+        wire.extend_from_slice(peer_ip);
+        wire.extend_from_slice(b"\r\n");
+        let request_id = match request_id {
+            Some(v) => v.to_vec(),
+            None => shared.ids.next().to_vec(),
+        };
+        h1::write_header(&mut wire, b"x-request-id", &request_id);
+        let base_len = wire.len();
+        Ok(Outgoing {
+            wire,
+            base_len,
+            key: key.map(|k| k.into_owned()),
+            tester: tester.map(<[u8]>::to_vec),
+            request_id,
+            head_request: parts.method == b"HEAD",
+            idempotent: is_idempotent(parts.method),
+            decision,
+            start,
+        })
+    }
+
+    /// Routes again after an instance was ejected or failed: with every
+    /// instance already tried counted as down, the decision may fall back
+    /// to the other colour or fail over to a backup cell.
+    fn reroute(
+        &self,
+        gen: &Generation,
+        previous: &RouteDecision,
+        tried: &[Arc<Instance>],
+    ) -> RouteDecision {
+        gen.table
+            .route(
+                self.key.as_deref(),
+                &RouteAttrs {
+                    tester_colour: self.tester.as_deref(),
+                },
+                &gen.health_excluding(now_ms(), tried),
+            )
+            .unwrap_or(*previous)
     }
 }
 
+/// Calls `f(name, value)` for each stamp header of a decision.
+pub fn stamps(gen: &Generation, d: &RouteDecision, mut f: impl FnMut(&'static [u8], &[u8])) {
+    if let Some(slot) = d.slot {
+        let mut v = Vec::with_capacity(8);
+        h1::push_u64(&mut v, slot as u64);
+        f(b"x-cellgate-slot", &v);
+    }
+    f(
+        b"x-cellgate-cell",
+        gen.cells[d.serving_cell as usize].name_header.as_bytes(),
+    );
+    f(
+        b"x-cellgate-home",
+        gen.cells[d.home_cell as usize].name_header.as_bytes(),
+    );
+    f(b"x-cellgate-colour", d.colour.as_str().as_bytes());
+    f(b"x-cellgate-rev", gen.rev_header.as_bytes());
+}
+
+/// A request body to forward.
+pub enum ReqBody<'a> {
+    /// None.
+    Empty,
+    /// `content-length` bytes from a client connection of the lean front
+    /// end: first what is already buffered, then from the socket.
+    Fixed {
+        /// The client socket.
+        stream: &'a mut TcpStream,
+        /// Bytes read from the client, body first.
+        buf: &'a mut BytesMut,
+        /// Body bytes not yet forwarded.
+        remaining: u64,
+    },
+    /// A hyper body; sent chunked unless `length` is known.
+    Stream {
+        /// The body.
+        body: Incoming,
+        /// Sent with chunked encoding.
+        chunked: bool,
+    },
+}
+
+impl ReqBody<'_> {
+    fn is_empty(&self) -> bool {
+        match self {
+            ReqBody::Empty => true,
+            ReqBody::Fixed { remaining, .. } => *remaining == 0,
+            ReqBody::Stream { .. } => false,
+        }
+    }
+}
+
+/// A response head received from an upstream, with everything needed to
+/// stream its body back.
+pub struct Forwarded {
+    /// The connection, its read buffer starting with the head.
+    pub conn: PooledConn,
+    /// The parsed head.
+    pub head: ResponseHead,
+    /// The serving cell's in-flight slot, held until the body is done.
+    pub guard: InflightGuard,
+    /// The final decision.
+    pub decision: RouteDecision,
+}
+
+enum Failure {
+    /// Failed before the upstream could have a complete request: safe to
+    /// send again.
+    Unsent,
+    /// Failed after the request (or part of its body) went out.
+    Failed(String),
+    /// The client went away while its body was forwarded.
+    ClientGone,
+    /// No response head in time.
+    Timeout,
+}
+
 impl Shared {
-    async fn handle(
+    /// Sends `out` upstream with retries as the rules allow; returns the
+    /// response head or what to answer instead.
+    pub async fn forward(
         &self,
-        req: Request<Incoming>,
-        peer_ip: Option<&HeaderValue>,
-    ) -> Response<ProxyBody> {
-        let start = Instant::now();
-        let now = ms_at(start);
-        let gen = self.control.current();
+        gen: &Generation,
+        out: &mut Outgoing,
+        mut body: ReqBody<'_>,
+    ) -> Result<Forwarded, Refusal> {
         let metrics = self.control.metrics();
         let table = &gen.table;
-
-        // 1-2: key and route.
-        let (mut parts, body) = req.into_parts();
-        let decision = route_request(table, &parts.headers, &parts.uri, &gen.health(now));
-        let decision = match decision {
-            Ok(d) => d,
-            Err(problem) => {
-                let (error, message) = match problem {
-                    KeyProblem::Missing => ("missing_key", "the request carries no routing key"),
-                    KeyProblem::Malformed => (
-                        "malformed_key",
-                        "the routing key is empty, longer than 256 bytes, or has control characters",
-                    ),
-                    KeyProblem::NotDigits => (
-                        "malformed_key",
-                        "the routing key is not a long enough string of decimal digits",
-                    ),
-                };
-                metrics.rejected.with_label_values(&[error]).inc();
-                return json_error(StatusCode::BAD_REQUEST, error, message);
-            }
-        };
+        let mut decision = out.decision;
         if decision.reason == CellReason::Failover {
             metrics
                 .failovers
@@ -295,103 +505,50 @@ impl Shared {
                 ])
                 .inc();
         }
-
-        // 4: rewrite the request head.
-        strip_hop_by_hop(&mut parts.headers, true);
-        if parts.version == Version::HTTP_2 && !parts.headers.contains_key(header::HOST) {
-            if let Some(auth) = parts.uri.authority() {
-                if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
-                    parts.headers.insert(header::HOST, v);
-                }
-            }
-        }
-        parts.version = Version::HTTP_11;
-        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-            let pq = parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/");
-            parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
-        }
-        if let Some(ip) = peer_ip {
-            match parts.headers.entry(X_FORWARDED_FOR) {
-                header::Entry::Vacant(e) => {
-                    e.insert(ip.clone());
-                }
-                header::Entry::Occupied(mut e) => {
-                    let mut v = e.get().as_bytes().to_vec();
-                    v.extend_from_slice(b", ");
-                    v.extend_from_slice(ip.as_bytes());
-                    if let Ok(v) = HeaderValue::from_bytes(&v) {
-                        e.insert(v);
-                    }
-                }
-            }
-        }
-        let request_id = match parts.headers.entry(X_REQUEST_ID) {
-            header::Entry::Occupied(e) if !e.get().is_empty() && e.get().len() <= 128 => {
-                e.get().clone()
-            }
-            header::Entry::Occupied(mut e) => {
-                let id = self.ids.next();
-                e.insert(id.clone());
-                id
-            }
-            header::Entry::Vacant(e) => {
-                let id = self.ids.next();
-                e.insert(id.clone());
-                id
-            }
-        };
-        let replay =
-            (is_idempotent(&parts.method) && http_body::Body::is_end_stream(&body)).then(|| {
-                Replay {
-                    method: parts.method.clone(),
-                    uri: parts.uri.clone(),
-                    headers: parts.headers.clone(),
-                }
-            });
-        let mut upstream_req = Some(Request::from_parts(parts, Either::Left(body)));
-
-        // 5: attempts.
-        let mut decision = decision;
+        let replayable = out.idempotent && body.is_empty();
         let mut tried: Vec<Arc<Instance>> = Vec::new();
         let mut guard: Option<(u16, InflightGuard)> = None;
-        let mut last_error = (
+        let mut sent_once = false;
+        let mut last_error = Refusal::new(
+            StatusCode::BAD_GATEWAY,
             "no_upstream",
             "no instance of the serving cell could be reached",
         );
         for attempt in 0..self.settings.max_attempts {
             let cell = decision.serving_cell;
             let colour = decision.colour;
-            let runtime = &gen.cells[cell as usize];
             // 3: the serving cell's in-flight slot.
             if guard.as_ref().map(|(c, _)| *c) != Some(cell) {
-                match runtime.limiter.try_acquire() {
+                match gen.cells[cell as usize].limiter.try_acquire() {
                     Some(g) => guard = Some((cell, g)),
                     None => {
                         metrics
                             .rejected
                             .with_label_values(&["cell_overloaded"])
                             .inc();
-                        let mut r = json_error(
+                        gen.group(cell, colour)
+                            .metrics
+                            .observe(503, out.start.elapsed().as_secs_f64());
+                        let mut r = Refusal::new(
                             StatusCode::SERVICE_UNAVAILABLE,
                             "cell_overloaded",
                             "the serving cell has too many requests in flight; retry shortly",
                         );
-                        r.headers_mut()
-                            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                        gen.group(cell, colour)
-                            .metrics
-                            .observe(503, start.elapsed().as_secs_f64());
-                        return r;
+                        r.retry_after = true;
+                        return Err(r);
                     }
                 }
             }
+            if sent_once && !replayable {
+                break;
+            }
             let group = gen.group(cell, colour);
-            let Some(instance) = group.pick(if attempt == 0 { now } else { now_ms() }, &tried)
-            else {
+            let now = if attempt == 0 {
+                ms_at(out.start)
+            } else {
+                now_ms()
+            };
+            let Some(instance) = group.pick(now, &tried) else {
                 break;
             };
             if attempt > 0 {
@@ -400,96 +557,192 @@ impl Shared {
                     .with_label_values(&[table.cell_name(cell), colour.as_str()])
                     .inc();
             }
-            let mut req = match upstream_req.take() {
-                Some(r) => r,
-                None => match &replay {
-                    Some(r) => r.request(),
-                    None => break,
-                },
-            };
-            stamp(&mut req, &gen, &decision, runtime);
-
             let mut conn = match instance.checkout().await {
                 Ok(c) => c,
                 Err(e) => {
-                    self.upstream_error(&gen, cell, colour, e.kind());
+                    self.upstream_error(gen, cell, colour, e.kind());
                     if e == CheckoutError::Connect {
                         let ms = instance.record_connect_failure(now_ms());
                         tracing::warn!(cell = %instance.cell, colour = %colour, instance = %instance.address, eject_ms = ms, "upstream connect failed; instance ejected");
                     }
                     tried.push(instance);
-                    decision = reroute(&gen, req.headers(), req.uri(), &decision, &tried);
-                    upstream_req = Some(req);
+                    decision = out.reroute(gen, &decision, &tried);
                     continue;
                 }
             };
-            let sent = tokio::time::timeout(self.settings.request_timeout, conn.send(req)).await;
-            match sent {
-                Ok(Ok(resp)) => {
-                    let status = resp.status().as_u16();
+            let result = self
+                .exchange(gen, out, &decision, &mut conn, &mut body)
+                .await;
+            match result {
+                Ok(head) => {
+                    let status = head.status;
                     if let Some(ms) = instance.record_status(status) {
                         tracing::warn!(cell = %instance.cell, colour = %colour, instance = %instance.address, eject_ms = ms, "5xx streak; instance ejected");
                     }
                     if status >= 500 {
-                        self.upstream_error(&gen, cell, colour, UpstreamErrorKind::Status5xx);
+                        self.upstream_error(gen, cell, colour, UpstreamErrorKind::Status5xx);
                     }
-                    group.metrics.observe(status, start.elapsed().as_secs_f64());
-                    let (mut rparts, rbody) = resp.into_parts();
-                    strip_hop_by_hop(&mut rparts.headers, false);
-                    rparts.headers.insert(X_REQUEST_ID, request_id);
-                    if self.settings.debug_headers {
-                        let mut tmp = Request::new(());
-                        stamp(&mut tmp, &gen, &decision, runtime);
-                        rparts.headers.extend(tmp.headers_mut().drain());
-                    }
-                    let Some((_, g)) = guard.take() else {
+                    group
+                        .metrics
+                        .observe(status, out.start.elapsed().as_secs_f64());
+                    let Some((_, guard)) = guard.take() else {
                         unreachable!("guard taken before the first attempt")
                     };
-                    return Response::from_parts(
-                        rparts,
-                        Either::Left(ResponseBody::new(rbody, conn, g)),
-                    );
+                    return Ok(Forwarded {
+                        conn,
+                        head,
+                        guard,
+                        decision,
+                    });
                 }
-                Ok(Err(mut e)) => {
-                    if let Some(req) = e.take_message() {
-                        // Never written: a stale pooled connection. Safe to resend.
-                        upstream_req = Some(req);
-                        continue;
-                    }
-                    tried.push(instance.clone());
-                    self.upstream_error(&gen, cell, colour, UpstreamErrorKind::Reset);
-                    tracing::warn!(cell = %instance.cell, colour = %colour, instance = %instance.address, error = %e.error(), "upstream failed after the request was sent");
-                    last_error = (
-                        "upstream_failed",
-                        "the upstream failed after the request was sent",
-                    );
-                    match &replay {
-                        Some(r) => {
-                            decision = reroute(&gen, &r.headers, &r.uri, &decision, &tried);
-                        }
-                        None => break,
-                    }
+                Err(Failure::Unsent) => {
+                    // A stale pooled connection: the request never left.
+                    continue;
                 }
-                Err(_) => {
-                    self.upstream_error(&gen, cell, colour, UpstreamErrorKind::Timeout);
+                Err(Failure::ClientGone) => {
+                    return Err(Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        "client_gone",
+                        "the client closed the connection while sending its body",
+                    ));
+                }
+                Err(Failure::Timeout) => {
+                    self.upstream_error(gen, cell, colour, UpstreamErrorKind::Timeout);
                     metrics
                         .rejected
                         .with_label_values(&["upstream_timeout"])
                         .inc();
-                    group.metrics.observe(504, start.elapsed().as_secs_f64());
-                    return json_error(
+                    group
+                        .metrics
+                        .observe(504, out.start.elapsed().as_secs_f64());
+                    return Err(Refusal::new(
                         StatusCode::GATEWAY_TIMEOUT,
                         "upstream_timeout",
                         "the upstream did not answer in time",
+                    ));
+                }
+                Err(Failure::Failed(error)) => {
+                    sent_once = true;
+                    tried.push(instance.clone());
+                    self.upstream_error(gen, cell, colour, UpstreamErrorKind::Reset);
+                    tracing::warn!(cell = %instance.cell, colour = %colour, instance = %instance.address, error = %error, "upstream failed after the request was sent");
+                    last_error = Refusal::new(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_failed",
+                        "the upstream failed after the request was sent",
                     );
+                    if replayable {
+                        decision = out.reroute(gen, &decision, &tried);
+                    }
                 }
             }
         }
-        metrics.rejected.with_label_values(&[last_error.0]).inc();
+        metrics
+            .rejected
+            .with_label_values(&[last_error.error])
+            .inc();
         gen.group(decision.serving_cell, decision.colour)
             .metrics
-            .observe(502, start.elapsed().as_secs_f64());
-        json_error(StatusCode::BAD_GATEWAY, last_error.0, last_error.1)
+            .observe(
+                last_error.status.as_u16(),
+                out.start.elapsed().as_secs_f64(),
+            );
+        Err(last_error)
+    }
+
+    /// One attempt on one connection: head (with stamps), body, response head.
+    async fn exchange(
+        &self,
+        gen: &Generation,
+        out: &mut Outgoing,
+        decision: &RouteDecision,
+        conn: &mut PooledConn,
+        body: &mut ReqBody<'_>,
+    ) -> Result<ResponseHead, Failure> {
+        let io = conn.io();
+        out.wire.truncate(out.base_len);
+        stamps(gen, decision, |n, v| h1::write_header(&mut out.wire, n, v));
+        out.wire.extend_from_slice(b"\r\n");
+        // The head and what is already buffered of the body go in one write.
+        let mut first_body = 0;
+        if let ReqBody::Fixed { buf, remaining, .. } = body {
+            first_body = (*remaining).min(buf.len() as u64) as usize;
+            out.wire.extend_from_slice(&buf[..first_body]);
+        }
+        if io.stream.write_all(&out.wire).await.is_err() {
+            return Err(Failure::Unsent);
+        }
+        match body {
+            ReqBody::Empty => {}
+            ReqBody::Fixed {
+                stream,
+                buf,
+                remaining,
+            } => {
+                buf.advance(first_body);
+                *remaining -= first_body as u64;
+                while *remaining > 0 {
+                    if buf.is_empty() {
+                        match stream.read_buf(*buf).await {
+                            Ok(0) | Err(_) => return Err(Failure::ClientGone),
+                            Ok(_) => {}
+                        }
+                    }
+                    let n = (*remaining).min(buf.len() as u64) as usize;
+                    if let Err(e) = io.stream.write_all(&buf[..n]).await {
+                        return Err(Failure::Failed(e.to_string()));
+                    }
+                    buf.advance(n);
+                    *remaining -= n as u64;
+                }
+            }
+            ReqBody::Stream { body, chunked } => {
+                let mut frame_buf = Vec::new();
+                loop {
+                    let frame = match body.frame().await {
+                        None => break,
+                        Some(Ok(f)) => f,
+                        Some(Err(_)) => return Err(Failure::ClientGone),
+                    };
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    let r = if *chunked {
+                        frame_buf.clear();
+                        h1::push_chunk_size(&mut frame_buf, data.len());
+                        frame_buf.extend_from_slice(&data);
+                        frame_buf.extend_from_slice(b"\r\n");
+                        io.stream.write_all(&frame_buf).await
+                    } else {
+                        io.stream.write_all(&data).await
+                    };
+                    if let Err(e) = r {
+                        return Err(Failure::Failed(e.to_string()));
+                    }
+                }
+                if *chunked {
+                    if let Err(e) = io.stream.write_all(b"0\r\n\r\n").await {
+                        return Err(Failure::Failed(e.to_string()));
+                    }
+                }
+            }
+        }
+        match tokio::time::timeout(
+            self.settings.request_timeout,
+            io.read_head(out.head_request),
+        )
+        .await
+        {
+            Ok(Ok(head)) => Ok(head),
+            Ok(Err(ReadHeadError::Closed)) => {
+                Err(Failure::Failed("closed without a response".into()))
+            }
+            Ok(Err(e)) => Err(Failure::Failed(e.to_string())),
+            Err(_) => Err(Failure::Timeout),
+        }
     }
 
     fn upstream_error(
@@ -507,67 +760,270 @@ impl Shared {
     }
 }
 
-/// Routes a request head: key from the rules' source, tester colour when
-/// enabled, decision under `health`.
-fn route_request(
-    table: &routing_rules::RoutingTable,
-    headers: &HeaderMap,
-    uri: &Uri,
-    health: &impl routing_rules::HealthView,
-) -> Result<routing_rules::RouteDecision, KeyProblem> {
-    let lookup = Headers(headers);
-    let rp = RequestParts {
-        headers: &lookup,
-        path: uri.path(),
-        query: uri.query(),
-    };
-    let key = extract_key(&table.rules().key, &rp);
-    let tester = &table.rules().tester;
-    let attrs = RouteAttrs {
-        tester_colour: if tester.enabled {
-            headers
-                .get(tester.header.as_str())
-                .map(HeaderValue::as_bytes)
+/// Response headers to pass on: all but hop-by-hop ones, those the
+/// upstream named in `connection`, and `x-request-id` (the gateway's).
+pub fn forwarded_response_headers<'a>(
+    buf: &'a [u8],
+    head: &'a ResponseHead,
+) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+    let connection: Vec<&[u8]> = head
+        .headers
+        .iter()
+        .filter(|(n, _)| buf[n.clone()].eq_ignore_ascii_case(b"connection"))
+        .map(|(_, v)| &buf[v.clone()])
+        .collect();
+    head.headers
+        .iter()
+        .map(move |(n, v)| (&buf[n.clone()], &buf[v.clone()]))
+        .filter(move |(n, _)| {
+            !h1::is_hop_by_hop(n)
+                && !n.eq_ignore_ascii_case(b"x-request-id")
+                && (connection.is_empty() || !h1::named_by_connection(&connection, n))
+        })
+}
+
+// ---------------------------------------------------------------------------
+// The hyper front end.
+
+/// The proxy service for one downstream connection (hyper front end).
+#[derive(Clone)]
+pub struct ProxyService {
+    shared: Arc<Shared>,
+    peer: Option<SocketAddr>,
+    /// The peer's IP, formatted once per connection.
+    peer_ip: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for ProxyService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyService")
+            .field("peer", &self.peer)
+            .finish()
+    }
+}
+
+impl ProxyService {
+    /// A service over the shared state.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        ProxyService {
+            shared,
+            peer: None,
+            peer_ip: Arc::from(&b""[..]),
+        }
+    }
+
+    /// The same service for a connection from `peer`.
+    pub fn for_peer(&self, peer: SocketAddr) -> Self {
+        ProxyService {
+            shared: self.shared.clone(),
+            peer: Some(peer),
+            peer_ip: Arc::from(peer.ip().to_string().as_bytes()),
+        }
+    }
+}
+
+impl tower::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let shared = self.shared.clone();
+        let peer_ip = self.peer_ip.clone();
+        Box::pin(async move { Ok(handle_hyper(&shared, req, &peer_ip).await) })
+    }
+}
+
+async fn handle_hyper(
+    shared: &Shared,
+    req: Request<Incoming>,
+    peer_ip: &[u8],
+) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let gen = shared.control.current();
+    let (parts, body) = req.into_parts();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let authority = parts.uri.authority().map(|a| a.as_str().as_bytes());
+    let empty = body.is_end_stream();
+    let length_known = parts.headers.contains_key(header::CONTENT_LENGTH);
+    let chunked = !empty && !length_known;
+    let headers: Vec<(&[u8], &[u8])> = parts
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
+        .collect();
+    let head = HeadParts {
+        method: parts.method.as_str().as_bytes(),
+        target,
+        headers: headers.iter().copied(),
+        host: if parts.version == Version::HTTP_2 {
+            authority
         } else {
             None
         },
+        chunked_body: chunked,
     };
-    table.route(key.as_deref(), &attrs, health)
-}
-
-/// Routes again after an instance was ejected or failed: with every
-/// instance already tried counted as down, the decision may fall back to
-/// the other colour or fail over to a backup cell.
-fn reroute(
-    gen: &Generation,
-    headers: &HeaderMap,
-    uri: &Uri,
-    previous: &routing_rules::RouteDecision,
-    tried: &[Arc<Instance>],
-) -> routing_rules::RouteDecision {
-    route_request(
-        &gen.table,
-        headers,
-        uri,
-        &gen.health_excluding(now_ms(), tried),
-    )
-    .unwrap_or(*previous)
-}
-
-fn stamp<B>(
-    req: &mut Request<B>,
-    gen: &Generation,
-    d: &routing_rules::RouteDecision,
-    runtime: &crate::control::CellRuntime,
-) {
-    let h = req.headers_mut();
-    if let Some(slot) = d.slot {
-        h.insert(X_SLOT, HeaderValue::from(slot));
+    let mut out = match Outgoing::build(shared, &gen, head, peer_ip, start) {
+        Ok(o) => o,
+        Err(r) => return refusal_response(&r),
+    };
+    let body = if empty {
+        ReqBody::Empty
     } else {
-        h.remove(X_SLOT);
+        ReqBody::Stream { body, chunked }
+    };
+    let fwd = match shared.forward(&gen, &mut out, body).await {
+        Ok(f) => f,
+        Err(r) => return refusal_response(&r),
+    };
+    let Forwarded {
+        mut conn,
+        head,
+        guard,
+        decision,
+    } = fwd;
+    let mut resp = Response::new(());
+    *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    {
+        let buf = &conn.io().buf[..];
+        let h = resp.headers_mut();
+        for (n, v) in forwarded_response_headers(buf, &head) {
+            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n), HeaderValue::from_bytes(v)) {
+                h.append(n, v);
+            }
+        }
+        if let Ok(v) = HeaderValue::from_bytes(&out.request_id) {
+            h.insert(HeaderName::from_static("x-request-id"), v);
+        }
+        if shared.settings.debug_headers {
+            stamps(&gen, &decision, |n, v| {
+                if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n), HeaderValue::from_bytes(v)) {
+                    h.insert(n, v);
+                }
+            });
+        }
+        if let Framing::Length(n) = head.framing {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
     }
-    h.insert(X_CELL, runtime.name_header.clone());
-    h.insert(X_HOME, gen.cells[d.home_cell as usize].name_header.clone());
-    h.insert(X_COLOUR, HeaderValue::from_static(d.colour.as_str()));
-    h.insert(X_REV, gen.rev_header.clone());
+    conn.io().buf.advance(head.len);
+    let body = ResponseBody {
+        decoder: BodyDecoder::new(head.framing),
+        keep_alive: head.keep_alive,
+        conn: Some(conn),
+        length: match head.framing {
+            Framing::Length(n) => Some(n),
+            Framing::Empty => Some(0),
+            _ => None,
+        },
+        _guard: guard,
+    };
+    let (parts, ()) = resp.into_parts();
+    Response::from_parts(parts, Either::Left(body))
+}
+
+/// An upstream response body streamed to a hyper client. Returns the
+/// connection to the pool when the body ends, and holds the cell's
+/// in-flight slot until then.
+pub struct ResponseBody {
+    conn: Option<PooledConn>,
+    decoder: BodyDecoder,
+    keep_alive: bool,
+    length: Option<u64>,
+    _guard: InflightGuard,
+}
+
+impl ResponseBody {
+    fn finish(&mut self) {
+        if let Some(c) = self.conn.take() {
+            if self.keep_alive && self.decoder.is_done() {
+                c.release();
+            }
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = self.get_mut();
+        loop {
+            if this.decoder.is_done() {
+                this.finish();
+                return Poll::Ready(None);
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let io = conn.io();
+            if !io.buf.is_empty() {
+                let step = match this.decoder.feed(&io.buf) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(std::io::Error::other(e))));
+                    }
+                };
+                if let Some(r) = step.data {
+                    debug_assert_eq!(r, 0..step.consumed);
+                    let data = io.buf.split_to(step.consumed).freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                io.buf.advance(step.consumed);
+                if step.consumed > 0 {
+                    continue;
+                }
+            }
+            match std::task::ready!(io.poll_read_more(cx)) {
+                Ok(0) if this.decoder.until_close() => {
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "upstream closed the connection mid-body",
+                    ))));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.decoder.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.length {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Bodies that are empty by definition (HEAD, 204, 304) are never
+        // polled; their connection is still clean and reusable.
+        self.finish();
+    }
 }

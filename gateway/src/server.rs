@@ -9,19 +9,18 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use prometheus::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
 use crate::config::ServeConfig;
 use crate::control::Control;
+use crate::fast::FrontEnd;
 use crate::health::HealthSettings;
 use crate::metrics::Metrics;
-use crate::proxy::{ProxyService, ProxySettings};
+use crate::proxy::{ProxyService, ProxySettings, Shared};
 use crate::upstream::UpstreamSettings;
 
 /// A running gateway.
@@ -78,7 +77,7 @@ pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<Runni
     );
 
     let (stop, stop_rx) = watch::channel(false);
-    let proxy = ProxyService::new(
+    let shared = Shared::new(
         control.clone(),
         ProxySettings {
             request_timeout: cfg.request_timeout(),
@@ -86,6 +85,11 @@ pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<Runni
             debug_headers: cfg.debug_headers,
         },
     );
+    let front = Arc::new(FrontEnd {
+        service: ProxyService::new(shared.clone()),
+        shared,
+        builder: builder(),
+    });
     let admin = Admin::new(control.clone(), cfg.admin_token.clone(), source.clone());
     let follower = match &cfg.rules {
         Some(path) => tokio::spawn(control.clone().watch(
@@ -103,7 +107,7 @@ pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<Runni
     };
     let tasks = vec![
         follower,
-        tokio::spawn(serve_proxy(proxy_listener, proxy, stop_rx.clone())),
+        tokio::spawn(serve_proxy(proxy_listener, front, stop_rx.clone())),
         tokio::spawn(serve_admin(admin_listener, admin.clone(), stop_rx)),
     ];
     Ok(RunningGateway {
@@ -213,9 +217,10 @@ fn builder() -> auto::Builder<TokioExecutor> {
     b
 }
 
-async fn serve_proxy(listener: TcpListener, proxy: ProxyService, mut stop: watch::Receiver<bool>) {
-    let graceful = GracefulShutdown::new();
-    let builder = builder();
+async fn serve_proxy(listener: TcpListener, front: Arc<FrontEnd>, mut stop: watch::Receiver<bool>) {
+    // Every connection task holds a clone of `drain`; when all are gone,
+    // `drained` yields None.
+    let (drain, mut drained) = mpsc::channel::<()>(1);
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -229,23 +234,18 @@ async fn serve_proxy(listener: TcpListener, proxy: ProxyService, mut stop: watch
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let svc = TowerToHyperService::new(proxy.for_peer(peer));
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
-            }
-        });
+        tokio::spawn(crate::fast::serve_connection(
+            front.clone(),
+            stream,
+            peer,
+            stop.clone(),
+            drain.clone(),
+        ));
     }
     drop(listener);
-    let n = graceful.count();
-    if n > 0 {
-        tracing::info!(connections = n, "draining client connections");
-    }
-    graceful.shutdown().await;
+    drop(drain);
+    tracing::info!("draining client connections");
+    let _ = drained.recv().await;
 }
 
 async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Receiver<bool>) {

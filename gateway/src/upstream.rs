@@ -5,32 +5,25 @@
 //! proxy must know whether a request ever reached an upstream: a connection
 //! is checked out (and connect errors surface) *before* the request is
 //! handed over, so a failed connect leaves the request — body included —
-//! free to go to another instance or cell.
+//! free to go to another instance or cell. Connections are raw HTTP/1.1
+//! sockets driven by the request's own task (see `h1.rs`): no connection
+//! task, no dispatch channel.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use bytes::BytesMut;
 use prometheus::IntGauge;
 use routing_rules::Colour;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::h1::{parse_response, ProtocolError, ResponseHead};
 use crate::metrics::UpstreamErrorKind;
-
-/// Body of a request sent upstream: the client's body, or empty (replayed
-/// idempotent requests).
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
 
 /// Milliseconds since the process's first call (a monotonic clock that fits
 /// in an atomic).
@@ -95,7 +88,7 @@ pub struct Instance {
     ejected_until_ms: AtomicU64,
     ejections: AtomicU32,
     streak_5xx: AtomicU32,
-    idle: Mutex<Vec<SendRequest<UpstreamBody>>>,
+    idle: Mutex<Vec<UpConn>>,
     permits: Arc<Semaphore>,
     up_gauge: IntGauge,
 }
@@ -247,7 +240,7 @@ impl Instance {
         }
     }
 
-    /// Gets a ready connection: an idle pooled one, or a new one.
+    /// Gets a connection: an idle pooled one that is still open, or a new one.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, CheckoutError> {
         let timeout = self.settings.connect_timeout;
         let permit = match self.permits.clone().try_acquire_owned() {
@@ -261,87 +254,146 @@ impl Instance {
         };
         loop {
             let idle = self.idle.lock().ok().and_then(|mut v| v.pop());
-            let Some(mut sender) = idle else { break };
-            if sender.is_closed() {
+            let Some(conn) = idle else { break };
+            if conn.is_stale() {
                 continue;
             }
-            if sender.is_ready()
-                || matches!(
-                    tokio::time::timeout(timeout, sender.ready()).await,
-                    Ok(Ok(()))
-                )
-            {
-                return Ok(PooledConn {
-                    sender: Some(sender),
-                    instance: self.clone(),
-                    _permit: permit,
-                });
-            }
+            return Ok(PooledConn {
+                conn: Some(conn),
+                instance: self.clone(),
+                _permit: permit,
+            });
         }
-        let connect = async {
-            let stream = self.connect().await.ok()?;
-            let _ = stream.set_nodelay(true);
-            hyper::client::conn::http1::Builder::new()
-                .handshake::<_, UpstreamBody>(TokioIo::new(stream))
-                .await
-                .ok()
-        };
-        let (sender, conn) = match tokio::time::timeout(timeout, connect).await {
-            Ok(Some(pair)) => pair,
+        let stream = match tokio::time::timeout(timeout, self.connect()).await {
+            Ok(Ok(s)) => s,
             _ => return Err(CheckoutError::Connect),
         };
-        let address = self.address.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(upstream = %address, error = %e, "upstream connection ended");
-            }
-        });
+        let _ = stream.set_nodelay(true);
         Ok(PooledConn {
-            sender: Some(sender),
+            conn: Some(UpConn {
+                stream,
+                buf: BytesMut::with_capacity(READ_BUF),
+            }),
             instance: self.clone(),
             _permit: permit,
         })
     }
 
-    fn release(&self, sender: SendRequest<UpstreamBody>) {
-        if sender.is_closed() {
-            return;
-        }
+    fn release(&self, conn: UpConn) {
         if let Ok(mut idle) = self.idle.lock() {
             if idle.len() < self.settings.max_conns {
-                idle.push(sender);
+                idle.push(conn);
             }
         }
     }
 }
 
+/// Read buffer of an upstream connection.
+const READ_BUF: usize = 8 * 1024;
+
+/// An HTTP/1.1 connection to an upstream and its read buffer.
+#[derive(Debug)]
+pub struct UpConn {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Bytes read and not yet consumed.
+    pub buf: BytesMut,
+}
+
+impl UpConn {
+    /// Whether an idle connection was closed by the upstream (or sent
+    /// something unasked). No system call unless the socket turned readable
+    /// while idle (tokio clears readiness after a read that drains it).
+    fn is_stale(&self) -> bool {
+        if !self.buf.is_empty() {
+            return true;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => false,
+            Poll::Ready(Err(_)) => true,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                !matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Reads more bytes into the buffer; 0 means the upstream closed.
+    pub async fn read_more(&mut self) -> std::io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(READ_BUF);
+        }
+        self.stream.read_buf(&mut self.buf).await
+    }
+
+    /// [`UpConn::read_more`] for poll-based callers.
+    pub fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(READ_BUF);
+        }
+        loop {
+            std::task::ready!(self.stream.poll_read_ready(cx))?;
+            match self.stream.try_read_buf(&mut self.buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    /// Reads a response head (skipping interim 1xx responses). The head
+    /// stays at the start of the buffer.
+    pub async fn read_head(&mut self, head_request: bool) -> Result<ResponseHead, ReadHeadError> {
+        loop {
+            if !self.buf.is_empty() {
+                match parse_response(&self.buf, head_request) {
+                    Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
+                        let _ = self.buf.split_to(h.len);
+                        continue;
+                    }
+                    Ok(Some(h)) => return Ok(h),
+                    Ok(None) => {}
+                    Err(e) => return Err(ReadHeadError::Protocol(e)),
+                }
+            }
+            match self.read_more().await {
+                Ok(0) if self.buf.is_empty() => return Err(ReadHeadError::Closed),
+                Ok(0) => return Err(ReadHeadError::Protocol(ProtocolError::Head)),
+                Ok(_) => {}
+                Err(e) => return Err(ReadHeadError::Io(e)),
+            }
+        }
+    }
+}
+
+/// Why no response head could be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadHeadError {
+    /// Closed before sending anything.
+    #[error("upstream closed the connection without a response")]
+    Closed,
+    /// A socket error.
+    #[error("upstream connection failed: {0}")]
+    Io(std::io::Error),
+    /// Not a valid HTTP/1.1 response.
+    #[error("invalid upstream response: {0}")]
+    Protocol(ProtocolError),
+}
+
 /// A checked-out connection, holding one of the instance's permits.
 pub struct PooledConn {
-    sender: Option<SendRequest<UpstreamBody>>,
+    conn: Option<UpConn>,
     instance: Arc<Instance>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl PooledConn {
-    /// Sends a request; on failure, returns the request if it was never
-    /// written to the connection.
-    pub fn send(
-        &mut self,
-        req: http::Request<UpstreamBody>,
-    ) -> impl Future<
-        Output = Result<
-            http::Response<Incoming>,
-            hyper::client::conn::TrySendError<http::Request<UpstreamBody>>,
-        >,
-    > + use<> {
-        // `sender` is always Some until the connection is released or dropped.
-        let fut = self.sender.as_mut().map(|s| s.try_send_request(req));
-        async move {
-            match fut {
-                Some(f) => f.await,
-                None => unreachable!("send on a released connection"),
-            }
-        }
+    /// The connection.
+    pub fn io(&mut self) -> &mut UpConn {
+        // Always Some until `release` consumes self.
+        self.conn
+            .as_mut()
+            .expect("connection present until released")
     }
 
     /// The instance this connection goes to.
@@ -349,84 +401,12 @@ impl PooledConn {
         &self.instance
     }
 
-    /// Returns the connection to the pool (after a complete exchange).
+    /// Returns the connection to the pool: call only after a complete
+    /// exchange on a keep-alive connection with nothing left unread.
     pub fn release(mut self) {
-        if let Some(s) = self.sender.take() {
-            self.instance.release(s);
-        }
-    }
-}
-
-/// Something to keep alive until the response body is done (cell in-flight
-/// guards, metrics timers).
-pub trait OnBodyDone: Send + Sync + 'static {}
-impl<T: Send + Sync + 'static> OnBodyDone for T {}
-
-/// The upstream response body, streamed to the client. Returns the
-/// connection to the pool when the body ends, and holds `guard` (the cell's
-/// in-flight slot) until then.
-pub struct ResponseBody<G: OnBodyDone> {
-    inner: Incoming,
-    conn: Option<PooledConn>,
-    _guard: G,
-}
-
-impl<G: OnBodyDone> ResponseBody<G> {
-    /// Wraps an upstream body.
-    pub fn new(inner: Incoming, conn: PooledConn, guard: G) -> Self {
-        ResponseBody {
-            inner,
-            conn: Some(conn),
-            _guard: guard,
-        }
-    }
-}
-
-impl<G: OnBodyDone + Unpin> Body for ResponseBody<G> {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(None) => {
-                if let Some(c) = this.conn.take() {
-                    c.release();
-                }
-            }
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
-                if let Some(c) = this.conn.take() {
-                    c.release();
-                }
-            }
-            Poll::Ready(Some(Err(_))) => {
-                this.conn = None;
-            }
-            _ => {}
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl<G: OnBodyDone> Drop for ResponseBody<G> {
-    fn drop(&mut self) {
-        // Bodies that are empty by definition (HEAD, 204, 304) are never
-        // polled; their connection is still clean and reusable.
         if let Some(c) = self.conn.take() {
-            if self.inner.is_end_stream() {
-                c.release();
+            if c.buf.is_empty() {
+                self.instance.release(c);
             }
         }
     }

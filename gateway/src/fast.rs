@@ -1,0 +1,460 @@
+//! The lean HTTP/1.1 front end: one task per client connection that reads
+//! request heads with httparse, routes and forwards them (`proxy.rs`), and
+//! writes the upstream's response head and body straight back, with no
+//! header maps and no per-request task or channel.
+//!
+//! It serves plain HTTP/1.0 and HTTP/1.1 requests (origin-form target,
+//! `content-length` or no body). The first request it does not serve —
+//! HTTP/2 prior knowledge, chunked request bodies, `Expect`, `Upgrade`,
+//! absolute-form targets, malformed or oversized heads — hands the rest of
+//! the connection, bytes already read included, to hyper (which answers
+//! malformed requests with the proper 4xx).
+
+use std::net::SocketAddr;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use crate::h1::{self, BodyDecoder, Framing, MAX_HEAD, MAX_HEADERS};
+use crate::proxy::{
+    forwarded_response_headers, stamps, Forwarded, HeadParts, Outgoing, ProxyService, Refusal,
+    ReqBody, Shared,
+};
+
+/// A client that sends no complete request head for this long is closed.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What every client connection task needs.
+pub struct FrontEnd {
+    /// Routing and forwarding.
+    pub shared: Arc<Shared>,
+    /// The hyper service, for connections handed over.
+    pub service: ProxyService,
+    /// The hyper connection builder (HTTP/1 and HTTP/2).
+    pub builder: auto::Builder<TokioExecutor>,
+}
+
+/// Outcome of looking at the buffered bytes.
+enum Next {
+    /// Need more bytes.
+    Partial,
+    /// Not for the lean path: hand the connection to hyper.
+    Hyper,
+    /// A request, prepared.
+    Request(Prepared),
+}
+
+struct Prepared {
+    head_len: usize,
+    out: Result<Outgoing, Refusal>,
+    body_len: u64,
+    /// The client wants the connection kept open after this exchange.
+    keep_alive: bool,
+    http10: bool,
+}
+
+fn prepare(shared: &Shared, gen: &crate::control::Generation, buf: &[u8], peer_ip: &[u8]) -> Next {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Next::Partial,
+        _ => return Next::Hyper,
+    };
+    let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
+        return Next::Hyper;
+    };
+    if !path.starts_with('/') || method == "CONNECT" {
+        return Next::Hyper;
+    }
+    let http10 = version == 0;
+    let mut body_len: Option<u64> = None;
+    let mut close = false;
+    let mut keep_alive = false;
+    for h in req.headers.iter() {
+        let n = h.name.as_bytes();
+        match n.len() {
+            6 if n.eq_ignore_ascii_case(b"expect") => return Next::Hyper,
+            7 if n.eq_ignore_ascii_case(b"upgrade") => return Next::Hyper,
+            17 if n.eq_ignore_ascii_case(b"transfer-encoding") => return Next::Hyper,
+            14 if n.eq_ignore_ascii_case(b"content-length") => {
+                match (h1::parse_length(h.value), body_len) {
+                    (Some(v), None) => body_len = Some(v),
+                    (Some(v), Some(prev)) if v == prev => {}
+                    _ => return Next::Hyper,
+                }
+            }
+            10 if n.eq_ignore_ascii_case(b"connection") => {
+                close |= h1::has_token(h.value, b"close");
+                keep_alive |= h1::has_token(h.value, b"keep-alive");
+            }
+            _ => {}
+        }
+    }
+    let keep_alive = if http10 { keep_alive && !close } else { !close };
+    let parts = HeadParts {
+        method: method.as_bytes(),
+        target: path,
+        headers: req.headers.iter().map(|h| (h.name.as_bytes(), h.value)),
+        host: None,
+        chunked_body: false,
+    };
+    let out = Outgoing::build(shared, gen, parts, peer_ip, Instant::now());
+    Next::Request(Prepared {
+        head_len,
+        out,
+        body_len: body_len.unwrap_or(0),
+        keep_alive,
+        http10,
+    })
+}
+
+/// Serves one client connection until it closes, times out, or the
+/// gateway stops (`stop` turns true: the request in progress finishes,
+/// then the connection closes). `_drain` is dropped when the connection ends.
+pub async fn serve_connection(
+    front: Arc<FrontEnd>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+    _drain: mpsc::Sender<()>,
+) {
+    let peer_ip = peer.ip().to_string();
+    let shared = &front.shared;
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut wbuf: Vec<u8> = Vec::with_capacity(8 * 1024);
+    let mut stopping = *stop.borrow();
+    let stop_for_hyper = stop.clone();
+    let mut last_activity = Instant::now();
+    let mut idle = pin!(tokio::time::sleep(HEADER_TIMEOUT));
+    let mut stopped = pin!(stop.changed());
+    loop {
+        // 1. A complete request head.
+        let gen = shared.control.current();
+        let prepared = loop {
+            if !buf.is_empty() {
+                match prepare(shared, &gen, &buf, peer_ip.as_bytes()) {
+                    Next::Partial => {}
+                    Next::Hyper => {
+                        return hand_to_hyper(&front, stream, buf, peer, stopping, stop_for_hyper)
+                            .await;
+                    }
+                    Next::Request(p) => break p,
+                }
+            } else if stopping {
+                return;
+            }
+            tokio::select! {
+                biased;
+                r = stream.read_buf(&mut buf) => match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
+                _ = &mut stopped, if !stopping => {
+                    stopping = true;
+                }
+                _ = &mut idle => {
+                    let deadline = last_activity + HEADER_TIMEOUT;
+                    if Instant::now() >= deadline {
+                        tracing::debug!(peer = %peer, "no request head in time; closing");
+                        return;
+                    }
+                    idle.as_mut().reset(deadline.into());
+                }
+            }
+        };
+        buf.advance(prepared.head_len);
+        let mut keep_alive = prepared.keep_alive && !stopping;
+
+        // 2. Forward, or answer ourselves.
+        let mut out = match prepared.out {
+            Ok(o) => o,
+            Err(r) => {
+                keep_alive &= prepared.body_len == 0;
+                if write_refusal(&mut stream, &mut wbuf, &r, keep_alive, prepared.http10)
+                    .await
+                    .is_err()
+                    || !keep_alive
+                {
+                    return;
+                }
+                last_activity = Instant::now();
+                continue;
+            }
+        };
+        let body = if prepared.body_len > 0 {
+            ReqBody::Fixed {
+                stream: &mut stream,
+                buf: &mut buf,
+                remaining: prepared.body_len,
+            }
+        } else {
+            ReqBody::Empty
+        };
+        let fwd = match shared.forward(&gen, &mut out, body).await {
+            Ok(f) => f,
+            Err(r) => {
+                // The body may be partly unread: the connection cannot go on.
+                keep_alive &= prepared.body_len == 0;
+                if write_refusal(&mut stream, &mut wbuf, &r, keep_alive, prepared.http10)
+                    .await
+                    .is_err()
+                    || !keep_alive
+                {
+                    return;
+                }
+                last_activity = Instant::now();
+                continue;
+            }
+        };
+
+        // 3. The response.
+        let debug = shared.settings.debug_headers.then_some(&*gen);
+        match relay_response(
+            &mut stream,
+            &mut wbuf,
+            fwd,
+            &out,
+            debug,
+            keep_alive,
+            prepared.http10,
+        )
+        .await
+        {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return,
+        }
+        last_activity = Instant::now();
+    }
+}
+
+/// Writes the response head and streams the body; returns whether the
+/// client connection stays open.
+async fn relay_response(
+    client: &mut TcpStream,
+    wbuf: &mut Vec<u8>,
+    fwd: Forwarded,
+    out: &Outgoing,
+    debug: Option<&crate::control::Generation>,
+    mut keep_alive: bool,
+    http10: bool,
+) -> std::io::Result<bool> {
+    let Forwarded {
+        mut conn,
+        head,
+        guard,
+        decision,
+    } = fwd;
+    // A chunked body goes through as it is to HTTP/1.1 clients; HTTP/1.0
+    // clients get it decoded, delimited by closing the connection.
+    let decode = head.framing == Framing::Chunked && http10;
+    if head.framing == Framing::Close || decode {
+        keep_alive = false;
+    }
+    wbuf.clear();
+    {
+        let io = conn.io();
+        let b = &io.buf[..];
+        h1::write_status_line(wbuf, head.status, &b[head.reason.clone()]);
+        for (n, v) in forwarded_response_headers(b, &head) {
+            h1::write_header(wbuf, n, v);
+        }
+        h1::write_header(wbuf, b"x-request-id", &out.request_id);
+        if let Some(gen) = debug {
+            stamps(gen, &decision, |n, v| h1::write_header(wbuf, n, v));
+        }
+        if head.framing == Framing::Chunked && !decode {
+            h1::write_header(wbuf, b"transfer-encoding", b"chunked");
+        }
+        if !keep_alive {
+            h1::write_header(wbuf, b"connection", b"close");
+        } else if http10 {
+            h1::write_header(wbuf, b"connection", b"keep-alive");
+        }
+        wbuf.extend_from_slice(b"\r\n");
+        io.buf.advance(head.len);
+    }
+    let mut decoder = BodyDecoder::new(head.framing);
+    let io = conn.io();
+    let mut upstream_ok = true;
+    loop {
+        while !io.buf.is_empty() && !decoder.is_done() {
+            let step = decoder.feed(&io.buf).map_err(std::io::Error::other)?;
+            if decode {
+                if let Some(r) = step.data {
+                    wbuf.extend_from_slice(&io.buf[r]);
+                }
+            } else {
+                wbuf.extend_from_slice(&io.buf[..step.consumed]);
+            }
+            io.buf.advance(step.consumed);
+            if step.consumed == 0 {
+                break;
+            }
+        }
+        if decoder.is_done() {
+            break;
+        }
+        // Flush what we have, then wait for more of the body.
+        if !wbuf.is_empty() {
+            client.write_all(wbuf).await?;
+            wbuf.clear();
+        }
+        match io.read_more().await {
+            Ok(0) if decoder.until_close() => {
+                upstream_ok = false;
+                break;
+            }
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "upstream closed the connection mid-body",
+                ))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if !wbuf.is_empty() {
+        client.write_all(wbuf).await?;
+    }
+    if upstream_ok && head.keep_alive {
+        conn.release();
+    }
+    drop(guard);
+    if !keep_alive {
+        let _ = client.shutdown().await;
+    }
+    Ok(keep_alive)
+}
+
+/// Writes a gateway-made JSON answer.
+async fn write_refusal(
+    client: &mut TcpStream,
+    wbuf: &mut Vec<u8>,
+    r: &Refusal,
+    keep_alive: bool,
+    http10: bool,
+) -> std::io::Result<()> {
+    let body = r.body();
+    wbuf.clear();
+    h1::write_status_line(
+        wbuf,
+        r.status.as_u16(),
+        r.status.canonical_reason().unwrap_or("").as_bytes(),
+    );
+    h1::write_header(wbuf, b"content-type", b"application/json");
+    wbuf.extend_from_slice(b"content-length: ");
+    h1::push_u64(wbuf, body.len() as u64);
+    wbuf.extend_from_slice(b"\r\n");
+    if r.retry_after {
+        h1::write_header(wbuf, b"retry-after", b"1");
+    }
+    if !keep_alive {
+        h1::write_header(wbuf, b"connection", b"close");
+    } else if http10 {
+        h1::write_header(wbuf, b"connection", b"keep-alive");
+    }
+    wbuf.extend_from_slice(b"\r\n");
+    wbuf.extend_from_slice(body.as_bytes());
+    client.write_all(wbuf).await?;
+    if !keep_alive {
+        let _ = client.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Serves the rest of a connection with hyper, replaying `read` first.
+async fn hand_to_hyper(
+    front: &FrontEnd,
+    stream: TcpStream,
+    read: BytesMut,
+    peer: SocketAddr,
+    stopping: bool,
+    mut stop: watch::Receiver<bool>,
+) {
+    let io = TokioIo::new(Prefixed {
+        prefix: read.freeze(),
+        inner: stream,
+    });
+    let svc = TowerToHyperService::new(front.service.for_peer(peer));
+    let conn = front.builder.serve_connection(io, svc);
+    let mut conn = pin!(conn);
+    if stopping {
+        conn.as_mut().graceful_shutdown();
+    } else {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.changed() => conn.as_mut().graceful_shutdown(),
+        }
+    }
+    if let Err(e) = conn.await {
+        tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
+    }
+}
+
+/// A socket whose first reads return bytes already read from it.
+struct Prefixed {
+    prefix: Bytes,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
