@@ -1,0 +1,413 @@
+//! HTTP/1.1 on the wire, through the lean path and the hyper hand-over:
+//! raw client sockets against the gateway and a scripted raw backend, so
+//! every byte of framing is under the test's control.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway::h1::{BodyDecoder, Framing};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use support::{fast_config, TempDir};
+
+const BIG: usize = 1 << 20;
+
+/// A backend speaking raw HTTP/1.1; the path picks the response shape.
+struct RawBackend {
+    addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+}
+
+async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, String, usize)> {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        if let Ok(httparse::Status::Complete(n)) = req.parse(buf) {
+            let head = String::from_utf8_lossy(&buf[..n]).to_string();
+            let path = req.path.unwrap_or("").to_string();
+            let mut framing = Framing::Empty;
+            for h in req.headers.iter() {
+                if h.name.eq_ignore_ascii_case("content-length") {
+                    framing = Framing::Length(std::str::from_utf8(h.value).ok()?.parse().ok()?);
+                }
+                if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                    framing = Framing::Chunked;
+                }
+            }
+            buf.drain(..n);
+            let mut d = BodyDecoder::new(framing);
+            let mut body_len = 0;
+            while !d.is_done() {
+                let step = d.feed(buf).ok()?;
+                if let Some(r) = step.data {
+                    body_len += r.len();
+                }
+                buf.drain(..step.consumed);
+                if step.consumed == 0 && !d.is_done() {
+                    let mut tmp = [0u8; 65536];
+                    let n = s.read(&mut tmp).await.ok()?;
+                    if n == 0 {
+                        return None;
+                    }
+                    buf.extend_from_slice(&tmp[..n]);
+                }
+            }
+            return Some((head, path, body_len));
+        }
+        let mut tmp = [0u8; 65536];
+        let n = s.read(&mut tmp).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
+
+impl RawBackend {
+    async fn start() -> RawBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counter = requests.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    while let Some((head, path, body_len)) = read_request(&mut s, &mut buf).await {
+                        if path != "/healthz" {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                        }
+                        let is_head = head.starts_with("HEAD ");
+                        let echo = format!("body_len={body_len}\n{head}");
+                        let out: Vec<u8> = match path.as_str() {
+                            "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=1\r\n world\r\n0\r\nx-trailer: t\r\n\r\n".to_vec(),
+                            "/until-close" => {
+                                let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil-close").await;
+                                return;
+                            }
+                            "/closes-after" => {
+                                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                                return;
+                            }
+                            "/hop" => b"HTTP/1.1 200 OK\r\nconnection: x-secret\r\nx-secret: 1\r\nkeep-alive: timeout=5\r\nx-request-id: upstream\r\nx-kept: yes\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                            "/early" => b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal".to_vec(),
+                            "/big" => {
+                                let mut v = format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n").into_bytes();
+                                v.extend(std::iter::repeat_n(b'x', BIG));
+                                v
+                            }
+                            _ if is_head => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n".to_vec(),
+                            _ => format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{echo}", echo.len()).into_bytes(),
+                        };
+                        if s.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        RawBackend { addr, requests }
+    }
+}
+
+async fn gateway_for(dir: &TempDir, backend: SocketAddr) -> gateway::RunningGateway {
+    let rules = format!(
+        "slots = 16\n[cells.c1]\nblue = [\"{backend}\"]\ngreen = []\n[[ranges]]\nfrom = 0\nto = 15\ncell = \"c1\"\n"
+    );
+    let path = dir.0.join("rules.toml");
+    std::fs::write(&path, rules).unwrap();
+    gateway::start(fast_config(path), prometheus::Registry::new())
+        .await
+        .unwrap()
+}
+
+/// Reads one response from `s`: (status line + headers, body). Handles
+/// content-length, chunked (decoded) and close-delimited bodies.
+async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>, head_req: bool) -> (String, Vec<u8>) {
+    loop {
+        if let Ok(Some(h)) = gateway::h1::parse_response(buf, head_req) {
+            let head = String::from_utf8_lossy(&buf[..h.len]).to_string();
+            buf.drain(..h.len);
+            let mut d = BodyDecoder::new(h.framing);
+            let mut body = Vec::new();
+            loop {
+                while !buf.is_empty() && !d.is_done() {
+                    let step = d.feed(buf).unwrap();
+                    if let Some(r) = step.data {
+                        body.extend_from_slice(&buf[r]);
+                    }
+                    buf.drain(..step.consumed);
+                    if step.consumed == 0 {
+                        break;
+                    }
+                }
+                if d.is_done() {
+                    return (head, body);
+                }
+                let mut tmp = [0u8; 65536];
+                let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut tmp))
+                    .await
+                    .expect("response body in time")
+                    .unwrap();
+                if n == 0 {
+                    assert!(d.until_close(), "connection closed mid-body");
+                    return (head, body);
+                }
+                buf.extend_from_slice(&tmp[..n]);
+            }
+        }
+        let mut tmp = [0u8; 65536];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut tmp))
+            .await
+            .expect("response head in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed before a response; got {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
+
+async fn closed(s: &mut TcpStream) -> bool {
+    let mut tmp = [0u8; 16];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), s.read(&mut tmp)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lean_path_framing_keep_alive_and_pipelining() {
+    let be = RawBackend::start().await;
+    let dir = TempDir::new("wire");
+    let gw = gateway_for(&dir, be.addr).await;
+    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
+    let mut buf = Vec::new();
+
+    // Two pipelined requests in one write come back in order.
+    c.write_all(b"GET /one HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\n\r\nGET /two HTTP/1.1\r\nhost: x\r\nx-user-id: 2\r\n\r\n")
+        .await
+        .unwrap();
+    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    let b = String::from_utf8(b).unwrap();
+    assert!(b.contains("GET /one HTTP/1.1"), "{b}");
+    assert!(
+        b.to_ascii_lowercase().contains("x-cellgate-cell: c1"),
+        "{b}"
+    );
+    assert_eq!(header(&h, "x-request-id").map(str::len), Some(32));
+    let (_, b) = read_response(&mut c, &mut buf, false).await;
+    assert!(String::from_utf8(b).unwrap().contains("GET /two"));
+
+    // A chunked response passes through to an HTTP/1.1 client.
+    c.write_all(b"GET /chunked HTTP/1.1\r\nx-user-id: 3\r\n\r\n")
+        .await
+        .unwrap();
+    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    assert_eq!(header(&h, "transfer-encoding"), Some("chunked"));
+    assert_eq!(b, b"hello world");
+
+    // Hop-by-hop response headers (and those named by `connection`) are
+    // dropped; the gateway's request id replaces the upstream's.
+    c.write_all(b"GET /hop HTTP/1.1\r\nx-user-id: 4\r\nx-request-id: mine-1\r\n\r\n")
+        .await
+        .unwrap();
+    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    assert_eq!(b, b"ok");
+    assert_eq!(header(&h, "x-secret"), None, "{h}");
+    assert_eq!(header(&h, "keep-alive"), None, "{h}");
+    assert_eq!(header(&h, "connection"), None, "{h}");
+    assert_eq!(header(&h, "x-kept"), Some("yes"));
+    assert_eq!(header(&h, "x-request-id"), Some("mine-1"));
+
+    // Interim 1xx responses are not forwarded; the final one is.
+    c.write_all(b"GET /early HTTP/1.1\r\nx-user-id: 5\r\n\r\n")
+        .await
+        .unwrap();
+    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert_eq!(b, b"final");
+
+    // HEAD: the length is kept, no body follows, the connection goes on.
+    c.write_all(b"HEAD /x HTTP/1.1\r\nx-user-id: 6\r\n\r\n")
+        .await
+        .unwrap();
+    let (h, b) = read_response(&mut c, &mut buf, true).await;
+    assert_eq!(header(&h, "content-length"), Some("5"));
+    assert!(b.is_empty());
+
+    // A bad key is answered by the gateway and the connection stays usable.
+    c.write_all(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    assert!(h.starts_with("HTTP/1.1 400"), "{h}");
+    assert!(String::from_utf8(b).unwrap().contains("missing_key"));
+
+    // A 1 MiB upload (content-length) and a 1 MiB download, streamed.
+    let mut up = b"POST /up HTTP/1.1\r\nx-user-id: 7\r\ncontent-length: 1048576\r\n\r\n".to_vec();
+    up.extend(std::iter::repeat_n(b'y', BIG));
+    c.write_all(&up).await.unwrap();
+    let (_, b) = read_response(&mut c, &mut buf, false).await;
+    assert!(String::from_utf8(b)
+        .unwrap()
+        .starts_with("body_len=1048576\n"));
+    c.write_all(b"GET /big HTTP/1.1\r\nx-user-id: 8\r\n\r\n")
+        .await
+        .unwrap();
+    let (_, b) = read_response(&mut c, &mut buf, false).await;
+    assert_eq!(b.len(), BIG);
+    assert!(b.iter().all(|&x| x == b'x'));
+
+    // A close-delimited response ends the client connection too.
+    c.write_all(b"GET /until-close HTTP/1.1\r\nx-user-id: 9\r\n\r\n")
+        .await
+        .unwrap();
+    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    assert_eq!(header(&h, "connection"), Some("close"));
+    assert_eq!(b, b"until-close");
+    assert!(closed(&mut c).await);
+
+    // `connection: close` from the client is honoured.
+    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
+    let mut buf = Vec::new();
+    c.write_all(b"GET /a HTTP/1.1\r\nx-user-id: 1\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (h, _) = read_response(&mut c, &mut buf, false).await;
+    assert_eq!(header(&h, "connection"), Some("close"));
+    assert!(closed(&mut c).await);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_clients_get_decoded_bodies_and_keep_alive_on_request() {
+    let be = RawBackend::start().await;
+    let dir = TempDir::new("wire10");
+    let gw = gateway_for(&dir, be.addr).await;
+
+    // Keep-alive asked for: kept, and said so.
+    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
+    let mut buf = Vec::new();
+    c.write_all(b"GET /a HTTP/1.0\r\nx-user-id: 1\r\nconnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    assert_eq!(header(&h, "connection"), Some("keep-alive"));
+    // Upstreams always get HTTP/1.1.
+    assert!(String::from_utf8(b).unwrap().contains("GET /a HTTP/1.1"));
+    // A chunked upstream body is decoded for HTTP/1.0 and delimited by close.
+    c.write_all(b"GET /chunked HTTP/1.0\r\nx-user-id: 1\r\nconnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    assert_eq!(header(&h, "transfer-encoding"), None);
+    assert_eq!(header(&h, "connection"), Some("close"));
+    assert_eq!(b, b"hello world");
+    assert!(closed(&mut c).await);
+
+    // No keep-alive asked for: closed after the response.
+    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
+    let mut buf = Vec::new();
+    c.write_all(b"GET /a HTTP/1.0\r\nx-user-id: 1\r\n\r\n")
+        .await
+        .unwrap();
+    read_response(&mut c, &mut buf, false).await;
+    assert!(closed(&mut c).await);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusual_requests_are_handed_to_hyper() {
+    let be = RawBackend::start().await;
+    let dir = TempDir::new("wirehyper");
+    let gw = gateway_for(&dir, be.addr).await;
+
+    // A chunked request body: forwarded chunked, and the connection keeps
+    // serving afterwards.
+    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
+    let mut buf = Vec::new();
+    c.write_all(b"POST /up HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    let b = String::from_utf8(b).unwrap();
+    assert!(b.starts_with("body_len=7\n"), "{b}");
+    assert!(b.contains("x-cellgate-cell: c1"), "{b}");
+    c.write_all(b"GET /chunked HTTP/1.1\r\nhost: x\r\nx-user-id: 2\r\n\r\n")
+        .await
+        .unwrap();
+    let (_, b) = read_response(&mut c, &mut buf, false).await;
+    assert_eq!(b, b"hello world");
+
+    // Expect: 100-continue gets its interim response from hyper.
+    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
+    let mut buf = Vec::new();
+    c.write_all(b"POST /up HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let mut tmp = [0u8; 256];
+    let n = c.read(&mut tmp).await.unwrap();
+    assert!(
+        tmp[..n].starts_with(b"HTTP/1.1 100 Continue"),
+        "{:?}",
+        String::from_utf8_lossy(&tmp[..n])
+    );
+    buf.extend_from_slice(&tmp[..n]);
+    buf.drain(..buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4);
+    c.write_all(b"hello").await.unwrap();
+    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert!(String::from_utf8(b).unwrap().starts_with("body_len=5\n"));
+
+    // A malformed head gets a 400 from hyper.
+    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
+    let mut buf = Vec::new();
+    c.write_all(b"GET /x HTTP/1.1\r\nbad header\r\n\r\n")
+        .await
+        .unwrap();
+    let (h, _) = read_response(&mut c, &mut buf, false).await;
+    assert!(h.starts_with("HTTP/1.1 400"), "{h}");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_upstream_closed_is_not_used() {
+    let be = RawBackend::start().await;
+    let dir = TempDir::new("wirestale");
+    let gw = gateway_for(&dir, be.addr).await;
+    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
+    let mut buf = Vec::new();
+    // The backend closes every connection after answering (without saying
+    // so); each following request must still be answered.
+    for i in 0..20 {
+        c.write_all(format!("GET /closes-after HTTP/1.1\r\nx-user-id: {i}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (h, b) = read_response(&mut c, &mut buf, false).await;
+        assert!(h.starts_with("HTTP/1.1 200"), "request {i}: {h}");
+        assert_eq!(b, b"ok");
+    }
+    assert_eq!(be.requests.load(Ordering::SeqCst), 20);
+    gw.shutdown().await;
+}
