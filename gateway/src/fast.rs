@@ -138,17 +138,18 @@ pub async fn serve_connection(
     let mut idle = pin!(tokio::time::sleep(HEADER_TIMEOUT));
     let mut stopped = pin!(stop.changed());
     loop {
-        // 1. A complete request head.
-        let gen = shared.control.current();
-        let prepared = loop {
+        // 1. A complete request head, routed with the rules current when
+        //    it arrived.
+        let (prepared, gen) = loop {
             if !buf.is_empty() {
+                let gen = shared.control.current();
                 match prepare(shared, &gen, &buf, peer_ip.as_bytes()) {
                     Next::Partial => {}
                     Next::Hyper => {
                         return hand_to_hyper(&front, stream, buf, peer, stopping, stop_for_hyper)
                             .await;
                     }
-                    Next::Request(p) => break p,
+                    Next::Request(p) => break (p, gen),
                 }
             } else if stopping {
                 return;

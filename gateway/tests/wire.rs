@@ -119,12 +119,15 @@ impl RawBackend {
     }
 }
 
-async fn gateway_for(dir: &TempDir, backend: SocketAddr) -> gateway::RunningGateway {
-    let rules = format!(
+fn one_cell_rules(backend: SocketAddr) -> String {
+    format!(
         "slots = 16\n[cells.c1]\nblue = [\"{backend}\"]\ngreen = []\n[[ranges]]\nfrom = 0\nto = 15\ncell = \"c1\"\n"
-    );
+    )
+}
+
+async fn gateway_for(dir: &TempDir, backend: SocketAddr) -> gateway::RunningGateway {
     let path = dir.0.join("rules.toml");
-    std::fs::write(&path, rules).unwrap();
+    std::fs::write(&path, one_cell_rules(backend)).unwrap();
     gateway::start(fast_config(path), prometheus::Registry::new())
         .await
         .unwrap()
@@ -409,5 +412,39 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used() {
         assert_eq!(b, b"ok");
     }
     assert_eq!(be.requests.load(Ordering::SeqCst), 20);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_routes_each_request_with_the_current_rules() {
+    let (a, b) = (RawBackend::start().await, RawBackend::start().await);
+    let dir = TempDir::new("wirereload");
+    let gw = gateway_for(&dir, a.addr).await;
+    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
+    let mut buf = Vec::new();
+    c.write_all(b"GET /x HTTP/1.1\r\nx-user-id: 1\r\n\r\n")
+        .await
+        .unwrap();
+    read_response(&mut c, &mut buf, false).await;
+    assert_eq!(a.requests.load(Ordering::SeqCst), 1);
+
+    // The cell moves to another instance while the client connection idles.
+    let before = gw.control.current().table.revision();
+    std::fs::write(dir.0.join("rules.toml"), one_cell_rules(b.addr)).unwrap();
+    support::wait_until("the reload", Duration::from_secs(5), || {
+        let rev = gw.control.current().table.revision();
+        async move { rev != before }
+    })
+    .await;
+    c.write_all(b"GET /x HTTP/1.1\r\nx-user-id: 1\r\n\r\n")
+        .await
+        .unwrap();
+    read_response(&mut c, &mut buf, false).await;
+    assert_eq!(
+        b.requests.load(Ordering::SeqCst),
+        1,
+        "routed with the old rules"
+    );
+    assert_eq!(a.requests.load(Ordering::SeqCst), 1);
     gw.shutdown().await;
 }
