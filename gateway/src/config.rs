@@ -63,7 +63,8 @@ pub struct ServeConfig {
     #[arg(long, value_name = "MS", default_value_t = 1_000)]
     pub connect_timeout_ms: u64,
 
-    /// Time allowed for an upstream to send response headers (504 after).
+    /// Time from sending a request upstream (its body included) to the
+    /// response headers (504 after).
     #[arg(long, value_name = "MS", default_value_t = 30_000)]
     pub request_timeout_ms: u64,
 

@@ -302,22 +302,19 @@ impl Outgoing {
         wire.extend_from_slice(parts.target.as_bytes());
         wire.extend_from_slice(b" HTTP/1.1\r\n");
         // Headers the client marked hop-by-hop in `connection`.
-        let mut connection: [&[u8]; 4] = [b""; 4];
-        let mut n_conn = 0;
+        let connection: Vec<&[u8]> = parts
+            .headers
+            .clone()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
+            .map(|(_, v)| v)
+            .collect();
         let mut has_host = false;
         let mut xff: Option<&[u8]> = None;
         let mut xff_more = false;
         let mut request_id: Option<&[u8]> = None;
         for (n, v) in parts.headers.clone() {
-            if n.eq_ignore_ascii_case(b"connection") && n_conn < connection.len() {
-                connection[n_conn] = v;
-                n_conn += 1;
-            }
-        }
-        let connection = &connection[..n_conn];
-        for (n, v) in parts.headers.clone() {
             if h1::is_hop_by_hop(n)
-                || (!connection.is_empty() && h1::named_by_connection(connection, n))
+                || (!connection.is_empty() && h1::named_by_connection(&connection, n))
                 || is_stamp(n)
             {
                 continue;
@@ -480,7 +477,7 @@ enum Failure {
     Failed(String),
     /// The client went away while its body was forwarded.
     ClientGone,
-    /// No response head in time.
+    /// No response head within the request timeout (body upload included).
     Timeout,
 }
 
@@ -570,9 +567,10 @@ impl Shared {
                     continue;
                 }
             };
-            let result = self
-                .exchange(gen, out, &decision, &mut conn, &mut body)
-                .await;
+            let exchange = self.exchange(gen, out, &decision, &mut conn, &mut body);
+            let result = tokio::time::timeout(self.settings.request_timeout, exchange)
+                .await
+                .unwrap_or(Err(Failure::Timeout));
             match result {
                 Ok(head) => {
                     let status = head.status;
@@ -730,18 +728,10 @@ impl Shared {
                 }
             }
         }
-        match tokio::time::timeout(
-            self.settings.request_timeout,
-            io.read_head(out.head_request),
-        )
-        .await
-        {
-            Ok(Ok(head)) => Ok(head),
-            Ok(Err(ReadHeadError::Closed)) => {
-                Err(Failure::Failed("closed without a response".into()))
-            }
-            Ok(Err(e)) => Err(Failure::Failed(e.to_string())),
-            Err(_) => Err(Failure::Timeout),
+        match io.read_head(out.head_request).await {
+            Ok(head) => Ok(head),
+            Err(ReadHeadError::Closed) => Err(Failure::Failed("closed without a response".into())),
+            Err(e) => Err(Failure::Failed(e.to_string())),
         }
     }
 

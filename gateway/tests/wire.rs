@@ -448,3 +448,29 @@ async fn a_kept_alive_connection_routes_each_request_with_the_current_rules() {
     assert_eq!(a.requests.load(Ordering::SeqCst), 1);
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_is_cut_off_by_the_request_timeout() {
+    let be = RawBackend::start().await;
+    let dir = TempDir::new("wirestall");
+    let path = dir.0.join("rules.toml");
+    std::fs::write(&path, one_cell_rules(be.addr)).unwrap();
+    let mut cfg = fast_config(path);
+    cfg.request_timeout_ms = 300;
+    let gw = gateway::start(cfg, prometheus::Registry::new())
+        .await
+        .unwrap();
+    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
+    let mut buf = Vec::new();
+    // Half of the announced body, then nothing.
+    c.write_all(b"POST /up HTTP/1.1\r\nx-user-id: 1\r\ncontent-length: 10\r\n\r\nhello")
+        .await
+        .unwrap();
+    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    assert!(h.starts_with("HTTP/1.1 504"), "{h}");
+    assert!(String::from_utf8(b).unwrap().contains("upstream_timeout"));
+    // The rest of the body was never read: the connection cannot go on.
+    assert_eq!(header(&h, "connection"), Some("close"));
+    assert!(closed(&mut c).await);
+    gw.shutdown().await;
+}
