@@ -62,7 +62,13 @@ struct Prepared {
     http10: bool,
 }
 
-fn prepare(shared: &Shared, gen: &crate::control::Generation, buf: &[u8], peer_ip: &[u8]) -> Next {
+fn prepare(
+    shared: &Shared,
+    gen: &crate::control::Generation,
+    buf: &[u8],
+    peer_ip: &[u8],
+    spare: &mut Vec<u8>,
+) -> Next {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
@@ -105,6 +111,7 @@ fn prepare(shared: &Shared, gen: &crate::control::Generation, buf: &[u8], peer_i
         method: method.as_bytes(),
         target: path,
         headers: req.headers.iter().map(|h| (h.name.as_bytes(), h.value)),
+        wire: std::mem::take(spare),
         host: None,
         chunked_body: false,
     };
@@ -132,6 +139,8 @@ pub async fn serve_connection(
     let shared = &front.shared;
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut wbuf: Vec<u8> = Vec::with_capacity(8 * 1024);
+    // The upstream head buffer, handed from request to request.
+    let mut spare: Vec<u8> = Vec::with_capacity(1024);
     let mut stopping = *stop.borrow();
     let stop_for_hyper = stop.clone();
     let mut last_activity = Instant::now();
@@ -143,7 +152,7 @@ pub async fn serve_connection(
         let (prepared, gen) = loop {
             if !buf.is_empty() {
                 let gen = shared.control.current();
-                match prepare(shared, &gen, &buf, peer_ip.as_bytes()) {
+                match prepare(shared, &gen, &buf, peer_ip.as_bytes(), &mut spare) {
                     Next::Partial => {}
                     Next::Hyper => {
                         return hand_to_hyper(&front, stream, buf, peer, stopping, stop_for_hyper)
@@ -234,6 +243,7 @@ pub async fn serve_connection(
             Ok(true) => {}
             Ok(false) | Err(_) => return,
         }
+        spare = out.into_wire();
         last_activity = Instant::now();
     }
 }
@@ -269,7 +279,7 @@ async fn relay_response(
         for (n, v) in forwarded_response_headers(b, &head) {
             h1::write_header(wbuf, n, v);
         }
-        h1::write_header(wbuf, b"x-request-id", &out.request_id);
+        h1::write_header(wbuf, b"x-request-id", out.request_id());
         if let Some(gen) = debug {
             stamps(gen, &decision, |n, v| h1::write_header(wbuf, n, v));
         }

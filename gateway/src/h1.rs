@@ -272,6 +272,15 @@ pub fn has_token(value: &[u8], token: &[u8]) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
+/// Whether a `connection` header value names other headers (anything but
+/// `keep-alive` and `close`), i.e. whether it must be kept for filtering.
+pub fn names_headers(value: &[u8]) -> bool {
+    value.split(|b| *b == b',').any(|t| {
+        let t = t.trim_ascii();
+        !t.is_empty() && !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close")
+    })
+}
+
 /// Whether `name` is one of the tokens of the `connection` header values
 /// (headers the sender marked hop-by-hop).
 pub fn named_by_connection(connection: &[&[u8]], name: &[u8]) -> bool {
@@ -401,8 +410,12 @@ pub fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 /// Appends the decimal digits of `n`.
-pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut buf = [0u8; 20];
+pub fn push_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(fmt_u64(n, &mut [0u8; 20]));
+}
+
+/// The decimal digits of `n`, written into `buf`.
+pub fn fmt_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
     loop {
         i -= 1;
@@ -412,7 +425,7 @@ pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
             break;
         }
     }
-    out.extend_from_slice(&buf[i..]);
+    &buf[i..]
 }
 
 /// Appends a chunk-size line for `n` payload bytes.
@@ -560,6 +573,8 @@ mod tests {
         }
         assert!(has_token(b"keep-alive, X-Custom", b"x-custom"));
         assert!(!has_token(b"keep-alive", b"close"));
+        assert!(!names_headers(b"Keep-Alive, close"));
+        assert!(names_headers(b"keep-alive, x-secret"));
         assert_eq!(parse_length(b" 42 "), Some(42));
         assert_eq!(parse_length(b"4 2"), None);
         assert_eq!(parse_length(b"99999999999999999999"), None);

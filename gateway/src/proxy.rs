@@ -223,8 +223,8 @@ pub struct Outgoing {
     base_len: usize,
     key: Option<Vec<u8>>,
     tester: Option<Vec<u8>>,
-    /// The request id (the client's, or generated).
-    pub request_id: Vec<u8>,
+    /// Where the request id (the client's, or generated) is in `wire`.
+    request_id: std::ops::Range<usize>,
     head_request: bool,
     idempotent: bool,
     /// First routing decision.
@@ -241,6 +241,8 @@ pub struct HeadParts<'a, I> {
     pub target: &'a str,
     /// Headers as (name, value).
     pub headers: I,
+    /// A buffer to write the upstream head into (reused across requests).
+    pub wire: Vec<u8>,
     /// `host` to add when the request has none (HTTP/2 authority).
     pub host: Option<&'a [u8]>,
     /// The body is sent with chunked encoding (length unknown).
@@ -296,7 +298,8 @@ impl Outgoing {
                 Refusal::for_key(p)
             })?;
 
-        let mut wire = Vec::with_capacity(512);
+        let mut wire = parts.wire;
+        wire.clear();
         wire.extend_from_slice(parts.method);
         wire.push(b' ');
         wire.extend_from_slice(parts.target.as_bytes());
@@ -305,7 +308,7 @@ impl Outgoing {
         let connection: Vec<&[u8]> = parts
             .headers
             .clone()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
+            .filter(|(n, v)| n.eq_ignore_ascii_case(b"connection") && h1::names_headers(v))
             .map(|(_, v)| v)
             .collect();
         let mut has_host = false;
@@ -364,11 +367,14 @@ impl Outgoing {
         }
         wire.extend_from_slice(peer_ip);
         wire.extend_from_slice(b"\r\n");
-        let request_id = match request_id {
-            Some(v) => v.to_vec(),
-            None => shared.ids.next().to_vec(),
-        };
-        h1::write_header(&mut wire, b"x-request-id", &request_id);
+        wire.extend_from_slice(b"x-request-id: ");
+        let id_start = wire.len();
+        match request_id {
+            Some(v) => wire.extend_from_slice(v),
+            None => wire.extend_from_slice(&shared.ids.next()),
+        }
+        let request_id = id_start..wire.len();
+        wire.extend_from_slice(b"\r\n");
         let base_len = wire.len();
         Ok(Outgoing {
             wire,
@@ -381,6 +387,16 @@ impl Outgoing {
             decision,
             start,
         })
+    }
+
+    /// The request id (the client's, or generated).
+    pub fn request_id(&self) -> &[u8] {
+        &self.wire[self.request_id.clone()]
+    }
+
+    /// Gives back the head buffer for the next request.
+    pub fn into_wire(self) -> Vec<u8> {
+        self.wire
     }
 
     /// Routes again after an instance was ejected or failed: with every
@@ -407,9 +423,7 @@ impl Outgoing {
 /// Calls `f(name, value)` for each stamp header of a decision.
 pub fn stamps(gen: &Generation, d: &RouteDecision, mut f: impl FnMut(&'static [u8], &[u8])) {
     if let Some(slot) = d.slot {
-        let mut v = Vec::with_capacity(8);
-        h1::push_u64(&mut v, slot as u64);
-        f(b"x-cellgate-slot", &v);
+        f(b"x-cellgate-slot", h1::fmt_u64(slot as u64, &mut [0u8; 20]));
     }
     f(
         b"x-cellgate-cell",
@@ -759,7 +773,9 @@ pub fn forwarded_response_headers<'a>(
     let connection: Vec<&[u8]> = head
         .headers
         .iter()
-        .filter(|(n, _)| buf[n.clone()].eq_ignore_ascii_case(b"connection"))
+        .filter(|(n, v)| {
+            buf[n.clone()].eq_ignore_ascii_case(b"connection") && h1::names_headers(&buf[v.clone()])
+        })
         .map(|(_, v)| &buf[v.clone()])
         .collect();
     head.headers
@@ -854,6 +870,7 @@ async fn handle_hyper(
         method: parts.method.as_str().as_bytes(),
         target,
         headers: headers.iter().copied(),
+        wire: Vec::with_capacity(512),
         host: if parts.version == Version::HTTP_2 {
             authority
         } else {
@@ -890,7 +907,7 @@ async fn handle_hyper(
                 h.append(n, v);
             }
         }
-        if let Ok(v) = HeaderValue::from_bytes(&out.request_id) {
+        if let Ok(v) = HeaderValue::from_bytes(out.request_id()) {
             h.insert(HeaderName::from_static("x-request-id"), v);
         }
         if shared.settings.debug_headers {
