@@ -583,4 +583,90 @@ mod tests {
         push_u64(&mut v, 0);
         assert_eq!(v, b"ff\r\n0");
     }
+
+    mod props {
+        use super::super::*;
+        use super::decode_all;
+        use proptest::prelude::*;
+
+        /// Chunked wire form of `chunks`, with optional extensions and trailers.
+        fn encode(chunks: &[Vec<u8>], ext: bool, trailers: bool) -> Vec<u8> {
+            let mut w = Vec::new();
+            for c in chunks.iter().filter(|c| !c.is_empty()) {
+                push_chunk_size(&mut w, c.len());
+                if ext {
+                    w.truncate(w.len() - 2);
+                    w.extend_from_slice(b";name=value\r\n");
+                }
+                w.extend_from_slice(c);
+                w.extend_from_slice(b"\r\n");
+            }
+            w.extend_from_slice(b"0\r\n");
+            if trailers {
+                w.extend_from_slice(b"x-sum: 1\r\nx-other: 2\r\n");
+            }
+            w.extend_from_slice(b"\r\n");
+            w
+        }
+
+        proptest! {
+            #[test]
+            fn chunked_round_trips_in_any_split(
+                chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 0..8),
+                ext in any::<bool>(),
+                trailers in any::<bool>(),
+                piece in 1usize..64,
+                tail in prop::collection::vec(any::<u8>(), 0..16),
+            ) {
+                let mut wire = encode(&chunks, ext, trailers);
+                let body_end = wire.len();
+                wire.extend_from_slice(&tail);
+                let (data, used) = decode_all(Framing::Chunked, &wire, piece).unwrap();
+                prop_assert_eq!(data, chunks.concat());
+                prop_assert_eq!(used, body_end, "stopped exactly at the end of the body");
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic(
+                wire in prop::collection::vec(any::<u8>(), 0..512),
+                piece in 1usize..32,
+                len in 0u64..600,
+            ) {
+                for framing in [Framing::Chunked, Framing::Length(len), Framing::Close, Framing::Empty] {
+                    if let Ok((data, used)) = decode_all(framing, &wire, piece) {
+                        prop_assert!(used <= wire.len());
+                        prop_assert!(data.len() <= used);
+                    }
+                }
+                let _ = parse_response(&wire, false);
+                let _ = parse_response(&wire, true);
+            }
+
+            #[test]
+            fn response_heads_with_random_headers_parse_back(
+                status in 200u16..600,
+                names in prop::collection::vec("[a-z][a-z0-9-]{0,15}", 0..12),
+                len in 0u64..100_000,
+            ) {
+                let mut head = format!("HTTP/1.1 {status} Whatever\r\n");
+                for (i, n) in names.iter().enumerate() {
+                    if n == "content-length" || n == "transfer-encoding" || n == "connection" {
+                        continue;
+                    }
+                    head.push_str(&format!("{n}: v{i}\r\n"));
+                }
+                head.push_str(&format!("content-length: {len}\r\n\r\n"));
+                let h = parse_response(head.as_bytes(), false).unwrap().unwrap();
+                prop_assert_eq!(h.status, status);
+                prop_assert_eq!(h.len, head.len());
+                let expect = if status == 204 || status == 304 || len == 0 {
+                    Framing::Empty
+                } else {
+                    Framing::Length(len)
+                };
+                prop_assert_eq!(h.framing, expect);
+                prop_assert!(h.keep_alive);
+            }
+        }
+    }
 }
