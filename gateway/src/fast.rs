@@ -26,8 +26,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::h1::{self, BodyDecoder, Framing, MAX_HEAD, MAX_HEADERS};
 use crate::proxy::{
-    forwarded_response_headers, stamps, Forwarded, HeadParts, Outgoing, ProxyService, Refusal,
-    ReqBody, Shared,
+    forwarded_response_headers, stamps, BodyHead, Forwarded, HeadParts, Outgoing, ProxyService,
+    Refusal, ReqBody, Shared,
 };
 
 /// A client that sends no complete request head for this long is closed.
@@ -113,7 +113,10 @@ fn prepare(
         headers: req.headers.iter().map(|h| (h.name.as_bytes(), h.value)),
         wire: std::mem::take(spare),
         host: None,
-        chunked_body: false,
+        body: match body_len {
+            Some(n) => BodyHead::Length(n),
+            None => BodyHead::None,
+        },
     };
     let out = Outgoing::build(shared, gen, parts, peer_ip, Instant::now());
     Next::Request(Prepared {

@@ -233,6 +233,17 @@ pub struct Outgoing {
     pub start: Instant,
 }
 
+/// How a request body is framed on the way upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyHead {
+    /// No body and no `content-length`.
+    None,
+    /// `content-length: n`.
+    Length(u64),
+    /// `transfer-encoding: chunked` (length unknown).
+    Chunked,
+}
+
 /// The parts of a request head that [`Outgoing::build`] needs.
 pub struct HeadParts<'a, I> {
     /// Method.
@@ -245,8 +256,9 @@ pub struct HeadParts<'a, I> {
     pub wire: Vec<u8>,
     /// `host` to add when the request has none (HTTP/2 authority).
     pub host: Option<&'a [u8]>,
-    /// The body is sent with chunked encoding (length unknown).
-    pub chunked_body: bool,
+    /// How the body is framed upstream (the client's own `content-length`
+    /// and `transfer-encoding` headers are never copied).
+    pub body: BodyHead,
 }
 
 impl Outgoing {
@@ -330,6 +342,9 @@ impl Outgoing {
                 }
                 continue;
             }
+            if n.eq_ignore_ascii_case(b"content-length") {
+                continue;
+            }
             if n.eq_ignore_ascii_case(b"x-request-id") {
                 if request_id.is_none() && !v.is_empty() && v.len() <= 128 {
                     request_id = Some(v);
@@ -344,8 +359,12 @@ impl Outgoing {
                 h1::write_header(&mut wire, b"host", h);
             }
         }
-        if parts.chunked_body {
-            h1::write_header(&mut wire, b"transfer-encoding", b"chunked");
+        match parts.body {
+            BodyHead::None => {}
+            BodyHead::Length(n) => {
+                h1::write_header(&mut wire, b"content-length", h1::fmt_u64(n, &mut [0u8; 20]))
+            }
+            BodyHead::Chunked => h1::write_header(&mut wire, b"transfer-encoding", b"chunked"),
         }
         wire.extend_from_slice(b"x-forwarded-for: ");
         if xff_more {
@@ -451,12 +470,12 @@ pub enum ReqBody<'a> {
         /// Body bytes not yet forwarded.
         remaining: u64,
     },
-    /// A hyper body; sent chunked unless `length` is known.
+    /// A hyper body, sent as `framing` says (chunked, or its exact length).
     Stream {
         /// The body.
         body: Incoming,
-        /// Sent with chunked encoding.
-        chunked: bool,
+        /// How it is framed upstream.
+        framing: BodyHead,
     },
 }
 
@@ -708,7 +727,13 @@ impl Shared {
                     *remaining -= n as u64;
                 }
             }
-            ReqBody::Stream { body, chunked } => {
+            ReqBody::Stream { body, framing } => {
+                let chunked = *framing == BodyHead::Chunked;
+                let length = match *framing {
+                    BodyHead::Length(n) => n,
+                    _ => 0,
+                };
+                let mut sent = 0u64;
                 let mut frame_buf = Vec::new();
                 loop {
                     let frame = match body.frame().await {
@@ -722,7 +747,13 @@ impl Shared {
                     if data.is_empty() {
                         continue;
                     }
-                    let r = if *chunked {
+                    sent += data.len() as u64;
+                    if !chunked && sent > length {
+                        return Err(Failure::Failed(
+                            "request body longer than its content-length".into(),
+                        ));
+                    }
+                    let r = if chunked {
                         frame_buf.clear();
                         h1::push_chunk_size(&mut frame_buf, data.len());
                         frame_buf.extend_from_slice(&data);
@@ -735,10 +766,14 @@ impl Shared {
                         return Err(Failure::Failed(e.to_string()));
                     }
                 }
-                if *chunked {
+                if chunked {
                     if let Err(e) = io.stream.write_all(b"0\r\n\r\n").await {
                         return Err(Failure::Failed(e.to_string()));
                     }
+                } else if sent != length {
+                    return Err(Failure::Failed(
+                        "request body shorter than its content-length".into(),
+                    ));
                 }
             }
         }
@@ -859,8 +894,13 @@ async fn handle_hyper(
         .unwrap_or("/");
     let authority = parts.uri.authority().map(|a| a.as_str().as_bytes());
     let empty = body.is_end_stream();
-    let length_known = parts.headers.contains_key(header::CONTENT_LENGTH);
-    let chunked = !empty && !length_known;
+    // hyper has decoded the client's framing; the body's exact size (from a
+    // validated content-length) or chunked encoding frames it upstream.
+    let framing = match body.size_hint().exact() {
+        Some(0) if !parts.headers.contains_key(header::CONTENT_LENGTH) => BodyHead::None,
+        Some(n) => BodyHead::Length(n),
+        None => BodyHead::Chunked,
+    };
     let headers: Vec<(&[u8], &[u8])> = parts
         .headers
         .iter()
@@ -876,7 +916,7 @@ async fn handle_hyper(
         } else {
             None
         },
-        chunked_body: chunked,
+        body: framing,
     };
     let mut out = match Outgoing::build(shared, &gen, head, peer_ip, start) {
         Ok(o) => o,
@@ -885,7 +925,7 @@ async fn handle_hyper(
     let body = if empty {
         ReqBody::Empty
     } else {
-        ReqBody::Stream { body, chunked }
+        ReqBody::Stream { body, framing }
     };
     let fwd = match shared.forward(&gen, &mut out, body).await {
         Ok(f) => f,
