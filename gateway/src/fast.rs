@@ -145,7 +145,8 @@ pub async fn serve_connection(
     // The upstream head buffer, handed from request to request.
     let mut spare: Vec<u8> = Vec::with_capacity(1024);
     let mut stopping = *stop.borrow();
-    let stop_for_hyper = stop.clone();
+    // A second receiver: `stop` itself is borrowed by `stopped` below.
+    let stop_seen = stop.clone();
     let mut last_activity = Instant::now();
     let mut idle = pin!(tokio::time::sleep(HEADER_TIMEOUT));
     let mut stopped = pin!(stop.changed());
@@ -158,8 +159,7 @@ pub async fn serve_connection(
                 match prepare(shared, &gen, &buf, peer_ip.as_bytes(), &mut spare) {
                     Next::Partial => {}
                     Next::Hyper => {
-                        return hand_to_hyper(&front, stream, buf, peer, stopping, stop_for_hyper)
-                            .await;
+                        return hand_to_hyper(&front, stream, buf, peer, stopping, stop_seen).await;
                     }
                     Next::Request(p) => break (p, gen),
                 }
@@ -230,7 +230,9 @@ pub async fn serve_connection(
             }
         };
 
-        // 3. The response.
+        // 3. The response (the last on this connection when the gateway
+        //    began to stop meanwhile).
+        keep_alive &= !*stop_seen.borrow();
         let debug = shared.settings.debug_headers.then_some(&*gen);
         match relay_response(
             &mut stream,

@@ -98,6 +98,10 @@ impl RawBackend {
                                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
                                 return;
                             }
+                            "/slow" => {
+                                tokio::time::sleep(Duration::from_millis(300)).await;
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow".to_vec()
+                            }
                             "/hop" => b"HTTP/1.1 200 OK\r\nconnection: x-secret\r\nx-secret: 1\r\nkeep-alive: timeout=5\r\nx-request-id: upstream\r\nx-kept: yes\r\ncontent-length: 2\r\n\r\nok".to_vec(),
                             "/early" => b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal".to_vec(),
                             "/big" => {
@@ -490,4 +494,37 @@ async fn a_stalled_upload_is_cut_off_by_the_request_timeout() {
     assert_eq!(header(&h, "connection"), Some("close"));
     assert!(closed(&mut c).await);
     gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_the_request_in_flight_then_closes() {
+    let be = RawBackend::start().await;
+    let dir = TempDir::new("wiredrain");
+    let gw = gateway_for(&dir, be.addr).await;
+    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
+    let mut buf = Vec::new();
+    c.write_all(b"GET /slow HTTP/1.1\r\nx-user-id: 1\r\n\r\n")
+        .await
+        .unwrap();
+    let requests = be.requests.clone();
+    support::wait_until(
+        "the request to reach the backend",
+        Duration::from_secs(5),
+        || {
+            let n = requests.load(Ordering::SeqCst);
+            async move { n == 1 }
+        },
+    )
+    .await;
+    let drain = tokio::spawn(gw.shutdown());
+    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert_eq!(b, b"slow");
+    assert_eq!(
+        header(&h, "connection"),
+        Some("close"),
+        "the last response says so"
+    );
+    assert!(closed(&mut c).await);
+    assert!(drain.await.unwrap(), "drained within the deadline");
 }
