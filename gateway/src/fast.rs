@@ -213,7 +213,10 @@ pub async fn serve_connection(
         } else {
             ReqBody::Empty
         };
-        let fwd = match shared.forward(&gen, &mut out, body).await {
+        let fwd = match shared
+            .forward(&gen, &mut out, body, Some(idle.as_mut()))
+            .await
+        {
             Ok(f) => f,
             Err(r) => {
                 // The body may be partly unread: the connection cannot go on.

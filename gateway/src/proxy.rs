@@ -517,11 +517,17 @@ enum Failure {
 impl Shared {
     /// Sends `out` upstream with retries as the rules allow; returns the
     /// response head or what to answer instead.
+    ///
+    /// `timer`: a sleep the caller owns and re-arms lazily (the lean front
+    /// end's per-connection timer) to enforce the request timeout with; it
+    /// is pulled in when it would fire after this request's deadline.
+    /// Without one, a timer per request.
     pub async fn forward(
         &self,
         gen: &Generation,
         out: &mut Outgoing,
         mut body: ReqBody<'_>,
+        mut timer: Option<Pin<&mut tokio::time::Sleep>>,
     ) -> Result<Forwarded, Refusal> {
         let metrics = self.control.metrics();
         let table = &gen.table;
@@ -600,10 +606,22 @@ impl Shared {
                     continue;
                 }
             };
+            let from = if attempt == 0 {
+                out.start
+            } else {
+                Instant::now()
+            };
             let exchange = self.exchange(gen, out, &decision, &mut conn, &mut body);
-            let result = tokio::time::timeout(self.settings.request_timeout, exchange)
-                .await
-                .unwrap_or(Err(Failure::Timeout));
+            let result = match timer.as_mut() {
+                Some(t) => {
+                    let deadline =
+                        tokio::time::Instant::from_std(from) + self.settings.request_timeout;
+                    with_deadline(t.as_mut(), deadline, exchange).await
+                }
+                None => tokio::time::timeout(self.settings.request_timeout, exchange)
+                    .await
+                    .unwrap_or(Err(Failure::Timeout)),
+            };
             match result {
                 Ok(head) => {
                     let status = head.status;
@@ -799,6 +817,31 @@ impl Shared {
     }
 }
 
+/// Runs `fut` until `deadline` on a shared sleep: no timer is touched
+/// unless the sleep would fire after the deadline, or fires before it.
+async fn with_deadline<T>(
+    mut sleep: Pin<&mut tokio::time::Sleep>,
+    deadline: tokio::time::Instant,
+    fut: impl Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    if sleep.deadline() > deadline {
+        sleep.as_mut().reset(deadline);
+    }
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut fut => return r,
+            _ = sleep.as_mut() => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(Failure::Timeout);
+                }
+                sleep.as_mut().reset(deadline);
+            }
+        }
+    }
+}
+
 /// Response headers to pass on: all but hop-by-hop ones, those the
 /// upstream named in `connection`, and `x-request-id` (the gateway's).
 pub fn forwarded_response_headers<'a>(
@@ -927,7 +970,7 @@ async fn handle_hyper(
     } else {
         ReqBody::Stream { body, framing }
     };
-    let fwd = match shared.forward(&gen, &mut out, body).await {
+    let fwd = match shared.forward(&gen, &mut out, body, None).await {
         Ok(f) => f,
         Err(r) => return refusal_response(&r),
     };
@@ -1072,5 +1115,48 @@ impl Drop for ResponseBody {
         // Bodies that are empty by definition (HEAD, 204, 304) are never
         // polled; their connection is still clean and reusable.
         self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_sleep_enforces_each_deadline() {
+        let mut sleep = std::pin::pin!(tokio::time::sleep(Duration::from_secs(1)));
+        // The sleep fires early (1 s): re-armed, the timeout comes at the deadline.
+        let t = Instant::now();
+        let r = with_deadline::<()>(
+            sleep.as_mut(),
+            t + Duration::from_secs(3),
+            std::future::pending(),
+        )
+        .await;
+        assert!(matches!(r, Err(Failure::Timeout)));
+        assert_eq!(t.elapsed(), Duration::from_secs(3));
+        // A sleep set to fire later than the deadline is pulled in.
+        sleep
+            .as_mut()
+            .reset(Instant::now() + Duration::from_secs(100));
+        let t = Instant::now();
+        let r = with_deadline::<()>(
+            sleep.as_mut(),
+            t + Duration::from_secs(2),
+            std::future::pending(),
+        )
+        .await;
+        assert!(matches!(r, Err(Failure::Timeout)));
+        assert_eq!(t.elapsed(), Duration::from_secs(2));
+        // Work that finishes in time wins.
+        let t = Instant::now();
+        let r = with_deadline(sleep.as_mut(), t + Duration::from_secs(5), async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok(7)
+        })
+        .await;
+        assert!(matches!(r, Ok(7)));
+        assert_eq!(t.elapsed(), Duration::from_secs(1));
     }
 }
