@@ -189,37 +189,27 @@ pub async fn serve_connection(
         let mut keep_alive = prepared.keep_alive && !stopping;
 
         // 2. Forward, or answer ourselves.
-        let mut out = match prepared.out {
-            Ok(o) => o,
-            Err(r) => {
-                keep_alive &= prepared.body_len == 0;
-                if write_refusal(&mut stream, &mut wbuf, &r, keep_alive, prepared.http10)
-                    .await
-                    .is_err()
-                    || !keep_alive
-                {
-                    return;
-                }
-                last_activity = Instant::now();
-                continue;
+        let outcome = match prepared.out {
+            Ok(mut out) => {
+                let body = if prepared.body_len > 0 {
+                    ReqBody::Fixed {
+                        stream: &mut stream,
+                        buf: &mut buf,
+                        remaining: prepared.body_len,
+                    }
+                } else {
+                    ReqBody::Empty
+                };
+                let timer = Some(idle.as_mut());
+                let fwd = shared.forward(&gen, &mut out, body, timer).await;
+                fwd.map(|f| (f, out))
             }
+            Err(r) => Err(r),
         };
-        let body = if prepared.body_len > 0 {
-            ReqBody::Fixed {
-                stream: &mut stream,
-                buf: &mut buf,
-                remaining: prepared.body_len,
-            }
-        } else {
-            ReqBody::Empty
-        };
-        let fwd = match shared
-            .forward(&gen, &mut out, body, Some(idle.as_mut()))
-            .await
-        {
-            Ok(f) => f,
+        let (fwd, out) = match outcome {
+            Ok(x) => x,
             Err(r) => {
-                // The body may be partly unread: the connection cannot go on.
+                // A body may be partly unread: then the connection cannot go on.
                 keep_alive &= prepared.body_len == 0;
                 if write_refusal(&mut stream, &mut wbuf, &r, keep_alive, prepared.http10)
                     .await
