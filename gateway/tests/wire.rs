@@ -528,3 +528,37 @@ async fn shutdown_finishes_the_request_in_flight_then_closes() {
     assert!(closed(&mut c).await);
     assert!(drain.await.unwrap(), "drained within the deadline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decision_headers_on_responses_when_enabled() {
+    let be = RawBackend::start().await;
+    let dir = TempDir::new("wiredebug");
+    let path = dir.0.join("rules.toml");
+    std::fs::write(&path, one_cell_rules(be.addr)).unwrap();
+    let mut cfg = fast_config(path);
+    cfg.debug_headers = true;
+    let gw = gateway::start(cfg, prometheus::Registry::new())
+        .await
+        .unwrap();
+    let rev = gw.control.current().table.revision().to_string();
+    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
+    let mut buf = Vec::new();
+    // The lean path, then the hyper path (a chunked request body).
+    c.write_all(b"GET /x HTTP/1.1\r\nx-user-id: 1\r\n\r\n")
+        .await
+        .unwrap();
+    let (lean, _) = read_response(&mut c, &mut buf, false).await;
+    c.write_all(b"POST /x HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let (hyper, _) = read_response(&mut c, &mut buf, false).await;
+    for h in [&lean, &hyper] {
+        assert_eq!(header(h, "x-cellgate-cell"), Some("c1"), "{h}");
+        assert_eq!(header(h, "x-cellgate-home"), Some("c1"), "{h}");
+        assert_eq!(header(h, "x-cellgate-colour"), Some("blue"), "{h}");
+        assert_eq!(header(h, "x-cellgate-rev"), Some(rev.as_str()), "{h}");
+        let slot: u32 = header(h, "x-cellgate-slot").unwrap().parse().unwrap();
+        assert!(slot < 16);
+    }
+    gw.shutdown().await;
+}
