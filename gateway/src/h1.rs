@@ -352,13 +352,13 @@ pub fn parse_response(
             }
             length = Some(n);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            // Only a final `chunked` frames the body; anything else means
-            // read until close.
-            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
-            chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
-            if !chunked {
-                close = true;
+            // Only `chunked` is relayed. Other transfer codings (gzip, ...)
+            // would reach the client undecoded once the hop-by-hop header
+            // is dropped: refused rather than corrupted.
+            if chunked || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(ProtocolError::Framing);
             }
+            chunked = true;
         } else if name.eq_ignore_ascii_case(b"connection") && has_token(h.value, b"close") {
             close = true;
         }
@@ -552,6 +552,22 @@ mod tests {
             parse_response(b"NOPE\r\n\r\n", false).unwrap_err(),
             ProtocolError::Head
         );
+    }
+
+    #[test]
+    fn transfer_codings_other_than_chunked_are_refused() {
+        for te in [
+            "gzip, chunked",
+            "gzip",
+            "chunked\r\ntransfer-encoding: chunked",
+        ] {
+            let head = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: {te}\r\n\r\n");
+            assert_eq!(
+                parse_response(head.as_bytes(), false).unwrap_err(),
+                ProtocolError::Framing,
+                "{te}"
+            );
+        }
     }
 
     #[test]
