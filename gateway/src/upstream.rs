@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use prometheus::IntGauge;
 use routing_rules::Colour;
 use tokio::io::AsyncReadExt;
@@ -347,8 +347,13 @@ impl UpConn {
         loop {
             if !self.buf.is_empty() {
                 match parse_response(&self.buf, head_request) {
-                    Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
-                        let _ = self.buf.split_to(h.len);
+                    // The gateway never asks for an upgrade: a 101 is as
+                    // wrong as any other malformed answer.
+                    Ok(Some(h)) if h.status == 101 => {
+                        return Err(ReadHeadError::Protocol(ProtocolError::Head))
+                    }
+                    Ok(Some(h)) if (100..200).contains(&h.status) => {
+                        self.buf.advance(h.len);
                         continue;
                     }
                     Ok(Some(h)) => return Ok(h),
