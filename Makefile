@@ -29,7 +29,7 @@ demo:
 bench:
 	$(CARGO) bench -p routing-rules --bench route
 
-## fuzz: fuzz the rules parser and key extraction for FUZZ_SECONDS each.
+## fuzz: fuzz the rules parser, key extraction and the HTTP/1.1 codec for FUZZ_SECONDS each.
 FUZZ_SECONDS ?= 60
 fuzz:
 	./scripts/fuzz.sh $(FUZZ_SECONDS)

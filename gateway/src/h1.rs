@@ -316,9 +316,15 @@ pub struct ResponseHead {
     pub keep_alive: bool,
 }
 
+/// Where `part` lies in `buf`; empty when it is not in `buf` (httparse
+/// hands back a static `""` for a reason phrase that is not UTF-8).
 fn range_in(buf: &[u8], part: &[u8]) -> Range<usize> {
-    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
-    start..start + part.len()
+    let (base, at) = (buf.as_ptr() as usize, part.as_ptr() as usize);
+    if at >= base && at + part.len() <= base + buf.len() {
+        at - base..at - base + part.len()
+    } else {
+        0..0
+    }
 }
 
 /// Parses a response head at the start of `buf`. `Ok(None)`: incomplete.
@@ -552,6 +558,19 @@ mod tests {
             parse_response(b"NOPE\r\n\r\n", false).unwrap_err(),
             ProtocolError::Head
         );
+    }
+
+    #[test]
+    fn a_reason_phrase_that_is_not_utf8_is_dropped() {
+        // Found by the h1_codec fuzz target.
+        let h = parse_response(b"HTTP/1.0 160 l\x80>>\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.status, h.reason.clone()), (160, 0..0));
+        let h = parse_response(b"HTTP/1.1 200 Fine\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(&b"HTTP/1.1 200 Fine\r\n\r\n"[h.reason], b"Fine");
     }
 
     #[test]
