@@ -284,12 +284,7 @@ async fn relay_response(
         if head.framing == Framing::Chunked && !decode {
             h1::write_header(wbuf, b"transfer-encoding", b"chunked");
         }
-        if !keep_alive {
-            h1::write_header(wbuf, b"connection", b"close");
-        } else if http10 {
-            h1::write_header(wbuf, b"connection", b"keep-alive");
-        }
-        wbuf.extend_from_slice(b"\r\n");
+        end_head(wbuf, keep_alive, http10);
         io.buf.advance(head.len);
     }
     let mut decoder = BodyDecoder::new(head.framing);
@@ -346,6 +341,17 @@ async fn relay_response(
     Ok(keep_alive)
 }
 
+/// Ends a response head: `connection: close` when the connection ends after
+/// it, `connection: keep-alive` when an HTTP/1.0 client keeps it.
+fn end_head(wbuf: &mut Vec<u8>, keep_alive: bool, http10: bool) {
+    if !keep_alive {
+        h1::write_header(wbuf, b"connection", b"close");
+    } else if http10 {
+        h1::write_header(wbuf, b"connection", b"keep-alive");
+    }
+    wbuf.extend_from_slice(b"\r\n");
+}
+
 /// Writes a gateway-made JSON answer.
 async fn write_refusal(
     client: &mut TcpStream,
@@ -368,12 +374,7 @@ async fn write_refusal(
     if r.retry_after {
         h1::write_header(wbuf, b"retry-after", b"1");
     }
-    if !keep_alive {
-        h1::write_header(wbuf, b"connection", b"close");
-    } else if http10 {
-        h1::write_header(wbuf, b"connection", b"keep-alive");
-    }
-    wbuf.extend_from_slice(b"\r\n");
+    end_head(wbuf, keep_alive, http10);
     wbuf.extend_from_slice(body.as_bytes());
     client.write_all(wbuf).await?;
     if !keep_alive {
