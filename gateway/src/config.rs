@@ -64,7 +64,8 @@ pub struct ServeConfig {
     pub connect_timeout_ms: u64,
 
     /// Time from sending a request upstream (its body included) to the
-    /// response headers (504 after).
+    /// response headers (504 after); also the longest wait for more of a
+    /// response body (the response is cut off after).
     #[arg(long, value_name = "MS", default_value_t = 30_000)]
     pub request_timeout_ms: u64,
 

@@ -26,8 +26,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::h1::{self, BodyDecoder, Framing, MAX_HEAD, MAX_HEADERS};
 use crate::proxy::{
-    forwarded_response_headers, stamps, BodyHead, Forwarded, HeadParts, Outgoing, ProxyService,
-    Refusal, ReqBody, Shared,
+    count_stall, forwarded_response_headers, stamps, with_deadline, BodyHead, Forwarded, HeadParts,
+    Outgoing, ProxyService, Refusal, ReqBody, Shared,
 };
 
 /// A client that sends no complete request head for this long is closed.
@@ -226,37 +226,52 @@ pub async fn serve_connection(
         // 3. The response (the last on this connection when the gateway
         //    began to stop meanwhile).
         keep_alive &= !*stop_seen.borrow();
-        let debug = shared.settings.debug_headers.then_some(&*gen);
-        match relay_response(
-            &mut stream,
-            &mut wbuf,
-            fwd,
-            &out,
-            debug,
+        let reply = Reply {
+            shared,
+            gen: &gen,
             keep_alive,
-            prepared.http10,
-        )
-        .await
-        {
+            http10: prepared.http10,
+        };
+        match relay_response(&mut stream, &mut wbuf, idle.as_mut(), fwd, &out, reply).await {
             Ok(true) => {}
-            Ok(false) | Err(_) => return,
+            Ok(false) => return,
+            Err(e) => {
+                tracing::debug!(peer = %peer, error = %e, "response relay ended early; closing");
+                return;
+            }
         }
         spare = out.into_wire();
         last_activity = Instant::now();
     }
 }
 
+/// How to answer: the rules the request was routed with, and what the
+/// client connection allows.
+struct Reply<'a> {
+    shared: &'a Shared,
+    gen: &'a crate::control::Generation,
+    keep_alive: bool,
+    http10: bool,
+}
+
 /// Writes the response head and streams the body; returns whether the
-/// client connection stays open.
+/// client connection stays open. Each wait for more of the body is bounded
+/// by the request timeout (on the connection's `timer`).
 async fn relay_response(
     client: &mut TcpStream,
     wbuf: &mut Vec<u8>,
+    mut timer: Pin<&mut tokio::time::Sleep>,
     fwd: Forwarded,
     out: &Outgoing,
-    debug: Option<&crate::control::Generation>,
-    mut keep_alive: bool,
-    http10: bool,
+    reply: Reply<'_>,
 ) -> std::io::Result<bool> {
+    let Reply {
+        shared,
+        gen,
+        mut keep_alive,
+        http10,
+    } = reply;
+    let debug = shared.settings.debug_headers.then_some(gen);
     let Forwarded {
         mut conn,
         head,
@@ -288,9 +303,9 @@ async fn relay_response(
         io.buf.advance(head.len);
     }
     let mut decoder = BodyDecoder::new(head.framing);
-    let io = conn.io();
     let mut upstream_ok = true;
     loop {
+        let io = conn.io();
         while !io.buf.is_empty() && !decoder.is_done() {
             let step = decoder.feed(&io.buf).map_err(std::io::Error::other)?;
             if decode {
@@ -313,7 +328,18 @@ async fn relay_response(
             client.write_all(wbuf).await?;
             wbuf.clear();
         }
-        match io.read_more().await {
+        let deadline = tokio::time::Instant::now() + shared.settings.request_timeout;
+        let Some(more) = with_deadline(timer.as_mut(), deadline, io.read_more()).await else {
+            let inst = conn.instance();
+            // The client sees a body cut short (its framing tells it so).
+            tracing::warn!(cell = %inst.cell, colour = %inst.colour, instance = %inst.address, "upstream stalled mid-body; response cut off");
+            count_stall(&shared.control, inst);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "upstream stalled mid-body",
+            ));
+        };
+        match more {
             Ok(0) if decoder.until_close() => {
                 upstream_ok = false;
                 break;

@@ -616,7 +616,9 @@ impl Shared {
                 Some(t) => {
                     let deadline =
                         tokio::time::Instant::from_std(from) + self.settings.request_timeout;
-                    with_deadline(t.as_mut(), deadline, exchange).await
+                    with_deadline(t.as_mut(), deadline, exchange)
+                        .await
+                        .unwrap_or(Err(Failure::Timeout))
                 }
                 None => tokio::time::timeout(self.settings.request_timeout, exchange)
                     .await
@@ -817,13 +819,14 @@ impl Shared {
     }
 }
 
-/// Runs `fut` until `deadline` on a shared sleep: no timer is touched
-/// unless the sleep would fire after the deadline, or fires before it.
-async fn with_deadline<T>(
+/// Runs `fut` until `deadline` on a shared sleep (`None`: the deadline
+/// passed first). No timer is touched unless the sleep would fire after
+/// the deadline, or fires before it.
+pub async fn with_deadline<T>(
     mut sleep: Pin<&mut tokio::time::Sleep>,
     deadline: tokio::time::Instant,
-    fut: impl Future<Output = Result<T, Failure>>,
-) -> Result<T, Failure> {
+    fut: impl Future<Output = T>,
+) -> Option<T> {
     if sleep.deadline() > deadline {
         sleep.as_mut().reset(deadline);
     }
@@ -831,15 +834,28 @@ async fn with_deadline<T>(
     loop {
         tokio::select! {
             biased;
-            r = &mut fut => return r,
+            r = &mut fut => return Some(r),
             _ = sleep.as_mut() => {
                 if tokio::time::Instant::now() >= deadline {
-                    return Err(Failure::Timeout);
+                    return None;
                 }
                 sleep.as_mut().reset(deadline);
             }
         }
     }
+}
+
+/// Counts an upstream that stalled mid-body (`kind="timeout"`).
+pub fn count_stall(control: &Control, inst: &Instance) {
+    control
+        .metrics()
+        .upstream_errors
+        .with_label_values(&[
+            &inst.cell,
+            inst.colour.as_str(),
+            UpstreamErrorKind::Timeout.as_str(),
+        ])
+        .inc();
 }
 
 /// Response headers to pass on: all but hop-by-hop ones, those the
@@ -1014,6 +1030,9 @@ async fn handle_hyper(
             Framing::Empty => Some(0),
             _ => None,
         },
+        timeout: shared.settings.request_timeout,
+        stall: None,
+        control: shared.control.clone(),
         _guard: guard,
     };
     let (parts, ()) = resp.into_parts();
@@ -1028,6 +1047,9 @@ pub struct ResponseBody {
     decoder: BodyDecoder,
     keep_alive: bool,
     length: Option<u64>,
+    timeout: Duration,
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    control: Arc<Control>,
     _guard: InflightGuard,
 }
 
@@ -1077,7 +1099,30 @@ impl Body for ResponseBody {
                     continue;
                 }
             }
-            match std::task::ready!(io.poll_read_more(cx)) {
+            let read = match io.poll_read_more(cx) {
+                Poll::Ready(r) => r,
+                Poll::Pending => {
+                    // Each wait for more of the body is bounded by the
+                    // request timeout.
+                    let timeout = this.timeout;
+                    let stall = this
+                        .stall
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    if stall.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    let inst = conn.instance();
+                    tracing::warn!(cell = %inst.cell, colour = %inst.colour, instance = %inst.address, "upstream stalled mid-body; response cut off");
+                    count_stall(&this.control, inst);
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "upstream stalled mid-body",
+                    ))));
+                }
+            };
+            this.stall = None;
+            match read {
                 Ok(0) if this.decoder.until_close() => {
                     this.conn = None;
                     return Poll::Ready(None);
@@ -1134,7 +1179,7 @@ mod tests {
             std::future::pending(),
         )
         .await;
-        assert!(matches!(r, Err(Failure::Timeout)));
+        assert!(r.is_none());
         assert_eq!(t.elapsed(), Duration::from_secs(3));
         // A sleep set to fire later than the deadline is pulled in.
         sleep
@@ -1147,16 +1192,16 @@ mod tests {
             std::future::pending(),
         )
         .await;
-        assert!(matches!(r, Err(Failure::Timeout)));
+        assert!(r.is_none());
         assert_eq!(t.elapsed(), Duration::from_secs(2));
         // Work that finishes in time wins.
         let t = Instant::now();
         let r = with_deadline(sleep.as_mut(), t + Duration::from_secs(5), async {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            Ok(7)
+            7
         })
         .await;
-        assert!(matches!(r, Ok(7)));
+        assert_eq!(r, Some(7));
         assert_eq!(t.elapsed(), Duration::from_secs(1));
     }
 }

@@ -98,6 +98,12 @@ impl RawBackend {
                                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
                                 return;
                             }
+                            "/stall-body" => {
+                                // Half the body, then silence.
+                                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello").await;
+                                tokio::time::sleep(Duration::from_secs(30)).await;
+                                return;
+                            }
                             "/slow" => {
                                 tokio::time::sleep(Duration::from_millis(300)).await;
                                 b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow".to_vec()
@@ -561,4 +567,62 @@ async fn decision_headers_on_responses_when_enabled() {
         assert!(slot < 16);
     }
     gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stalls_is_cut_off_by_the_request_timeout() {
+    let be = RawBackend::start().await;
+    let dir = TempDir::new("wirestallbody");
+    let path = dir.0.join("rules.toml");
+    std::fs::write(&path, one_cell_rules(be.addr)).unwrap();
+    let mut cfg = fast_config(path);
+    cfg.request_timeout_ms = 300;
+    let gw = gateway::start(cfg, prometheus::Registry::new())
+        .await
+        .unwrap();
+    // The lean path, then the hyper path (a chunked request body).
+    let requests: [&[u8]; 2] = [
+        b"GET /stall-body HTTP/1.1\r\nx-user-id: 1\r\n\r\n",
+        b"POST /stall-body HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n",
+    ];
+    for req in requests {
+        let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
+        c.write_all(req).await.unwrap();
+        let started = std::time::Instant::now();
+        // Head and the first half arrive; then the connection ends early
+        // (the client can tell from the content-length).
+        let mut got = Vec::new();
+        let mut tmp = [0u8; 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), c.read(&mut tmp)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => got.extend_from_slice(&tmp[..n]),
+                Err(_) => panic!("the stalled body was never cut off"),
+            }
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.ends_with("hello"), "{text}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    let text = metrics_text(&gw).await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("cellgate_upstream_errors_total")
+                && l.contains("kind=\"timeout\"")
+                && l.ends_with(" 2")),
+        "{text}"
+    );
+    gw.shutdown().await;
+}
+
+/// The admin listener's /metrics text.
+async fn metrics_text(gw: &gateway::RunningGateway) -> String {
+    let mut c = TcpStream::connect(gw.admin_addr).await.unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let (_, b) = read_response(&mut c, &mut buf, false).await;
+    String::from_utf8(b).unwrap()
 }
