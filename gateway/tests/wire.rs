@@ -136,11 +136,50 @@ fn one_cell_rules(backend: SocketAddr) -> String {
 }
 
 async fn gateway_for(dir: &TempDir, backend: SocketAddr) -> gateway::RunningGateway {
+    gateway_with(dir, backend, |_| {}).await
+}
+
+/// A gateway over one cell on `backend`, its config adjusted by `tweak`.
+async fn gateway_with(
+    dir: &TempDir,
+    backend: SocketAddr,
+    tweak: impl FnOnce(&mut gateway::ServeConfig),
+) -> gateway::RunningGateway {
     let path = dir.0.join("rules.toml");
     std::fs::write(&path, one_cell_rules(backend)).unwrap();
-    gateway::start(fast_config(path), prometheus::Registry::new())
+    let mut cfg = fast_config(path);
+    tweak(&mut cfg);
+    gateway::start(cfg, prometheus::Registry::new())
         .await
         .unwrap()
+}
+
+/// A raw client connection and what it has read but not yet consumed.
+struct Wire {
+    c: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Wire {
+    async fn connect(addr: SocketAddr) -> Wire {
+        Wire {
+            c: TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.c.write_all(bytes).await.unwrap();
+    }
+
+    /// The next response (head text, decoded body).
+    async fn response(&mut self, head_request: bool) -> (String, Vec<u8>) {
+        read_response(&mut self.c, &mut self.buf, head_request).await
+    }
+
+    async fn closed(&mut self) -> bool {
+        closed(&mut self.c).await
+    }
 }
 
 /// Reads one response from `s`: (status line + headers, body). Handles
@@ -212,14 +251,11 @@ async fn lean_path_framing_keep_alive_and_pipelining() {
     let be = RawBackend::start().await;
     let dir = TempDir::new("wire");
     let gw = gateway_for(&dir, be.addr).await;
-    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
-    let mut buf = Vec::new();
+    let mut c = Wire::connect(gw.proxy_addr).await;
 
     // Two pipelined requests in one write come back in order.
-    c.write_all(b"GET /one HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\n\r\nGET /two HTTP/1.1\r\nhost: x\r\nx-user-id: 2\r\n\r\n")
-        .await
-        .unwrap();
-    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    c.send(b"GET /one HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\n\r\nGET /two HTTP/1.1\r\nhost: x\r\nx-user-id: 2\r\n\r\n").await;
+    let (h, b) = c.response(false).await;
     assert!(h.starts_with("HTTP/1.1 200"), "{h}");
     let b = String::from_utf8(b).unwrap();
     assert!(b.contains("GET /one HTTP/1.1"), "{b}");
@@ -228,23 +264,21 @@ async fn lean_path_framing_keep_alive_and_pipelining() {
         "{b}"
     );
     assert_eq!(header(&h, "x-request-id").map(str::len), Some(32));
-    let (_, b) = read_response(&mut c, &mut buf, false).await;
+    let (_, b) = c.response(false).await;
     assert!(String::from_utf8(b).unwrap().contains("GET /two"));
 
     // A chunked response passes through to an HTTP/1.1 client.
-    c.write_all(b"GET /chunked HTTP/1.1\r\nx-user-id: 3\r\n\r\n")
-        .await
-        .unwrap();
-    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    c.send(b"GET /chunked HTTP/1.1\r\nx-user-id: 3\r\n\r\n")
+        .await;
+    let (h, b) = c.response(false).await;
     assert_eq!(header(&h, "transfer-encoding"), Some("chunked"));
     assert_eq!(b, b"hello world");
 
     // Hop-by-hop response headers (and those named by `connection`) are
     // dropped; the gateway's request id replaces the upstream's.
-    c.write_all(b"GET /hop HTTP/1.1\r\nx-user-id: 4\r\nx-request-id: mine-1\r\n\r\n")
-        .await
-        .unwrap();
-    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    c.send(b"GET /hop HTTP/1.1\r\nx-user-id: 4\r\nx-request-id: mine-1\r\n\r\n")
+        .await;
+    let (h, b) = c.response(false).await;
     assert_eq!(b, b"ok");
     assert_eq!(header(&h, "x-secret"), None, "{h}");
     assert_eq!(header(&h, "keep-alive"), None, "{h}");
@@ -253,62 +287,51 @@ async fn lean_path_framing_keep_alive_and_pipelining() {
     assert_eq!(header(&h, "x-request-id"), Some("mine-1"));
 
     // Interim 1xx responses are not forwarded; the final one is.
-    c.write_all(b"GET /early HTTP/1.1\r\nx-user-id: 5\r\n\r\n")
-        .await
-        .unwrap();
-    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    c.send(b"GET /early HTTP/1.1\r\nx-user-id: 5\r\n\r\n").await;
+    let (h, b) = c.response(false).await;
     assert!(h.starts_with("HTTP/1.1 200"), "{h}");
     assert_eq!(b, b"final");
 
     // HEAD: the length is kept, no body follows, the connection goes on.
-    c.write_all(b"HEAD /x HTTP/1.1\r\nx-user-id: 6\r\n\r\n")
-        .await
-        .unwrap();
-    let (h, b) = read_response(&mut c, &mut buf, true).await;
+    c.send(b"HEAD /x HTTP/1.1\r\nx-user-id: 6\r\n\r\n").await;
+    let (h, b) = c.response(true).await;
     assert_eq!(header(&h, "content-length"), Some("5"));
     assert!(b.is_empty());
 
     // A bad key is answered by the gateway and the connection stays usable.
-    c.write_all(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    c.send(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let (h, b) = c.response(false).await;
     assert!(h.starts_with("HTTP/1.1 400"), "{h}");
     assert!(String::from_utf8(b).unwrap().contains("missing_key"));
 
     // A 1 MiB upload (content-length) and a 1 MiB download, streamed.
     let mut up = b"POST /up HTTP/1.1\r\nx-user-id: 7\r\ncontent-length: 1048576\r\n\r\n".to_vec();
     up.extend(std::iter::repeat_n(b'y', BIG));
-    c.write_all(&up).await.unwrap();
-    let (_, b) = read_response(&mut c, &mut buf, false).await;
+    c.send(&up).await;
+    let (_, b) = c.response(false).await;
     assert!(String::from_utf8(b)
         .unwrap()
         .starts_with("body_len=1048576\n"));
-    c.write_all(b"GET /big HTTP/1.1\r\nx-user-id: 8\r\n\r\n")
-        .await
-        .unwrap();
-    let (_, b) = read_response(&mut c, &mut buf, false).await;
+    c.send(b"GET /big HTTP/1.1\r\nx-user-id: 8\r\n\r\n").await;
+    let (_, b) = c.response(false).await;
     assert_eq!(b.len(), BIG);
     assert!(b.iter().all(|&x| x == b'x'));
 
     // A close-delimited response ends the client connection too.
-    c.write_all(b"GET /until-close HTTP/1.1\r\nx-user-id: 9\r\n\r\n")
-        .await
-        .unwrap();
-    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    c.send(b"GET /until-close HTTP/1.1\r\nx-user-id: 9\r\n\r\n")
+        .await;
+    let (h, b) = c.response(false).await;
     assert_eq!(header(&h, "connection"), Some("close"));
     assert_eq!(b, b"until-close");
-    assert!(closed(&mut c).await);
+    assert!(c.closed().await);
 
     // `connection: close` from the client is honoured.
-    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
-    let mut buf = Vec::new();
-    c.write_all(b"GET /a HTTP/1.1\r\nx-user-id: 1\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let (h, _) = read_response(&mut c, &mut buf, false).await;
+    let mut c = Wire::connect(gw.proxy_addr).await;
+    c.send(b"GET /a HTTP/1.1\r\nx-user-id: 1\r\nconnection: close\r\n\r\n")
+        .await;
+    let (h, _) = c.response(false).await;
     assert_eq!(header(&h, "connection"), Some("close"));
-    assert!(closed(&mut c).await);
+    assert!(c.closed().await);
     gw.shutdown().await;
 }
 
@@ -319,33 +342,27 @@ async fn http10_clients_get_decoded_bodies_and_keep_alive_on_request() {
     let gw = gateway_for(&dir, be.addr).await;
 
     // Keep-alive asked for: kept, and said so.
-    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
-    let mut buf = Vec::new();
-    c.write_all(b"GET /a HTTP/1.0\r\nx-user-id: 1\r\nconnection: keep-alive\r\n\r\n")
-        .await
-        .unwrap();
-    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    let mut c = Wire::connect(gw.proxy_addr).await;
+    c.send(b"GET /a HTTP/1.0\r\nx-user-id: 1\r\nconnection: keep-alive\r\n\r\n")
+        .await;
+    let (h, b) = c.response(false).await;
     assert_eq!(header(&h, "connection"), Some("keep-alive"));
     // Upstreams always get HTTP/1.1.
     assert!(String::from_utf8(b).unwrap().contains("GET /a HTTP/1.1"));
     // A chunked upstream body is decoded for HTTP/1.0 and delimited by close.
-    c.write_all(b"GET /chunked HTTP/1.0\r\nx-user-id: 1\r\nconnection: keep-alive\r\n\r\n")
-        .await
-        .unwrap();
-    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    c.send(b"GET /chunked HTTP/1.0\r\nx-user-id: 1\r\nconnection: keep-alive\r\n\r\n")
+        .await;
+    let (h, b) = c.response(false).await;
     assert_eq!(header(&h, "transfer-encoding"), None);
     assert_eq!(header(&h, "connection"), Some("close"));
     assert_eq!(b, b"hello world");
-    assert!(closed(&mut c).await);
+    assert!(c.closed().await);
 
     // No keep-alive asked for: closed after the response.
-    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
-    let mut buf = Vec::new();
-    c.write_all(b"GET /a HTTP/1.0\r\nx-user-id: 1\r\n\r\n")
-        .await
-        .unwrap();
-    read_response(&mut c, &mut buf, false).await;
-    assert!(closed(&mut c).await);
+    let mut c = Wire::connect(gw.proxy_addr).await;
+    c.send(b"GET /a HTTP/1.0\r\nx-user-id: 1\r\n\r\n").await;
+    c.response(false).await;
+    assert!(c.closed().await);
     gw.shutdown().await;
 }
 
@@ -357,51 +374,42 @@ async fn unusual_requests_are_handed_to_hyper() {
 
     // A chunked request body: forwarded chunked, and the connection keeps
     // serving afterwards.
-    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
-    let mut buf = Vec::new();
-    c.write_all(b"POST /up HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
-        .await
-        .unwrap();
-    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    let mut c = Wire::connect(gw.proxy_addr).await;
+    c.send(b"POST /up HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n").await;
+    let (h, b) = c.response(false).await;
     assert!(h.starts_with("HTTP/1.1 200"), "{h}");
     let b = String::from_utf8(b).unwrap();
     assert!(b.starts_with("body_len=7\n"), "{b}");
     assert!(b.contains("x-cellgate-cell: c1"), "{b}");
-    c.write_all(b"GET /chunked HTTP/1.1\r\nhost: x\r\nx-user-id: 2\r\n\r\n")
-        .await
-        .unwrap();
-    let (_, b) = read_response(&mut c, &mut buf, false).await;
+    c.send(b"GET /chunked HTTP/1.1\r\nhost: x\r\nx-user-id: 2\r\n\r\n")
+        .await;
+    let (_, b) = c.response(false).await;
     assert_eq!(b, b"hello world");
 
     // Expect: 100-continue gets its interim response from hyper.
-    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
-    let mut buf = Vec::new();
-    c.write_all(b"POST /up HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n")
-        .await
-        .unwrap();
+    let mut c = Wire::connect(gw.proxy_addr).await;
+    c.send(b"POST /up HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n").await;
     let mut tmp = [0u8; 256];
-    let n = c.read(&mut tmp).await.unwrap();
+    let n = c.c.read(&mut tmp).await.unwrap();
     assert!(
         tmp[..n].starts_with(b"HTTP/1.1 100 Continue"),
         "{:?}",
         String::from_utf8_lossy(&tmp[..n])
     );
-    buf.extend_from_slice(&tmp[..n]);
-    buf.drain(..buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4);
-    c.write_all(b"hello").await.unwrap();
-    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    c.buf.extend_from_slice(&tmp[..n]);
+    let interim = c.buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    c.buf.drain(..interim);
+    c.send(b"hello").await;
+    let (h, b) = c.response(false).await;
     assert!(h.starts_with("HTTP/1.1 200"), "{h}");
     assert!(String::from_utf8(b).unwrap().starts_with("body_len=5\n"));
 
     // Content-Length and Transfer-Encoding together (a smuggling attempt):
     // never forwarded with the client's length. Either refused, or sent on
     // chunked as hyper decoded it.
-    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
-    let mut buf = Vec::new();
-    c.write_all(b"POST /up HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
-        .await
-        .unwrap();
-    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    let mut c = Wire::connect(gw.proxy_addr).await;
+    c.send(b"POST /up HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n").await;
+    let (h, b) = c.response(false).await;
     if !h.starts_with("HTTP/1.1 400") {
         assert!(h.starts_with("HTTP/1.1 200"), "{h}");
         let b = String::from_utf8(b).unwrap().to_ascii_lowercase();
@@ -411,12 +419,9 @@ async fn unusual_requests_are_handed_to_hyper() {
     }
 
     // A malformed head gets a 400 from hyper.
-    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
-    let mut buf = Vec::new();
-    c.write_all(b"GET /x HTTP/1.1\r\nbad header\r\n\r\n")
-        .await
-        .unwrap();
-    let (h, _) = read_response(&mut c, &mut buf, false).await;
+    let mut c = Wire::connect(gw.proxy_addr).await;
+    c.send(b"GET /x HTTP/1.1\r\nbad header\r\n\r\n").await;
+    let (h, _) = c.response(false).await;
     assert!(h.starts_with("HTTP/1.1 400"), "{h}");
     gw.shutdown().await;
 }
@@ -426,15 +431,13 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used() {
     let be = RawBackend::start().await;
     let dir = TempDir::new("wirestale");
     let gw = gateway_for(&dir, be.addr).await;
-    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
-    let mut buf = Vec::new();
+    let mut c = Wire::connect(gw.proxy_addr).await;
     // The backend closes every connection after answering (without saying
     // so); each following request must still be answered.
     for i in 0..20 {
-        c.write_all(format!("GET /closes-after HTTP/1.1\r\nx-user-id: {i}\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let (h, b) = read_response(&mut c, &mut buf, false).await;
+        c.send(format!("GET /closes-after HTTP/1.1\r\nx-user-id: {i}\r\n\r\n").as_bytes())
+            .await;
+        let (h, b) = c.response(false).await;
         assert!(h.starts_with("HTTP/1.1 200"), "request {i}: {h}");
         assert_eq!(b, b"ok");
     }
@@ -447,12 +450,9 @@ async fn a_kept_alive_connection_routes_each_request_with_the_current_rules() {
     let (a, b) = (RawBackend::start().await, RawBackend::start().await);
     let dir = TempDir::new("wirereload");
     let gw = gateway_for(&dir, a.addr).await;
-    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
-    let mut buf = Vec::new();
-    c.write_all(b"GET /x HTTP/1.1\r\nx-user-id: 1\r\n\r\n")
-        .await
-        .unwrap();
-    read_response(&mut c, &mut buf, false).await;
+    let mut c = Wire::connect(gw.proxy_addr).await;
+    c.send(b"GET /x HTTP/1.1\r\nx-user-id: 1\r\n\r\n").await;
+    c.response(false).await;
     assert_eq!(a.requests.load(Ordering::SeqCst), 1);
 
     // The cell moves to another instance while the client connection idles.
@@ -463,10 +463,8 @@ async fn a_kept_alive_connection_routes_each_request_with_the_current_rules() {
         async move { rev != before }
     })
     .await;
-    c.write_all(b"GET /x HTTP/1.1\r\nx-user-id: 1\r\n\r\n")
-        .await
-        .unwrap();
-    read_response(&mut c, &mut buf, false).await;
+    c.send(b"GET /x HTTP/1.1\r\nx-user-id: 1\r\n\r\n").await;
+    c.response(false).await;
     assert_eq!(
         b.requests.load(Ordering::SeqCst),
         1,
@@ -480,25 +478,17 @@ async fn a_kept_alive_connection_routes_each_request_with_the_current_rules() {
 async fn a_stalled_upload_is_cut_off_by_the_request_timeout() {
     let be = RawBackend::start().await;
     let dir = TempDir::new("wirestall");
-    let path = dir.0.join("rules.toml");
-    std::fs::write(&path, one_cell_rules(be.addr)).unwrap();
-    let mut cfg = fast_config(path);
-    cfg.request_timeout_ms = 300;
-    let gw = gateway::start(cfg, prometheus::Registry::new())
-        .await
-        .unwrap();
-    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
-    let mut buf = Vec::new();
+    let gw = gateway_with(&dir, be.addr, |cfg| cfg.request_timeout_ms = 300).await;
+    let mut c = Wire::connect(gw.proxy_addr).await;
     // Half of the announced body, then nothing.
-    c.write_all(b"POST /up HTTP/1.1\r\nx-user-id: 1\r\ncontent-length: 10\r\n\r\nhello")
-        .await
-        .unwrap();
-    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    c.send(b"POST /up HTTP/1.1\r\nx-user-id: 1\r\ncontent-length: 10\r\n\r\nhello")
+        .await;
+    let (h, b) = c.response(false).await;
     assert!(h.starts_with("HTTP/1.1 504"), "{h}");
     assert!(String::from_utf8(b).unwrap().contains("upstream_timeout"));
     // The rest of the body was never read: the connection cannot go on.
     assert_eq!(header(&h, "connection"), Some("close"));
-    assert!(closed(&mut c).await);
+    assert!(c.closed().await);
     gw.shutdown().await;
 }
 
@@ -507,11 +497,8 @@ async fn shutdown_finishes_the_request_in_flight_then_closes() {
     let be = RawBackend::start().await;
     let dir = TempDir::new("wiredrain");
     let gw = gateway_for(&dir, be.addr).await;
-    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
-    let mut buf = Vec::new();
-    c.write_all(b"GET /slow HTTP/1.1\r\nx-user-id: 1\r\n\r\n")
-        .await
-        .unwrap();
+    let mut c = Wire::connect(gw.proxy_addr).await;
+    c.send(b"GET /slow HTTP/1.1\r\nx-user-id: 1\r\n\r\n").await;
     let requests = be.requests.clone();
     support::wait_until(
         "the request to reach the backend",
@@ -523,7 +510,7 @@ async fn shutdown_finishes_the_request_in_flight_then_closes() {
     )
     .await;
     let drain = tokio::spawn(gw.shutdown());
-    let (h, b) = read_response(&mut c, &mut buf, false).await;
+    let (h, b) = c.response(false).await;
     assert!(h.starts_with("HTTP/1.1 200"), "{h}");
     assert_eq!(b, b"slow");
     assert_eq!(
@@ -531,7 +518,7 @@ async fn shutdown_finishes_the_request_in_flight_then_closes() {
         Some("close"),
         "the last response says so"
     );
-    assert!(closed(&mut c).await);
+    assert!(c.closed().await);
     assert!(drain.await.unwrap(), "drained within the deadline");
 }
 
@@ -539,25 +526,14 @@ async fn shutdown_finishes_the_request_in_flight_then_closes() {
 async fn decision_headers_on_responses_when_enabled() {
     let be = RawBackend::start().await;
     let dir = TempDir::new("wiredebug");
-    let path = dir.0.join("rules.toml");
-    std::fs::write(&path, one_cell_rules(be.addr)).unwrap();
-    let mut cfg = fast_config(path);
-    cfg.debug_headers = true;
-    let gw = gateway::start(cfg, prometheus::Registry::new())
-        .await
-        .unwrap();
+    let gw = gateway_with(&dir, be.addr, |cfg| cfg.debug_headers = true).await;
     let rev = gw.control.current().table.revision().to_string();
-    let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
-    let mut buf = Vec::new();
+    let mut c = Wire::connect(gw.proxy_addr).await;
     // The lean path, then the hyper path (a chunked request body).
-    c.write_all(b"GET /x HTTP/1.1\r\nx-user-id: 1\r\n\r\n")
-        .await
-        .unwrap();
-    let (lean, _) = read_response(&mut c, &mut buf, false).await;
-    c.write_all(b"POST /x HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n")
-        .await
-        .unwrap();
-    let (hyper, _) = read_response(&mut c, &mut buf, false).await;
+    c.send(b"GET /x HTTP/1.1\r\nx-user-id: 1\r\n\r\n").await;
+    let (lean, _) = c.response(false).await;
+    c.send(b"POST /x HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n").await;
+    let (hyper, _) = c.response(false).await;
     for h in [&lean, &hyper] {
         assert_eq!(header(h, "x-cellgate-cell"), Some("c1"), "{h}");
         assert_eq!(header(h, "x-cellgate-home"), Some("c1"), "{h}");
@@ -573,28 +549,22 @@ async fn decision_headers_on_responses_when_enabled() {
 async fn a_body_that_stalls_is_cut_off_by_the_request_timeout() {
     let be = RawBackend::start().await;
     let dir = TempDir::new("wirestallbody");
-    let path = dir.0.join("rules.toml");
-    std::fs::write(&path, one_cell_rules(be.addr)).unwrap();
-    let mut cfg = fast_config(path);
-    cfg.request_timeout_ms = 300;
-    let gw = gateway::start(cfg, prometheus::Registry::new())
-        .await
-        .unwrap();
+    let gw = gateway_with(&dir, be.addr, |cfg| cfg.request_timeout_ms = 300).await;
     // The lean path, then the hyper path (a chunked request body).
     let requests: [&[u8]; 2] = [
         b"GET /stall-body HTTP/1.1\r\nx-user-id: 1\r\n\r\n",
         b"POST /stall-body HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n",
     ];
     for req in requests {
-        let mut c = TcpStream::connect(gw.proxy_addr).await.unwrap();
-        c.write_all(req).await.unwrap();
+        let mut c = Wire::connect(gw.proxy_addr).await;
+        c.send(req).await;
         let started = std::time::Instant::now();
         // Head and the first half arrive; then the connection ends early
         // (the client can tell from the content-length).
         let mut got = Vec::new();
         let mut tmp = [0u8; 1024];
         loop {
-            match tokio::time::timeout(Duration::from_secs(10), c.read(&mut tmp)).await {
+            match tokio::time::timeout(Duration::from_secs(10), c.c.read(&mut tmp)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => break,
                 Ok(Ok(n)) => got.extend_from_slice(&tmp[..n]),
                 Err(_) => panic!("the stalled body was never cut off"),
@@ -618,11 +588,8 @@ async fn a_body_that_stalls_is_cut_off_by_the_request_timeout() {
 
 /// The admin listener's /metrics text.
 async fn metrics_text(gw: &gateway::RunningGateway) -> String {
-    let mut c = TcpStream::connect(gw.admin_addr).await.unwrap();
-    c.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    let (_, b) = read_response(&mut c, &mut buf, false).await;
+    let mut c = Wire::connect(gw.admin_addr).await;
+    c.send(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let (_, b) = c.response(false).await;
     String::from_utf8(b).unwrap()
 }
