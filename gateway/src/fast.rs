@@ -26,9 +26,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::h1::{self, BodyDecoder, Framing, MAX_HEAD, MAX_HEADERS};
 use crate::proxy::{
-    count_stall, forwarded_response_headers, stamps, with_deadline, BodyHead, Forwarded, HeadParts,
-    Outgoing, ProxyService, Refusal, ReqBody, Shared,
+    forwarded_response_headers, stamps, with_deadline, BodyHead, Forwarded, HeadParts, Outgoing,
+    ProxyService, Refusal, ReqBody, Shared,
 };
+use crate::upstream::closed_mid_body;
 
 /// A client that sends no complete request head for this long is closed.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -330,26 +331,15 @@ async fn relay_response(
         }
         let deadline = tokio::time::Instant::now() + shared.settings.request_timeout;
         let Some(more) = with_deadline(timer.as_mut(), deadline, io.read_more()).await else {
-            let inst = conn.instance();
             // The client sees a body cut short (its framing tells it so).
-            tracing::warn!(cell = %inst.cell, colour = %inst.colour, instance = %inst.address, "upstream stalled mid-body; response cut off");
-            count_stall(&shared.control, inst);
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "upstream stalled mid-body",
-            ));
+            return Err(conn.stalled(shared.control.metrics()));
         };
         match more {
             Ok(0) if decoder.until_close() => {
                 upstream_ok = false;
                 break;
             }
-            Ok(0) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "upstream closed the connection mid-body",
-                ))
-            }
+            Ok(0) => return Err(closed_mid_body()),
             Ok(_) => {}
             Err(e) => return Err(e),
         }

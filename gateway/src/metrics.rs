@@ -192,6 +192,13 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 
+    /// Counts one upstream failure of `kind` at a (cell, colour).
+    pub fn upstream_error(&self, cell: &str, colour: &str, kind: UpstreamErrorKind) {
+        self.upstream_errors
+            .with_label_values(&[cell, colour, kind.as_str()])
+            .inc();
+    }
+
     /// Pre-bound per-(cell, colour) handles, so the hot path does no label
     /// lookups.
     pub fn bind(&self, cell: &str, colour: &str) -> BoundMetrics {

@@ -42,7 +42,9 @@ use tokio::net::TcpStream;
 use crate::control::{Control, Generation, InflightGuard};
 use crate::h1::{self, BodyDecoder, Framing, ResponseHead};
 use crate::metrics::UpstreamErrorKind;
-use crate::upstream::{ms_at, now_ms, CheckoutError, Instance, PooledConn, ReadHeadError};
+use crate::upstream::{
+    closed_mid_body, ms_at, now_ms, CheckoutError, Instance, PooledConn, ReadHeadError,
+};
 
 /// Body of responses to clients on the hyper front end.
 pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
@@ -596,7 +598,7 @@ impl Shared {
             let mut conn = match instance.checkout().await {
                 Ok(c) => c,
                 Err(e) => {
-                    self.upstream_error(gen, cell, colour, e.kind());
+                    metrics.upstream_error(&instance.cell, colour.as_str(), e.kind());
                     if e == CheckoutError::Connect {
                         let ms = instance.record_connect_failure(now_ms());
                         tracing::warn!(cell = %instance.cell, colour = %colour, instance = %instance.address, eject_ms = ms, "upstream connect failed; instance ejected");
@@ -631,7 +633,11 @@ impl Shared {
                         tracing::warn!(cell = %instance.cell, colour = %colour, instance = %instance.address, eject_ms = ms, "5xx streak; instance ejected");
                     }
                     if status >= 500 {
-                        self.upstream_error(gen, cell, colour, UpstreamErrorKind::Status5xx);
+                        metrics.upstream_error(
+                            &instance.cell,
+                            colour.as_str(),
+                            UpstreamErrorKind::Status5xx,
+                        );
                     }
                     group
                         .metrics
@@ -658,7 +664,11 @@ impl Shared {
                     ));
                 }
                 Err(Failure::Timeout) => {
-                    self.upstream_error(gen, cell, colour, UpstreamErrorKind::Timeout);
+                    metrics.upstream_error(
+                        &instance.cell,
+                        colour.as_str(),
+                        UpstreamErrorKind::Timeout,
+                    );
                     metrics
                         .rejected
                         .with_label_values(&["upstream_timeout"])
@@ -675,7 +685,11 @@ impl Shared {
                 Err(Failure::Failed(error)) => {
                     sent_once = true;
                     tried.push(instance.clone());
-                    self.upstream_error(gen, cell, colour, UpstreamErrorKind::Reset);
+                    metrics.upstream_error(
+                        &instance.cell,
+                        colour.as_str(),
+                        UpstreamErrorKind::Reset,
+                    );
                     tracing::warn!(cell = %instance.cell, colour = %colour, instance = %instance.address, error = %error, "upstream failed after the request was sent");
                     last_error = Refusal::new(
                         StatusCode::BAD_GATEWAY,
@@ -803,20 +817,6 @@ impl Shared {
             Err(e) => Err(Failure::Failed(e.to_string())),
         }
     }
-
-    fn upstream_error(
-        &self,
-        gen: &Generation,
-        cell: u16,
-        colour: routing_rules::Colour,
-        kind: UpstreamErrorKind,
-    ) {
-        self.control
-            .metrics()
-            .upstream_errors
-            .with_label_values(&[gen.table.cell_name(cell), colour.as_str(), kind.as_str()])
-            .inc();
-    }
 }
 
 /// Runs `fut` until `deadline` on a shared sleep (`None`: the deadline
@@ -843,19 +843,6 @@ pub async fn with_deadline<T>(
             }
         }
     }
-}
-
-/// Counts an upstream that stalled mid-body (`kind="timeout"`).
-pub fn count_stall(control: &Control, inst: &Instance) {
-    control
-        .metrics()
-        .upstream_errors
-        .with_label_values(&[
-            &inst.cell,
-            inst.colour.as_str(),
-            UpstreamErrorKind::Timeout.as_str(),
-        ])
-        .inc();
 }
 
 /// Response headers to pass on: all but hop-by-hop ones, those the
@@ -1111,14 +1098,9 @@ impl Body for ResponseBody {
                     if stall.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
-                    let inst = conn.instance();
-                    tracing::warn!(cell = %inst.cell, colour = %inst.colour, instance = %inst.address, "upstream stalled mid-body; response cut off");
-                    count_stall(&this.control, inst);
+                    let e = conn.stalled(this.control.metrics());
                     this.conn = None;
-                    return Poll::Ready(Some(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "upstream stalled mid-body",
-                    ))));
+                    return Poll::Ready(Some(Err(e)));
                 }
             };
             this.stall = None;
@@ -1129,10 +1111,7 @@ impl Body for ResponseBody {
                 }
                 Ok(0) => {
                     this.conn = None;
-                    return Poll::Ready(Some(Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "upstream closed the connection mid-body",
-                    ))));
+                    return Poll::Ready(Some(Err(closed_mid_body())));
                 }
                 Ok(_) => {}
                 Err(e) => {

@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::h1::{parse_response, ProtocolError, ResponseHead};
-use crate::metrics::UpstreamErrorKind;
+use crate::metrics::{Metrics, UpstreamErrorKind};
 
 /// Milliseconds since the process's first call (a monotonic clock that fits
 /// in an atomic).
@@ -385,6 +385,15 @@ pub enum ReadHeadError {
     Protocol(ProtocolError),
 }
 
+/// The error for an upstream that closed its connection before the body
+/// it announced ended.
+pub fn closed_mid_body() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "upstream closed the connection mid-body",
+    )
+}
+
 /// A checked-out connection, holding one of the instance's permits.
 pub struct PooledConn {
     conn: Option<UpConn>,
@@ -404,6 +413,16 @@ impl PooledConn {
     /// The instance this connection goes to.
     pub fn instance(&self) -> &Arc<Instance> {
         &self.instance
+    }
+
+    /// The upstream went silent mid-body for the request timeout: logged,
+    /// counted (`kind="timeout"`), and returned as the error that ends the
+    /// response.
+    pub fn stalled(&self, metrics: &Metrics) -> std::io::Error {
+        let inst = &self.instance;
+        tracing::warn!(cell = %inst.cell, colour = %inst.colour, instance = %inst.address, "upstream stalled mid-body; response cut off");
+        metrics.upstream_error(&inst.cell, inst.colour.as_str(), UpstreamErrorKind::Timeout);
+        std::io::Error::new(std::io::ErrorKind::TimedOut, "upstream stalled mid-body")
     }
 
     /// Returns the connection to the pool: call only after a complete
