@@ -106,6 +106,15 @@ impl BodyDecoder {
         self.state == State::Done
     }
 
+    /// Payload bytes still to come, when known (`Some(0)` once done).
+    pub fn remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Length(n) => Some(n),
+            State::Done => Some(0),
+            State::Chunked(_) | State::Close => None,
+        }
+    }
+
     /// Whether the body ends only when the connection closes.
     pub fn until_close(&self) -> bool {
         self.state == State::Close
@@ -514,6 +523,11 @@ mod tests {
     fn length_bodies_stop_at_their_length() {
         let (data, used) = decode_all(Framing::Length(3), b"abcdef", 2).unwrap();
         assert_eq!((data.as_slice(), used), (&b"abc"[..], 3));
+        let mut d = BodyDecoder::new(Framing::Length(5));
+        assert_eq!(d.remaining(), Some(5));
+        d.feed(b"ab").unwrap();
+        assert_eq!(d.remaining(), Some(3));
+        assert_eq!(BodyDecoder::new(Framing::Chunked).remaining(), None);
         assert!(BodyDecoder::new(Framing::Empty).is_done());
     }
 

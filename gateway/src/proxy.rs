@@ -42,9 +42,7 @@ use tokio::net::TcpStream;
 use crate::control::{Control, Generation, InflightGuard};
 use crate::h1::{self, BodyDecoder, Framing, ResponseHead};
 use crate::metrics::UpstreamErrorKind;
-use crate::upstream::{
-    closed_mid_body, ms_at, now_ms, CheckoutError, Instance, PooledConn, ReadHeadError,
-};
+use crate::upstream::{closed_mid_body, ms_at, now_ms, CheckoutError, Instance, PooledConn};
 
 /// Body of responses to clients on the hyper front end.
 pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
@@ -811,11 +809,9 @@ impl Shared {
                 }
             }
         }
-        match io.read_head(out.head_request).await {
-            Ok(head) => Ok(head),
-            Err(ReadHeadError::Closed) => Err(Failure::Failed("closed without a response".into())),
-            Err(e) => Err(Failure::Failed(e.to_string())),
-        }
+        io.read_head(out.head_request)
+            .await
+            .map_err(|e| Failure::Failed(e.to_string()))
     }
 }
 
@@ -1012,11 +1008,6 @@ async fn handle_hyper(
         decoder: BodyDecoder::new(head.framing),
         keep_alive: head.keep_alive,
         conn: Some(conn),
-        length: match head.framing {
-            Framing::Length(n) => Some(n),
-            Framing::Empty => Some(0),
-            _ => None,
-        },
         timeout: shared.settings.request_timeout,
         stall: None,
         control: shared.control.clone(),
@@ -1033,7 +1024,6 @@ pub struct ResponseBody {
     conn: Option<PooledConn>,
     decoder: BodyDecoder,
     keep_alive: bool,
-    length: Option<u64>,
     timeout: Duration,
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
     control: Arc<Control>,
@@ -1127,7 +1117,7 @@ impl Body for ResponseBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.length {
+        match self.decoder.remaining() {
             Some(n) => SizeHint::with_exact(n),
             None => SizeHint::default(),
         }

@@ -259,7 +259,7 @@ impl Instance {
                 continue;
             }
             return Ok(PooledConn {
-                conn: Some(conn),
+                conn,
                 instance: self.clone(),
                 _permit: permit,
             });
@@ -270,10 +270,10 @@ impl Instance {
         };
         let _ = stream.set_nodelay(true);
         Ok(PooledConn {
-            conn: Some(UpConn {
+            conn: UpConn {
                 stream,
                 buf: BytesMut::with_capacity(READ_BUF),
-            }),
+            },
             instance: self.clone(),
             _permit: permit,
         })
@@ -319,19 +319,22 @@ impl UpConn {
         }
     }
 
-    /// Reads more bytes into the buffer; 0 means the upstream closed.
-    pub async fn read_more(&mut self) -> std::io::Result<usize> {
+    /// Makes room in the buffer for the next read.
+    fn make_room(&mut self) {
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(READ_BUF);
         }
+    }
+
+    /// Reads more bytes into the buffer; 0 means the upstream closed.
+    pub async fn read_more(&mut self) -> std::io::Result<usize> {
+        self.make_room();
         self.stream.read_buf(&mut self.buf).await
     }
 
     /// [`UpConn::read_more`] for poll-based callers.
     pub fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(READ_BUF);
-        }
+        self.make_room();
         loop {
             std::task::ready!(self.stream.poll_read_ready(cx))?;
             match self.stream.try_read_buf(&mut self.buf) {
@@ -396,7 +399,7 @@ pub fn closed_mid_body() -> std::io::Error {
 
 /// A checked-out connection, holding one of the instance's permits.
 pub struct PooledConn {
-    conn: Option<UpConn>,
+    conn: UpConn,
     instance: Arc<Instance>,
     _permit: OwnedSemaphorePermit,
 }
@@ -404,10 +407,7 @@ pub struct PooledConn {
 impl PooledConn {
     /// The connection.
     pub fn io(&mut self) -> &mut UpConn {
-        // Always Some until `release` consumes self.
-        self.conn
-            .as_mut()
-            .expect("connection present until released")
+        &mut self.conn
     }
 
     /// The instance this connection goes to.
@@ -427,11 +427,9 @@ impl PooledConn {
 
     /// Returns the connection to the pool: call only after a complete
     /// exchange on a keep-alive connection with nothing left unread.
-    pub fn release(mut self) {
-        if let Some(c) = self.conn.take() {
-            if c.buf.is_empty() {
-                self.instance.release(c);
-            }
+    pub fn release(self) {
+        if self.conn.buf.is_empty() {
+            self.instance.release(self.conn);
         }
     }
 }
