@@ -384,9 +384,8 @@ async fn write_refusal(
         r.status.canonical_reason().unwrap_or("").as_bytes(),
     );
     h1::write_header(wbuf, b"content-type", b"application/json");
-    wbuf.extend_from_slice(b"content-length: ");
-    h1::push_u64(wbuf, body.len() as u64);
-    wbuf.extend_from_slice(b"\r\n");
+    let length = body.len() as u64;
+    h1::write_header(wbuf, b"content-length", h1::fmt_u64(length, &mut [0u8; 20]));
     if r.retry_after {
         h1::write_header(wbuf, b"retry-after", b"1");
     }

@@ -384,8 +384,6 @@ pub fn parse_response(
         Framing::Empty
     } else if chunked {
         Framing::Chunked
-    } else if close && length.is_none() {
-        Framing::Close
     } else {
         match length {
             Some(0) => Framing::Empty,

@@ -162,23 +162,17 @@ impl Refusal {
     }
 }
 
-/// A JSON error response `{error, message}`.
-pub fn json_error(status: StatusCode, error: &str, message: &str) -> Response<ProxyBody> {
-    let body = serde_json::json!({ "error": error, "message": message }).to_string();
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
+/// A gateway-made answer as a hyper response.
+fn refusal_response(r: &Refusal) -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(r.body()))));
+    *resp.status_mut() = r.status;
+    let h = resp.headers_mut();
+    h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    resp
-}
-
-fn refusal_response(r: &Refusal) -> Response<ProxyBody> {
-    let mut resp = json_error(r.status, r.error, r.message);
     if r.retry_after {
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     resp
 }
@@ -301,13 +295,14 @@ impl Outgoing {
                 &gen.health(ms_at(start)),
             )
             .map_err(|p| {
+                let r = Refusal::for_key(p);
                 shared
                     .control
                     .metrics()
                     .rejected
-                    .with_label_values(&[Refusal::for_key(p).error])
+                    .with_label_values(&[r.error])
                     .inc();
-                Refusal::for_key(p)
+                r
             })?;
 
         let mut wire = parts.wire;
@@ -324,8 +319,7 @@ impl Outgoing {
             .map(|(_, v)| v)
             .collect();
         let mut has_host = false;
-        let mut xff: Option<&[u8]> = None;
-        let mut xff_more = false;
+        let mut has_xff = false;
         let mut request_id: Option<&[u8]> = None;
         for (n, v) in parts.headers.clone() {
             if h1::is_hop_by_hop(n)
@@ -335,11 +329,7 @@ impl Outgoing {
                 continue;
             }
             if n.eq_ignore_ascii_case(b"x-forwarded-for") {
-                if xff.is_some() {
-                    xff_more = true;
-                } else {
-                    xff = Some(v);
-                }
+                has_xff = true;
                 continue;
             }
             if n.eq_ignore_ascii_case(b"content-length") {
@@ -366,23 +356,15 @@ impl Outgoing {
             }
             BodyHead::Chunked => h1::write_header(&mut wire, b"transfer-encoding", b"chunked"),
         }
+        // Every x-forwarded-for value the client sent, then the client.
         wire.extend_from_slice(b"x-forwarded-for: ");
-        if xff_more {
-            let all = parts
-                .headers
-                .clone()
-                .filter(|(n, _)| n.eq_ignore_ascii_case(b"x-forwarded-for"))
-                .map(|(_, v)| v);
-            for (i, v) in all.enumerate() {
-                if i > 0 {
+        if has_xff {
+            for (n, v) in parts.headers.clone() {
+                if n.eq_ignore_ascii_case(b"x-forwarded-for") {
+                    wire.extend_from_slice(v);
                     wire.extend_from_slice(b", ");
                 }
-                wire.extend_from_slice(v);
             }
-            wire.extend_from_slice(b", ");
-        } else if let Some(v) = xff {
-            wire.extend_from_slice(v);
-            wire.extend_from_slice(b", ");
         }
         wire.extend_from_slice(peer_ip);
         wire.extend_from_slice(b"\r\n");

@@ -286,6 +286,17 @@ async fn lean_path_framing_keep_alive_and_pipelining() {
     assert_eq!(header(&h, "x-kept"), Some("yes"));
     assert_eq!(header(&h, "x-request-id"), Some("mine-1"));
 
+    // Several x-forwarded-for headers become one list, the client last.
+    c.send(b"GET /xff HTTP/1.1\r\nx-user-id: 4\r\nx-forwarded-for: 203.0.113.9\r\nx-forwarded-for: 198.51.100.7, 192.0.2.1\r\n\r\n")
+        .await;
+    let (_, b) = c.response(false).await;
+    let b = String::from_utf8(b).unwrap();
+    assert!(
+        b.contains("x-forwarded-for: 203.0.113.9, 198.51.100.7, 192.0.2.1, 127.0.0.1\r\n"),
+        "{b}"
+    );
+    assert_eq!(b.matches("x-forwarded-for").count(), 1, "{b}");
+
     // Interim 1xx responses are not forwarded; the final one is.
     c.send(b"GET /early HTTP/1.1\r\nx-user-id: 5\r\n\r\n").await;
     let (h, b) = c.response(false).await;
