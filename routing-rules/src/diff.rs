@@ -450,6 +450,9 @@ impl RulesDiff {
             if b.blue != a.blue || b.green != a.green {
                 what.push("instances changed".to_string());
             }
+            if b.internal != a.internal {
+                what.push("internal addresses changed".to_string());
+            }
             if b.registered != a.registered {
                 what.push(format!("registered {} → {}", b.registered, a.registered));
             }

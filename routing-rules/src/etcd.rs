@@ -806,7 +806,12 @@ pub async fn keep_registered(
     }
 }
 
-/// Registered instance addresses by `(cell, colour)`.
+/// The pseudo-colour under which [`Registered`] lists a cell's internal
+/// (cell-to-cell) listener addresses.
+pub const INTERNAL: &str = "internal";
+
+/// Registered instance addresses by `(cell, colour)`, plus each cell's
+/// internal listener addresses under `(cell, INTERNAL)`.
 pub type Registered = std::collections::BTreeMap<(String, String), Vec<String>>;
 
 /// Follows the instance registrations of `cluster`: calls `on_change` with
@@ -831,32 +836,34 @@ pub async fn follow_instances(
                 .await
                 .map_err(|e| cp.err(e))?;
             let start = resp.header().map(|h| h.revision()).unwrap_or(0) + 1;
-            // key → ((cell, colour), address)
-            let mut by_key: std::collections::BTreeMap<Vec<u8>, ((String, String), String)> =
-                Default::default();
-            let parse = |value: &[u8]| -> Option<((String, String), String)> {
+            // key → [((cell, colour), address)]; an agent's internal
+            // (cell-to-cell) address is listed under the colour "internal".
+            type Entries = Vec<((String, String), String)>;
+            let mut by_key: std::collections::BTreeMap<Vec<u8>, Entries> = Default::default();
+            let parse = |value: &[u8]| -> Option<Entries> {
                 let v: serde_json::Value = serde_json::from_slice(value).ok()?;
-                Some((
-                    (
-                        v["cell"].as_str()?.to_string(),
-                        v["colour"].as_str()?.to_string(),
-                    ),
+                let cell = v["cell"].as_str()?.to_string();
+                let mut out = vec![(
+                    (cell.clone(), v["colour"].as_str()?.to_string()),
                     v["address"].as_str()?.to_string(),
-                ))
+                )];
+                if let Some(internal) = v["internal_address"].as_str() {
+                    out.push(((cell, INTERNAL.to_string()), internal.to_string()));
+                }
+                Some(out)
             };
             for kv in resp.kvs() {
                 if let Some(e) = parse(kv.value()) {
                     by_key.insert(kv.key().to_vec(), e);
                 }
             }
-            let snapshot =
-                |by_key: &std::collections::BTreeMap<Vec<u8>, ((String, String), String)>| {
-                    let mut r = Registered::new();
-                    for (cc, addr) in by_key.values() {
-                        r.entry(cc.clone()).or_default().push(addr.clone());
-                    }
-                    r
-                };
+            let snapshot = |by_key: &std::collections::BTreeMap<Vec<u8>, Entries>| {
+                let mut r = Registered::new();
+                for (cc, addr) in by_key.values().flatten() {
+                    r.entry(cc.clone()).or_default().push(addr.clone());
+                }
+                r
+            };
             on_change(snapshot(&by_key));
             let mut events = cp
                 .client()

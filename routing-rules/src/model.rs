@@ -230,6 +230,11 @@ pub struct Cell {
     /// Instances may also come from control-plane registrations, so a
     /// colour with traffic may list no static instance (default false).
     pub registered: bool,
+    /// Internal (cell-to-cell) listener addresses of the cell's agents:
+    /// where other cells deliver cross-cell credits. Never routed to by a
+    /// gateway (default empty; with `registered = true` they may also come
+    /// from registrations).
+    pub internal: Vec<String>,
 }
 
 impl Cell {

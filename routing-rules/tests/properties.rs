@@ -34,6 +34,7 @@ fn cell_strategy(names: Vec<String>, me: String) -> impl Strategy<Value = Cell> 
                 green: (0..n).map(|i| format!("{me}-green-{i}:80")).collect(),
                 split: Split { green, seed },
                 registered: false,
+                internal: Vec::new(),
             },
         )
 }
@@ -121,6 +122,7 @@ fn equal_table(cells: usize, slots: u32) -> Rules {
                 green: vec![],
                 split: Split::default(),
                 registered: false,
+                internal: Vec::new(),
             },
         );
     }
