@@ -11,18 +11,18 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use routing_rules::key::percent_decode;
 use routing_rules::{AllHealthy, RouteAttrs};
 use serde_json::{json, Value};
 
+use crate::body::{require_json, JsonBody};
 use crate::guard::GuardedUser;
 use crate::metrics::AgentMetrics;
 use crate::rules::RulesHolder;
 use crate::store::{DomainError, OrderAction, ReadOp, Store, WriteOp};
 
-/// Largest request body accepted, bytes.
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
+pub use crate::body::MAX_BODY_BYTES;
 /// Default and largest page sizes.
 pub const DEFAULT_PAGE: u32 = 50;
 /// Largest page size.
@@ -43,6 +43,11 @@ pub struct Api<S> {
     /// False while the instance does not hold its control-plane lease
     /// (self-fencing): writes are refused, reads go on.
     pub writes_allowed: Arc<std::sync::atomic::AtomicBool>,
+    /// The cluster secret for cell-to-cell calls; without one, cross-cell
+    /// transfers are refused (503) rather than left undeliverable.
+    pub secret: Option<crate::auth::ClusterSecret>,
+    /// Outbox records older than this (ms) count as overdue in `/metrics`.
+    pub outbox_alert_after_ms: i64,
 }
 
 /// A JSON response.
@@ -56,75 +61,25 @@ pub fn json_response(status: u16, body: &Value) -> Response<Full<Bytes>> {
     r
 }
 
-fn error_response(e: &DomainError) -> Response<Full<Bytes>> {
-    json_response(e.status, &json!({ "error": e.code, "message": e.message }))
+/// The JSON answer for a domain error (`owner_cell` with a 421).
+pub fn error_response(e: &DomainError) -> Response<Full<Bytes>> {
+    let mut body = json!({ "error": e.code, "message": e.message });
+    if let Some(owner) = &e.owner_cell {
+        body["owner_cell"] = owner.as_str().into();
+    }
+    let mut r = json_response(e.status, &body);
+    if e.retryable() {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
 }
 
-async fn body_json(req: Request<hyper::body::Incoming>) -> Result<Value, DomainError> {
-    let bytes = Limited::new(req.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-        .map_err(|e| {
-            DomainError::bad_request(format!(
-                "cannot read the body (limit {MAX_BODY_BYTES} bytes): {e}"
-            ))
-        })?
-        .to_bytes();
-    let v: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| DomainError::bad_request(format!("malformed JSON: {e}")))?;
-    if !v.is_object() {
-        return Err(DomainError::bad_request("the body must be a JSON object"));
-    }
-    Ok(v)
-}
-
-fn field_str(v: &Value, name: &str) -> Result<String, DomainError> {
-    match v.get(name) {
-        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
-        Some(Value::String(_)) => Err(DomainError::bad_request(format!(
-            "{name} must not be empty"
-        ))),
-        Some(_) => Err(DomainError::bad_request(format!("{name} must be a string"))),
-        None => Err(DomainError::bad_request(format!("missing field {name}"))),
-    }
-}
-
-/// An amount: an integer number of minor units in 1..=i64::MAX.
-fn field_amount(v: &Value) -> Result<i64, DomainError> {
-    match v.get("amount") {
-        None => Err(DomainError::bad_request("missing field amount")),
-        Some(Value::Number(n)) => match n.as_i64() {
-            Some(a) if a > 0 => Ok(a),
-            Some(a) => Err(DomainError::unprocessable(
-                "invalid_amount",
-                format!("amount must be a positive number of minor units, got {a}"),
-            )),
-            None if n.is_u64() => Err(DomainError::unprocessable(
-                "amount_overflow",
-                "amount does not fit in a signed 64-bit number of minor units",
-            )),
-            None => Err(DomainError::unprocessable(
-                "invalid_amount",
-                "amount must be an integer number of minor units (no fractions)",
-            )),
-        },
-        Some(_) => Err(DomainError::unprocessable(
-            "invalid_amount",
-            "amount must be a JSON integer of minor units",
-        )),
-    }
-}
-
-fn known_fields(v: &Value, allowed: &[&str]) -> Result<(), DomainError> {
-    if let Some(obj) = v.as_object() {
-        if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return Err(DomainError::bad_request(format!(
-                "unknown field {k:?} (expected: {})",
-                allowed.join(", ")
-            )));
-        }
-    }
-    Ok(())
+/// A write's JSON body (already read by the server, at most
+/// [`MAX_BODY_BYTES`]): `application/json` (else 415), one object.
+pub fn json_body(req: &Request<Bytes>) -> Result<JsonBody, DomainError> {
+    require_json(req.headers())?;
+    JsonBody::parse(req.body())
 }
 
 fn same_user(guarded: &GuardedUser, user: &str, what: &str) -> Result<(), DomainError> {
@@ -180,7 +135,6 @@ pub fn route_name(method: &Method, segs: &[&str]) -> &'static str {
         (&Method::POST, ["v1", "orders", _, _]) => "order_action",
         (&Method::POST, ["v1", "transfers"]) => "transfer",
         (&Method::GET, ["v1", "transfers", _]) => "get_transfer",
-        (&Method::POST, ["v1", "internal", "credits"]) => "credit",
         (&Method::GET, ["healthz"]) => "healthz",
         (&Method::GET, ["readyz"]) => "readyz",
         (&Method::GET, ["metrics"]) => "metrics",
@@ -190,7 +144,7 @@ pub fn route_name(method: &Method, segs: &[&str]) -> &'static str {
 
 impl<S: Store> Api<S> {
     /// Answers one request (after the guard).
-    pub async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    pub async fn handle(&self, req: Request<Bytes>) -> Response<Full<Bytes>> {
         let start = Instant::now();
         // Path segments percent-decoded: user ids may hold any character.
         let decoded: Vec<String> = req
@@ -237,7 +191,7 @@ impl<S: Store> Api<S> {
 
     async fn dispatch(
         &self,
-        req: Request<hyper::body::Incoming>,
+        req: Request<Bytes>,
         segs: &[&str],
     ) -> Result<(u16, Value), DomainError> {
         let method = req.method().clone();
@@ -260,16 +214,8 @@ impl<S: Store> Api<S> {
             }
             _ => {}
         }
-        if method == Method::POST
-            && !self
-                .writes_allowed
-                .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            return Err(DomainError::new(
-                503,
-                "fenced",
-                "this instance does not hold its control-plane lease; writes are refused until it is renewed (reads still work)",
-            ));
+        if method == Method::POST {
+            self.check_writable()?;
         }
         let guarded = req
             .extensions()
@@ -284,10 +230,10 @@ impl<S: Store> Api<S> {
         match (&method, segs) {
             (&Method::POST, ["v1", "accounts", user, "deposit"]) => {
                 same_user(&guarded, user, "account")?;
-                let v = body_json(req).await?;
-                known_fields(&v, &["amount", "idempotency_key"])?;
-                let amount = field_amount(&v)?;
-                let key = field_str(&v, "idempotency_key")?;
+                let v = json_body(&req)?;
+                v.known_fields(&["amount", "idempotency_key"])?;
+                let amount = v.amount()?;
+                let key = v.str("idempotency_key")?;
                 self.write(WriteOp::Deposit {
                     user: user.to_string(),
                     amount,
@@ -327,13 +273,13 @@ impl<S: Store> Api<S> {
                     .await
             }
             (&Method::POST, ["v1", "orders"]) => {
-                let v = body_json(req).await?;
-                known_fields(&v, &["user", "amount", "merchant", "idempotency_key"])?;
-                let user = field_str(&v, "user")?;
+                let v = json_body(&req)?;
+                v.known_fields(&["user", "amount", "merchant", "idempotency_key"])?;
+                let user = v.str("user")?;
                 same_user(&guarded, &user, "user")?;
-                let amount = field_amount(&v)?;
-                let merchant = field_str(&v, "merchant")?;
-                let key = field_str(&v, "idempotency_key")?;
+                let amount = v.amount()?;
+                let merchant = v.str("merchant")?;
+                let key = v.str("idempotency_key")?;
                 self.write(WriteOp::CreateOrder {
                     user,
                     amount,
@@ -371,13 +317,13 @@ impl<S: Store> Api<S> {
                 .await
             }
             (&Method::POST, ["v1", "transfers"]) => {
-                let v = body_json(req).await?;
-                known_fields(&v, &["from", "to", "amount", "idempotency_key"])?;
-                let from = field_str(&v, "from")?;
+                let v = json_body(&req)?;
+                v.known_fields(&["from", "to", "amount", "idempotency_key"])?;
+                let from = v.str("from")?;
                 same_user(&guarded, &from, "from")?;
-                let to = field_str(&v, "to")?;
-                let amount = field_amount(&v)?;
-                let key = field_str(&v, "idempotency_key")?;
+                let to = v.str("to")?;
+                let amount = v.amount()?;
+                let key = v.str("idempotency_key")?;
                 let table = self.rules.table();
                 let d = table
                     .route(Some(to.as_bytes()), &RouteAttrs::default(), &AllHealthy)
@@ -390,6 +336,13 @@ impl<S: Store> Api<S> {
                 let home = table.cell_name(d.home_cell);
                 let to_cell = (home != self.rules.cell()).then(|| home.to_string());
                 let remote = to_cell.is_some();
+                if remote && self.secret.is_none() {
+                    return Err(DomainError::new(
+                        503,
+                        "cross_cell_unavailable",
+                        format!("payee {to:?} is in cell {home}, and this cell has no internal secret for cell-to-cell credits (--internal-secret-file)"),
+                    ));
+                }
                 let r = self
                     .write(WriteOp::Transfer {
                         from,
@@ -418,23 +371,6 @@ impl<S: Store> Api<S> {
                 }
                 Ok(r)
             }
-            (&Method::POST, ["v1", "internal", "credits"]) => {
-                let v = body_json(req).await?;
-                known_fields(&v, &["transfer_id", "from_cell", "to", "amount"])?;
-                let to = field_str(&v, "to")?;
-                same_user(&guarded, &to, "to")?;
-                let transfer_id = field_str(&v, "transfer_id")?;
-                let from_cell = field_str(&v, "from_cell")?;
-                let amount = field_amount(&v)?;
-                self.write(WriteOp::Credit {
-                    transfer_id,
-                    from_cell,
-                    to,
-                    amount,
-                    slot: guarded.slot,
-                })
-                .await
-            }
             _ => Err(DomainError::not_found(
                 "not_found",
                 format!("no such endpoint: {method} /{}", segs.join("/")),
@@ -460,8 +396,12 @@ impl<S: Store> Api<S> {
 
     /// `/metrics`: refreshes the data gauges from the store, then renders.
     async fn metrics_response(&self) -> Response<Full<Bytes>> {
-        if let Ok(stats) = self.store.stats().await {
-            self.metrics.set_stats(&stats);
+        match self.store.stats(self.outbox_alert_after_ms).await {
+            Ok(stats) => self.metrics.set_stats(&stats),
+            Err(e) => {
+                self.metrics.stats_errors.inc();
+                tracing::warn!(error = %e, "cannot read the cell's figures for /metrics");
+            }
         }
         let mut r = Response::new(Full::new(Bytes::from(self.metrics.encode())));
         r.headers_mut().insert(
@@ -471,7 +411,24 @@ impl<S: Store> Api<S> {
         r
     }
 
-    async fn write(&self, op: WriteOp) -> Result<(u16, Value), DomainError> {
+    /// Refuses writes while the instance does not hold its control-plane
+    /// lease (self-fencing).
+    pub fn check_writable(&self) -> Result<(), DomainError> {
+        if self
+            .writes_allowed
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(());
+        }
+        Err(DomainError::new(
+            503,
+            "fenced",
+            "this instance does not hold its control-plane lease; writes are refused until it is renewed (reads still work)",
+        ))
+    }
+
+    /// Runs a write through the store, timing it.
+    pub async fn write(&self, op: WriteOp) -> Result<(u16, Value), DomainError> {
         let t = Instant::now();
         let r = self.store.write(op).await;
         self.metrics.db_latency.observe(t.elapsed().as_secs_f64());

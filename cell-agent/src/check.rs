@@ -14,12 +14,14 @@ pub struct CheckReport {
     pub ledger_entries: i64,
     /// Orders checked.
     pub orders: i64,
-    /// Sum of balances.
-    pub balance_total: i64,
-    /// Money that entered the cell (deposits + cross-cell credits).
-    pub money_in: i64,
+    /// Sum of balances (summed in 128 bits: many balances near `i64::MAX`
+    /// add up past 64 bits).
+    pub balance_total: i128,
+    /// Money that entered the cell (deposits + cross-cell credits + refunds
+    /// of failed cross-cell transfers).
+    pub money_in: i128,
     /// Money that left the cell (order debits + cross-cell transfers out).
-    pub money_out: i64,
+    pub money_out: i128,
     /// Every violation found (empty = the database is consistent).
     pub violations: Vec<String>,
 }
@@ -33,6 +35,17 @@ impl CheckReport {
 
 fn q(conn: &Connection, sql: &str) -> rusqlite::Result<i64> {
     conn.query_row(sql, [], |r| r.get(0))
+}
+
+/// Sums a column of integers in 128 bits (SQLite's SUM stops at 64).
+pub fn sum(conn: &Connection, sql: &str) -> rusqlite::Result<i128> {
+    let mut s = conn.prepare(sql)?;
+    let mut rows = s.query([])?;
+    let mut total = 0i128;
+    while let Some(r) = rows.next()? {
+        total += r.get::<_, i64>(0)? as i128;
+    }
+    Ok(total)
 }
 
 fn list(conn: &Connection, sql: &str) -> rusqlite::Result<Vec<String>> {
@@ -56,7 +69,7 @@ pub fn check(path: &Path) -> rusqlite::Result<CheckReport> {
         accounts: q(&conn, "SELECT COUNT(*) FROM accounts")?,
         ledger_entries: q(&conn, "SELECT COUNT(*) FROM ledger")?,
         orders: q(&conn, "SELECT COUNT(*) FROM orders")?,
-        balance_total: q(&conn, "SELECT COALESCE(SUM(balance), 0) FROM accounts")?,
+        balance_total: sum(&conn, "SELECT balance FROM accounts")?,
         ..Default::default()
     };
     r.violations.extend(list(
@@ -96,35 +109,27 @@ pub fn check(path: &Path) -> rusqlite::Result<CheckReport> {
          HAVING (o.state = 'tried' AND COALESCE(SUM(l.frozen_delta), 0) != o.amount)
              OR (o.state != 'tried' AND COALESCE(SUM(l.frozen_delta), 0) != 0)",
     )?);
-    let deposits = q(
+    let kind = |k: &str| {
+        sum(
+            &conn,
+            &format!("SELECT amount FROM ledger WHERE kind = '{k}'"),
+        )
+    };
+    let deposits = kind("deposit")?;
+    let credits = kind("credit")?;
+    let debits = kind("debit")?;
+    let refunds = kind("refund")?;
+    let out_all = kind("transfer_out")?;
+    let in_local = kind("transfer_in")?;
+    let out_remote = sum(
         &conn,
-        "SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE kind = 'deposit'",
+        "SELECT amount FROM transfers WHERE to_cell IS NOT NULL",
     )?;
-    let credits = q(
-        &conn,
-        "SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE kind = 'credit'",
-    )?;
-    let debits = q(
-        &conn,
-        "SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE kind = 'debit'",
-    )?;
-    let out_remote = q(
-        &conn,
-        "SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE to_cell IS NOT NULL",
-    )?;
-    let out_all = q(
-        &conn,
-        "SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE kind = 'transfer_out'",
-    )?;
-    let in_local = q(
-        &conn,
-        "SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE kind = 'transfer_in'",
-    )?;
-    r.money_in = deposits + credits;
+    r.money_in = deposits + credits + refunds;
     r.money_out = debits + out_remote;
     if r.balance_total != r.money_in - r.money_out {
         r.violations.push(format!(
-            "cell total {} != deposits {deposits} + credits in {credits} - debits {debits} - transfers out {out_remote}",
+            "cell total {} != deposits {deposits} + credits in {credits} + refunds {refunds} - debits {debits} - transfers out {out_remote}",
             r.balance_total
         ));
     }
@@ -139,6 +144,14 @@ pub fn check(path: &Path) -> rusqlite::Result<CheckReport> {
         "SELECT 'cross-cell transfer ' || t.id || ' has no outbox record'
          FROM transfers t LEFT JOIN outbox o ON o.transfer_id = t.id
          WHERE t.to_cell IS NOT NULL AND o.id IS NULL",
+    )?);
+    r.violations.extend(list(
+        &conn,
+        "SELECT 'transfer ' || t.id || ' (' || t.state || ') was refunded ' || COUNT(l.id) || ' time(s)'
+         FROM transfers t LEFT JOIN ledger l ON l.ref = 'transfer:' || t.id AND l.kind = 'refund'
+         GROUP BY t.id
+         HAVING (t.state = 'failed' AND (COUNT(l.id) != 1 OR COALESCE(SUM(l.amount), 0) != t.amount))
+             OR (t.state != 'failed' AND COUNT(l.id) != 0)",
     )?);
     Ok(r)
 }

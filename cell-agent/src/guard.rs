@@ -164,13 +164,31 @@ pub fn decide<B, V: OwnershipView + ?Sized>(
             serde_json::json!({"error": "missing_key", "message": "the request carries no user key (routing key)"}),
         ));
     };
-    let decision = table.route(Some(&key), &RouteAttrs::default(), &AllHealthy);
-    let (Ok(d), Ok(key)) = (decision, String::from_utf8(key.into_owned())) else {
+    let Ok(key) = String::from_utf8(key.into_owned()) else {
         return Err((
             StatusCode::BAD_REQUEST,
             serde_json::json!({"error": "malformed_key", "message": "the user key is malformed"}),
         ));
     };
+    owned_here(view, &table, key)
+}
+
+/// Whether `key`'s home cell under `table` is the view's cell: the guarded
+/// user, or 400 (malformed key) / 421 naming the owner.
+pub fn owned_here<V: OwnershipView + ?Sized>(
+    view: &V,
+    table: &RoutingTable,
+    key: String,
+) -> Result<GuardedUser, (StatusCode, serde_json::Value)> {
+    let malformed = || {
+        (
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "malformed_key", "message": "the user key is malformed"}),
+        )
+    };
+    let d = table
+        .route(Some(key.as_bytes()), &RouteAttrs::default(), &AllHealthy)
+        .map_err(|_| malformed())?;
     let Some(slot) = d.slot else {
         return Err((
             StatusCode::BAD_REQUEST,

@@ -4,12 +4,17 @@
 //! SQLite shard, behind a guard that refuses users the cell does not own.
 
 pub mod api;
+pub mod auth;
+pub mod body;
 pub mod check;
 pub mod guard;
+pub mod internal;
+pub mod listener;
 pub mod metrics;
+pub mod reconcile;
 pub mod relay;
 pub mod rules;
 pub mod server;
 pub mod store;
 
-pub use server::{start, start_on, AgentConfig, RunningAgent};
+pub use server::{start, start_bound, start_on, AgentConfig, RunningAgent};

@@ -31,6 +31,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the cell's cross-cell transfers that are not delivered: pending
+    /// ones (with their last error; `OVERDUE` past --alert-after-ms) and
+    /// failed ones (refunded, with the payee cell's refusal).
+    Outbox {
+        /// The database file.
+        #[arg(long, value_name = "PATH")]
+        db: PathBuf,
+        /// Flag pending records older than this, ms.
+        #[arg(long, value_name = "MS", default_value_t = 300_000)]
+        alert_after_ms: i64,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Match every incoming credit of every cell to its sender's outbox
+    /// record and every delivered record to its credit, across the shard
+    /// files of the whole cluster (exit 1 on an orphan on either side).
+    Reconcile {
+        /// Each cell's database file (repeat: --db a.db --db b.db ...).
+        #[arg(long, value_name = "PATH", required = true)]
+        db: Vec<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,6 +76,12 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Outbox {
+            db,
+            alert_after_ms,
+            json,
+        } => outbox(&db, alert_after_ms, json),
+        Command::Reconcile { db, json } => reconcile(&db, json),
         Command::Check { db, json } => {
             match cell_agent::check::check(&db) {
                 Ok(report) => {
@@ -85,6 +116,66 @@ fn main() -> ExitCode {
     }
 }
 
+fn outbox(db: &std::path::Path, alert_after_ms: i64, json: bool) -> ExitCode {
+    let rows = match cell_agent::reconcile::outbox(db) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cell-agent: cannot read the outbox: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    for r in &rows {
+        let overdue = r.state == "pending" && r.age_ms > alert_after_ms;
+        if json {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            v["overdue"] = overdue.into();
+            println!("{v}");
+        } else {
+            println!(
+                "{} {}{} {} -> {} (cell {}) {} minor units, {} attempts, {} s old: {}",
+                r.transfer_id,
+                r.state,
+                if overdue { " OVERDUE" } else { "" },
+                r.from,
+                r.to,
+                r.to_cell,
+                r.amount,
+                r.attempts,
+                r.age_ms / 1000,
+                r.last_error.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    if !json {
+        println!("{} record(s) not delivered", rows.len());
+    }
+    ExitCode::SUCCESS
+}
+
+fn reconcile(dbs: &[PathBuf], json: bool) -> ExitCode {
+    match cell_agent::reconcile::reconcile(dbs) {
+        Ok(report) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                println!("{report}");
+            }
+            if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("cell-agent: cannot reconcile: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -92,6 +183,9 @@ fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     rt.block_on(async move {
         let agent = cell_agent::start(cfg, prometheus::Registry::new()).await?;
         println!("listening on {}", agent.addr);
+        if let Some(internal) = agent.internal_addr {
+            println!("internal listening on {internal}");
+        }
         cell_agent::server::wait_for_signal().await;
         tracing::info!("shutting down: draining in-flight requests");
         let clean = agent.shutdown().await;

@@ -2,8 +2,8 @@
 //! route template, status class, order state — never a user id).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::store::Stats;
@@ -16,12 +16,16 @@ pub struct AgentMetrics {
     duration: HistogramVec,
     /// Time for a write to be committed (fsynced) and answered.
     pub db_latency: Histogram,
-    balance_total: IntGauge,
+    balance_total: Gauge,
     orders: IntGaugeVec,
     outbox_backlog: IntGauge,
     outbox_oldest_ms: IntGauge,
-    /// Cross-cell deliveries by result (`ok`, `error`).
+    outbox_overdue: IntGauge,
+    transfers_failed: IntGauge,
+    /// Cross-cell deliveries by result (`ok`, `error`, `refused`).
     pub deliveries: IntCounterVec,
+    /// Failures to read the data figures for `/metrics`.
+    pub stats_errors: IntCounter,
 }
 
 impl std::fmt::Debug for AgentMetrics {
@@ -55,9 +59,9 @@ impl AgentMetrics {
                 )
                 .buckets(buckets),
             )?,
-            balance_total: IntGauge::new(
+            balance_total: Gauge::new(
                 "cell_balance_total_minor_units",
-                "Sum of all balances in the cell (minor units).",
+                "Sum of all balances in the cell (minor units; summed in 128 bits, exposed as a float).",
             )?,
             orders: IntGaugeVec::new(Opts::new("cell_orders", "Orders by state."), &["state"])?,
             outbox_backlog: IntGauge::new(
@@ -68,10 +72,22 @@ impl AgentMetrics {
                 "cell_outbox_oldest_age_milliseconds",
                 "Age of the oldest unacknowledged cross-cell transfer.",
             )?,
+            outbox_overdue: IntGauge::new(
+                "cell_outbox_overdue",
+                "Cross-cell transfers still unacknowledged after --outbox-alert-after.",
+            )?,
+            transfers_failed: IntGauge::new(
+                "cell_transfers_failed",
+                "Cross-cell transfers the payee's cell refused (payer refunded).",
+            )?,
+            stats_errors: IntCounter::new(
+                "cell_stats_errors_total",
+                "Times the data figures of /metrics could not be read from the store.",
+            )?,
             deliveries: IntCounterVec::new(
                 Opts::new(
                     "cell_outbox_deliveries_total",
-                    "Cross-cell credit delivery attempts by result.",
+                    "Cross-cell credit delivery attempts by result (ok, error = retried, refused = refunded).",
                 ),
                 &["result"],
             )?,
@@ -86,6 +102,9 @@ impl AgentMetrics {
         r.register(Box::new(m.outbox_backlog.clone()))?;
         r.register(Box::new(m.outbox_oldest_ms.clone()))?;
         r.register(Box::new(m.deliveries.clone()))?;
+        r.register(Box::new(m.outbox_overdue.clone()))?;
+        r.register(Box::new(m.transfers_failed.clone()))?;
+        r.register(Box::new(m.stats_errors.clone()))?;
         Ok(m)
     }
 
@@ -98,7 +117,7 @@ impl AgentMetrics {
 
     /// Sets the data gauges from `stats`.
     pub fn set_stats(&self, stats: &Stats) {
-        self.balance_total.set(stats.balance_total);
+        self.balance_total.set(stats.balance_total as f64);
         for state in ["created", "tried", "paid", "cancelled"] {
             let n = stats
                 .orders_by_state
@@ -110,6 +129,8 @@ impl AgentMetrics {
         }
         self.outbox_backlog.set(stats.outbox_backlog);
         self.outbox_oldest_ms.set(stats.outbox_oldest_age_ms);
+        self.outbox_overdue.set(stats.outbox_overdue);
+        self.transfers_failed.set(stats.transfers_failed);
     }
 
     /// Text exposition.

@@ -1,71 +1,131 @@
-//! The outbox relay: delivers cross-cell credits to the payee's cell,
-//! retrying with exponential backoff until the payee's cell acknowledges.
-//! The payee's cell applies credits idempotently (by transfer id), so a
-//! delivery repeated after a crash or a lost acknowledgement is harmless;
-//! the outbox record is only marked delivered after a 2xx.
+//! The outbox relay: delivers cross-cell credits to the payee's owner cell
+//! over its internal listener, signed with the cluster secret.
+//!
+//! Every attempt re-resolves the payee's owner from the rules held now (a
+//! 421 naming another owner is followed at once), so a credit follows its
+//! payee when slots move. A 2xx marks the record delivered. A definitive
+//! refusal by the owner (400, 403, 409, 422: the payee's balance would
+//! overflow, the payer's cell may not send it, ...) ends the transfer
+//! `failed` and refunds the payer in the same transaction. Anything else
+//! (unreachable, 5xx, timeouts, 401 while secrets rotate) is retried with
+//! exponential backoff and full jitter. The payee's cell applies credits
+//! idempotently by transfer id, so a delivery repeated after a crash or a
+//! lost acknowledgement is harmless.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use routing_rules::Colour;
+use routing_rules::{AllHealthy, RouteAttrs, STAMP_REV};
 
+use crate::auth::ClusterSecret;
+use crate::internal::CREDITS_PATH;
 use crate::metrics::AgentMetrics;
 use crate::rules::RulesHolder;
 use crate::store::sqlite::unix_ms;
 use crate::store::{OutboxItem, Store, WriteOp};
 
-/// First retry delay.
+/// First retry delay, ms.
 pub const RETRY_BASE_MS: i64 = 100;
-/// Longest retry delay.
+/// Longest retry delay, ms.
 pub const RETRY_MAX_MS: i64 = 10_000;
-/// Per-delivery timeout.
+/// Per-delivery timeout, ms.
 pub const DELIVERY_TIMEOUT_MS: u64 = 2_000;
+/// Records read per pass.
+const BATCH: u32 = 64;
+
+/// Internal addresses of other cells learnt from control-plane
+/// registrations (cell → addresses); empty without a control plane.
+pub type Peers = Arc<ArcSwap<BTreeMap<String, Vec<String>>>>;
+
+/// What the relay needs besides the store.
+pub struct Relay {
+    /// The rules.
+    pub rules: Arc<RulesHolder>,
+    /// Metrics.
+    pub metrics: AgentMetrics,
+    /// Wakes the relay after a cross-cell transfer.
+    pub wake: Arc<tokio::sync::Notify>,
+    /// False while fenced: the relay changes nothing.
+    pub writes_allowed: Arc<std::sync::atomic::AtomicBool>,
+    /// Signs credits; without it nothing is sent.
+    pub secret: Option<ClusterSecret>,
+    /// Registered internal addresses.
+    pub peers: Peers,
+}
+
+/// How one delivery attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The payee's owner credited it (or had already).
+    Delivered,
+    /// The payee's owner refused it for good: refund.
+    Refused(String),
+    /// Try again later.
+    Retry(String),
+}
+
+/// The delay before retry number `attempts + 1`: exponential, capped, with
+/// full jitter (uniform in [delay/2, delay]) so that many records failing
+/// together do not retry together.
+pub fn backoff_ms(attempts: i64) -> i64 {
+    let cap = (RETRY_BASE_MS << attempts.clamp(0, 20)).min(RETRY_MAX_MS);
+    let mut r = [0u8; 8];
+    let _ = getrandom::fill(&mut r);
+    let half = cap / 2;
+    half + (u64::from_le_bytes(r) % (half as u64 + 1)) as i64
+}
 
 /// Runs the relay until `stop` flips.
-pub async fn run<S: Store>(
-    store: S,
-    rules: Arc<RulesHolder>,
-    metrics: AgentMetrics,
-    wake: Arc<tokio::sync::Notify>,
-    writes_allowed: Arc<std::sync::atomic::AtomicBool>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
+pub async fn run<S: Store>(store: S, relay: Relay, mut stop: tokio::sync::watch::Receiver<bool>) {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     loop {
         // A fenced instance changes nothing, its outbox included.
-        let fenced = !writes_allowed.load(std::sync::atomic::Ordering::Relaxed);
-        let due = match if fenced {
+        let fenced = !relay
+            .writes_allowed
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let due = if fenced || relay.secret.is_none() {
             Ok(Vec::new())
         } else {
-            store.due_outbox(unix_ms(), 64).await
-        } {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the outbox");
-                Vec::new()
-            }
+            store.due_outbox(unix_ms(), BATCH).await
         };
+        let due = due.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the outbox");
+            Vec::new()
+        });
         for item in &due {
-            let result = deliver(&client, &rules, item).await;
-            let op = match result {
-                Ok(()) => {
-                    metrics.deliveries.with_label_values(&["ok"]).inc();
-                    tracing::info!(transfer = %item.transfer_id, to_cell = %item.to_cell, "cross-cell credit delivered");
+            let op = match deliver(&client, &relay, item).await {
+                Outcome::Delivered => {
+                    relay.metrics.deliveries.with_label_values(&["ok"]).inc();
+                    tracing::info!(transfer = %item.transfer_id, "cross-cell credit delivered");
                     WriteOp::Delivered { outbox_id: item.id }
                 }
-                Err(error) => {
-                    metrics.deliveries.with_label_values(&["error"]).inc();
-                    let backoff = (RETRY_BASE_MS << item.attempts.clamp(0, 20)).min(RETRY_MAX_MS);
-                    tracing::warn!(transfer = %item.transfer_id, to_cell = %item.to_cell, attempts = item.attempts + 1, retry_ms = backoff, %error, "cross-cell credit not delivered; will retry");
+                Outcome::Refused(reason) => {
+                    relay
+                        .metrics
+                        .deliveries
+                        .with_label_values(&["refused"])
+                        .inc();
+                    tracing::warn!(transfer = %item.transfer_id, %reason, "cross-cell credit refused by the payee's cell; refunding the payer");
+                    WriteOp::TransferRefused {
+                        outbox_id: item.id,
+                        reason,
+                    }
+                }
+                Outcome::Retry(error) => {
+                    relay.metrics.deliveries.with_label_values(&["error"]).inc();
+                    let delay = backoff_ms(item.attempts);
+                    tracing::warn!(transfer = %item.transfer_id, attempts = item.attempts + 1, retry_ms = delay, %error, "cross-cell credit not delivered; will retry");
                     WriteOp::DeliveryFailed {
                         outbox_id: item.id,
-                        next_attempt_ms: unix_ms() + backoff,
+                        next_attempt_ms: unix_ms() + delay,
                         error,
                     }
                 }
@@ -74,67 +134,148 @@ pub async fn run<S: Store>(
                 tracing::warn!(error = %e, "cannot record the delivery outcome");
             }
         }
-        if due.len() == 64 {
+        if due.len() == BATCH as usize {
             continue;
         }
         tokio::select! {
-            _ = wake.notified() => {}
+            _ = relay.wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(RETRY_BASE_MS as u64)) => {}
             _ = stop.changed() => return,
         }
     }
 }
 
+/// The internal addresses of `cell`: from the rules, else registrations.
+fn addresses(relay: &Relay, cell: &str) -> Vec<String> {
+    let table = relay.rules.table();
+    let listed = table
+        .rules()
+        .cells
+        .get(cell)
+        .map(|c| c.internal.clone())
+        .unwrap_or_default();
+    if !listed.is_empty() {
+        return listed;
+    }
+    relay.peers.load().get(cell).cloned().unwrap_or_default()
+}
+
+/// The payee's owner cell under the rules held now.
+fn owner_of(relay: &Relay, user: &str) -> Option<String> {
+    let table = relay.rules.table();
+    let d = table
+        .route(Some(user.as_bytes()), &RouteAttrs::default(), &AllHealthy)
+        .ok()?;
+    Some(table.cell_name(d.home_cell).to_string())
+}
+
 async fn deliver(
     client: &Client<HttpConnector, Full<Bytes>>,
-    rules: &RulesHolder,
+    relay: &Relay,
     item: &OutboxItem,
-) -> Result<(), String> {
-    let table = rules.table();
-    let cell = table
-        .cell_index(&item.to_cell)
-        .ok_or_else(|| format!("cell {} is not in the rules", item.to_cell))?;
-    let mut addrs: Vec<&String> = Colour::ALL
-        .iter()
-        .flat_map(|c| table.instances(cell, *c))
-        .collect();
-    if addrs.is_empty() {
-        return Err(format!("cell {} has no instances", item.to_cell));
-    }
-    // Spread attempts over the payee cell's instances.
-    let n = addrs.len();
-    addrs.rotate_left(item.attempts as usize % n);
-    let body = serde_json::json!({
-        "transfer_id": item.transfer_id, "from_cell": rules.cell(), "to": item.to, "amount": item.amount,
-    })
-    .to_string();
-    let mut last = String::new();
-    for addr in addrs {
-        let req = http::Request::post(format!("http://{addr}/v1/internal/credits"))
-            .header("x-user-id", &item.to)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.clone())))
-            .map_err(|e| e.to_string())?;
-        let sent = tokio::time::timeout(
-            Duration::from_millis(DELIVERY_TIMEOUT_MS),
-            client.request(req),
-        )
-        .await;
-        match sent {
-            Ok(Ok(resp)) if resp.status().is_success() => return Ok(()),
-            Ok(Ok(resp)) => {
-                let status = resp.status();
-                let text = resp
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                last = format!("{addr}: {status} {}", String::from_utf8_lossy(&text));
+) -> Outcome {
+    let Some(secret) = &relay.secret else {
+        return Outcome::Retry("no internal secret".into());
+    };
+    let mut cell = owner_of(relay, &item.to).unwrap_or_else(|| item.to_cell.clone());
+    let body = Bytes::from(
+        serde_json::json!({
+            "transfer_id": item.transfer_id, "from_cell": relay.rules.cell(),
+            "from": item.from, "to": item.to, "amount": item.amount,
+        })
+        .to_string(),
+    );
+    // At most one hop: a 421 names the owner, which is tried at once.
+    for _hop in 0..2 {
+        let mut addrs = addresses(relay, &cell);
+        if addrs.is_empty() {
+            return Outcome::Retry(format!(
+                "cell {cell} lists no internal address (rules `internal` or registrations)"
+            ));
+        }
+        // Spread attempts over the payee cell's instances.
+        let n = addrs.len();
+        addrs.rotate_left(item.attempts as usize % n);
+        let mut last = String::new();
+        let mut moved = None;
+        for addr in addrs {
+            match post(client, relay, secret, &addr, &body).await {
+                Ok((status, _)) if (200..300).contains(&status) => return Outcome::Delivered,
+                Ok((421, v)) => {
+                    last = format!("{addr}: 421 {v}");
+                    moved = v["owner_cell"].as_str().map(str::to_string);
+                    break;
+                }
+                Ok((status @ (400 | 403 | 409 | 422), v)) => {
+                    return Outcome::Refused(format!(
+                        "cell {cell} answered {status} {}: {}",
+                        v["error"].as_str().unwrap_or("?"),
+                        v["message"].as_str().unwrap_or("")
+                    ))
+                }
+                Ok((status, v)) => last = format!("{addr}: {status} {v}"),
+                Err(e) => last = format!("{addr}: {e}"),
             }
-            Ok(Err(e)) => last = format!("{addr}: {e}"),
-            Err(_) => last = format!("{addr}: timed out"),
+        }
+        match moved {
+            Some(owner) if owner != cell => cell = owner,
+            _ => return Outcome::Retry(last),
         }
     }
-    Err(last)
+    Outcome::Retry(format!("payee {} keeps moving", item.to))
+}
+
+async fn post(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    relay: &Relay,
+    secret: &ClusterSecret,
+    addr: &str,
+    body: &Bytes,
+) -> Result<(u16, serde_json::Value), String> {
+    let mut req = http::Request::post(format!("http://{addr}{CREDITS_PATH}"))
+        .header("content-type", "application/json")
+        .header(STAMP_REV, relay.rules.table().revision().to_string());
+    for (name, value) in secret.sign("POST", CREDITS_PATH, relay.rules.cell(), unix_ms(), body) {
+        req = req.header(name, value);
+    }
+    let req = req
+        .body(Full::new(body.clone()))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(
+        Duration::from_millis(DELIVERY_TIMEOUT_MS),
+        client.request(req),
+    )
+    .await
+    .map_err(|_| "timed out".to_string())?
+    .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let text = tokio::time::timeout(
+        Duration::from_millis(DELIVERY_TIMEOUT_MS),
+        resp.into_body().collect(),
+    )
+    .await
+    .map_err(|_| "timed out reading the answer".to_string())?
+    .map(|b| b.to_bytes())
+    .unwrap_or_default();
+    Ok((
+        status,
+        serde_json::from_slice(&text)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&text).into_owned().into()),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        for attempts in 0..30 {
+            let cap = (RETRY_BASE_MS << attempts.clamp(0, 20)).min(RETRY_MAX_MS);
+            let d = backoff_ms(attempts);
+            assert!(d >= cap / 2 && d <= cap, "{attempts}: {d} vs {cap}");
+        }
+        let spread: std::collections::BTreeSet<i64> = (0..50).map(|_| backoff_ms(10)).collect();
+        assert!(spread.len() > 10, "jitter spreads retries: {spread:?}");
+    }
 }

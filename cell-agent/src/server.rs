@@ -7,12 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use clap::Args;
 use http::{HeaderValue, Request};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use routing_rules::Colour;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -58,6 +55,10 @@ pub struct AgentConfig {
     /// With --etcd: the address gateways should use (default: the bound listen address).
     #[arg(long, value_name = "ADDR")]
     pub advertise: Option<String>,
+    /// With --etcd: the internal address other cells should use (default:
+    /// the bound --internal-listen address).
+    #[arg(long, value_name = "ADDR")]
+    pub internal_advertise: Option<String>,
     /// With --etcd: lease TTL in seconds. Without a live lease the agent refuses writes.
     #[arg(long, value_name = "S", default_value_t = 5, value_parser = clap::value_parser!(i64).range(1..=300))]
     pub lease_ttl_s: i64,
@@ -65,6 +66,26 @@ pub struct AgentConfig {
     /// printed on stdout as `listening on ADDR`).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8181")]
     pub listen: SocketAddr,
+    /// Internal (cell-to-cell) listen address, for credits from other
+    /// cells; never exposed through a gateway. List it under the cell's
+    /// `internal` addresses in the rules (or let registrations carry it).
+    /// Prints `internal listening on ADDR` on stdout.
+    #[arg(long, value_name = "ADDR")]
+    pub internal_listen: Option<SocketAddr>,
+    /// File holding the cluster's shared secret (at least 32 bytes) that
+    /// signs cell-to-cell calls. Env CELLGATE_INTERNAL_SECRET may hold the
+    /// secret itself instead. Without one, the internal listener does not
+    /// start and cross-cell transfers are refused.
+    #[arg(long, value_name = "PATH", env = "CELLGATE_INTERNAL_SECRET_FILE")]
+    pub internal_secret_file: Option<PathBuf>,
+    /// Most client connections open at once per listener; further clients
+    /// wait in the kernel's accept queue.
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// A cross-cell transfer unacknowledged for longer than this (ms) is
+    /// overdue: counted in `cell_outbox_overdue`, flagged by `cell-agent outbox`.
+    #[arg(long, value_name = "MS", default_value_t = 300_000)]
+    pub outbox_alert_after_ms: u64,
     /// How often the rules file is checked, ms.
     #[arg(long, value_name = "MS", default_value_t = 200)]
     pub reload_interval_ms: u64,
@@ -81,6 +102,8 @@ fn parse_colour(s: &str) -> Result<Colour, String> {
 pub struct RunningAgent {
     /// Bound address.
     pub addr: SocketAddr,
+    /// Bound internal (cell-to-cell) address, with `--internal-listen`.
+    pub internal_addr: Option<SocketAddr>,
     /// The rules holder.
     pub rules: Arc<RulesHolder>,
     stop: watch::Sender<bool>,
@@ -117,12 +140,38 @@ pub async fn start_on(
     listener: TcpListener,
     registry: prometheus::Registry,
 ) -> anyhow::Result<RunningAgent> {
+    start_bound(cfg, listener, None, registry).await
+}
+
+/// Starts an agent on listeners the caller already bound: the public one
+/// and, when given, the internal one (`cfg.listen` and `cfg.internal_listen`
+/// are then ignored).
+pub async fn start_bound(
+    cfg: AgentConfig,
+    listener: TcpListener,
+    internal: Option<TcpListener>,
+    registry: prometheus::Registry,
+) -> anyhow::Result<RunningAgent> {
     let rules = match &cfg.rules {
         Some(path) => RulesHolder::load(path, &cfg.cell)?,
         None => etcd_rules(&cfg).await?,
     };
     let store = SqliteStore::open(&cfg.db, &cfg.cell)
         .map_err(|e| anyhow::anyhow!("cannot open the database {}: {e}", cfg.db.display()))?;
+    let secret = crate::auth::ClusterSecret::load(cfg.internal_secret_file.as_deref())?;
+    if (cfg.internal_listen.is_some() || internal.is_some()) && secret.is_none() {
+        anyhow::bail!("--internal-listen needs the cluster secret: --internal-secret-file PATH (or {} in the environment)", crate::auth::SECRET_ENV);
+    }
+    let internal = match (internal, cfg.internal_listen) {
+        (Some(l), _) => Some(l),
+        (None, Some(a)) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {a} (--internal-listen): {e}"))?,
+        ),
+        (None, None) => None,
+    };
+    let internal_addr = internal.as_ref().and_then(|l| l.local_addr().ok());
     let metrics = AgentMetrics::new(registry)?;
     let addr = listener.local_addr()?;
     let (stop, stop_rx) = watch::channel(false);
@@ -136,8 +185,18 @@ pub async fn start_on(
         relay_wake: wake.clone(),
         ready: AtomicBool::new(true),
         writes_allowed: writes_allowed.clone(),
+        secret: secret.clone(),
+        outbox_alert_after_ms: cfg.outbox_alert_after_ms as i64,
     });
-    let mut others = control_plane_tasks(&cfg, &rules, addr, writes_allowed, &stop_rx)?;
+    let peers = crate::relay::Peers::default();
+    let mut others = control_plane_tasks(
+        &cfg,
+        &rules,
+        (addr, internal_addr),
+        writes_allowed,
+        &peers,
+        &stop_rx,
+    )?;
     others.extend([
         tokio::spawn(rules.clone().watch(
             Duration::from_millis(cfg.reload_interval_ms),
@@ -145,10 +204,14 @@ pub async fn start_on(
         )),
         tokio::spawn(crate::relay::run(
             store,
-            rules.clone(),
-            metrics,
-            wake,
-            api.writes_allowed.clone(),
+            crate::relay::Relay {
+                rules: rules.clone(),
+                metrics,
+                wake,
+                writes_allowed: api.writes_allowed.clone(),
+                secret: secret.clone(),
+                peers,
+            },
             stop_rx.clone(),
         )),
     ]);
@@ -157,8 +220,18 @@ pub async fn start_on(
             .map_err(|_| anyhow::anyhow!("--cell: not a valid header value"))?,
         HeaderValue::from_static(cfg.colour.as_str()),
     );
+    if let (Some(l), Some(secret)) = (internal, secret) {
+        let api = api.clone();
+        others.push(tokio::spawn(crate::listener::serve(
+            l,
+            cfg.max_connections as usize,
+            move |req| crate::internal::handle(api.clone(), secret.clone(), req),
+            stop_rx.clone(),
+        )));
+    }
     let serve = tokio::spawn(serve(
         listener,
+        cfg.max_connections as usize,
         api.clone(),
         rules.clone(),
         identity,
@@ -168,6 +241,7 @@ pub async fn start_on(
         revision = rules.table().revision(), "cell agent serving");
     Ok(RunningAgent {
         addr,
+        internal_addr,
         rules,
         stop,
         serve,
@@ -214,8 +288,9 @@ async fn etcd_rules(_cfg: &AgentConfig) -> anyhow::Result<Arc<RulesHolder>> {
 fn control_plane_tasks(
     cfg: &AgentConfig,
     rules: &Arc<RulesHolder>,
-    addr: SocketAddr,
+    (addr, internal_addr): (SocketAddr, Option<SocketAddr>),
     writes_allowed: Arc<AtomicBool>,
+    peers: &crate::relay::Peers,
     stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     if cfg.rules.is_some() {
@@ -229,13 +304,20 @@ fn control_plane_tasks(
         .clone()
         .unwrap_or_else(|| format!("{host}-{}", std::process::id()));
     let key = keys.instance(&cfg.cell, cfg.colour.as_str(), &id);
-    let value = serde_json::json!({
+    let mut value = serde_json::json!({
         "id": id, "cell": cfg.cell, "colour": cfg.colour.as_str(),
         "address": cfg.advertise.clone().unwrap_or_else(|| addr.to_string()),
         "version": env!("CARGO_PKG_VERSION"),
         "started_at_ms": crate::store::sqlite::unix_ms(),
-    })
-    .to_string();
+    });
+    if let Some(internal) = cfg
+        .internal_advertise
+        .clone()
+        .or(internal_addr.map(|a| a.to_string()))
+    {
+        value["internal_address"] = internal.into();
+    }
+    let value = value.to_string();
     let (value_tx, value_rx) = watch::channel(value);
     let cluster = cfg.cluster.clone();
     let ttl = cfg.lease_ttl_s;
@@ -278,15 +360,30 @@ fn control_plane_tasks(
         |_| {},
         stop.clone(),
     ));
-    Ok(vec![registration, follower])
+    let peers = peers.clone();
+    let instances = tokio::spawn(routing_rules::etcd::follow_instances(
+        endpoints(cfg),
+        cfg.cluster.clone(),
+        move |registered| {
+            let internal = registered
+                .into_iter()
+                .filter(|((_, colour), _)| colour == routing_rules::etcd::INTERNAL)
+                .map(|((cell, _), addrs)| (cell, addrs))
+                .collect();
+            peers.store(Arc::new(internal));
+        },
+        stop.clone(),
+    ));
+    Ok(vec![registration, follower, instances])
 }
 
 #[cfg(not(feature = "etcd"))]
 fn control_plane_tasks(
     _cfg: &AgentConfig,
     _rules: &Arc<RulesHolder>,
-    _addr: SocketAddr,
+    _addrs: (SocketAddr, Option<SocketAddr>),
     _writes_allowed: Arc<AtomicBool>,
+    _peers: &crate::relay::Peers,
     _stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     Ok(Vec::new())
@@ -294,43 +391,38 @@ fn control_plane_tasks(
 
 async fn serve(
     listener: TcpListener,
+    max_connections: usize,
     api: Arc<Api<SqliteStore>>,
     rules: Arc<RulesHolder>,
     identity: (HeaderValue, HeaderValue),
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
     let guard = GuardLayer::new(rules, "/v1/");
-    loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
-            _ = stop.changed() => break,
-        };
-        let _ = stream.set_nodelay(true);
+    let inner = tower::service_fn(move |req: Request<Bytes>| {
         let api = api.clone();
-        let identity = identity.clone();
-        let inner = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
-            let api = api.clone();
-            async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
-        });
-        let svc = guard
-            .layer(inner)
-            .map_response(move |mut resp: http::Response<_>| {
+        async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
+    });
+    let svc = guard.layer(inner);
+    crate::listener::serve(
+        listener,
+        max_connections,
+        move |req| {
+            let svc = svc.clone();
+            let identity = identity.clone();
+            async move {
+                let mut resp = match svc.oneshot(req).await {
+                    Ok(r) => r,
+                    Err(never) => match never {},
+                };
                 // Every answer names who gave it.
-                resp.headers_mut().insert("x-cell", identity.0.clone());
-                resp.headers_mut().insert("x-colour", identity.1.clone());
+                resp.headers_mut().insert("x-cell", identity.0);
+                resp.headers_mut().insert("x-colour", identity.1);
                 resp
-            });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-    }
-    graceful.shutdown().await;
+            }
+        },
+        stop,
+    )
+    .await
 }
 
 impl RunningAgent {

@@ -503,6 +503,7 @@ async fn the_guard_refuses_misrouted_users_and_stale_revisions() {
     ))
     .header("x-user-id", &moved[1])
     .header("x-cellgate-rev", &newer)
+    .header("content-type", "application/json")
     .body(http_body_util::Full::new(bytes::Bytes::from(
         json!({"amount": 5, "idempotency_key": "n"}).to_string(),
     )))
@@ -521,6 +522,7 @@ async fn the_guard_refuses_misrouted_users_and_stale_revisions() {
         let req = http::Request::post(format!("http://{}/v1/accounts/{u}/deposit", agent.addr))
             .header("x-user-id", u.as_str())
             .header("x-cellgate-rev", &stale)
+            .header("content-type", "application/json")
             .body(http_body_util::Full::new(bytes::Bytes::from(
                 json!({"amount": 5, "idempotency_key": "s"}).to_string(),
             )))
@@ -548,6 +550,7 @@ async fn cross_cell_transfers_are_credited_exactly_once_through_outages_and_cras
     let dir = TempDir::new("xcell");
     let rules_path = dir.path("rules.toml");
     std::fs::write(&rules_path, placeholder_rules()).unwrap();
+    let secret = secret_file(&dir);
     let args = |cell: &str| -> Vec<String> {
         [
             "--cell",
@@ -558,6 +561,10 @@ async fn cross_cell_transfers_are_credited_exactly_once_through_outages_and_cras
             dir.path(&format!("{cell}.db")).to_str().unwrap(),
             "--rules",
             rules_path.to_str().unwrap(),
+            "--internal-listen",
+            "127.0.0.1:0",
+            "--internal-secret-file",
+            secret.to_str().unwrap(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -566,13 +573,19 @@ async fn cross_cell_transfers_are_credited_exactly_once_through_outages_and_cras
     let mut a = AgentProcess::start(&args("cell-a"), "127.0.0.1:0");
     let mut c = AgentProcess::start(&args("cell-c"), "127.0.0.1:0");
     // Publish the real addresses; the agents reload the rules.
-    let real = rules(
+    let real = with_internal(
+        &rules(
+            &[
+                ("cell-a", a.addr.to_string(), "127.0.0.1:10".into()),
+                ("cell-b", "127.0.0.1:11".into(), "127.0.0.1:12".into()),
+                ("cell-c", c.addr.to_string(), "127.0.0.1:14".into()),
+            ],
+            None,
+        ),
         &[
-            ("cell-a", a.addr.to_string(), "127.0.0.1:10".into()),
-            ("cell-b", "127.0.0.1:11".into(), "127.0.0.1:12".into()),
-            ("cell-c", c.addr.to_string(), "127.0.0.1:14".into()),
+            ("cell-a", a.internal.unwrap()),
+            ("cell-c", c.internal.unwrap()),
         ],
-        None,
     );
     std::fs::write(&rules_path, &real).unwrap();
     let client = client();
@@ -773,6 +786,7 @@ async fn odd_requests_get_precise_answers() {
         "x-user-id",
         http::HeaderValue::from_bytes(odd.as_bytes()).unwrap(),
     )
+    .header("content-type", "application/json")
     .body(http_body_util::Full::new(bytes::Bytes::from(
         json!({"amount": 3, "idempotency_key": "k"}).to_string(),
     )))

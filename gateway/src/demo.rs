@@ -84,13 +84,37 @@ impl std::fmt::Debug for Demo {
     }
 }
 
-/// The example rules with the instance addresses replaced.
-pub fn demo_rules(addrs: &BTreeMap<(String, Colour), SocketAddr>) -> anyhow::Result<String> {
+/// Writes a fresh random cluster secret for cell-to-cell calls (mode
+/// 0600 where the platform has modes).
+fn write_secret(path: &Path) -> anyhow::Result<()> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| anyhow::anyhow!("no randomness for the secret: {e}"))?;
+    let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(path, text)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+/// The example rules with the instance (and internal) addresses replaced.
+pub fn demo_rules(
+    addrs: &BTreeMap<(String, Colour), SocketAddr>,
+    internal: &BTreeMap<String, Vec<SocketAddr>>,
+) -> anyhow::Result<String> {
     let mut doc: toml_edit::DocumentMut = DEMO_RULES.parse()?;
     for ((cell, colour), addr) in addrs {
         let mut arr = toml_edit::Array::new();
         arr.push(addr.to_string());
         doc["cells"][cell.as_str()][colour.as_str()] = toml_edit::value(arr);
+    }
+    for (cell, list) in internal {
+        let arr: toml_edit::Array = list.iter().map(|a| a.to_string()).collect();
+        doc["cells"][cell.as_str()]["internal"] = toml_edit::value(arr);
     }
     let text = doc.to_string();
     parse_rules(&text).map_err(|e| anyhow::anyhow!("demo rules: {e}"))?;
@@ -119,22 +143,30 @@ impl Demo {
         // Bind every agent first, so the rules can name the real addresses.
         let mut listeners = Vec::new();
         let mut addrs = BTreeMap::new();
+        let mut internal_addrs: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::new();
         for cell in DEMO_CELLS {
             for colour in Colour::ALL {
                 let l = TcpListener::bind("127.0.0.1:0").await?;
+                let internal = TcpListener::bind("127.0.0.1:0").await?;
                 addrs.insert((cell.to_string(), colour), l.local_addr()?);
-                listeners.push((cell, colour, l));
+                internal_addrs
+                    .entry(cell.to_string())
+                    .or_default()
+                    .push(internal.local_addr()?);
+                listeners.push((cell, colour, l, internal));
             }
         }
+        let secret_path = data_dir.join("internal-secret");
+        write_secret(&secret_path)?;
         let rules_path = data_dir.join("rules.toml");
-        let text = demo_rules(&addrs)?;
+        let text = demo_rules(&addrs, &internal_addrs)?;
         std::fs::write(&rules_path, &text)?;
         if let Some(url) = &cfg.etcd {
             publish_to_etcd(url, &text).await?;
         }
         let file = cfg.etcd.is_none().then(|| rules_path.clone());
         let mut agents = Vec::new();
-        for (cell, colour, listener) in listeners {
+        for (cell, colour, listener, internal) in listeners {
             let agent_cfg = cell_agent::AgentConfig {
                 cell: cell.into(),
                 colour,
@@ -146,11 +178,21 @@ impl Demo {
                 advertise: None,
                 lease_ttl_s: 5,
                 listen: listener.local_addr()?,
+                internal_listen: None,
+                internal_advertise: None,
+                internal_secret_file: Some(secret_path.clone()),
+                max_connections: 4096,
+                outbox_alert_after_ms: 300_000,
                 reload_interval_ms: 200,
                 drain_timeout_ms: 5_000,
             };
-            let agent =
-                cell_agent::start_on(agent_cfg, listener, prometheus::Registry::new()).await?;
+            let agent = cell_agent::start_bound(
+                agent_cfg,
+                listener,
+                Some(internal),
+                prometheus::Registry::new(),
+            )
+            .await?;
             agents.push((cell.to_string(), colour, agent));
         }
         let mut gw_cfg = ServeConfig::for_tests(rules_path.clone());
@@ -324,7 +366,7 @@ pub struct SmokeReport {
     /// Money paid to merchants (left the cells).
     pub paid: i64,
     /// Sum of balances over all cells at the end.
-    pub total: i64,
+    pub total: i128,
     /// Cross-cell transfers made.
     pub cross_cell_transfers: u64,
     /// Same-cell transfers made.
@@ -339,7 +381,7 @@ impl SmokeReport {
         self.wrong_cell.is_empty()
             && self.failures.is_empty()
             && self.violations.is_empty()
-            && self.total == self.deposited - self.paid
+            && self.total == (self.deposited - self.paid) as i128
     }
 }
 

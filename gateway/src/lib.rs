@@ -16,6 +16,7 @@ pub mod etcd;
 pub mod fast;
 pub mod h1;
 pub mod health;
+pub mod internal_path;
 pub mod metrics;
 pub mod proxy;
 pub mod server;

@@ -136,7 +136,7 @@ impl Metrics {
             rejected: reg(
                 r,
                 IntCounterVec::new(
-                    Opts::new("cellgate_rejected_total", "Requests the gateway answered itself (missing_key, malformed_key, cell_overloaded, no_upstream, upstream_timeout)."),
+                    Opts::new("cellgate_rejected_total", "Requests the gateway answered itself (missing_key, malformed_key, internal_path, cell_overloaded, no_upstream, upstream_timeout)."),
                     &["reason"],
                 )?,
             )?,

@@ -279,6 +279,20 @@ impl Outgoing {
             path,
             query,
         };
+        if crate::internal_path::is_internal_path(path) {
+            let r = Refusal::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "the cells' internal API is not served through the gateway",
+            );
+            shared
+                .control
+                .metrics()
+                .rejected
+                .with_label_values(&["internal_path"])
+                .inc();
+            return Err(r);
+        }
         let key = extract_key(&table.rules().key, &rp);
         let tester = &table.rules().tester;
         let tester = if tester.enabled {

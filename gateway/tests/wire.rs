@@ -604,3 +604,42 @@ async fn metrics_text(gw: &gateway::RunningGateway) -> String {
     let (_, b) = c.response(false).await;
     String::from_utf8(b).unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cells_internal_api_is_never_forwarded() {
+    let dir = TempDir::new("internal");
+    let backend = RawBackend::start().await;
+    let gw = gateway_for(&dir, backend.addr).await;
+    let body = r#"{"transfer_id":"x","from_cell":"cell-z","to":"1","amount":1000000000}"#;
+    let paths = [
+        "/v1/internal/credits",
+        "/v1//internal/credits",
+        "/v1/%69nternal/credits",
+        "/V1/Internal/credits",
+        "/x/../v1/internal/credits",
+    ];
+    for path in paths {
+        let mut c = Wire::connect(gw.proxy_addr).await;
+        // Lean path (content-length) and hyper path (chunked) alike.
+        c.send(format!("POST {path} HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes()).await;
+        let (head, b) = c.response(false).await;
+        assert!(head.starts_with("HTTP/1.1 404"), "{path}: {head}");
+        assert!(String::from_utf8_lossy(&b).contains("internal API"));
+    }
+    let mut h = Wire::connect(gw.proxy_addr).await;
+    h.send(b"POST /v1/internal/credits HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n").await;
+    let (head, _) = h.response(false).await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    assert_eq!(
+        backend.requests.load(Ordering::SeqCst),
+        0,
+        "nothing reached the cell"
+    );
+    let text = metrics_text(&gw).await;
+    let want = format!(
+        "cellgate_rejected_total{{reason=\"internal_path\"}} {}",
+        paths.len() + 1
+    );
+    assert!(text.lines().any(|l| l == want), "{text}");
+    gw.shutdown().await;
+}

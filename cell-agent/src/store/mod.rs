@@ -23,6 +23,8 @@ pub struct DomainError {
     pub code: &'static str,
     /// Human message.
     pub message: String,
+    /// With a 421: the cell that owns the user.
+    pub owner_cell: Option<String>,
 }
 
 impl DomainError {
@@ -32,7 +34,18 @@ impl DomainError {
             status,
             code,
             message: message.into(),
+            owner_cell: None,
         }
+    }
+    /// Names the owning cell (for a 421).
+    pub fn with_owner(mut self, owner: Option<&str>) -> Self {
+        self.owner_cell = owner.map(str::to_string);
+        self
+    }
+    /// Whether the client may retry the same request later (the cell was
+    /// busy, fenced or behind), as opposed to a definitive refusal.
+    pub fn retryable(&self) -> bool {
+        self.status >= 500 || self.status == 408 || self.status == 429
     }
     /// 400.
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -137,8 +150,10 @@ pub enum WriteOp {
     Credit {
         /// The payer cell's transfer id.
         transfer_id: String,
-        /// The payer's cell.
+        /// The payer's cell (authenticated).
         from_cell: String,
+        /// The payer (in the payer's cell).
+        from: String,
         /// Payee (in this cell).
         to: String,
         /// Minor units, > 0.
@@ -159,6 +174,14 @@ pub enum WriteOp {
         next_attempt_ms: i64,
         /// Why it failed.
         error: String,
+    },
+    /// The payee's owner cell definitively refused the credit: the
+    /// transfer ends `failed` and the payer is refunded (exactly once).
+    TransferRefused {
+        /// Outbox id.
+        outbox_id: i64,
+        /// The refusal, as the payee's cell gave it.
+        reason: String,
     },
 }
 
@@ -207,9 +230,12 @@ pub struct OutboxItem {
     pub id: i64,
     /// Transfer id (the payee's idempotency key).
     pub transfer_id: String,
+    /// Payer (in this cell).
+    pub from: String,
     /// Payee.
     pub to: String,
-    /// Payee's cell.
+    /// Payee's cell when the transfer was made (the relay re-resolves the
+    /// payee's owner on every attempt).
     pub to_cell: String,
     /// Amount.
     pub amount: i64,
@@ -220,14 +246,18 @@ pub struct OutboxItem {
 /// Figures for metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
-    /// Sum of balances in the cell.
-    pub balance_total: i64,
+    /// Sum of balances in the cell (128 bits: it may exceed `i64`).
+    pub balance_total: i128,
     /// Orders by state.
     pub orders_by_state: Vec<(String, i64)>,
     /// Undelivered outbox records.
     pub outbox_backlog: i64,
     /// Age of the oldest undelivered record, ms.
     pub outbox_oldest_age_ms: i64,
+    /// Undelivered records older than the alert threshold.
+    pub outbox_overdue: i64,
+    /// Cross-cell transfers that ended `failed` (refunded).
+    pub transfers_failed: i64,
 }
 
 /// A successful write or read: HTTP status and JSON body.
@@ -245,8 +275,10 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<OutboxItem>, DomainError>> + Send;
-    /// Figures for `/metrics`.
-    fn stats(&self) -> impl Future<Output = Result<Stats, DomainError>> + Send;
+    /// Figures for `/metrics`; records unacknowledged for longer than
+    /// `alert_after_ms` count as overdue.
+    fn stats(&self, alert_after_ms: i64)
+        -> impl Future<Output = Result<Stats, DomainError>> + Send;
 }
 
 /// Checks an amount: > 0.

@@ -87,15 +87,42 @@ pub fn config(cell: &str, colour: &str, db: &Path, rules: &Path) -> cell_agent::
         advertise: None,
         lease_ttl_s: 5,
         listen: "127.0.0.1:0".parse().unwrap(),
+        internal_listen: None,
+        internal_advertise: None,
+        internal_secret_file: None,
+        max_connections: 4096,
+        outbox_alert_after_ms: 300_000,
         reload_interval_ms: 50,
         drain_timeout_ms: 5_000,
     }
+}
+
+/// Adds `internal = [ADDR]` to each named cell of a rules document.
+pub fn with_internal(rules: &str, internal: &[(&str, SocketAddr)]) -> String {
+    let mut s = rules.to_string();
+    for (cell, addr) in internal {
+        let header = format!("[cells.{cell}]\n");
+        s = s.replacen(&header, &format!("{header}internal = [\"{addr}\"]\n"), 1);
+    }
+    s
+}
+
+/// The cluster secret the tests use.
+pub const TEST_SECRET: &str = "0123456789abcdef0123456789abcdef-test-secret";
+
+/// Writes the cluster secret for cell-to-cell calls into `dir`; returns its path.
+pub fn secret_file(dir: &TempDir) -> PathBuf {
+    let p = dir.path("internal-secret");
+    std::fs::write(&p, format!("{TEST_SECRET}\n")).unwrap();
+    p
 }
 
 /// A cell agent running as a real process.
 pub struct AgentProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The internal listener, when started with `--internal-listen`.
+    pub internal: Option<SocketAddr>,
     pub args: Vec<String>,
 }
 
@@ -119,17 +146,28 @@ impl AgentProcess {
             .spawn()
             .expect("start cell-agent");
         let stdout = child.stdout.take().unwrap();
+        let mut reader = BufReader::new(stdout);
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
+        reader.read_line(&mut line).unwrap();
         let addr = line
             .trim()
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .parse()
             .unwrap();
+        let internal = args.iter().any(|a| a == "--internal-listen").then(|| {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            line.trim()
+                .strip_prefix("internal listening on ")
+                .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+                .parse()
+                .unwrap()
+        });
         AgentProcess {
             child,
             addr,
+            internal,
             args: args.to_vec(),
         }
     }
@@ -140,9 +178,16 @@ impl AgentProcess {
         let _ = self.child.wait();
     }
 
-    /// Starts the same agent again on the same address.
+    /// Starts the same agent again on the same addresses.
     pub fn restart(&self) -> AgentProcess {
-        AgentProcess::start(&self.args, &self.addr.to_string())
+        let mut args = self.args.clone();
+        if let (Some(i), Some(internal)) = (
+            args.iter().position(|a| a == "--internal-listen"),
+            self.internal,
+        ) {
+            args[i + 1] = internal.to_string();
+        }
+        AgentProcess::start(&args, &self.addr.to_string())
     }
 }
 
@@ -178,6 +223,9 @@ pub async fn call(
     if !user.is_empty() {
         b = b.header("x-user-id", user);
     }
+    if body.is_some() {
+        b = b.header("content-type", "application/json");
+    }
     let body = body.map(|v| Bytes::from(v.to_string())).unwrap_or_default();
     let resp = client
         .request(b.body(Full::new(body)).unwrap())
@@ -201,6 +249,7 @@ pub async fn raw(
 ) -> Reply {
     let req = Request::post(format!("http://{addr}{path}"))
         .header("x-user-id", user)
+        .header("content-type", "application/json")
         .body(Full::new(Bytes::from_static(body.as_bytes())))
         .unwrap();
     let resp = client.request(req).await.expect("request");

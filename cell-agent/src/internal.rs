@@ -1,0 +1,140 @@
+//! The internal (cell-to-cell) API, on its own listener
+//! (`--internal-listen`) that no gateway routes to, every request signed
+//! with the cluster secret ([`crate::auth`]).
+//!
+//! `POST /v1/internal/credits` is the only write: the credit of a
+//! cross-cell transfer, accepted only when the signature holds, the signing
+//! cell is the one named as payer cell, that cell could own the payer under
+//! this cell's rules (the payer's home cell or one of its failover cells),
+//! and the payee belongs to this cell (else 421 naming the owner, so the
+//! relay can follow the payee).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body_util::Full;
+use routing_rules::{AllHealthy, RouteAttrs};
+use serde_json::json;
+
+use crate::api::{json_body, json_response, Api};
+use crate::auth::ClusterSecret;
+use crate::guard::{owned_here, stamped_revision};
+use crate::store::sqlite::unix_ms;
+use crate::store::{DomainError, Store, WriteOp};
+
+/// The path of the credit endpoint.
+pub const CREDITS_PATH: &str = "/v1/internal/credits";
+
+/// Answers one request on the internal listener.
+pub async fn handle<S: Store>(
+    api: Arc<Api<S>>,
+    secret: ClusterSecret,
+    req: Request<Bytes>,
+) -> Response<Full<Bytes>> {
+    let start = Instant::now();
+    let route = match (req.method(), req.uri().path()) {
+        (&Method::POST, CREDITS_PATH) => "credit",
+        (&Method::GET, "/healthz") => "internal_healthz",
+        _ => "other",
+    };
+    let result = match route {
+        "credit" => credit(&api, &secret, req).await,
+        "internal_healthz" => Ok((200, json!({"status": "ok", "cell": api.rules.cell()}))),
+        _ => Err(DomainError::not_found(
+            "not_found",
+            format!(
+                "no such internal endpoint: {} {}",
+                req.method(),
+                req.uri().path()
+            ),
+        )),
+    };
+    let resp = match result {
+        Ok((status, body)) => json_response(status, &body),
+        Err(e) => crate::api::error_response(&e),
+    };
+    api.metrics
+        .observe(route, resp.status().as_u16(), start.elapsed().as_secs_f64());
+    resp
+}
+
+async fn credit<S: Store>(
+    api: &Api<S>,
+    secret: &ClusterSecret,
+    req: Request<Bytes>,
+) -> Result<(u16, serde_json::Value), DomainError> {
+    let caller = secret
+        .verify(
+            req.method().as_str(),
+            req.uri().path(),
+            req.headers(),
+            req.body(),
+            unix_ms(),
+        )
+        .map_err(|e| {
+            tracing::warn!(error = %e, "internal request refused: not authenticated");
+            DomainError::new(401, "unauthenticated", e.to_string())
+        })?;
+    api.check_writable()?;
+    let v = json_body(&req)?;
+    v.known_fields(&["transfer_id", "from_cell", "from", "to", "amount"])?;
+    let transfer_id = v.str("transfer_id")?;
+    let from_cell = v.str("from_cell")?;
+    let from = v.str("from")?;
+    let to = v.str("to")?;
+    let amount = v.amount()?;
+    if from_cell != caller {
+        return Err(DomainError::new(
+            403,
+            "cell_mismatch",
+            format!("the request is signed by cell {caller:?} but names {from_cell:?} as the payer's cell"),
+        ));
+    }
+    // Catch up when the payer's cell knows newer rules than ours.
+    if let Ok(Some(rev)) = stamped_revision(&req) {
+        api.rules.catch_up(rev).await;
+    }
+    let table = api.rules.table();
+    let payee = owned_here(&*api.rules, &table, to).map_err(|(status, body)| {
+        DomainError::new(
+            status.as_u16(),
+            if status.as_u16() == 421 {
+                "misdirected"
+            } else {
+                "malformed_key"
+            },
+            body["message"].as_str().unwrap_or_default().to_string(),
+        )
+        .with_owner(body["owner_cell"].as_str())
+    })?;
+    let payer_home = table
+        .route(Some(from.as_bytes()), &RouteAttrs::default(), &AllHealthy)
+        .map_err(|_| DomainError::bad_request(format!("payer {from:?} is not a valid user key")))?
+        .home_cell;
+    let home = table.cell_name(payer_home);
+    let could_own = home == from_cell
+        || table
+            .rules()
+            .cells
+            .get(home)
+            .is_some_and(|c| c.failover.contains(&from_cell));
+    if !could_own {
+        tracing::warn!(%from_cell, payer = %from, %home, "credit refused: the sending cell cannot own the payer");
+        return Err(DomainError::new(
+            403,
+            "payer_not_owned",
+            format!("payer {from:?} belongs to cell {home}; cell {from_cell} (neither it nor one of its failover cells) cannot send its credits"),
+        ));
+    }
+    api.write(WriteOp::Credit {
+        transfer_id,
+        from_cell,
+        from,
+        to: payee.key,
+        amount,
+        slot: payee.slot,
+    })
+    .await
+}
