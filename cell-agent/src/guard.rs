@@ -143,6 +143,28 @@ pub fn stamped_revision<B>(
     }
 }
 
+/// After a catch-up to `stamped`: refuses (503 `rules_behind`, retryable)
+/// when the view still holds older rules than the request was routed
+/// with — a stale cell must not decide ownership with rules it knows are
+/// outdated.
+pub fn caught_up<V: OwnershipView + ?Sized>(
+    view: &V,
+    stamped: u64,
+) -> Result<(), (StatusCode, serde_json::Value)> {
+    let held = view.table().revision();
+    if held >= stamped {
+        return Ok(());
+    }
+    Err((
+        StatusCode::SERVICE_UNAVAILABLE,
+        serde_json::json!({
+            "error": "rules_behind",
+            "message": format!("this cell holds rules revision {held} but the request was routed with revision {stamped}, which it cannot load yet; retry"),
+            "revision": held,
+        }),
+    ))
+}
+
 /// The guard's verdict for a request with the rules the view holds now
 /// (the layer first lets the view catch up to a newer stamped revision).
 pub fn decide<B, V: OwnershipView + ?Sized>(
@@ -245,6 +267,12 @@ where
             let mut inner = self.inner.clone();
             return Box::pin(async move {
                 view.catch_up(rev).await;
+                if let Err((status, body)) = caught_up(&*view, rev) {
+                    let mut r = reject(status, body);
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    return Ok(r);
+                }
                 match decide(&*view, &req) {
                     Ok(user) => {
                         req.extensions_mut().insert(user);

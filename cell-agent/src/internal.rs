@@ -20,7 +20,7 @@ use serde_json::json;
 
 use crate::api::{json_body, json_response, Api};
 use crate::auth::ClusterSecret;
-use crate::guard::{owned_here, stamped_revision};
+use crate::guard::{caught_up, owned_here, stamped_revision};
 use crate::store::sqlite::unix_ms;
 use crate::store::{DomainError, Store, WriteOp};
 
@@ -95,6 +95,13 @@ async fn credit<S: Store>(
     // Catch up when the payer's cell knows newer rules than ours.
     if let Ok(Some(rev)) = stamped_revision(&req) {
         api.rules.catch_up(rev).await;
+        caught_up(&*api.rules, rev).map_err(|(_, body)| {
+            DomainError::new(
+                503,
+                "rules_behind",
+                body["message"].as_str().unwrap_or_default().to_string(),
+            )
+        })?;
     }
     let table = api.rules.table();
     let payee = owned_here(&*api.rules, &table, to).map_err(|(status, body)| {

@@ -3,22 +3,23 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::UNIX_EPOCH;
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use routing_rules::{parse_rules, CellIdx, RoutingTable};
+use routing_rules::{next_document, CellIdx, RevisionError, RoutingTable, Versioned};
 
-/// Revision of a file-based rules version: its modification time in ms
-/// since the Unix epoch (the gateway computes the same), and never below
-/// `previous + 1`.
-pub fn file_revision(path: &Path, previous: u64) -> u64 {
-    let mtime = std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    mtime.max(previous + 1)
+/// What identifies a file version cheaply: (mtime, length, inode). A
+/// reload reads the file only when this changes.
+type FileStamp = Option<(SystemTime, u64, u64)>;
+
+/// The file's stamp now.
+pub fn file_stamp(path: &Path) -> FileStamp {
+    let m = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let ino = std::os::unix::fs::MetadataExt::ino(&m);
+    #[cfg(not(unix))]
+    let ino = 0;
+    Some((m.modified().ok()?, m.len(), ino))
 }
 
 /// The agent's current rules and its own cell in them.
@@ -28,6 +29,9 @@ pub struct RulesHolder {
     cell: String,
     table: ArcSwap<RoutingTable>,
     last_text: Mutex<String>,
+    last_stamp: Mutex<FileStamp>,
+    /// This holder (for reloads on a blocking thread).
+    me: std::sync::Weak<RulesHolder>,
     /// Set when the rules follow etcd instead of a file.
     #[cfg(feature = "etcd")]
     etcd: Option<EtcdLink>,
@@ -59,9 +63,9 @@ pub enum RulesLoadError {
     /// Unreadable file.
     #[error("cannot read {0}: {1}")]
     Read(PathBuf, std::io::Error),
-    /// Invalid document.
-    #[error("{0}: invalid rules: {1}")]
-    Invalid(PathBuf, routing_rules::RulesError),
+    /// Invalid document, or one that may not replace the current rules.
+    #[error("{0}: rules refused: {1}")]
+    Invalid(PathBuf, RevisionError),
     /// The agent's cell is not in the rules.
     #[error("{0}: cell {1:?} is not defined in the rules")]
     UnknownCell(PathBuf, String),
@@ -73,14 +77,23 @@ pub enum RulesLoadError {
 impl RulesHolder {
     /// Loads `path` for cell `cell`.
     pub fn load(path: &Path, cell: &str) -> Result<Arc<Self>, RulesLoadError> {
+        let stamp = file_stamp(path);
         let text =
             std::fs::read_to_string(path).map_err(|e| RulesLoadError::Read(path.into(), e))?;
-        let table = compile(path, &text, cell, file_revision(path, 0))?;
-        Ok(Arc::new(RulesHolder {
+        let doc =
+            next_document(None, &text).map_err(|e| RulesLoadError::Invalid(path.into(), e))?;
+        if doc.revision == 0 {
+            tracing::warn!(file = %path.display(), "the rules document has no `revision` key: its changes cannot be ordered between processes (add `revision = 1`; `cellctl rules bump` raises it)");
+        }
+        let revision = doc.revision;
+        let table = compile(path, doc, cell, revision)?;
+        Ok(Arc::new_cyclic(|me| RulesHolder {
+            me: me.clone(),
             path: path.to_path_buf(),
             cell: cell.to_string(),
             table: ArcSwap::from_pointee(table),
             last_text: Mutex::new(text),
+            last_stamp: Mutex::new(stamp),
             #[cfg(feature = "etcd")]
             etcd: None,
         }))
@@ -96,12 +109,16 @@ impl RulesHolder {
         revision: u64,
     ) -> Result<Arc<Self>, RulesLoadError> {
         let label = PathBuf::from(format!("etcd:/cellgate/{cluster}/rules"));
-        let table = compile(&label, &text, cell, revision)?;
-        Ok(Arc::new(RulesHolder {
+        let doc =
+            next_document(None, &text).map_err(|e| RulesLoadError::Invalid(label.clone(), e))?;
+        let table = compile(&label, doc, cell, revision)?;
+        Ok(Arc::new_cyclic(|me| RulesHolder {
+            me: me.clone(),
             path: label,
             cell: cell.to_string(),
             table: ArcSwap::from_pointee(table),
             last_text: Mutex::new(text),
+            last_stamp: Mutex::new(None),
             etcd: Some(EtcdLink {
                 endpoints,
                 cluster: cluster.to_string(),
@@ -115,10 +132,33 @@ impl RulesHolder {
         if revision <= self.table.load().revision() {
             return Ok(None);
         }
-        let table = compile(&self.path, &text, &self.cell, revision)?;
+        // etcd numbers the revisions: the document is only validated here.
+        let doc = next_document(None, &text)
+            .map_err(|e| RulesLoadError::Invalid(self.path.clone(), e))?;
+        let table = compile(&self.path, doc, &self.cell, revision)?;
         self.table.store(Arc::new(table));
         *self.last_text.lock().unwrap_or_else(|e| e.into_inner()) = text;
         Ok(Some(revision))
+    }
+
+    /// [`Self::apply`] on a blocking thread (compiling is CPU work).
+    #[cfg(feature = "etcd")]
+    async fn apply_async(
+        &self,
+        text: String,
+        revision: u64,
+    ) -> Result<Option<u64>, RulesLoadError> {
+        let Some(me) = self.me.upgrade() else {
+            return Ok(None);
+        };
+        tokio::task::spawn_blocking(move || me.apply(text, revision))
+            .await
+            .unwrap_or_else(|e| {
+                Err(RulesLoadError::Compile(
+                    PathBuf::new(),
+                    format!("apply task failed: {e}"),
+                ))
+            })
     }
 
     /// Whether the rules follow etcd.
@@ -148,11 +188,21 @@ impl RulesHolder {
         table.cell_index(&self.cell)
     }
 
-    /// Re-reads the file; applies a changed, valid version. Returns the new
-    /// revision when one was applied.
+    /// Re-reads the file when its stamp (mtime, size, inode) changed;
+    /// applies a changed, valid version whose revision moved forward.
+    /// Returns the new revision when one was applied. Blocking: file I/O
+    /// and parsing (run it on a blocking thread).
     pub fn reload(&self) -> Result<Option<u64>, RulesLoadError> {
         if self.follows_etcd() {
             return Ok(None);
+        }
+        let stamp = file_stamp(&self.path);
+        {
+            let mut last = self.last_stamp.lock().unwrap_or_else(|e| e.into_inner());
+            if stamp.is_some() && *last == stamp {
+                return Ok(None);
+            }
+            *last = stamp;
         }
         let text = std::fs::read_to_string(&self.path)
             .map_err(|e| RulesLoadError::Read(self.path.clone(), e))?;
@@ -160,17 +210,29 @@ impl RulesHolder {
         if *last == text {
             return Ok(None);
         }
-        let previous = self.table.load().revision();
-        let table = compile(
-            &self.path,
-            &text,
-            &self.cell,
-            file_revision(&self.path, previous),
-        )?;
-        let rev = table.revision();
+        let current = self.table.load().revision();
+        let doc = next_document(Some((current, &last)), &text)
+            .map_err(|e| RulesLoadError::Invalid(self.path.clone(), e))?;
+        let rev = doc.revision;
+        let table = compile(&self.path, doc, &self.cell, rev)?;
         self.table.store(Arc::new(table));
         *last = text;
         Ok(Some(rev))
+    }
+
+    /// [`Self::reload`] on a blocking thread.
+    pub async fn reload_async(&self) -> Result<Option<u64>, RulesLoadError> {
+        let Some(me) = self.me.upgrade() else {
+            return Ok(None);
+        };
+        tokio::task::spawn_blocking(move || me.reload())
+            .await
+            .unwrap_or_else(|e| {
+                Err(RulesLoadError::Compile(
+                    PathBuf::new(),
+                    format!("reload task failed: {e}"),
+                ))
+            })
     }
 
     /// Makes sure the rules are at least at `revision` if the file has it
@@ -192,16 +254,18 @@ impl RulesHolder {
                 None => return,
             };
             match fetched {
-                Ok(Some(stored)) => match self.apply(stored.document, stored.revision) {
-                    Ok(Some(rev)) => tracing::info!(
-                        revision = rev,
-                        "rules fetched from etcd (a request carried a newer revision)"
-                    ),
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "rules in etcd rejected; keeping the current rules")
+                Ok(Some(stored)) => {
+                    match self.apply_async(stored.document, stored.revision).await {
+                        Ok(Some(rev)) => tracing::info!(
+                            revision = rev,
+                            "rules fetched from etcd (a request carried a newer revision)"
+                        ),
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "rules in etcd rejected; keeping the current rules")
+                        }
                     }
-                },
+                }
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot fetch the rules from etcd");
@@ -211,7 +275,7 @@ impl RulesHolder {
             return;
         }
         {
-            match self.reload() {
+            match self.reload_async().await {
                 Ok(Some(rev)) => tracing::info!(
                     revision = rev,
                     "rules reloaded (a request carried a newer revision)"
@@ -237,7 +301,7 @@ impl RulesHolder {
                 _ = ticker.tick() => {}
                 _ = stop.changed() => return,
             }
-            match self.reload() {
+            match self.reload_async().await {
                 Ok(Some(rev)) => tracing::info!(revision = rev, "rules reloaded"),
                 Ok(None) => {}
                 Err(e) => tracing::error!(error = %e, "rules rejected; keeping the current rules"),
@@ -248,14 +312,13 @@ impl RulesHolder {
 
 fn compile(
     path: &Path,
-    text: &str,
+    doc: Versioned,
     cell: &str,
     revision: u64,
 ) -> Result<RoutingTable, RulesLoadError> {
-    let rules = parse_rules(text).map_err(|e| RulesLoadError::Invalid(path.into(), e))?;
-    if !rules.cells.contains_key(cell) {
+    if !doc.rules.cells.contains_key(cell) {
         return Err(RulesLoadError::UnknownCell(path.into(), cell.to_string()));
     }
-    RoutingTable::compile(rules, revision)
+    RoutingTable::compile(doc.rules, revision)
         .map_err(|e| RulesLoadError::Compile(path.into(), e.to_string()))
 }

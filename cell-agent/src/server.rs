@@ -346,16 +346,31 @@ fn control_plane_tasks(
         )
         .await
     });
+    // The watch only hands documents over; compiling them (CPU work for a
+    // big document) runs on a blocking thread, newest document first.
+    let (doc_tx, mut doc_rx) = watch::channel::<Option<(String, u64)>>(None);
     let holder = rules.clone();
+    let applier = tokio::spawn(async move {
+        while doc_rx.changed().await.is_ok() {
+            let Some((text, rev)) = doc_rx.borrow_and_update().clone() else {
+                continue;
+            };
+            let h = holder.clone();
+            match tokio::task::spawn_blocking(move || h.apply(text, rev)).await {
+                Ok(Ok(Some(rev))) => tracing::info!(revision = rev, "rules applied from etcd"),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "rules in etcd rejected; keeping the current rules")
+                }
+                Err(e) => tracing::error!(error = %e, "applying the rules from etcd failed"),
+            }
+        }
+    });
     let follower = tokio::spawn(routing_rules::etcd::follow_rules(
         endpoints(cfg),
         cfg.cluster.clone(),
-        move |stored| match holder.apply(stored.document, stored.revision) {
-            Ok(Some(rev)) => tracing::info!(revision = rev, "rules applied from etcd"),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "rules in etcd rejected; keeping the current rules")
-            }
+        move |stored| {
+            let _ = doc_tx.send(Some((stored.document, stored.revision)));
         },
         |_| {},
         stop.clone(),
@@ -374,7 +389,7 @@ fn control_plane_tasks(
         },
         stop.clone(),
     ));
-    Ok(vec![registration, follower, instances])
+    Ok(vec![registration, follower, applier, instances])
 }
 
 #[cfg(not(feature = "etcd"))]

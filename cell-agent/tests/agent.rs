@@ -486,17 +486,39 @@ async fn the_guard_refuses_misrouted_users_and_stale_revisions() {
             .status,
         StatusCode::OK
     );
-    let v2 = v1.replace(
-        "[[ranges]]\nfrom = 0\nto = 32\ncell = \"cell-a\"\n",
-        "[[ranges]]\nfrom = 0\nto = 15\ncell = \"cell-b\"\n[[ranges]]\nfrom = 16\nto = 32\ncell = \"cell-a\"\n",
-    );
-    assert_ne!(v1, v2);
-    std::fs::write(&rules_path, &v2).unwrap();
     let rev1 = agent.rules.table().revision();
+    assert_eq!(rev1, revision_of(&v1), "the document's own revision");
+    // A request stamped with a revision the agent cannot load: refused as
+    // retryable rather than decided with rules known to be old.
+    let ahead = http::Request::post(format!(
+        "http://{}/v1/accounts/{}/deposit",
+        agent.addr, moved[1]
+    ))
+    .header("x-user-id", &moved[1])
+    .header("x-cellgate-rev", (rev1 + 1).to_string())
+    .header("content-type", "application/json")
+    .body(http_body_util::Full::new(bytes::Bytes::from(
+        json!({"amount": 5, "idempotency_key": "ahead"}).to_string(),
+    )))
+    .unwrap();
+    let resp = client.request(ahead).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let v2 = v1
+        .replace(
+            &format!("revision = {rev1}\n"),
+            &format!("revision = {}\n", rev1 + 1),
+        )
+        .replace(
+            "[[ranges]]\nfrom = 0\nto = 32\ncell = \"cell-a\"\n",
+            "[[ranges]]\nfrom = 0\nto = 15\ncell = \"cell-b\"\n[[ranges]]\nfrom = 16\nto = 32\ncell = \"cell-a\"\n",
+        );
+    assert_eq!(revision_of(&v2), rev1 + 1);
+    std::fs::write(&rules_path, &v2).unwrap();
     // A stale gateway (old revision stamp) still sends the moved user here:
     // the agent has not seen v2 yet, so it would accept...
     // ...but a request stamped with a newer revision makes it reload first.
-    let newer = (rev1 + 10_000_000).to_string();
+    let newer = (rev1 + 1).to_string();
     let req = http::Request::post(format!(
         "http://{}/v1/accounts/{}/deposit",
         agent.addr, moved[1]
@@ -591,7 +613,7 @@ async fn cross_cell_transfers_are_credited_exactly_once_through_outages_and_cras
     let client = client();
     let payer = users_in(&real, "cell-a", 1).remove(0);
     let payees = users_in(&real, "cell-c", 3);
-    let published = cell_agent::rules::file_revision(&rules_path, 0);
+    let published = revision_of(&real);
     for addr in [a.addr, c.addr] {
         wait_until(
             "the agents to load the real rules",

@@ -65,7 +65,7 @@ async fn signed_credit(
 }
 
 async fn wait_rev(client: &HttpClient, addr: SocketAddr, rules: &Path) {
-    let want = cell_agent::rules::file_revision(rules, 0);
+    let want = revision_of(&std::fs::read_to_string(rules).unwrap());
     wait_until(
         "the agent to load the rules",
         Duration::from_secs(5),

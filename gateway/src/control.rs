@@ -15,7 +15,9 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 use prometheus::IntGauge;
-use routing_rules::{parse_rules, CellIdx, Colour, HealthView, RoutingTable, RulesError};
+use routing_rules::{
+    next_document, parse_rules, CellIdx, Colour, HealthView, RevisionError, RoutingTable,
+};
 
 use crate::health::{run_checks, HealthSettings};
 use crate::metrics::{BoundMetrics, Metrics};
@@ -188,13 +190,14 @@ pub enum LoadError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// Invalid.
-    #[error("{path}: invalid rules: {source}")]
+    /// Invalid, or not allowed to replace the current rules (a revision
+    /// that did not move forward).
+    #[error("{path}: rules refused: {source}")]
     Invalid {
         /// The file.
         path: PathBuf,
         /// Every problem.
-        source: RulesError,
+        source: RevisionError,
     },
     /// Cannot compile.
     #[error("{path}: {message}")]
@@ -231,10 +234,6 @@ impl std::fmt::Debug for Control {
     }
 }
 
-/// Revision of a file-based rules version (the file's mtime in ms, shared
-/// with the cell agents so every process reading the same file agrees).
-pub use cell_agent::rules::file_revision;
-
 impl Control {
     /// Loads `path` and builds the first generation. Must run inside a
     /// tokio runtime (it starts health-check tasks).
@@ -246,7 +245,17 @@ impl Control {
         cell_max_inflight: usize,
     ) -> Result<Arc<Self>, LoadError> {
         let text = read(path)?;
-        let revision = file_revision(path, 0);
+        // The revision is the document's own (`revision` key), so every
+        // process reading the same text agrees on it.
+        let revision = next_document(None, &text)
+            .map_err(|source| LoadError::Invalid {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .revision;
+        if revision == 0 {
+            tracing::warn!(file = %path.display(), "the rules document has no `revision` key: its changes cannot be ordered between processes (add `revision = 1`; `cellctl rules bump` raises it)");
+        }
         Self::from_text(
             path,
             text,
@@ -309,16 +318,34 @@ impl Control {
         self.good_text.lock().map(|t| t.clone()).unwrap_or_default()
     }
 
-    /// Re-reads `path`; applies it when its content changed and is valid.
-    /// Returns the new revision when applied, `Ok(None)` when unchanged.
+    /// Re-reads `path`; applies it when its content changed, is valid and
+    /// its revision moved forward (or it is unversioned). Returns the new
+    /// revision when applied, `Ok(None)` when unchanged. Every refusal —
+    /// unreadable, deleted, not UTF-8, invalid, revision not raised — is
+    /// counted in `cellgate_rules_reloads_total{result="error"}`.
     pub fn reload(&self, path: &Path) -> Result<Option<u64>, LoadError> {
-        let text = read(path)?;
-        if self.last_text.lock().map(|t| *t == text).unwrap_or(false) {
+        let text = read(path).inspect_err(|_| {
+            self.metrics.reloads.with_label_values(&["error"]).inc();
+        })?;
+        let last = self.last_text.lock().map(|t| t.clone()).unwrap_or_default();
+        if last == text {
             return Ok(None);
         }
-        let previous = self.current.load().table.revision();
-        self.apply_text(path, text, file_revision(path, previous))
-            .map(Some)
+        let current = self.current.load().table.revision();
+        match next_document(Some((current, &last)), &text) {
+            Ok(doc) => self.apply_text(path, text, doc.revision).map(Some),
+            Err(source) => {
+                // Remember the refused text so it is reported once, not every poll.
+                if let Ok(mut t) = self.last_text.lock() {
+                    *t = text;
+                }
+                self.metrics.reloads.with_label_values(&["error"]).inc();
+                Err(LoadError::Invalid {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        }
     }
 
     /// Validates, compiles and swaps in `text` as `revision`. An invalid
@@ -516,7 +543,7 @@ fn read(path: &Path) -> Result<String, LoadError> {
 fn compile(path: &Path, text: &str, revision: u64) -> Result<RoutingTable, LoadError> {
     let rules = parse_rules(text).map_err(|source| LoadError::Invalid {
         path: path.to_path_buf(),
-        source,
+        source: source.into(),
     })?;
     RoutingTable::compile(rules, revision).map_err(|e| LoadError::Compile {
         path: path.to_path_buf(),

@@ -43,27 +43,43 @@ pub fn source_label(cluster: &str) -> PathBuf {
     PathBuf::from(format!("etcd:/cellgate/{cluster}/rules"))
 }
 
-fn saved_paths(dir: &Path) -> (PathBuf, PathBuf) {
-    (dir.join("rules.toml"), dir.join("rules.revision"))
+/// The saved state: one file holding the revision and the document, so
+/// the two can never be saved apart.
+fn state_path(dir: &Path) -> PathBuf {
+    dir.join("rules.state.json")
 }
 
-/// Saves the last good document (atomically).
+/// Saves the last good document: written to a temporary file, fsynced,
+/// renamed over the old one, and the directory fsynced — a crash leaves
+/// either the old state or the new one, never a mix or a torn file.
+/// Blocking: call it from a blocking thread.
 pub fn save_state(dir: &Path, text: &str, revision: u64) -> std::io::Result<()> {
+    use std::io::Write;
     std::fs::create_dir_all(dir)?;
-    let (doc, rev) = saved_paths(dir);
-    let tmp = dir.join(".rules.toml.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::write(dir.join(".rules.revision.tmp"), revision.to_string())?;
-    std::fs::rename(&tmp, &doc)?;
-    std::fs::rename(dir.join(".rules.revision.tmp"), &rev)?;
+    let body = serde_json::json!({ "revision": revision, "document": text }).to_string();
+    let tmp = dir.join(".rules.state.json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(body.as_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, state_path(dir))?;
+    std::fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
 
-/// The last good document saved in `dir`, if any.
+/// The last good document saved in `dir`, if any (also reads the
+/// two-file layout of earlier versions).
 pub fn load_state(dir: &Path) -> Option<(String, u64)> {
-    let (doc, rev) = saved_paths(dir);
-    let text = std::fs::read_to_string(doc).ok()?;
-    let revision = std::fs::read_to_string(rev).ok()?.trim().parse().ok()?;
+    if let Ok(body) = std::fs::read_to_string(state_path(dir)) {
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        return Some((v["document"].as_str()?.to_string(), v["revision"].as_u64()?));
+    }
+    let text = std::fs::read_to_string(dir.join("rules.toml")).ok()?;
+    let revision = std::fs::read_to_string(dir.join("rules.revision"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     Some((text, revision))
 }
 
@@ -76,8 +92,13 @@ pub async fn boot(src: &EtcdSource) -> anyhow::Result<(String, u64, bool)> {
     };
     match tokio::time::timeout(Duration::from_secs(5), from_etcd).await {
         Ok(Ok(Some(stored))) => {
-            if let Some(dir) = &src.state_dir {
-                if let Err(e) = save_state(dir, &stored.document, stored.revision) {
+            if let Some(dir) = src.state_dir.clone() {
+                let (text, rev) = (stored.document.clone(), stored.revision);
+                let saved = tokio::task::spawn_blocking(move || {
+                    save_state(&dir, &text, rev).map_err(|e| (dir, e))
+                })
+                .await;
+                if let Ok(Err((dir, e))) = saved {
                     tracing::warn!(dir = %dir.display(), error = %e, "cannot save the rules to the state dir");
                 }
             }
@@ -92,7 +113,12 @@ pub async fn boot(src: &EtcdSource) -> anyhow::Result<(String, u64, bool)> {
                 Ok(Err(e)) => e.to_string(),
                 _ => "timed out".to_string(),
             };
-            match src.state_dir.as_deref().and_then(load_state) {
+            let dir = src.state_dir.clone();
+            let saved = tokio::task::spawn_blocking(move || dir.as_deref().and_then(load_state))
+                .await
+                .ok()
+                .flatten();
+            match saved {
                 Some((text, rev)) => {
                     tracing::warn!(error = %why, revision = rev, "etcd unreachable at start; serving the rules saved in the state dir");
                     Ok((text, rev, true))
@@ -144,29 +170,38 @@ pub async fn follow(
         move |registered| registry_control.set_registered(registered),
         stop.clone(),
     ));
-    let follower_control = control.clone();
-    let follower_src = src.clone();
-    routing_rules::etcd::follow_rules(
-        src.endpoints.clone(),
-        src.cluster.clone(),
-        move |stored| {
-            let before = follower_control.current().table.revision();
-            adopt(
-                &follower_control,
-                &label,
-                &follower_src,
-                stored.document,
-                stored.revision,
-            );
-            let now = follower_control.current().table.revision();
+    // The watch only hands documents over; compiling (CPU) and saving the
+    // state (fsync) run on a blocking thread, newest document first.
+    let (doc_tx, mut doc_rx) = watch::channel::<Option<(String, u64)>>(None);
+    let (endpoints, cluster) = (src.endpoints.clone(), src.cluster.clone());
+    let applier = tokio::spawn(async move {
+        while doc_rx.changed().await.is_ok() {
+            let Some((text, rev)) = doc_rx.borrow_and_update().clone() else {
+                continue;
+            };
+            let before = control.current().table.revision();
+            let (c, l, s) = (control.clone(), label.clone(), src.clone());
+            if let Err(e) = tokio::task::spawn_blocking(move || adopt(&c, &l, &s, text, rev)).await
+            {
+                tracing::error!(error = %e, "applying the rules from etcd failed");
+            }
+            let now = control.current().table.revision();
             if now != before {
                 let _ = reg_tx.send(value(now));
             }
+        }
+    });
+    routing_rules::etcd::follow_rules(
+        endpoints,
+        cluster,
+        move |stored| {
+            let _ = doc_tx.send(Some((stored.document, stored.revision)));
         },
         move |up| metrics.control_plane_up.set(up as i64),
         stop,
     )
     .await;
+    let _ = applier.await;
     let _ = registrar.await;
     let _ = instances.await;
 }

@@ -131,7 +131,8 @@ impl RawBackend {
 
 fn one_cell_rules(backend: SocketAddr) -> String {
     format!(
-        "slots = 16\n[cells.c1]\nblue = [\"{backend}\"]\ngreen = []\n[[ranges]]\nfrom = 0\nto = 15\ncell = \"c1\"\n"
+        "revision = {}\nslots = 16\n[cells.c1]\nblue = [\"{backend}\"]\ngreen = []\n[[ranges]]\nfrom = 0\nto = 15\ncell = \"c1\"\n",
+        support::next_revision()
     )
 }
 
@@ -641,5 +642,52 @@ async fn the_cells_internal_api_is_never_forwarded() {
         paths.len() + 1
     );
     assert!(text.lines().any(|l| l == want), "{text}");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_reloads_are_counted_and_keep_the_running_rules() {
+    let dir = TempDir::new("badreload");
+    let backend = RawBackend::start().await;
+    let gw = gateway_for(&dir, backend.addr).await;
+    let path = dir.0.join("rules.toml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    let rev = gw.control.current().table.revision();
+    assert!(rev > 0, "the document's own revision");
+    let errors = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("cellgate_rules_reloads_total{result=\"error\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let mut seen = errors(&metrics_text(&gw).await);
+    let not_bumped = good.replace("slots = 16", "# edited without a new revision\nslots = 16");
+    type Act<'a> = Box<dyn Fn() + 'a>;
+    let bad_cases: [(&str, Act); 3] = [
+        (
+            "same revision, new text",
+            Box::new(|| std::fs::write(&path, &not_bumped).unwrap()),
+        ),
+        (
+            "not UTF-8",
+            Box::new(|| std::fs::write(&path, b"revision = 99\n\xff\xfe").unwrap()),
+        ),
+        ("deleted", Box::new(|| std::fs::remove_file(&path).unwrap())),
+    ];
+    for (what, act) in bad_cases {
+        act();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = errors(&metrics_text(&gw).await);
+            if now > seen {
+                seen = now;
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: not counted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(gw.control.current().table.revision(), rev, "{what}");
+    }
     gw.shutdown().await;
 }

@@ -1,5 +1,6 @@
 //! Small, validated edits of a rules document's text — the operations
-//! behind `cellctl split`, `cell`, `failover`, `failback` and `override`.
+//! behind `cellctl split`, `cell`, `failover`, `failback`, `override` and
+//! `rules bump`.
 //! Edits go through `toml_edit`, so comments and layout are kept, and the
 //! result is validated before it is returned.
 
@@ -46,6 +47,28 @@ fn cell_table<'a>(
         .and_then(|c| c.get_mut(cell))
         .and_then(Item::as_table_like_mut)
         .ok_or_else(|| EditError::UnknownCell(cell.to_string()))
+}
+
+/// Raises the document's `revision` key by one (adds `revision = 1` among
+/// the top-level keys when it has none); returns the new text and revision.
+pub fn bump_revision(text: &str) -> Result<(String, u64), EditError> {
+    let mut d = doc(text)?;
+    let current =
+        match d.get("revision") {
+            None => 0,
+            Some(item) => item.as_integer().filter(|r| *r >= 1).ok_or_else(|| {
+                EditError::BadArgument("`revision` is not a positive integer".into())
+            })? as u64,
+        };
+    let next = current + 1;
+    if next > crate::revision::MAX_REVISION {
+        return Err(EditError::BadArgument(format!(
+            "revision {current} cannot be raised further"
+        )));
+    }
+    // A new key joins the document's top-level keys, after any leading comment.
+    d["revision"] = value(next as i64);
+    Ok((finish(d)?, next))
 }
 
 /// Parses a percentage such as `5`, `0.5` or `12.34` into basis points.

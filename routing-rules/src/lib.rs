@@ -27,6 +27,7 @@ pub mod hash;
 pub mod key;
 pub mod model;
 pub mod rebalance;
+pub mod revision;
 pub mod table;
 pub mod validate;
 
@@ -35,8 +36,9 @@ pub use error::{RulesError, ValidationError};
 pub use hash::KeyProblem;
 pub use model::*;
 pub use rebalance::{rebalance, RebalanceError, RebalancePlan};
+pub use revision::{next_document, RevisionError, Versioned};
 pub use table::{
     AllHealthy, CellIdx, CellReason, ColourReason, HealthView, RouteAttrs, RouteDecision,
     RouteExplanation, RoutingTable, StaticHealth,
 };
-pub use validate::parse_rules;
+pub use validate::{parse_rules, parse_versioned};

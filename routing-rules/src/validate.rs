@@ -37,6 +37,12 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// assert_eq!(rules.slots, 10);
 /// ```
 pub fn parse_rules(text: &str) -> Result<Rules, RulesError> {
+    parse_versioned(text).map(|(rules, _)| rules)
+}
+
+/// Parses and validates a rules document, also returning its `revision`
+/// key (`None` when absent). See [`crate::revision`].
+pub fn parse_versioned(text: &str) -> Result<(Rules, Option<u64>), RulesError> {
     let doc: FileDoc = toml::from_str(text).map_err(|e| {
         let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
         RulesError::Parse {
@@ -139,11 +145,25 @@ impl Checker {
     }
 }
 
-fn check(mut doc: FileDoc) -> Result<Rules, RulesError> {
+fn check(mut doc: FileDoc) -> Result<(Rules, Option<u64>), RulesError> {
     let file_overrides = std::mem::take(&mut doc.overrides);
     let mut c = Checker {
         errors: Vec::new(),
         known: doc.cells.keys().cloned().collect::<Vec<_>>().join(", "),
+    };
+    let revision = match doc.revision {
+        None => None,
+        Some(r) if (1..=crate::revision::MAX_REVISION as i64).contains(&r) => Some(r as u64),
+        Some(r) => {
+            c.bad(
+                "revision",
+                format!(
+                    "{r} is out of range (1..={})",
+                    crate::revision::MAX_REVISION
+                ),
+            );
+            None
+        }
     };
 
     // Slots and hash.
@@ -511,5 +531,5 @@ fn check(mut doc: FileDoc) -> Result<Rules, RulesError> {
         overrides,
     };
     rules.normalise_table();
-    Ok(rules)
+    Ok((rules, revision))
 }

@@ -90,11 +90,11 @@ fn broken_documents_get_precise_errors_and_exit_1() {
         ),
         (
             base.replace("slots = 100", "slots = 100\nslotz = 3"),
-            "line 8, column 1: unknown field `slotz`",
+            "line 10, column 1: unknown field `slotz`",
         ),
         (
             base.replace("hash = \"xxh64\"", "hash = \"md5\""),
-            "line 6, column 8: unknown variant `md5`, expected `xxh64` or `digits`",
+            "line 8, column 8: unknown variant `md5`, expected `xxh64` or `digits`",
         ),
     ];
     for (text, want) in cases {
@@ -289,4 +289,28 @@ fn rebalance_writes_a_valid_document_and_prints_its_diff() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("cell \"cell-zz\" is not defined"));
     assert!(!Path::new(&out2).exists());
+}
+
+#[test]
+fn bump_raises_the_revision_in_place_and_keeps_comments() {
+    let dir = TempDir::new("bump");
+    let path = dir.path("rules.toml");
+    let original = std::fs::read_to_string(format!(
+        "{}/../examples/cells.toml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let unversioned = original.replace("revision = 1\n", "");
+    std::fs::write(&path, &unversioned).unwrap();
+    for want in [1, 2] {
+        let out = cellctl(&["rules", "bump", path.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stdout(&out).contains(&format!("revision {want}")));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# cellgate example rules"), "{text}");
+        let (_, rev) = routing_rules::parse_versioned(&text).unwrap();
+        assert_eq!(rev, Some(want));
+    }
+    let out = cellctl(&["rules", "validate", path.to_str().unwrap()]);
+    assert!(stdout(&out).contains("revision 2"), "{}", stdout(&out));
 }

@@ -35,8 +35,13 @@ impl TempDir {
 
 /// Rules for cells a, b, c with the given instance addresses (blue, green)
 /// and slot split [0-32] a, [33-65] b, [66-99] c unless `ranges` is given.
+///
+/// Each document carries the next `revision` of this test process, so a
+/// rewritten file always moves forward.
 pub fn rules(addrs: &[(&str, String, String)], ranges: Option<&str>) -> String {
-    let mut s = String::from("slots = 100\n");
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let rev = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut s = format!("revision = {rev}\nslots = 100\n");
     for (cell, blue, green) in addrs {
         s.push_str(&format!(
             "[cells.{cell}]\nblue = [\"{blue}\"]\ngreen = [\"{green}\"]\nsplit = {{ green = 5000, seed = 1 }}\n"
@@ -46,6 +51,11 @@ pub fn rules(addrs: &[(&str, String, String)], ranges: Option<&str>) -> String {
         "[[ranges]]\nfrom = 0\nto = 32\ncell = \"cell-a\"\n[[ranges]]\nfrom = 33\nto = 65\ncell = \"cell-b\"\n[[ranges]]\nfrom = 66\nto = 99\ncell = \"cell-c\"\n",
     ));
     s
+}
+
+/// The `revision` a rules document carries (0 when none).
+pub fn revision_of(text: &str) -> u64 {
+    routing_rules::parse_versioned(text).unwrap().1.unwrap_or(0)
 }
 
 /// Placeholder addresses (nothing listens there) for cells a, b, c.

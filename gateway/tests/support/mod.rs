@@ -195,7 +195,10 @@ impl Topology {
     /// A rules document over these backends; `green` is each cell's green
     /// share in basis points.
     pub fn rules(&self, green: [u32; 3], extra: &str) -> String {
-        let mut s = String::from("slots = 100\n[tester]\nenabled = true\n");
+        let mut s = format!(
+            "revision = {}\nslots = 100\n[tester]\nenabled = true\n",
+            next_revision()
+        );
         let cells = ["cell-a", "cell-b", "cell-c"];
         let failover = [
             r#"["cell-b", "cell-c"]"#,
@@ -218,6 +221,13 @@ impl Topology {
         );
         s
     }
+}
+
+/// The next `revision` for a rules document of this test process: every
+/// rewritten file moves forward.
+pub fn next_revision() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;

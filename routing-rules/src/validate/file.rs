@@ -14,6 +14,7 @@ pub(super) struct FileDoc {
     pub(super) key: FileKey,
     pub(super) hash: Option<FileHash>,
     pub(super) slots: Option<i64>,
+    pub(super) revision: Option<i64>,
     pub(super) digits: Option<FileDigits>,
     #[serde(default)]
     pub(super) tester: FileTester,

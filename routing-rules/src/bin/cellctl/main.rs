@@ -7,12 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use routing_rules::rebalance::render_table_into;
-use routing_rules::{
-    diff, parse_rules, rebalance, CellState, Colour, RebalancePlan, RouteAttrs, RoutingTable,
-    Rules, StaticHealth,
-};
+use routing_rules::{parse_rules, CellState, Colour, Rules};
 
+mod offline;
 mod online;
 
 thread_local! {
@@ -135,7 +132,7 @@ pub(crate) enum Output {
 }
 
 #[derive(Debug, Args)]
-struct OutputArg {
+pub(crate) struct OutputArg {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -254,6 +251,15 @@ enum RulesCommand {
         #[command(flatten)]
         out: OutputArg,
     },
+    /// Raise the document's `revision` by one (file mode: every process
+    /// reading the file runs the document's own revision, and a changed
+    /// document whose revision did not move forward is refused).
+    Bump {
+        /// The rules document (TOML), rewritten atomically.
+        file: PathBuf,
+        #[command(flatten)]
+        out: OutputArg,
+    },
     /// Show who moves where between two rules documents.
     Diff {
         /// The current document.
@@ -320,7 +326,7 @@ enum RulesCommand {
 }
 
 #[derive(Debug, Args)]
-struct RouteArgs {
+pub(crate) struct RouteArgs {
     /// The rules document (TOML); without it, the live rules from etcd.
     #[arg(long, value_name = "FILE")]
     rules: Option<PathBuf>,
@@ -358,7 +364,7 @@ fn parse_add_cell(s: &str) -> Result<(String, Option<u32>), String> {
 
 /// A failure already reported to the user: exit 1 without more output.
 #[derive(Debug)]
-struct Reported;
+pub(crate) struct Reported;
 
 impl std::fmt::Display for Reported {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -380,12 +386,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn read(path: &Path) -> Result<String> {
+pub(crate) fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
 /// Loads and validates a document; on failure prints every problem.
-fn load(path: &Path, out: Output) -> Result<(String, Rules)> {
+pub(crate) fn load(path: &Path, out: Output) -> Result<(String, Rules)> {
     let text = read(path)?;
     match parse_rules(&text) {
         Ok(r) => Ok((text, r)),
@@ -475,54 +481,11 @@ fn run(cli: Cli) -> Result<()> {
             let (text, rev) = LIVE
                 .with(|l| l.borrow_mut().take())
                 .context("no live rules")?;
-            route(args, Some((text, rev)))
+            offline::route(args, Some((text, rev)))
         }
-        Command::Rules(RulesCommand::Validate { file, out }) => {
-            let (_, rules) = load(&file, out.output)?;
-            let per_cell = rules.slots_per_cell();
-            match out.output {
-                Output::Json => println!(
-                    "{}",
-                    serde_json::json!({
-                        "valid": true,
-                        "file": file.display().to_string(),
-                        "slots": rules.slots,
-                        "cells": rules.cells.len(),
-                        "overrides": rules.overrides.len(),
-                        "slots_per_cell": per_cell,
-                    })
-                ),
-                Output::Text => {
-                    println!(
-                        "{}: valid ({} cells, {} slots, {} overrides)",
-                        file.display(),
-                        rules.cells.len(),
-                        rules.slots,
-                        rules.overrides.len()
-                    );
-                    for (cell, n) in per_cell {
-                        let c = &rules.cells[cell];
-                        println!(
-                            "  {cell}: {n} slots, {}, green {} bp, blue {} / green {} instances",
-                            c.state,
-                            c.split.green,
-                            c.blue.len(),
-                            c.green.len()
-                        );
-                    }
-                }
-            }
-            Ok(())
-        }
+        Command::Rules(RulesCommand::Validate { file, out }) => offline::validate(&file, out),
         Command::Rules(RulesCommand::Diff { old, new, out }) => {
-            let (_, a) = load(&old, out.output)?;
-            let (_, b) = load(&new, out.output)?;
-            let d = diff(&a, &b);
-            match out.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&d)?),
-                Output::Text => print!("{}", d.summary()),
-            }
-            Ok(())
+            offline::diff_files(&old, &new, out)
         }
         Command::Rules(RulesCommand::Rebalance {
             file,
@@ -530,125 +493,8 @@ fn run(cli: Cli) -> Result<()> {
             remove,
             out,
             output,
-        }) => {
-            let (text, rules) = load(&file, output.output)?;
-            let plan = RebalancePlan { add, remove };
-            let new_rules = rebalance(&rules, &plan)?;
-            let new_text = render_table_into(&text, &new_rules)?;
-            // Never write a document that would not load back identically.
-            let reparsed = parse_rules(&new_text)
-                .context("internal error: the rebalanced document does not validate")?;
-            anyhow::ensure!(
-                reparsed == new_rules,
-                "internal error: the rebalanced document does not read back as computed"
-            );
-            write_atomically(&out, &new_text)?;
-            let d = diff(&rules, &new_rules);
-            match output.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&d)?),
-                Output::Text => {
-                    println!("wrote {}", out.display());
-                    print!("{}", d.summary());
-                }
-            }
-            Ok(())
-        }
-        Command::Route(args) => route(args, None),
+        }) => offline::rebalance_file(&file, add, remove, &out, output),
+        Command::Rules(RulesCommand::Bump { file, out }) => offline::bump(&file, out),
+        Command::Route(args) => offline::route(args, None),
     }
-}
-
-fn write_atomically(path: &Path, text: &str) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
-}
-
-fn route(args: RouteArgs, live: Option<(String, u64)>) -> Result<()> {
-    let (rules, revision) = match (&args.rules, live) {
-        (Some(path), _) => (load(path, args.out.output)?.1, 0),
-        (None, Some((text, rev))) => (
-            parse_rules(&text).context("the live rules do not validate")?,
-            rev,
-        ),
-        (None, None) => anyhow::bail!("give --rules FILE, or --etcd for the live rules"),
-    };
-    let table = RoutingTable::compile(rules, revision)?;
-    let mut health = StaticHealth::from_table(&table);
-    for d in &args.down {
-        let (cell, colour) = match d.split_once(':') {
-            Some((c, col)) => (
-                c,
-                Some(Colour::parse(col).with_context(|| {
-                    format!("--down {d}: colour \"{col}\" is not blue or green")
-                })?),
-            ),
-            None => (d.as_str(), None),
-        };
-        let idx = table
-            .cell_index(cell)
-            .with_context(|| format!("--down {d}: unknown cell \"{cell}\""))?;
-        health.set(idx, colour, false);
-    }
-    let attrs = RouteAttrs {
-        tester_colour: args.tester_colour.as_deref().map(str::as_bytes),
-    };
-    let mut json = Vec::new();
-    let mut rejected = 0;
-    for key in &args.keys {
-        match table.route(Some(key.as_bytes()), &attrs, &health) {
-            Ok(d) => {
-                let e = table.explain(key, &d);
-                match args.out.output {
-                    Output::Json => json.push(serde_json::to_value(&e)?),
-                    Output::Text => {
-                        let slot = e.slot.map_or("-".to_string(), |s| s.to_string());
-                        println!(
-                            "{key}\tslot {slot}/{}\thome {}\tserving {}\t{}\t(cell: {}, colour: {}{})",
-                            e.slots,
-                            e.home_cell,
-                            e.serving_cell,
-                            e.colour,
-                            e.reason.as_str(),
-                            e.colour_reason.as_str(),
-                            e.bucket
-                                .map(|b| format!(", bucket {b} vs green share {}", e.green_share))
-                                .unwrap_or_default()
-                        );
-                    }
-                }
-            }
-            Err(problem) => {
-                rejected += 1;
-                let message = format!(
-                    "key is {} and the rules reject such keys (HTTP 400)",
-                    problem.as_str()
-                );
-                match args.out.output {
-                    Output::Json => json.push(serde_json::json!({
-                        "key": key, "error": problem.as_str(), "message": message,
-                    })),
-                    Output::Text => println!("{key}\trejected: {message}"),
-                }
-            }
-        }
-    }
-    if args.out.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&json)?);
-    }
-    if rejected > 0 {
-        return Err(Reported.into());
-    }
-    Ok(())
 }
