@@ -42,7 +42,7 @@ fn main() {
     let rules = dir.join("rules.toml");
     std::fs::write(
         &rules,
-        "slots = 100\n[cells.cell-a]\nblue = [\"127.0.0.1:9\"]\n[[ranges]]\nfrom = 0\nto = 99\ncell = \"cell-a\"\n",
+        "revision = 1\nslots = 100\n[cells.cell-a]\nblue = [\"127.0.0.1:9\"]\n[[ranges]]\nfrom = 0\nto = 99\ncell = \"cell-a\"\n",
     )
     .unwrap();
     let db = dir.join("cell-a.db");
@@ -84,6 +84,7 @@ fn main() {
             async move {
                 let req = http::Request::post(format!("http://{addr}{path}"))
                     .header("x-user-id", user)
+                    .header("content-type", "application/json")
                     .body(Full::new(Bytes::from(body)))
                     .unwrap();
                 let resp = client.request(req).await.expect("request");

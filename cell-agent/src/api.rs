@@ -432,6 +432,11 @@ impl<S: Store> Api<S> {
         let t = Instant::now();
         let r = self.store.write(op).await;
         self.metrics.db_latency.observe(t.elapsed().as_secs_f64());
+        if let Err(e) = &r {
+            if matches!(e.code, "overloaded" | "write_expired") {
+                self.metrics.writes_shed.with_label_values(&[e.code]).inc();
+            }
+        }
         r
     }
 }

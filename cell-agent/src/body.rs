@@ -91,6 +91,19 @@ impl JsonBody {
         }
     }
 
+    /// An optional non-negative integer field (0 when absent).
+    pub fn opt_ms(&self, name: &str) -> Result<i64, DomainError> {
+        match self.0.get(name) {
+            None if !self.has(name) => Ok(0),
+            Some(Value::Number(n)) if n.as_i64().is_some_and(|v| v >= 0) => {
+                Ok(n.as_i64().unwrap_or(0))
+            }
+            _ => Err(DomainError::bad_request(format!(
+                "{name} must be a non-negative integer (unix ms)"
+            ))),
+        }
+    }
+
     fn has(&self, name: &str) -> bool {
         self.1.iter().any(|(k, _)| k == name)
     }

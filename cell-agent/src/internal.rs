@@ -79,7 +79,17 @@ async fn credit<S: Store>(
         })?;
     api.check_writable()?;
     let v = json_body(&req)?;
-    v.known_fields(&["transfer_id", "from_cell", "from", "to", "amount"])?;
+    v.known_fields(&[
+        "transfer_id",
+        "from_cell",
+        "from",
+        "to",
+        "amount",
+        "transfer_created_ms",
+        "settled_before_ms",
+    ])?;
+    let transfer_created_ms = v.opt_ms("transfer_created_ms")?;
+    let settled_before_ms = v.opt_ms("settled_before_ms")?;
     let transfer_id = v.str("transfer_id")?;
     let from_cell = v.str("from_cell")?;
     let from = v.str("from")?;
@@ -142,6 +152,8 @@ async fn credit<S: Store>(
         to: payee.key,
         amount,
         slot: payee.slot,
+        transfer_created_ms,
+        settled_before_ms,
     })
     .await
 }

@@ -11,6 +11,7 @@ pub mod guard;
 pub mod internal;
 pub mod listener;
 pub mod metrics;
+pub mod prune;
 pub mod reconcile;
 pub mod relay;
 pub mod rules;

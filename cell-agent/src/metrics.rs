@@ -26,6 +26,12 @@ pub struct AgentMetrics {
     pub deliveries: IntCounterVec,
     /// Failures to read the data figures for `/metrics`.
     pub stats_errors: IntCounter,
+    /// Writes refused to keep the cell responsive, by reason
+    /// (`overloaded`: queue full; `write_expired`: not started in time).
+    pub writes_shed: IntCounterVec,
+    /// Records pruned past the retention, by kind (`idempotency`,
+    /// `outbox`, `inbox`).
+    pub pruned: IntCounterVec,
 }
 
 impl std::fmt::Debug for AgentMetrics {
@@ -84,6 +90,20 @@ impl AgentMetrics {
                 "cell_stats_errors_total",
                 "Times the data figures of /metrics could not be read from the store.",
             )?,
+            pruned: IntCounterVec::new(
+                Opts::new(
+                    "cell_pruned_total",
+                    "Records removed past --idempotency-retention, by kind (idempotency, outbox, inbox).",
+                ),
+                &["kind"],
+            )?,
+            writes_shed: IntCounterVec::new(
+                Opts::new(
+                    "cell_writes_shed_total",
+                    "Writes refused unapplied to keep the cell responsive (overloaded = queue full, write_expired = not started before its deadline).",
+                ),
+                &["reason"],
+            )?,
             deliveries: IntCounterVec::new(
                 Opts::new(
                     "cell_outbox_deliveries_total",
@@ -105,6 +125,8 @@ impl AgentMetrics {
         r.register(Box::new(m.outbox_overdue.clone()))?;
         r.register(Box::new(m.transfers_failed.clone()))?;
         r.register(Box::new(m.stats_errors.clone()))?;
+        r.register(Box::new(m.writes_shed.clone()))?;
+        r.register(Box::new(m.pruned.clone()))?;
         Ok(m)
     }
 

@@ -87,6 +87,9 @@ pub struct ReconcileReport {
     pub cells: BTreeMap<String, PathBuf>,
     /// Credits matched to their sender's outbox record.
     pub matched: usize,
+    /// Delivered transfers whose credit was found (or pruned after the
+    /// retention by the payee).
+    pub matched_sent: usize,
     /// Transfers debited but not yet credited (still in flight).
     pub in_flight: usize,
     /// Transfers that ended failed and were refunded.
@@ -115,6 +118,9 @@ pub fn reconcile(paths: &[PathBuf]) -> Result<ReconcileReport, String> {
     let mut report = ReconcileReport::default();
     let mut sent: HashMap<String, (String, OutboxRow)> = HashMap::new();
     let mut credits: HashMap<String, Vec<Credit>> = HashMap::new();
+    // (payee cell, sender cell) → credits of transfers the sender made
+    // before this (unix ms) may have been pruned by the payee.
+    let mut pruned_before: HashMap<(String, String), i64> = HashMap::new();
     for path in paths {
         let conn = open_ro(path)?;
         let err = |e: rusqlite::Error| format!("{}: {e}", path.display());
@@ -128,8 +134,43 @@ pub fn reconcile(paths: &[PathBuf]) -> Result<ReconcileReport, String> {
                 path.display()
             ));
         }
-        for row in outbox_rows(&conn, "").map_err(err)? {
+        let mut s = conn
+            .prepare(
+                "SELECT id, from_user, to_user, COALESCE(to_cell, ''), amount, state, created_ms
+                 FROM transfers WHERE to_cell IS NOT NULL",
+            )
+            .map_err(err)?;
+        let rows = s
+            .query_map([], |r| {
+                Ok(OutboxRow {
+                    transfer_id: r.get(0)?,
+                    from: r.get(1)?,
+                    to: r.get(2)?,
+                    to_cell: r.get(3)?,
+                    amount: r.get(4)?,
+                    state: r.get(5)?,
+                    attempts: 0,
+                    last_error: None,
+                    age_ms: r.get(6)?,
+                })
+            })
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(err)?;
+        for row in rows {
             sent.insert(row.transfer_id.clone(), (cell.clone(), row));
+        }
+        let mut s = conn
+            .prepare("SELECT key, value FROM meta WHERE key LIKE 'inbox_pruned_before_ms:%'")
+            .map_err(err)?;
+        let horizons = s
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(err)?;
+        for (key, value) in horizons {
+            if let (Some(sender), Ok(ms)) = (key.split_once(':').map(|k| k.1), value.parse::<i64>())
+            {
+                pruned_before.insert((cell.clone(), sender.to_string()), ms);
+            }
         }
         let mut s = conn
             .prepare("SELECT transfer_id, from_cell, to_user, amount FROM inbox")
@@ -188,8 +229,15 @@ pub fn reconcile(paths: &[PathBuf]) -> Result<ReconcileReport, String> {
     outgoing.sort_by(|a, b| a.1.transfer_id.cmp(&b.1.transfer_id));
     for (sender, row) in outgoing {
         let credited = credits.contains_key(&row.transfer_id);
+        // `age_ms` holds the transfer's creation time here.
+        let pruned = report.cells.keys().any(|payee| {
+            pruned_before
+                .get(&(payee.clone(), sender.clone()))
+                .is_some_and(|h| row.age_ms < *h)
+        });
         match row.state.as_str() {
-            "delivered" if !credited => report.violations.push(format!(
+            "delivered" if credited || pruned => report.matched_sent += 1,
+            "delivered" => report.violations.push(format!(
                 "transfer {} of cell {sender} is marked delivered but no cell given holds its credit ({} to {:?}, cell {})",
                 row.transfer_id, row.amount, row.to, row.to_cell
             )),

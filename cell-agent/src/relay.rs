@@ -100,8 +100,15 @@ pub async fn run<S: Store>(store: S, relay: Relay, mut stop: tokio::sync::watch:
             tracing::warn!(error = %e, "cannot read the outbox");
             Vec::new()
         });
+        // Our watermark for the payees: every transfer made before it is
+        // settled (they may prune its credit after their retention).
+        let settled_before = if due.is_empty() {
+            0
+        } else {
+            store.oldest_unsettled_ms(unix_ms()).await.unwrap_or(0)
+        };
         for item in &due {
-            let op = match deliver(&client, &relay, item).await {
+            let op = match deliver(&client, &relay, item, settled_before).await {
                 Outcome::Delivered => {
                     relay.metrics.deliveries.with_label_values(&["ok"]).inc();
                     tracing::info!(transfer = %item.transfer_id, "cross-cell credit delivered");
@@ -173,6 +180,7 @@ async fn deliver(
     client: &Client<HttpConnector, Full<Bytes>>,
     relay: &Relay,
     item: &OutboxItem,
+    settled_before_ms: i64,
 ) -> Outcome {
     let Some(secret) = &relay.secret else {
         return Outcome::Retry("no internal secret".into());
@@ -182,6 +190,7 @@ async fn deliver(
         serde_json::json!({
             "transfer_id": item.transfer_id, "from_cell": relay.rules.cell(),
             "from": item.from, "to": item.to, "amount": item.amount,
+            "transfer_created_ms": item.created_ms, "settled_before_ms": settled_before_ms,
         })
         .to_string(),
     );

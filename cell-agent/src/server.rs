@@ -82,6 +82,25 @@ pub struct AgentConfig {
     /// wait in the kernel's accept queue.
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// Writes that may wait for the database writer; beyond, a write is
+    /// refused at once with 503 `overloaded` and `Retry-After` (load
+    /// shedding, not an unbounded queue).
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub write_queue: u32,
+    /// A queued write not started within this many ms is dropped unapplied
+    /// (503 `write_expired`). Keep it below the gateway's
+    /// --request-timeout-ms, so no write commits after its client gave up.
+    #[arg(long, value_name = "MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub write_deadline_ms: u64,
+    /// How long idempotency records, closed outbox records and incoming
+    /// credits are kept (e.g. `7d`, `36h`). A retry with a key older than
+    /// this is a new request. Incoming credits are kept longer when their
+    /// sender may still retry them (see docs/api.md, "Retention").
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_retention)]
+    pub idempotency_retention: Duration,
+    /// How often records past the retention are pruned, ms.
+    #[arg(long, value_name = "MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub prune_interval_ms: u64,
     /// A cross-cell transfer unacknowledged for longer than this (ms) is
     /// overdue: counted in `cell_outbox_overdue`, flagged by `cell-agent outbox`.
     #[arg(long, value_name = "MS", default_value_t = 300_000)]
@@ -92,6 +111,15 @@ pub struct AgentConfig {
     /// On SIGTERM, how long in-flight requests may take, ms.
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
+}
+
+fn parse_retention(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration such as 7d, 36h or 90m: {e}"))?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s:?}: the retention must be at least 1s"));
+    }
+    Ok(d)
 }
 
 fn parse_colour(s: &str) -> Result<Colour, String> {
@@ -156,7 +184,11 @@ pub async fn start_bound(
         Some(path) => RulesHolder::load(path, &cfg.cell)?,
         None => etcd_rules(&cfg).await?,
     };
-    let store = SqliteStore::open(&cfg.db, &cfg.cell)
+    let limits = crate::store::sqlite::WriterLimits {
+        queue: cfg.write_queue as usize,
+        deadline: Duration::from_millis(cfg.write_deadline_ms),
+    };
+    let store = SqliteStore::open_with(&cfg.db, &cfg.cell, limits)
         .map_err(|e| anyhow::anyhow!("cannot open the database {}: {e}", cfg.db.display()))?;
     let secret = crate::auth::ClusterSecret::load(cfg.internal_secret_file.as_deref())?;
     if (cfg.internal_listen.is_some() || internal.is_some()) && secret.is_none() {
@@ -200,6 +232,13 @@ pub async fn start_bound(
     others.extend([
         tokio::spawn(rules.clone().watch(
             Duration::from_millis(cfg.reload_interval_ms),
+            stop_rx.clone(),
+        )),
+        tokio::spawn(crate::prune::run(
+            store.clone(),
+            cfg.idempotency_retention,
+            Duration::from_millis(cfg.prune_interval_ms),
+            metrics.clone(),
             stop_rx.clone(),
         )),
         tokio::spawn(crate::relay::run(

@@ -528,3 +528,108 @@ async fn early_answers_to_posts_keep_the_connection_usable() {
     assert_eq!(statuses.values().sum::<i32>(), 300);
     a.shutdown().await;
 }
+
+fn count(db: &Path, sql: &str) -> i64 {
+    rusqlite::Connection::open(db)
+        .unwrap()
+        .query_row(sql, [], |r| r.get(0))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_pruned_after_the_retention_without_breaking_exactly_once() {
+    let dir = TempDir::new("prune");
+    let rules = dir.path("rules.toml");
+    std::fs::write(&rules, placeholder_rules()).unwrap();
+    let start = |cell: &'static str| {
+        let mut cfg = config(cell, "blue", &dir.path(&format!("{cell}.db")), &rules);
+        cfg.internal_listen = Some("127.0.0.1:0".parse().unwrap());
+        cfg.internal_secret_file = Some(secret_file(&dir));
+        cfg.idempotency_retention = Duration::from_secs(1);
+        cfg.prune_interval_ms = 50;
+        cell_agent::start(cfg, prometheus::Registry::new())
+    };
+    let a = start("cell-a").await.unwrap();
+    let c = start("cell-c").await.unwrap();
+    let real = with_internal(
+        &placeholder_rules(),
+        &[
+            ("cell-a", a.internal_addr.unwrap()),
+            ("cell-c", c.internal_addr.unwrap()),
+        ],
+    );
+    std::fs::write(&rules, &real).unwrap();
+    let client = client();
+    wait_rev(&client, a.addr, &rules).await;
+    wait_rev(&client, c.addr, &rules).await;
+    let payer = users_in(&real, "cell-a", 1).remove(0);
+    let payee = users_in(&real, "cell-c", 1).remove(0);
+    let (da, dc) = (dir.path("cell-a.db"), dir.path("cell-c.db"));
+    deposit(&client, a.addr, &payer, 100, "seed").await;
+    let t1 = transfer(&client, a.addr, &payer, &payee, 10, "t1").await;
+    let id1 = t1.json["id"].as_str().unwrap().to_string();
+    wait_transfer(&client, a.addr, &payer, &id1, "delivered").await;
+    // Past the retention: the sender's idempotency and closed outbox
+    // records go; the payee keeps the credit (its sender has not yet said
+    // that everything before it is settled).
+    wait_until(
+        "the sender's records to be pruned",
+        Duration::from_secs(10),
+        || {
+            let da = da.clone();
+            async move {
+                count(&da, "SELECT COUNT(*) FROM idempotency") == 0
+                    && count(&da, "SELECT COUNT(*) FROM outbox") == 0
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        count(&dc, "SELECT COUNT(*) FROM inbox"),
+        1,
+        "no watermark past it yet"
+    );
+    // A retry older than the retention is a new request (documented).
+    let again = deposit(&client, a.addr, &payer, 100, "seed").await;
+    assert_eq!(again.json["balance"], 190);
+    // A later transfer's credit carries a watermark past the first one:
+    // the payee may now forget it, and keeps the new one.
+    tokio::time::sleep(Duration::from_millis(1_100)).await; // the fault here is time itself
+    let t2 = transfer(&client, a.addr, &payer, &payee, 5, "t2").await;
+    let id2 = t2.json["id"].as_str().unwrap().to_string();
+    wait_transfer(&client, a.addr, &payer, &id2, "delivered").await;
+    wait_until(
+        "the payee to prune the settled credit",
+        Duration::from_secs(10),
+        || {
+            let dc = dc.clone();
+            let id1 = id1.clone();
+            async move {
+                count(
+                    &dc,
+                    &format!("SELECT COUNT(*) FROM inbox WHERE transfer_id = '{id1}'"),
+                ) == 0
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        count(
+            &dc,
+            &format!("SELECT COUNT(*) FROM inbox WHERE transfer_id = '{id2}'")
+        ),
+        1,
+        "the newest credit stays: its sender has not settled past it"
+    );
+    a.shutdown().await;
+    c.shutdown().await;
+    assert_eq!(check(&da).balance_total + check(&dc).balance_total, 200);
+    let (code, out) = cli(&[
+        "reconcile",
+        "--db",
+        da.to_str().unwrap(),
+        "--db",
+        dc.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "pruned records are not orphans: {out}");
+}

@@ -183,6 +183,10 @@ impl Demo {
                 internal_secret_file: Some(secret_path.clone()),
                 max_connections: 4096,
                 outbox_alert_after_ms: 300_000,
+                write_queue: 1024,
+                write_deadline_ms: 10_000,
+                idempotency_retention: std::time::Duration::from_secs(7 * 86_400),
+                prune_interval_ms: 60_000,
                 reload_interval_ms: 200,
                 drain_timeout_ms: 5_000,
             };

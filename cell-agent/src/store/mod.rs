@@ -160,6 +160,12 @@ pub enum WriteOp {
         amount: i64,
         /// Payee's slot.
         slot: u32,
+        /// When the transfer was made, at the sender (unix ms; 0 = unknown:
+        /// the row is then never pruned).
+        transfer_created_ms: i64,
+        /// The sender's watermark: every transfer it made before this
+        /// (unix ms) is settled and will never be sent again.
+        settled_before_ms: i64,
     },
     /// The outbox record was acknowledged by the payee's cell.
     Delivered {
@@ -174,6 +180,18 @@ pub enum WriteOp {
         next_attempt_ms: i64,
         /// Why it failed.
         error: String,
+    },
+    /// Deletes records older than the retention, at most `limit` of each
+    /// kind: idempotency records, closed outbox records, and inbox records
+    /// below their sender's watermark.
+    Prune {
+        /// Records older than this (unix ms) may go.
+        before_ms: i64,
+        /// Inbox records go only when made this far (ms) below their
+        /// sender's watermark.
+        margin_ms: i64,
+        /// Most rows of each kind per call.
+        limit: u32,
     },
     /// The payee's owner cell definitively refused the credit: the
     /// transfer ends `failed` and the payer is refunded (exactly once).
@@ -241,6 +259,8 @@ pub struct OutboxItem {
     pub amount: i64,
     /// Attempts so far.
     pub attempts: i64,
+    /// When the transfer was made (unix ms).
+    pub created_ms: i64,
 }
 
 /// Figures for metrics.
@@ -275,6 +295,12 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<OutboxItem>, DomainError>> + Send;
+    /// The cell's watermark for its peers: the creation time (unix ms) of
+    /// its oldest unsettled cross-cell transfer, or `now_ms` when none.
+    fn oldest_unsettled_ms(
+        &self,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<i64, DomainError>> + Send;
     /// Figures for `/metrics`; records unacknowledged for longer than
     /// `alert_after_ms` count as overdue.
     fn stats(&self, alert_after_ms: i64)

@@ -102,6 +102,10 @@ pub fn config(cell: &str, colour: &str, db: &Path, rules: &Path) -> cell_agent::
         internal_secret_file: None,
         max_connections: 4096,
         outbox_alert_after_ms: 300_000,
+        write_queue: 1024,
+        write_deadline_ms: 10_000,
+        idempotency_retention: std::time::Duration::from_secs(7 * 86_400),
+        prune_interval_ms: 60_000,
         reload_interval_ms: 50,
         drain_timeout_ms: 5_000,
     }

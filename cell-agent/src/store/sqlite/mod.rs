@@ -9,6 +9,7 @@
 //! of read-only connections (WAL readers never block the writer).
 
 mod ledger;
+pub mod prune;
 mod read;
 mod schema;
 mod write;
@@ -16,12 +17,12 @@ mod write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection};
 use tokio::sync::oneshot;
 
-pub use schema::{migrate, recorded_cell};
+pub use schema::{meta_ms, migrate, recorded_cell};
 
 /// Why a store could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,27 @@ use super::*;
 
 /// Most writes committed in one transaction.
 pub const MAX_BATCH: usize = 256;
+
+/// Bounds of the write path: how many writes may wait, and how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriterLimits {
+    /// Writes that may wait for the writer; one more is refused at once
+    /// (503 `overloaded`, retryable) instead of queueing without bound.
+    pub queue: usize,
+    /// A write that has waited this long without starting is dropped
+    /// unapplied (503 `write_expired`): its client has given up or is about
+    /// to, and a retry with the same idempotency key must get one effect.
+    pub deadline: Duration,
+}
+
+impl Default for WriterLimits {
+    fn default() -> Self {
+        WriterLimits {
+            queue: 1024,
+            deadline: Duration::from_secs(10),
+        }
+    }
+}
 
 /// Unix time in ms.
 pub fn unix_ms() -> i64 {
@@ -72,7 +94,13 @@ pub fn open(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-type Job = (WriteOp, oneshot::Sender<Result<Reply, DomainError>>);
+/// A queued write: the operation, when it must have started by, and where
+/// its answer goes.
+struct Job {
+    op: WriteOp,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<Reply, DomainError>>,
+}
 
 /// The SQLite store of one cell.
 #[derive(Clone)]
@@ -83,7 +111,8 @@ pub struct SqliteStore {
 struct Inner {
     path: PathBuf,
     cell: String,
-    writer: Mutex<std_mpsc::Sender<Job>>,
+    writer: std_mpsc::SyncSender<Job>,
+    limits: WriterLimits,
     readers: Mutex<Vec<Connection>>,
 }
 
@@ -100,10 +129,15 @@ impl SqliteStore {
     /// Opens (creating and migrating) the database of `cell` at `path` and
     /// starts the writer thread.
     pub fn open(path: &Path, cell: &str) -> Result<Self, OpenError> {
+        Self::open_with(path, cell, WriterLimits::default())
+    }
+
+    /// [`Self::open`] with explicit bounds on the write path.
+    pub fn open_with(path: &Path, cell: &str, limits: WriterLimits) -> Result<Self, OpenError> {
         let mut conn = open(path, false)?;
         migrate(&mut conn)?;
         schema::claim_cell(&conn, cell)?;
-        let (tx, rx) = std_mpsc::channel::<Job>();
+        let (tx, rx) = std_mpsc::sync_channel::<Job>(limits.queue.max(1));
         let cell_name = cell.to_string();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -113,7 +147,8 @@ impl SqliteStore {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 cell: cell.to_string(),
-                writer: Mutex::new(tx),
+                writer: tx,
+                limits,
                 readers: Mutex::new(Vec::new()),
             }),
         })
@@ -145,16 +180,32 @@ impl SqliteStore {
 
 fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<Job>, cell: String) {
     while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            let now = Instant::now();
+            if job.reply.is_closed() {
+                // Nobody waits for the answer (the client went away): a
+                // retry with the same key will apply it.
+            } else if now > job.deadline {
+                let _ = job.reply.send(Err(DomainError::new(
+                    503,
+                    "write_expired",
+                    "the cell was too busy to start this write before its deadline; it was not applied (retry with the same idempotency key)",
+                )));
+            } else {
+                batch.push(job);
+            }
+            if batch.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
             }
         }
+        if batch.is_empty() {
+            continue;
+        }
         let results = run_batch(&mut conn, &batch, &cell);
-        for ((_, reply), result) in batch.into_iter().zip(results) {
-            let _ = reply.send(result);
+        for (job, result) in batch.into_iter().zip(results) {
+            let _ = job.reply.send(result);
         }
     }
 }
@@ -165,7 +216,7 @@ fn run_batch(conn: &mut Connection, batch: &[Job], cell: &str) -> Vec<Result<Rep
         return batch.iter().map(|_| Err(err.clone())).collect();
     }
     let mut results = Vec::with_capacity(batch.len());
-    for (op, _) in batch {
+    for Job { op, .. } in batch {
         if let Err(e) = conn.execute_batch("SAVEPOINT op") {
             results.push(Err(storage(e)));
             continue;
@@ -192,14 +243,26 @@ fn run_batch(conn: &mut Connection, batch: &[Job], cell: &str) -> Vec<Result<Rep
 impl Store for SqliteStore {
     async fn write(&self, op: WriteOp) -> Result<Reply, DomainError> {
         let (tx, rx) = oneshot::channel();
-        let sent = self
-            .inner
-            .writer
-            .lock()
-            .map_err(|_| DomainError::unavailable("writer lock poisoned"))?
-            .send((op, tx));
-        if sent.is_err() {
-            return Err(DomainError::unavailable("the database writer has stopped"));
+        let job = Job {
+            op,
+            deadline: Instant::now() + self.inner.limits.deadline,
+            reply: tx,
+        };
+        match self.inner.writer.try_send(job) {
+            Ok(()) => {}
+            Err(std_mpsc::TrySendError::Full(_)) => {
+                return Err(DomainError::new(
+                    503,
+                    "overloaded",
+                    format!(
+                        "the cell's write queue is full ({} writes waiting); nothing was applied, retry later",
+                        self.inner.limits.queue
+                    ),
+                ))
+            }
+            Err(std_mpsc::TrySendError::Disconnected(_)) => {
+                return Err(DomainError::unavailable("the database writer has stopped"))
+            }
         }
         rx.await
             .map_err(|_| DomainError::unavailable("the database writer has stopped"))?
@@ -213,7 +276,7 @@ impl Store for SqliteStore {
         self.with_reader(move |c| {
             let mut s = c
                 .prepare_cached(
-                    "SELECT o.id, o.transfer_id, t.from_user, o.to_user, o.to_cell, o.amount, o.attempts
+                    "SELECT o.id, o.transfer_id, t.from_user, o.to_user, o.to_cell, o.amount, o.attempts, o.created_ms
                      FROM outbox o JOIN transfers t ON t.id = o.transfer_id
                      WHERE o.delivered_ms IS NULL AND o.failed_ms IS NULL AND o.next_attempt_ms <= ?1
                      ORDER BY o.id LIMIT ?2",
@@ -228,9 +291,23 @@ impl Store for SqliteStore {
                     to_cell: r.get(4)?,
                     amount: r.get(5)?,
                     attempts: r.get(6)?,
+                    created_ms: r.get(7)?,
                 })
             })
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(storage)
+        })
+        .await
+    }
+
+    async fn oldest_unsettled_ms(&self, now_ms: i64) -> Result<i64, DomainError> {
+        self.with_reader(move |c| {
+            c.query_row(
+                "SELECT MIN(created_ms) FROM outbox WHERE delivered_ms IS NULL AND failed_ms IS NULL",
+                [],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .map(|m| m.unwrap_or(now_ms).min(now_ms))
             .map_err(storage)
         })
         .await

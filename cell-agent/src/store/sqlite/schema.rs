@@ -105,6 +105,18 @@ pub(super) const MIGRATIONS: &[&str] = &[
     ALTER TABLE transfers ADD COLUMN reason TEXT;
     ALTER TABLE outbox ADD COLUMN failed_ms INTEGER;
     "#,
+    // v3: pruning after a retention. An incoming credit records when its
+    // transfer was made at the sender, and each sender tells how far back
+    // all its transfers are settled: an inbox row is only pruned below
+    // that watermark, so a late retry can never be credited twice.
+    r#"
+    ALTER TABLE inbox ADD COLUMN transfer_created_ms INTEGER;
+    CREATE TABLE peer_watermarks (
+        cell              TEXT PRIMARY KEY,
+        settled_before_ms INTEGER NOT NULL
+    );
+    CREATE INDEX outbox_done ON outbox (delivered_ms, failed_ms);
+    "#,
 ];
 
 /// Applies the embedded migrations (idempotent; safe with two processes).
@@ -152,4 +164,27 @@ pub fn recorded_cell(conn: &Connection) -> rusqlite::Result<Option<String>> {
         r.get(0)
     })
     .optional()
+}
+
+/// A number kept in `meta` (e.g. how far back rows were pruned).
+pub fn meta_ms(conn: &Connection, key: &str) -> rusqlite::Result<i64> {
+    use rusqlite::OptionalExtension;
+    Ok(conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
+            r.get::<_, String>(0)
+        })
+        .optional()?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Raises a number kept in `meta` to at least `value`.
+pub fn raise_meta_ms(conn: &Connection, key: &str, value: i64) -> rusqlite::Result<()> {
+    if meta_ms(conn, key)? < value {
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            rusqlite::params![key, value.to_string()],
+        )?;
+    }
+    Ok(())
 }

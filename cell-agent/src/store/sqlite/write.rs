@@ -49,7 +49,26 @@ pub(super) fn apply(conn: &Connection, op: &WriteOp, cell: &str) -> Result<Reply
             to,
             amount,
             slot,
-        } => credit(conn, transfer_id, from_cell, from, to, *amount, *slot),
+            transfer_created_ms,
+            settled_before_ms,
+        } => credit(
+            conn,
+            Incoming {
+                transfer_id,
+                from_cell,
+                from,
+                to,
+                amount: *amount,
+                slot: *slot,
+                transfer_created_ms: *transfer_created_ms,
+                settled_before_ms: *settled_before_ms,
+            },
+        ),
+        WriteOp::Prune {
+            before_ms,
+            margin_ms,
+            limit,
+        } => super::prune::prune(conn, *before_ms, *margin_ms, *limit),
         WriteOp::Delivered { outbox_id } => delivered(conn, *outbox_id),
         WriteOp::DeliveryFailed {
             outbox_id,
@@ -277,16 +296,38 @@ fn transfer(
     Ok(reply)
 }
 
-fn credit(
-    conn: &Connection,
-    transfer_id: &str,
-    from_cell: &str,
-    from: &str,
-    to: &str,
+/// An incoming credit, as [`WriteOp::Credit`] carries it.
+struct Incoming<'a> {
+    transfer_id: &'a str,
+    from_cell: &'a str,
+    from: &'a str,
+    to: &'a str,
     amount: i64,
     slot: u32,
-) -> Result<Reply, DomainError> {
+    transfer_created_ms: i64,
+    settled_before_ms: i64,
+}
+
+fn credit(conn: &Connection, c: Incoming<'_>) -> Result<Reply, DomainError> {
+    let Incoming {
+        transfer_id,
+        from_cell,
+        from,
+        to,
+        amount,
+        slot,
+        transfer_created_ms,
+        settled_before_ms,
+    } = c;
     check_amount(amount)?;
+    if settled_before_ms > 0 {
+        conn.prepare_cached(
+            "INSERT INTO peer_watermarks (cell, settled_before_ms) VALUES (?1, ?2)
+             ON CONFLICT (cell) DO UPDATE SET settled_before_ms = MAX(settled_before_ms, excluded.settled_before_ms)",
+        )
+        .and_then(|mut s| s.execute(params![from_cell, settled_before_ms]))
+        .map_err(storage)?;
+    }
     let seen: Option<(String, i64, String)> = conn
         .prepare_cached("SELECT to_user, amount, from_cell FROM inbox WHERE transfer_id = ?1")
         .and_then(|mut s| {
@@ -320,9 +361,19 @@ fn credit(
         },
     )?;
     conn.prepare_cached(
-        "INSERT INTO inbox (transfer_id, from_cell, from_user, to_user, amount, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO inbox (transfer_id, from_cell, from_user, to_user, amount, created_ms, transfer_created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )
-    .and_then(|mut s| s.execute(params![transfer_id, from_cell, from, to, amount, unix_ms()]))
+    .and_then(|mut s| {
+        s.execute(params![
+            transfer_id,
+            from_cell,
+            from,
+            to,
+            amount,
+            unix_ms(),
+            (transfer_created_ms > 0).then_some(transfer_created_ms)
+        ])
+    })
     .map_err(storage)?;
     Ok((
         200,
