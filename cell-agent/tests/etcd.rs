@@ -151,3 +151,89 @@ async fn rules_from_etcd_registration_and_self_fencing() {
     .await;
     check(&dir.path("a.db"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_reach_a_cell_known_only_from_its_registrations() {
+    let etcd = EtcdServer::start();
+    let mut cp = ControlPlane::connect(std::slice::from_ref(&etcd.url), "cells")
+        .await
+        .unwrap();
+    // No static addresses for cell-c at all: registrations only.
+    let doc = placeholder_rules().replace(
+        "[cells.cell-c]\nblue = [\"127.0.0.1:13\"]\ngreen = [\"127.0.0.1:14\"]\n",
+        "[cells.cell-c]\nregistered = true\n",
+    );
+    assert!(doc.contains("registered = true"), "{doc}");
+    cp.apply(&doc, 0, "test", "v1").await.unwrap();
+    let dir = TempDir::new("etcd-peers");
+    let secret = secret_file(&dir);
+    let args = |cell: &str| -> Vec<String> {
+        [
+            "--cell",
+            cell,
+            "--colour",
+            "blue",
+            "--db",
+            dir.path(&format!("{cell}.db")).to_str().unwrap(),
+            "--etcd",
+            &etcd.url,
+            "--cluster",
+            "cells",
+            "--internal-listen",
+            "127.0.0.1:0",
+            "--internal-secret-file",
+            secret.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let a = AgentProcess::start(&args("cell-a"), "127.0.0.1:0");
+    let c = AgentProcess::start(&args("cell-c"), "127.0.0.1:0");
+    let client = client();
+    let payer = users_in(&doc, "cell-a", 1).remove(0);
+    let payee = users_in(&doc, "cell-c", 1).remove(0);
+    wait_until("cell-a to hold its lease", Duration::from_secs(10), || {
+        let (client, payer) = (client.clone(), payer.clone());
+        async move { deposit(&client, a.addr, &payer, 100, "seed").await.status == StatusCode::OK }
+    })
+    .await;
+    let want = c.internal.unwrap().to_string();
+    wait_until("cell-c's registration", Duration::from_secs(10), || {
+        let (url, want) = (etcd.url.clone(), want.clone());
+        async move {
+            registrations(&url)
+                .await
+                .iter()
+                .any(|r| r["cell"] == "cell-c" && r["internal_address"] == want.as_str())
+        }
+    })
+    .await;
+    let t = call(
+        &client,
+        "POST",
+        a.addr,
+        "/v1/transfers",
+        &payer,
+        Some(serde_json::json!({"from": payer, "to": payee, "amount": 40, "idempotency_key": "t"})),
+    )
+    .await;
+    assert_eq!(t.status, StatusCode::CREATED, "{}", t.json);
+    wait_until("the credit in cell-c", Duration::from_secs(15), || {
+        let (client, payee) = (client.clone(), payee.clone());
+        async move {
+            call(
+                &client,
+                "GET",
+                c.addr,
+                &format!("/v1/accounts/{payee}"),
+                &payee,
+                None,
+            )
+            .await
+            .json["balance"]
+                == 40
+        }
+    })
+    .await;
+}
