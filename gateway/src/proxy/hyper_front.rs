@@ -1,0 +1,290 @@
+//! The hyper front end: HTTP/2, and HTTP/1 requests the lean loop leaves
+//! to hyper. Shares routing and forwarding with the lean path.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Either;
+use hyper::body::Incoming;
+
+use super::refusal::refusal_response;
+use super::{
+    forwarded_response_headers, stamps, BodyHead, Forwarded, HeadParts, Outgoing, ProxyBody,
+    ReqBody, Shared,
+};
+use crate::control::{Control, InflightGuard};
+use crate::h1::{BodyDecoder, Framing};
+use crate::upstream::{closed_mid_body, PooledConn};
+
+/// The proxy service for one downstream connection (hyper front end).
+#[derive(Clone)]
+pub struct ProxyService {
+    shared: Arc<Shared>,
+    peer: Option<SocketAddr>,
+    /// The peer's IP, formatted once per connection.
+    peer_ip: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for ProxyService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyService")
+            .field("peer", &self.peer)
+            .finish()
+    }
+}
+
+impl ProxyService {
+    /// A service over the shared state.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        ProxyService {
+            shared,
+            peer: None,
+            peer_ip: Arc::from(&b""[..]),
+        }
+    }
+
+    /// The same service for a connection from `peer`.
+    pub fn for_peer(&self, peer: SocketAddr) -> Self {
+        ProxyService {
+            shared: self.shared.clone(),
+            peer: Some(peer),
+            peer_ip: Arc::from(peer.ip().to_string().as_bytes()),
+        }
+    }
+}
+
+impl tower::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let shared = self.shared.clone();
+        let peer_ip = self.peer_ip.clone();
+        Box::pin(async move { Ok(handle_hyper(&shared, req, &peer_ip).await) })
+    }
+}
+
+async fn handle_hyper(
+    shared: &Shared,
+    req: Request<Incoming>,
+    peer_ip: &[u8],
+) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let gen = shared.control.current();
+    let (parts, body) = req.into_parts();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let authority = parts.uri.authority().map(|a| a.as_str().as_bytes());
+    let empty = body.is_end_stream();
+    // hyper has decoded the client's framing; the body's exact size (from a
+    // validated content-length) or chunked encoding frames it upstream.
+    let framing = match body.size_hint().exact() {
+        Some(0) if !parts.headers.contains_key(header::CONTENT_LENGTH) => BodyHead::None,
+        Some(n) => BodyHead::Length(n),
+        None => BodyHead::Chunked,
+    };
+    let headers: Vec<(&[u8], &[u8])> = parts
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
+        .collect();
+    let head = HeadParts {
+        method: parts.method.as_str().as_bytes(),
+        target,
+        headers: headers.iter().copied(),
+        wire: Vec::with_capacity(512),
+        host: if parts.version == Version::HTTP_2 {
+            authority
+        } else {
+            None
+        },
+        body: framing,
+    };
+    let mut out = match Outgoing::build(shared, &gen, head, peer_ip, start) {
+        Ok(o) => o,
+        Err(r) => return refusal_response(&r),
+    };
+    let body = if empty {
+        ReqBody::Empty
+    } else {
+        ReqBody::Stream { body, framing }
+    };
+    let fwd = match shared.forward(&gen, &mut out, body, None).await {
+        Ok(f) => f,
+        Err(r) => return refusal_response(&r),
+    };
+    let Forwarded {
+        mut conn,
+        head,
+        guard,
+        decision,
+    } = fwd;
+    let mut resp = Response::new(());
+    *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    {
+        let buf = &conn.io().buf[..];
+        let h = resp.headers_mut();
+        for (n, v) in forwarded_response_headers(buf, &head) {
+            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n), HeaderValue::from_bytes(v)) {
+                h.append(n, v);
+            }
+        }
+        if let Ok(v) = HeaderValue::from_bytes(out.request_id()) {
+            h.insert(HeaderName::from_static("x-request-id"), v);
+        }
+        if shared.settings.debug_headers {
+            stamps(&gen, &decision, |n, v| {
+                if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n), HeaderValue::from_bytes(v)) {
+                    h.insert(n, v);
+                }
+            });
+        }
+        if let Framing::Length(n) = head.framing {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
+    conn.io().buf.advance(head.len);
+    let body = ResponseBody {
+        decoder: BodyDecoder::new(head.framing),
+        keep_alive: head.keep_alive,
+        conn: Some(conn),
+        timeout: shared.settings.request_timeout,
+        stall: None,
+        control: shared.control.clone(),
+        _guard: guard,
+    };
+    let (parts, ()) = resp.into_parts();
+    Response::from_parts(parts, Either::Left(body))
+}
+
+/// An upstream response body streamed to a hyper client. Returns the
+/// connection to the pool when the body ends, and holds the cell's
+/// in-flight slot until then.
+pub struct ResponseBody {
+    conn: Option<PooledConn>,
+    decoder: BodyDecoder,
+    keep_alive: bool,
+    timeout: Duration,
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    control: Arc<Control>,
+    _guard: InflightGuard,
+}
+
+impl ResponseBody {
+    fn finish(&mut self) {
+        if let Some(c) = self.conn.take() {
+            if self.keep_alive && self.decoder.is_done() {
+                c.release();
+            }
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = self.get_mut();
+        loop {
+            if this.decoder.is_done() {
+                this.finish();
+                return Poll::Ready(None);
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let io = conn.io();
+            if !io.buf.is_empty() {
+                let step = match this.decoder.feed(&io.buf) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(std::io::Error::other(e))));
+                    }
+                };
+                if let Some(r) = step.data {
+                    debug_assert_eq!(r, 0..step.consumed);
+                    let data = io.buf.split_to(step.consumed).freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                io.buf.advance(step.consumed);
+                if step.consumed > 0 {
+                    continue;
+                }
+            }
+            let read = match io.poll_read_more(cx) {
+                Poll::Ready(r) => r,
+                Poll::Pending => {
+                    // Each wait for more of the body is bounded by the
+                    // request timeout.
+                    let timeout = this.timeout;
+                    let stall = this
+                        .stall
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    if stall.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    let e = conn.stalled(this.control.metrics());
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            };
+            this.stall = None;
+            match read {
+                Ok(0) if this.decoder.until_close() => {
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(closed_mid_body())));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.decoder.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder.remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Bodies that are empty by definition (HEAD, 204, 304) are never
+        // polled; their connection is still clean and reusable.
+        self.finish();
+    }
+}

@@ -1,0 +1,112 @@
+//! The data path: routes each request to its user's cell and colour,
+//! stamps it, and proxies it over a pooled HTTP/1.1 connection, retrying
+//! elsewhere only when that cannot duplicate an effect.
+//!
+//! Two front ends share it: the lean HTTP/1.1 connection loop (`fast.rs`,
+//! plain HTTP/1.x requests) and a hyper + tower service (HTTP/2, and
+//! HTTP/1 requests the lean loop leaves to hyper: chunked request bodies,
+//! `Expect`, upgrades, absolute-form targets, malformed heads).
+//!
+//! Phases of one request (see docs/gateway.md):
+//! 1. load the current generation (lock-free);
+//! 2. extract the key, route (override → slot → home → serving → colour);
+//! 3. take an in-flight slot of the serving cell (503 + Retry-After if full);
+//! 4. write the upstream head once (hop-by-hop out; x-forwarded-for and
+//!    request id in); the stamps are appended per attempt;
+//! 5. attempt: pick an instance, check out a connection, send; on a connect
+//!    failure re-route with the instance ejected and try again; after the
+//!    request reached an upstream, retry only idempotent body-less requests;
+//! 6. stream the response back; the connection returns to the pool when the
+//!    body ends.
+
+mod forward;
+mod hyper_front;
+mod outgoing;
+mod refusal;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+
+use crate::control::Control;
+
+pub use forward::{forwarded_response_headers, with_deadline, Forwarded, ReqBody};
+pub use hyper_front::{ProxyService, ResponseBody};
+pub use outgoing::{stamps, BodyHead, HeadParts, Outgoing};
+pub use refusal::Refusal;
+
+/// Body of responses to clients on the hyper front end.
+pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
+
+/// Proxy settings.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// Time for response headers.
+    pub request_timeout: Duration,
+    /// Attempts per request.
+    pub max_attempts: usize,
+    /// Add decision headers to responses.
+    pub debug_headers: bool,
+}
+
+/// Generates request ids: a per-process random prefix and a counter.
+#[derive(Debug)]
+struct RequestIds {
+    prefix: u64,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let prefix = xorshift(nanos ^ (std::process::id() as u64) << 32);
+        RequestIds {
+            prefix,
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> [u8; 32] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut buf = [0u8; 32];
+        for (i, v) in [self.prefix, n].iter().enumerate() {
+            for j in 0..16 {
+                buf[i * 16 + j] = HEX[((v >> (60 - 4 * j)) & 0xf) as usize];
+            }
+        }
+        buf
+    }
+}
+
+fn xorshift(mut x: u64) -> u64 {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
+}
+
+/// What both front ends share: the rules, settings and request ids.
+#[derive(Debug)]
+pub struct Shared {
+    pub(crate) control: Arc<Control>,
+    pub(crate) settings: ProxySettings,
+    ids: RequestIds,
+}
+
+impl Shared {
+    /// Shared state over `control`'s rules.
+    pub fn new(control: Arc<Control>, settings: ProxySettings) -> Arc<Self> {
+        Arc::new(Shared {
+            control,
+            settings,
+            ids: RequestIds::new(),
+        })
+    }
+}
