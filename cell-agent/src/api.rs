@@ -206,11 +206,16 @@ impl<S: Store> Api<S> {
                 ));
             }
             (&Method::GET, ["readyz"]) => {
-                return if self.ready.load(std::sync::atomic::Ordering::Relaxed) {
-                    Ok((200, json!({"status": "ready"})))
-                } else {
-                    Err(DomainError::unavailable("draining"))
-                };
+                // Ready = can take writes now: not draining, and not fenced
+                // (the control-plane lease is held). Gateways probe this.
+                if !self.ready.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(DomainError::new(503, "draining", "the agent is stopping"));
+                }
+                self.check_writable()?;
+                return Ok((
+                    200,
+                    json!({"status": "ready", "revision": self.rules.table().revision()}),
+                ));
             }
             _ => {}
         }

@@ -81,8 +81,9 @@ pub struct ServeConfig {
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub max_attempts: usize,
 
-    /// Path of the active health check (HTTP GET, 2xx = healthy).
-    #[arg(long, value_name = "PATH", default_value = "/healthz")]
+    /// Path of the active health check (HTTP GET, 2xx = healthy). The cell
+    /// agent's /readyz answers 2xx only while it can take writes.
+    #[arg(long, value_name = "PATH", default_value = "/readyz")]
     pub health_path: String,
 
     /// Interval between active health checks of each instance.
@@ -112,6 +113,60 @@ pub struct ServeConfig {
     /// Longest ejection time.
     #[arg(long, value_name = "MS", default_value_t = 30_000)]
     pub eject_max_ms: u64,
+
+    /// Most instances of a cell ejected at once, in percent (at least one
+    /// may be; the last up instance of a colour never is).
+    #[arg(long, value_name = "PERCENT", default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub max_ejection_percent: u32,
+
+    /// Retries allowed as a share of requests over the last 10 s, in
+    /// percent (on top of --retry-min-per-s).
+    #[arg(long, value_name = "PERCENT", default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub retry_budget_percent: u32,
+
+    /// Retries always allowed per second, whatever the budget.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub retry_min_per_s: u32,
+
+    /// Request bodies up to this size are read in full before an upstream
+    /// connection is taken; larger ones are streamed once this much arrived.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(1..=16 * 1024 * 1024))]
+    pub client_body_buffer_bytes: u64,
+
+    /// Longest wait for more of a request body (408 and close after); a
+    /// client's slowness is never counted against the cell.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    pub client_body_timeout_ms: u64,
+
+    /// Longest a client may leave response bytes unread (like nginx's
+    /// send_timeout); the connection is closed after, freeing the cell.
+    #[arg(long, value_name = "MS", default_value_t = 60_000)]
+    pub send_timeout_ms: u64,
+
+    /// A client connection with no request in progress is closed after
+    /// this long (HTTP/1.1 keep-alive and HTTP/2 alike; also the time for
+    /// the first request head).
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    pub idle_timeout_ms: u64,
+
+    /// Largest request head (request line and headers); 431 beyond.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(1024..=1024 * 1024))]
+    pub max_head_bytes: u64,
+
+    /// Most client connections open on the proxy listener; further clients
+    /// wait in the kernel's accept queue. The admin listener has its own
+    /// small reserve.
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+
+    /// Most concurrent streams per HTTP/2 connection.
+    #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub http2_max_streams: u32,
+
+    /// Largest rules document accepted (a larger file is refused before it
+    /// is read).
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub max_rules_bytes: u64,
 
     /// How often the rules file is checked for changes.
     #[arg(long, value_name = "MS", default_value_t = 200)]
@@ -155,7 +210,7 @@ impl ServeConfig {
             max_conns_per_instance: 256,
             cell_max_inflight: 2_048,
             max_attempts: 3,
-            health_path: "/healthz".into(),
+            health_path: "/readyz".into(),
             health_interval_ms: 1_000,
             health_timeout_ms: 500,
             health_rise: 2,
@@ -163,6 +218,17 @@ impl ServeConfig {
             eject_5xx_streak: 5,
             eject_base_ms: 1_000,
             eject_max_ms: 30_000,
+            max_ejection_percent: 50,
+            retry_budget_percent: 20,
+            retry_min_per_s: 10,
+            client_body_buffer_bytes: 64 * 1024,
+            client_body_timeout_ms: 10_000,
+            send_timeout_ms: 60_000,
+            idle_timeout_ms: 30_000,
+            max_head_bytes: 64 * 1024,
+            max_connections: 10_000,
+            http2_max_streams: 128,
+            max_rules_bytes: 64 * 1024 * 1024,
             reload_interval_ms: 200,
             drain_timeout_ms: 10_000,
             debug_headers: false,
@@ -187,6 +253,9 @@ impl ServeConfig {
             ("health-timeout-ms", self.health_timeout_ms),
             ("eject-base-ms", self.eject_base_ms),
             ("reload-interval-ms", self.reload_interval_ms),
+            ("client-body-timeout-ms", self.client_body_timeout_ms),
+            ("send-timeout-ms", self.send_timeout_ms),
+            ("idle-timeout-ms", self.idle_timeout_ms),
         ] {
             if v == 0 {
                 return err(flag, "must be at least 1 ms");

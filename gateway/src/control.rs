@@ -107,6 +107,25 @@ pub struct CellRuntime {
     pub colours: [ColourGroup; 2],
 }
 
+impl CellRuntime {
+    /// Whether `inst` may be ejected now: never the last up instance of
+    /// its colour, and never more than `max_ejection_percent` of the cell's
+    /// instances at once (at least one may be).
+    pub fn may_eject(&self, inst: &Instance, now: u64) -> bool {
+        let all = || self.colours.iter().flat_map(|g| g.instances.iter());
+        let total = all().count() as u64;
+        let ejected = all().filter(|i| i.is_ejected(now)).count() as u64;
+        let cap = (total * inst.settings().max_ejection_percent as u64 / 100).max(1);
+        if ejected >= cap {
+            return false;
+        }
+        self.colours[inst.colour as usize]
+            .instances
+            .iter()
+            .any(|i| !std::ptr::eq(i.as_ref(), inst) && i.is_up(now))
+    }
+}
+
 /// One accepted version of the rules with everything the data path needs.
 #[derive(Debug)]
 pub struct Generation {
@@ -173,9 +192,17 @@ pub struct GenerationHealth<'a> {
 }
 
 impl HealthView for GenerationHealth<'_> {
+    /// Routing (cell failover, colour fallback) follows the active probes
+    /// only: passive ejections steer requests between the instances of a
+    /// colour, never users between cells.
     #[inline]
     fn is_up(&self, cell: CellIdx, colour: Colour) -> bool {
-        self.gen.group(cell, colour).any_up(self.now)
+        let _ = self.now;
+        self.gen
+            .group(cell, colour)
+            .instances
+            .iter()
+            .any(|i| i.active_up())
     }
 }
 

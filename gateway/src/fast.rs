@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -24,15 +24,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
+use crate::conn_watch::{ConnWatch, Verdict};
 use crate::h1::{self, BodyDecoder, Framing, MAX_HEAD, MAX_HEADERS};
 use crate::proxy::{
     forwarded_response_headers, stamps, with_deadline, BodyHead, Forwarded, HeadParts, Outgoing,
     ProxyService, Refusal, ReqBody, Shared,
 };
 use crate::upstream::closed_mid_body;
-
-/// A client that sends no complete request head for this long is closed.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What every client connection task needs.
 pub struct FrontEnd {
@@ -149,7 +147,8 @@ pub async fn serve_connection(
     // A second receiver: `stop` itself is borrowed by `stopped` below.
     let stop_seen = stop.clone();
     let mut last_activity = Instant::now();
-    let mut idle = pin!(tokio::time::sleep(HEADER_TIMEOUT));
+    let idle_timeout = shared.settings.idle_timeout;
+    let mut idle = pin!(tokio::time::sleep(idle_timeout));
     let mut stopped = pin!(stop.changed());
     loop {
         // 1. A complete request head, routed with the rules current when
@@ -177,9 +176,10 @@ pub async fn serve_connection(
                     stopping = true;
                 }
                 _ = &mut idle => {
-                    let deadline = last_activity + HEADER_TIMEOUT;
+                    let deadline = last_activity + idle_timeout;
                     if Instant::now() >= deadline {
                         tracing::debug!(peer = %peer, "no request head in time; closing");
+                        shared.control.metrics().client_errors.with_label_values(&["idle_timeout"]).inc();
                         return;
                     }
                     idle.as_mut().reset(deadline.into());
@@ -192,6 +192,38 @@ pub async fn serve_connection(
         // 2. Forward, or answer ourselves.
         let outcome = match prepared.out {
             Ok(mut out) => {
+                // The body (up to the buffer size) arrives before an
+                // upstream connection is taken: a slow client holds nothing
+                // of the cell.
+                let want = prepared.body_len.min(shared.settings.client_body_buffer) as usize;
+                while buf.len() < want {
+                    let read = tokio::time::timeout(
+                        shared.settings.client_body_timeout,
+                        stream.read_buf(&mut buf),
+                    )
+                    .await;
+                    match read {
+                        Ok(Ok(n)) if n > 0 => {}
+                        Ok(_) => return,
+                        Err(_) => {
+                            shared
+                                .control
+                                .metrics()
+                                .client_errors
+                                .with_label_values(&["body_timeout"])
+                                .inc();
+                            let r = Refusal::new(
+                                http::StatusCode::REQUEST_TIMEOUT,
+                                "client_body_timeout",
+                                "the request body did not arrive in time",
+                            );
+                            let _ =
+                                write_refusal(&mut stream, &mut wbuf, &r, false, prepared.http10)
+                                    .await;
+                            return;
+                        }
+                    }
+                }
                 let body = if prepared.body_len > 0 {
                     ReqBody::Fixed {
                         stream: &mut stream,
@@ -326,7 +358,7 @@ async fn relay_response(
         }
         // Flush what we have, then wait for more of the body.
         if !wbuf.is_empty() {
-            client.write_all(wbuf).await?;
+            send(client, wbuf, timer.as_mut(), shared).await?;
             wbuf.clear();
         }
         let deadline = tokio::time::Instant::now() + shared.settings.request_timeout;
@@ -345,7 +377,7 @@ async fn relay_response(
         }
     }
     if !wbuf.is_empty() {
-        client.write_all(wbuf).await?;
+        send(client, wbuf, timer.as_mut(), shared).await?;
     }
     if upstream_ok && head.keep_alive {
         conn.release();
@@ -355,6 +387,34 @@ async fn relay_response(
         let _ = client.shutdown().await;
     }
     Ok(keep_alive)
+}
+
+/// Writes `bytes` to the client within the send timeout (on the
+/// connection's own timer): a client that leaves response bytes unread for
+/// that long is cut off, and the cell's slot and upstream connection come
+/// back (nginx's `send_timeout`).
+async fn send(
+    client: &mut TcpStream,
+    bytes: &[u8],
+    timer: Pin<&mut tokio::time::Sleep>,
+    shared: &Shared,
+) -> std::io::Result<()> {
+    let deadline = tokio::time::Instant::now() + shared.settings.send_timeout;
+    match with_deadline(timer, deadline, client.write_all(bytes)).await {
+        Some(r) => r,
+        None => {
+            shared
+                .control
+                .metrics()
+                .client_errors
+                .with_label_values(&["send_timeout"])
+                .inc();
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client took no response bytes within the send timeout",
+            ))
+        }
+    }
 }
 
 /// Ends a response head: `connection: close` when the connection ends after
@@ -411,12 +471,12 @@ async fn hand_to_hyper(
         prefix: read.freeze(),
         inner: stream,
     });
-    let svc = TowerToHyperService::new(front.service.for_peer(peer));
+    let watch = Arc::new(ConnWatch::default());
+    let svc = TowerToHyperService::new(front.service.for_peer(peer, watch.clone()));
     let conn = front.builder.serve_connection(io, svc);
     let mut conn = pin!(conn);
-    if stopping {
-        conn.as_mut().graceful_shutdown();
-    } else {
+    let settings = &front.shared.settings;
+    if !stopping {
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
@@ -424,11 +484,28 @@ async fn hand_to_hyper(
                 }
                 return;
             }
+            v = watch.verdict(settings.idle_timeout, settings.send_timeout) => {
+                front.shared.control.metrics().client_errors.with_label_values(&[v.as_str()]).inc();
+                tracing::debug!(peer = %peer, reason = v.as_str(), "closing the client connection");
+                if v == Verdict::SendTimeout {
+                    // Dropping the connection drops its response bodies:
+                    // the cell's slots and upstream connections come back.
+                    return;
+                }
+                conn.as_mut().graceful_shutdown();
+            }
             _ = stop.changed() => conn.as_mut().graceful_shutdown(),
         }
+    } else {
+        conn.as_mut().graceful_shutdown();
     }
-    if let Err(e) = conn.await {
-        tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
+    // A graceful close is bounded too: a client ignoring it is dropped.
+    match tokio::time::timeout(settings.idle_timeout, conn).await {
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %peer, error = %e, "client connection ended with an error")
+        }
+        Ok(Ok(())) => {}
+        Err(_) => tracing::debug!(peer = %peer, "client ignored the graceful close; dropped"),
     }
 }
 

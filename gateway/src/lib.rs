@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod conn_watch;
 pub mod control;
 pub mod demo;
 #[cfg(feature = "etcd")]

@@ -60,6 +60,13 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     /// `cellgate_rejected_total{reason}`: requests answered by the gateway itself.
     pub rejected: IntCounterVec,
+    /// `cellgate_retries_denied_total`: retries the budget refused.
+    pub retries_denied: IntCounter,
+    /// `cellgate_client_errors_total{kind}`: clients that were too slow or
+    /// broke the protocol (never counted against a cell).
+    pub client_errors: IntCounterVec,
+    /// `cellgate_ejections_total{cell}`: instances passively ejected.
+    pub ejections: IntCounterVec,
     /// `cellgate_rules_revision`.
     pub rules_revision: IntGauge,
     /// `cellgate_rules_reloads_total{result}` (`ok` / `error`).
@@ -138,6 +145,24 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new("cellgate_rejected_total", "Requests the gateway answered itself (missing_key, malformed_key, internal_path, cell_overloaded, no_upstream, upstream_timeout)."),
                     &["reason"],
+                )?,
+            )?,
+            retries_denied: reg(
+                r,
+                IntCounter::new("cellgate_retries_denied_total", "Retries refused by the retry budget (the request failed instead).")?,
+            )?,
+            client_errors: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("cellgate_client_errors_total", "Client connections ended for the client's own fault: body_timeout, send_timeout, idle_timeout, header_timeout, bad_request."),
+                    &["kind"],
+                )?,
+            )?,
+            ejections: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("cellgate_ejections_total", "Instances passively ejected (connect failures, 5xx or timeout streaks), by cell."),
+                    &["cell"],
                 )?,
             )?,
             rules_revision: reg(

@@ -10,8 +10,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus::Registry;
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
@@ -49,6 +49,7 @@ pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<Runni
         eject_5xx_streak: cfg.eject_5xx_streak,
         eject_base_ms: cfg.eject_base_ms,
         eject_max_ms: cfg.eject_max_ms,
+        max_ejection_percent: cfg.max_ejection_percent,
     };
     let health = HealthSettings {
         path: cfg.health_path.clone(),
@@ -83,13 +84,21 @@ pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<Runni
             request_timeout: cfg.request_timeout(),
             max_attempts: cfg.max_attempts,
             debug_headers: cfg.debug_headers,
+            client_body_timeout: Duration::from_millis(cfg.client_body_timeout_ms),
+            client_body_buffer: cfg.client_body_buffer_bytes,
+            send_timeout: Duration::from_millis(cfg.send_timeout_ms),
+            idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
+            retry_budget_ratio: cfg.retry_budget_percent as f32 / 100.0,
+            retry_min_per_s: cfg.retry_min_per_s,
         },
     );
     let front = Arc::new(FrontEnd {
         service: ProxyService::new(shared.clone()),
+        builder: builder(&shared.settings, cfg.http2_max_streams),
         shared,
-        builder: builder(),
     });
+    let max_connections = connection_cap(cfg.max_connections);
+    let admin_builder = builder(&front.shared.settings, 16);
     let admin = Admin::new(control.clone(), cfg.admin_token.clone(), source.clone());
     let follower = match &cfg.rules {
         Some(path) => tokio::spawn(control.clone().watch(
@@ -107,8 +116,18 @@ pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<Runni
     };
     let tasks = vec![
         follower,
-        tokio::spawn(serve_proxy(proxy_listener, front, stop_rx.clone())),
-        tokio::spawn(serve_admin(admin_listener, admin.clone(), stop_rx)),
+        tokio::spawn(serve_proxy(
+            proxy_listener,
+            front,
+            max_connections,
+            stop_rx.clone(),
+        )),
+        tokio::spawn(serve_admin(
+            admin_listener,
+            admin.clone(),
+            admin_builder,
+            stop_rx,
+        )),
     ];
     Ok(RunningGateway {
         proxy_addr,
@@ -208,39 +227,99 @@ fn follow_etcd(
     anyhow::bail!("--etcd: this cellgate was built without etcd support")
 }
 
-fn builder() -> auto::Builder<TokioExecutor> {
+/// File descriptors kept free for the admin listener, health checks, the
+/// control plane and files, whatever the client load.
+pub const FD_RESERVE: u64 = 128;
+/// Connections the admin listener holds at most.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// First pause after a failed accept (doubles up to 1 s).
+const ACCEPT_BACKOFF_MS: u64 = 10;
+
+/// The proxy listener's connection cap: `--max-connections`, lowered when
+/// the process's file-descriptor limit could not hold that many client
+/// connections (and one upstream connection each) plus the reserve.
+pub fn connection_cap(configured: u64) -> usize {
+    let soft = rlimit::Resource::NOFILE
+        .get()
+        .map(|(soft, _)| soft)
+        .unwrap_or(u64::MAX);
+    let fits = soft.saturating_sub(FD_RESERVE) / 2;
+    if fits < configured {
+        tracing::warn!(
+            max_connections = configured,
+            nofile = soft,
+            cap = fits.max(1),
+            "--max-connections lowered to fit the file-descriptor limit (raise `ulimit -n` for more)"
+        );
+    }
+    configured.min(fits).max(1) as usize
+}
+
+fn builder(settings: &ProxySettings, http2_max_streams: u32) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        .header_read_timeout(settings.idle_timeout)
         .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(http2_max_streams)
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20));
     b
 }
 
-async fn serve_proxy(listener: TcpListener, front: Arc<FrontEnd>, mut stop: watch::Receiver<bool>) {
+/// Accepts the next connection once a permit is free; pauses (10 ms
+/// doubling to 1 s) instead of spinning when accepting fails, e.g. when the
+/// process is out of file descriptors.
+async fn accept(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+    backoff: &mut u64,
+    what: &str,
+) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    let permit = permits.clone().acquire_owned().await.ok()?;
+    loop {
+        match listener.accept().await {
+            Ok((s, peer)) => {
+                *backoff = ACCEPT_BACKOFF_MS;
+                return Some((s, peer, permit));
+            }
+            Err(e) => {
+                tracing::warn!(listener = what, error = %e, pause_ms = *backoff, "accept failed; pausing");
+                tokio::time::sleep(Duration::from_millis(*backoff)).await;
+                *backoff = (*backoff * 2).min(1_000);
+            }
+        }
+    }
+}
+
+async fn serve_proxy(
+    listener: TcpListener,
+    front: Arc<FrontEnd>,
+    max_connections: usize,
+    mut stop: watch::Receiver<bool>,
+) {
     // Every connection task holds a clone of `drain`; when all are gone,
     // `drained` yields None.
     let (drain, mut drained) = mpsc::channel::<()>(1);
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let mut backoff = ACCEPT_BACKOFF_MS;
     loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
+        let (stream, peer, permit) = tokio::select! {
+            r = accept(&listener, &permits, &mut backoff, "proxy") => match r {
+                Some(x) => x,
+                None => break,
             },
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(crate::fast::serve_connection(
-            front.clone(),
-            stream,
-            peer,
-            stop.clone(),
-            drain.clone(),
-        ));
+        let conn =
+            crate::fast::serve_connection(front.clone(), stream, peer, stop.clone(), drain.clone());
+        tokio::spawn(async move {
+            conn.await;
+            drop(permit);
+        });
     }
     drop(listener);
     drop(drain);
@@ -248,13 +327,19 @@ async fn serve_proxy(listener: TcpListener, front: Arc<FrontEnd>, mut stop: watc
     let _ = drained.recv().await;
 }
 
-async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Receiver<bool>) {
-    let builder = builder();
+async fn serve_admin(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    builder: auto::Builder<TokioExecutor>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    let mut backoff = ACCEPT_BACKOFF_MS;
     loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(_) => continue,
+        let (stream, _, permit) = tokio::select! {
+            r = accept(&listener, &permits, &mut backoff, "admin") => match r {
+                Some(x) => x,
+                None => break,
             },
             _ = stop.changed() => break,
         };
@@ -267,7 +352,9 @@ async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::
             .serve_connection(TokioIo::new(stream), svc)
             .into_owned();
         tokio::spawn(async move {
-            let _ = conn.await;
+            // Admin requests are short: a connection that idles is closed.
+            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+            drop(permit);
         });
     }
 }

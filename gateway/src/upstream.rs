@@ -47,12 +47,14 @@ pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     /// Connections (busy + idle) per instance.
     pub max_conns: usize,
-    /// Consecutive 5xx that eject.
+    /// Consecutive failures (5xx, upstream timeouts, resets) that eject.
     pub eject_5xx_streak: u32,
     /// First ejection, ms.
     pub eject_base_ms: u64,
     /// Longest ejection, ms.
     pub eject_max_ms: u64,
+    /// Most instances of a cell ejected at once, percent (at least one).
+    pub max_ejection_percent: u32,
 }
 
 /// Why no connection could be had. The request never left the gateway.
@@ -180,7 +182,19 @@ impl Instance {
         self.up_gauge.set(self.is_up(now) as i64);
     }
 
-    fn eject(&self, now: u64) -> u64 {
+    /// Ejected (passively) at `now`.
+    pub fn is_ejected(&self, now: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now
+    }
+
+    /// The settings shared by every instance.
+    pub fn settings(&self) -> &UpstreamSettings {
+        &self.settings
+    }
+
+    /// Ejects the instance from `now` with exponential backoff; returns
+    /// the ejection in ms. The caller checks the ejection caps first.
+    pub fn eject(&self, now: u64) -> u64 {
         let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(20);
         let ms = self
             .settings
@@ -188,33 +202,27 @@ impl Instance {
             .saturating_mul(1 << n)
             .min(self.settings.eject_max_ms);
         self.ejected_until_ms.store(now + ms, Ordering::Relaxed);
+        self.streak_5xx.store(0, Ordering::Relaxed);
         self.up_gauge.set(0);
         ms
     }
 
-    /// A connect failure: ejects at once (with backoff). Returns the ejection in ms.
-    pub fn record_connect_failure(&self, now: u64) -> u64 {
-        self.eject(now)
+    /// A failed exchange (5xx, upstream timeout, reset): true when the
+    /// streak reached the ejection threshold.
+    pub fn note_failure(&self) -> bool {
+        let streak = self.streak_5xx.fetch_add(1, Ordering::Relaxed) + 1;
+        streak >= self.settings.eject_5xx_streak
     }
 
-    /// An upstream response: a streak of 5xx ejects; anything else resets.
-    /// Returns the ejection in ms when this response caused one.
-    pub fn record_status(&self, status: u16) -> Option<u64> {
-        if status >= 500 {
-            let streak = self.streak_5xx.fetch_add(1, Ordering::Relaxed) + 1;
-            if streak >= self.settings.eject_5xx_streak {
-                self.streak_5xx.store(0, Ordering::Relaxed);
-                return Some(self.eject(now_ms()));
-            }
-        } else {
-            if self.streak_5xx.load(Ordering::Relaxed) != 0 {
-                self.streak_5xx.store(0, Ordering::Relaxed);
-            }
-            if self.ejections.load(Ordering::Relaxed) != 0 {
-                self.ejections.store(0, Ordering::Relaxed);
-            }
+    /// A good exchange: resets the failure streak and the ejection backoff.
+    #[inline]
+    pub fn note_success(&self) {
+        if self.streak_5xx.load(Ordering::Relaxed) != 0 {
+            self.streak_5xx.store(0, Ordering::Relaxed);
         }
-        None
+        if self.ejections.load(Ordering::Relaxed) != 0 {
+            self.ejections.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Status for the admin API.

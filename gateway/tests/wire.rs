@@ -83,7 +83,7 @@ impl RawBackend {
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     while let Some((head, path, body_len)) = read_request(&mut s, &mut buf).await {
-                        if path != "/healthz" {
+                        if path != "/readyz" {
                             counter.fetch_add(1, Ordering::SeqCst);
                         }
                         let is_head = head.starts_with("HEAD ");
@@ -487,20 +487,37 @@ async fn a_kept_alive_connection_routes_each_request_with_the_current_rules() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_upload_is_cut_off_by_the_request_timeout() {
+async fn a_stalled_upload_is_the_clients_fault_and_never_reaches_the_cell() {
     let be = RawBackend::start().await;
     let dir = TempDir::new("wirestall");
-    let gw = gateway_with(&dir, be.addr, |cfg| cfg.request_timeout_ms = 300).await;
+    let gw = gateway_with(&dir, be.addr, |cfg| cfg.client_body_timeout_ms = 300).await;
     let mut c = Wire::connect(gw.proxy_addr).await;
     // Half of the announced body, then nothing.
     c.send(b"POST /up HTTP/1.1\r\nx-user-id: 1\r\ncontent-length: 10\r\n\r\nhello")
         .await;
     let (h, b) = c.response(false).await;
-    assert!(h.starts_with("HTTP/1.1 504"), "{h}");
-    assert!(String::from_utf8(b).unwrap().contains("upstream_timeout"));
+    assert!(h.starts_with("HTTP/1.1 408"), "{h}");
+    assert!(String::from_utf8(b)
+        .unwrap()
+        .contains("client_body_timeout"));
     // The rest of the body was never read: the connection cannot go on.
     assert_eq!(header(&h, "connection"), Some("close"));
     assert!(c.closed().await);
+    // The body never started: no upstream connection was held, and nothing
+    // is counted against the cell.
+    assert_eq!(be.requests.load(Ordering::SeqCst), 0);
+    let text = metrics_text(&gw).await;
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("cellgate_upstream_errors_total")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l == "cellgate_client_errors_total{kind=\"body_timeout\"} 1"),
+        "{text}"
+    );
     gw.shutdown().await;
 }
 

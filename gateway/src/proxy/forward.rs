@@ -3,16 +3,18 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::StatusCode;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use routing_rules::{CellReason, RouteDecision};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tower::retry::budget::Budget;
 
 use super::{stamps, BodyHead, Outgoing, Refusal, Shared};
 use crate::control::{Generation, InflightGuard};
@@ -34,10 +36,13 @@ pub enum ReqBody<'a> {
         /// Body bytes not yet forwarded.
         remaining: u64,
     },
-    /// A hyper body, sent as `framing` says (chunked, or its exact length).
+    /// A hyper body, sent as `framing` says (chunked, or its exact length):
+    /// `prefix` (read before an upstream was chosen), then the rest.
     Stream {
-        /// The body.
-        body: Incoming,
+        /// What was read of the body already.
+        prefix: Bytes,
+        /// The rest of the body; `None` when `prefix` is all of it.
+        rest: Option<Incoming>,
         /// How it is framed upstream.
         framing: BodyHead,
     },
@@ -74,13 +79,35 @@ enum Failure {
     Failed(String),
     /// The client went away while its body was forwarded.
     ClientGone,
-    /// No response head within the request timeout (body upload included).
+    /// The client stopped sending its body: its fault, not the cell's.
+    ClientStalled,
+    /// No response head within the request timeout.
     Timeout,
+}
+
+/// Reads more of a client body within the body timeout.
+async fn read_client(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    timeout: std::time::Duration,
+) -> Result<(), Failure> {
+    match tokio::time::timeout(timeout, stream.read_buf(buf)).await {
+        Err(_) => Err(Failure::ClientStalled),
+        Ok(Ok(0)) | Ok(Err(_)) => Err(Failure::ClientGone),
+        Ok(Ok(_)) => Ok(()),
+    }
 }
 
 impl Shared {
     /// Sends `out` upstream with retries as the rules allow; returns the
     /// response head or what to answer instead.
+    ///
+    /// A request never leaves its serving cell because an attempt failed:
+    /// retries go to another instance (or the other colour) of the same
+    /// cell, within the retry budget and after a jittered pause; only the
+    /// cell's health state (active probes) moves users between cells. A
+    /// cell whose connections are all busy answers 503 + Retry-After (load
+    /// shedding, never a failover).
     ///
     /// `timer`: a sleep the caller owns and re-arms lazily (the lean front
     /// end's per-connection timer) to enforce the request timeout with; it
@@ -105,43 +132,51 @@ impl Shared {
                 ])
                 .inc();
         }
+        self.budget.deposit();
         let replayable = out.idempotent && body.is_empty();
         let mut tried: Vec<Arc<Instance>> = Vec::new();
-        let mut guard: Option<(u16, InflightGuard)> = None;
         let mut sent_once = false;
+        let mut retry = false;
         let mut last_error = Refusal::new(
             StatusCode::BAD_GATEWAY,
             "no_upstream",
             "no instance of the serving cell could be reached",
         );
+        // 3: the serving cell's in-flight slot (the cell never changes below).
+        let cell = decision.serving_cell;
+        let Some(guard) = gen.cells[cell as usize].limiter.try_acquire() else {
+            metrics
+                .rejected
+                .with_label_values(&["cell_overloaded"])
+                .inc();
+            gen.group(cell, decision.colour)
+                .metrics
+                .observe(503, out.start.elapsed().as_secs_f64());
+            return Err(Refusal::busy(
+                "cell_overloaded",
+                "the serving cell has too many requests in flight; retry shortly",
+            ));
+        };
+        let uploading = AtomicBool::new(false);
         for attempt in 0..self.settings.max_attempts {
-            let cell = decision.serving_cell;
             let colour = decision.colour;
-            // 3: the serving cell's in-flight slot.
-            if guard.as_ref().map(|(c, _)| *c) != Some(cell) {
-                match gen.cells[cell as usize].limiter.try_acquire() {
-                    Some(g) => guard = Some((cell, g)),
-                    None => {
-                        metrics
-                            .rejected
-                            .with_label_values(&["cell_overloaded"])
-                            .inc();
-                        gen.group(cell, colour)
-                            .metrics
-                            .observe(503, out.start.elapsed().as_secs_f64());
-                        let mut r = Refusal::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "cell_overloaded",
-                            "the serving cell has too many requests in flight; retry shortly",
-                        );
-                        r.retry_after = true;
-                        return Err(r);
-                    }
-                }
-            }
             if sent_once && !replayable {
                 break;
             }
+            if retry {
+                // A real retry (not a stale pooled connection): within the
+                // budget, after a jittered pause.
+                if !self.budget.withdraw() {
+                    metrics.retries_denied.inc();
+                    break;
+                }
+                tokio::time::sleep(self.retry_pause(attempt)).await;
+                metrics
+                    .retries
+                    .with_label_values(&[table.cell_name(cell), colour.as_str()])
+                    .inc();
+            }
+            retry = false;
             let group = gen.group(cell, colour);
             let now = if attempt == 0 {
                 ms_at(out.start)
@@ -151,22 +186,31 @@ impl Shared {
             let Some(instance) = group.pick(now, &tried) else {
                 break;
             };
-            if attempt > 0 {
-                metrics
-                    .retries
-                    .with_label_values(&[table.cell_name(cell), colour.as_str()])
-                    .inc();
-            }
             let mut conn = match instance.checkout().await {
                 Ok(c) => c,
-                Err(e) => {
-                    metrics.upstream_error(&instance.cell, colour.as_str(), e.kind());
-                    if e == CheckoutError::Connect {
-                        let ms = instance.record_connect_failure(now_ms());
-                        tracing::warn!(cell = %instance.cell, colour = %colour, instance = %instance.address, eject_ms = ms, "upstream connect failed; instance ejected");
-                    }
+                Err(CheckoutError::Saturated) => {
+                    // Busy, not broken: try another instance of the group,
+                    // never another cell; nothing is counted against it.
                     tried.push(instance);
-                    decision = out.reroute(gen, &decision, &tried);
+                    last_error = Refusal::busy(
+                        "cell_saturated",
+                        "every connection to the serving cell is busy; retry shortly",
+                    );
+                    continue;
+                }
+                Err(CheckoutError::Connect) => {
+                    metrics.upstream_error(
+                        &instance.cell,
+                        colour.as_str(),
+                        UpstreamErrorKind::Connect,
+                    );
+                    self.maybe_eject(gen, &instance, "connect failed");
+                    tried.push(instance);
+                    retry = true;
+                    match out.reroute(gen, &decision, &tried) {
+                        Some(d) => decision = d,
+                        None => break,
+                    }
                     continue;
                 }
             };
@@ -175,7 +219,7 @@ impl Shared {
             } else {
                 Instant::now()
             };
-            let exchange = self.exchange(gen, out, &decision, &mut conn, &mut body);
+            let exchange = self.exchange(gen, out, &decision, &mut conn, &mut body, &uploading);
             let result = match timer.as_mut() {
                 Some(t) => {
                     let deadline =
@@ -188,25 +232,32 @@ impl Shared {
                     .await
                     .unwrap_or(Err(Failure::Timeout)),
             };
+            // A deadline that passed while the client was still sending its
+            // body is the client's slowness, not the cell's.
+            let result = match result {
+                Err(Failure::Timeout) if uploading.load(Ordering::Relaxed) => {
+                    Err(Failure::ClientStalled)
+                }
+                r => r,
+            };
             match result {
                 Ok(head) => {
                     let status = head.status;
-                    if let Some(ms) = instance.record_status(status) {
-                        tracing::warn!(cell = %instance.cell, colour = %colour, instance = %instance.address, eject_ms = ms, "5xx streak; instance ejected");
-                    }
                     if status >= 500 {
                         metrics.upstream_error(
                             &instance.cell,
                             colour.as_str(),
                             UpstreamErrorKind::Status5xx,
                         );
+                        if instance.note_failure() {
+                            self.maybe_eject(gen, &instance, "5xx streak");
+                        }
+                    } else {
+                        instance.note_success();
                     }
                     group
                         .metrics
                         .observe(status, out.start.elapsed().as_secs_f64());
-                    let Some((_, guard)) = guard.take() else {
-                        unreachable!("guard taken before the first attempt")
-                    };
                     return Ok(Forwarded {
                         conn,
                         head,
@@ -225,12 +276,26 @@ impl Shared {
                         "the client closed the connection while sending its body",
                     ));
                 }
+                Err(Failure::ClientStalled) => {
+                    metrics
+                        .client_errors
+                        .with_label_values(&["body_timeout"])
+                        .inc();
+                    return Err(Refusal::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "client_body_timeout",
+                        "the request body did not arrive in time",
+                    ));
+                }
                 Err(Failure::Timeout) => {
                     metrics.upstream_error(
                         &instance.cell,
                         colour.as_str(),
                         UpstreamErrorKind::Timeout,
                     );
+                    if instance.note_failure() {
+                        self.maybe_eject(gen, &instance, "timeout streak");
+                    }
                     metrics
                         .rejected
                         .with_label_values(&["upstream_timeout"])
@@ -252,6 +317,9 @@ impl Shared {
                         colour.as_str(),
                         UpstreamErrorKind::Reset,
                     );
+                    if instance.note_failure() {
+                        self.maybe_eject(gen, &instance, "failure streak");
+                    }
                     tracing::warn!(cell = %instance.cell, colour = %colour, instance = %instance.address, error = %error, "upstream failed after the request was sent");
                     last_error = Refusal::new(
                         StatusCode::BAD_GATEWAY,
@@ -259,7 +327,11 @@ impl Shared {
                         "the upstream failed after the request was sent",
                     );
                     if replayable {
-                        decision = out.reroute(gen, &decision, &tried);
+                        retry = true;
+                        match out.reroute(gen, &decision, &tried) {
+                            Some(d) => decision = d,
+                            None => break,
+                        }
                     }
                 }
             }
@@ -277,6 +349,26 @@ impl Shared {
         Err(last_error)
     }
 
+    /// Ejects `instance` unless that would eject the last up instance of
+    /// its colour or more of its cell than `--max-ejection-percent`.
+    fn maybe_eject(&self, gen: &Generation, instance: &Instance, why: &str) {
+        let now = now_ms();
+        let Some(cell) = gen.table.cell_index(&instance.cell) else {
+            return;
+        };
+        if gen.cells[cell as usize].may_eject(instance, now) {
+            let ms = instance.eject(now);
+            self.control
+                .metrics()
+                .ejections
+                .with_label_values(&[&instance.cell])
+                .inc();
+            tracing::warn!(cell = %instance.cell, colour = %instance.colour, instance = %instance.address, eject_ms = ms, why, "instance ejected");
+        } else {
+            tracing::warn!(cell = %instance.cell, colour = %instance.colour, instance = %instance.address, why, "instance not ejected: it is the last up instance of its colour, or the cell's ejection cap is reached");
+        }
+    }
+
     /// One attempt on one connection: head (with stamps), body, response head.
     async fn exchange(
         &self,
@@ -285,6 +377,7 @@ impl Shared {
         decision: &RouteDecision,
         conn: &mut PooledConn,
         body: &mut ReqBody<'_>,
+        uploading: &AtomicBool,
     ) -> Result<ResponseHead, Failure> {
         let io = conn.io();
         out.wire.truncate(out.base_len);
@@ -292,13 +385,22 @@ impl Shared {
         out.wire.extend_from_slice(b"\r\n");
         // The head and what is already buffered of the body go in one write.
         let mut first_body = 0;
-        if let ReqBody::Fixed { buf, remaining, .. } = body {
-            first_body = (*remaining).min(buf.len() as u64) as usize;
-            out.wire.extend_from_slice(&buf[..first_body]);
+        match body {
+            ReqBody::Fixed { buf, remaining, .. } => {
+                first_body = (*remaining).min(buf.len() as u64) as usize;
+                out.wire.extend_from_slice(&buf[..first_body]);
+            }
+            ReqBody::Stream {
+                prefix,
+                rest: None,
+                framing: BodyHead::Length(_),
+            } => out.wire.extend_from_slice(prefix),
+            _ => {}
         }
         if io.stream.write_all(&out.wire).await.is_err() {
             return Err(Failure::Unsent);
         }
+        let body_timeout = self.settings.client_body_timeout;
         match body {
             ReqBody::Empty => {}
             ReqBody::Fixed {
@@ -308,12 +410,10 @@ impl Shared {
             } => {
                 buf.advance(first_body);
                 *remaining -= first_body as u64;
+                uploading.store(*remaining > 0, Ordering::Relaxed);
                 while *remaining > 0 {
                     if buf.is_empty() {
-                        match stream.read_buf(*buf).await {
-                            Ok(0) | Err(_) => return Err(Failure::ClientGone),
-                            Ok(_) => {}
-                        }
+                        read_client(stream, buf, body_timeout).await?;
                     }
                     let n = (*remaining).min(buf.len() as u64) as usize;
                     if let Err(e) = io.stream.write_all(&buf[..n]).await {
@@ -322,8 +422,18 @@ impl Shared {
                     buf.advance(n);
                     *remaining -= n as u64;
                 }
+                uploading.store(false, Ordering::Relaxed);
             }
-            ReqBody::Stream { body, framing } => {
+            ReqBody::Stream {
+                rest: None,
+                framing: BodyHead::Length(_),
+                ..
+            } => {}
+            ReqBody::Stream {
+                prefix,
+                rest,
+                framing,
+            } => {
                 let chunked = *framing == BodyHead::Chunked;
                 let length = match *framing {
                     BodyHead::Length(n) => n,
@@ -331,14 +441,25 @@ impl Shared {
                 };
                 let mut sent = 0u64;
                 let mut frame_buf = Vec::new();
+                let mut next = (!prefix.is_empty()).then(|| prefix.clone());
+                uploading.store(true, Ordering::Relaxed);
                 loop {
-                    let frame = match body.frame().await {
-                        None => break,
-                        Some(Ok(f)) => f,
-                        Some(Err(_)) => return Err(Failure::ClientGone),
-                    };
-                    let Ok(data) = frame.into_data() else {
-                        continue;
+                    let data = match next.take() {
+                        Some(d) => d,
+                        None => {
+                            let Some(rest) = rest.as_mut() else { break };
+                            let frame = match tokio::time::timeout(body_timeout, rest.frame()).await
+                            {
+                                Err(_) => return Err(Failure::ClientStalled),
+                                Ok(None) => break,
+                                Ok(Some(Ok(f))) => f,
+                                Ok(Some(Err(_))) => return Err(Failure::ClientGone),
+                            };
+                            let Ok(data) = frame.into_data() else {
+                                continue;
+                            };
+                            data
+                        }
                     };
                     if data.is_empty() {
                         continue;
@@ -362,6 +483,7 @@ impl Shared {
                         return Err(Failure::Failed(e.to_string()));
                     }
                 }
+                uploading.store(false, Ordering::Relaxed);
                 if chunked {
                     if let Err(e) = io.stream.write_all(b"0\r\n\r\n").await {
                         return Err(Failure::Failed(e.to_string()));
@@ -376,6 +498,14 @@ impl Shared {
         io.read_head(out.head_request)
             .await
             .map_err(|e| Failure::Failed(e.to_string()))
+    }
+
+    /// The pause before retry `attempt`: uniform in [0, 5 ms × 2^attempt],
+    /// at most 100 ms, so that retries of many requests do not arrive in
+    /// step.
+    fn retry_pause(&self, attempt: usize) -> std::time::Duration {
+        let cap = (5u64 << attempt.min(5)).min(100);
+        std::time::Duration::from_millis(self.random() % (cap + 1))
     }
 }
 

@@ -13,14 +13,15 @@ use bytes::{Buf, Bytes};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Either;
+use http_body_util::{BodyExt, Either};
 use hyper::body::Incoming;
 
 use super::refusal::refusal_response;
 use super::{
     forwarded_response_headers, stamps, BodyHead, Forwarded, HeadParts, Outgoing, ProxyBody,
-    ReqBody, Shared,
+    Refusal, ReqBody, Shared,
 };
+use crate::conn_watch::ConnWatch;
 use crate::control::{Control, InflightGuard};
 use crate::h1::{BodyDecoder, Framing};
 use crate::upstream::{closed_mid_body, PooledConn};
@@ -30,6 +31,8 @@ use crate::upstream::{closed_mid_body, PooledConn};
 pub struct ProxyService {
     shared: Arc<Shared>,
     peer: Option<SocketAddr>,
+    /// The connection's watchdog state.
+    watch: Option<Arc<ConnWatch>>,
     /// The peer's IP, formatted once per connection.
     peer_ip: Arc<[u8]>,
 }
@@ -48,15 +51,18 @@ impl ProxyService {
         ProxyService {
             shared,
             peer: None,
+            watch: None,
             peer_ip: Arc::from(&b""[..]),
         }
     }
 
-    /// The same service for a connection from `peer`.
-    pub fn for_peer(&self, peer: SocketAddr) -> Self {
+    /// The same service for a connection from `peer`, reporting what is
+    /// in progress to the connection's `watch`.
+    pub fn for_peer(&self, peer: SocketAddr, watch: Arc<ConnWatch>) -> Self {
         ProxyService {
             shared: self.shared.clone(),
             peer: Some(peer),
+            watch: Some(watch),
             peer_ip: Arc::from(peer.ip().to_string().as_bytes()),
         }
     }
@@ -74,7 +80,23 @@ impl tower::Service<Request<Incoming>> for ProxyService {
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let shared = self.shared.clone();
         let peer_ip = self.peer_ip.clone();
-        Box::pin(async move { Ok(handle_hyper(&shared, req, &peer_ip).await) })
+        let watch = self.watch.clone();
+        if let Some(w) = &watch {
+            w.request_started();
+        }
+        Box::pin(async move {
+            let mut resp = handle_hyper(&shared, req, &peer_ip).await;
+            if let Some(w) = watch {
+                match resp.body_mut() {
+                    Either::Left(body) => {
+                        w.request_answered(true);
+                        body.watch = Some(w);
+                    }
+                    Either::Right(_) => w.request_answered(false),
+                }
+            }
+            Ok(resp)
+        })
     }
 }
 
@@ -124,7 +146,35 @@ async fn handle_hyper(
     let body = if empty {
         ReqBody::Empty
     } else {
-        ReqBody::Stream { body, framing }
+        // Read the body (up to the buffer size) before any upstream
+        // connection is taken: a slow client holds nothing of the cell.
+        match read_prefix(
+            body,
+            shared.settings.client_body_buffer,
+            shared.settings.client_body_timeout,
+        )
+        .await
+        {
+            Ok((prefix, rest)) => ReqBody::Stream {
+                prefix,
+                rest,
+                framing,
+            },
+            Err(r) => {
+                if r.status == StatusCode::REQUEST_TIMEOUT {
+                    shared
+                        .control
+                        .metrics()
+                        .client_errors
+                        .with_label_values(&["body_timeout"])
+                        .inc();
+                }
+                let mut resp = refusal_response(&r);
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return resp;
+            }
+        }
     };
     let fwd = match shared.forward(&gen, &mut out, body, None).await {
         Ok(f) => f,
@@ -168,10 +218,48 @@ async fn handle_hyper(
         timeout: shared.settings.request_timeout,
         stall: None,
         control: shared.control.clone(),
+        watch: None,
         _guard: guard,
     };
     let (parts, ()) = resp.into_parts();
     Response::from_parts(parts, Either::Left(body))
+}
+
+/// Reads a request body until `limit` bytes or its end, each wait bounded
+/// by `timeout`: the bytes read, and the rest of the body when it did not
+/// end.
+async fn read_prefix(
+    mut body: Incoming,
+    limit: u64,
+    timeout: Duration,
+) -> Result<(Bytes, Option<Incoming>), Refusal> {
+    let mut prefix = bytes::BytesMut::new();
+    while (prefix.len() as u64) < limit {
+        match tokio::time::timeout(timeout, body.frame()).await {
+            Err(_) => {
+                return Err(Refusal::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "client_body_timeout",
+                    "the request body did not arrive in time",
+                ))
+            }
+            Ok(None) => return Ok((prefix.freeze(), None)),
+            Ok(Some(Err(_))) => {
+                return Err(Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    "client_gone",
+                    "the request body could not be read",
+                ))
+            }
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    prefix.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+    let rest = (!body.is_end_stream()).then_some(body);
+    Ok((prefix.freeze(), rest))
 }
 
 /// An upstream response body streamed to a hyper client. Returns the
@@ -184,6 +272,8 @@ pub struct ResponseBody {
     timeout: Duration,
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
     control: Arc<Control>,
+    /// The client connection's watchdog, told of every step.
+    watch: Option<Arc<ConnWatch>>,
     _guard: InflightGuard,
 }
 
@@ -206,6 +296,10 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = self.get_mut();
+        if let Some(w) = &this.watch {
+            // hyper asks for more only when the client has room for it.
+            w.body_progress();
+        }
         loop {
             if this.decoder.is_done() {
                 this.finish();
@@ -286,5 +380,8 @@ impl Drop for ResponseBody {
         // Bodies that are empty by definition (HEAD, 204, 304) are never
         // polled; their connection is still clean and reusable.
         self.finish();
+        if let Some(w) = self.watch.take() {
+            w.body_done();
+        }
     }
 }

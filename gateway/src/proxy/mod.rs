@@ -50,6 +50,18 @@ pub struct ProxySettings {
     pub max_attempts: usize,
     /// Add decision headers to responses.
     pub debug_headers: bool,
+    /// Longest wait for more of a request body.
+    pub client_body_timeout: Duration,
+    /// Bodies up to this size are read before an upstream is chosen.
+    pub client_body_buffer: u64,
+    /// Longest a client may leave response bytes unread.
+    pub send_timeout: Duration,
+    /// A client connection with nothing in progress is closed after this.
+    pub idle_timeout: Duration,
+    /// Retries as a share of requests (0.2 = 20 %) over 10 s.
+    pub retry_budget_ratio: f32,
+    /// Retries always allowed per second.
+    pub retry_min_per_s: u32,
 }
 
 /// Generates request ids: a per-process random prefix and a counter.
@@ -98,15 +110,36 @@ pub struct Shared {
     pub(crate) control: Arc<Control>,
     pub(crate) settings: ProxySettings,
     ids: RequestIds,
+    /// Retries allowed (linkerd/tower's budget: a share of requests).
+    budget: tower::retry::budget::TpsBudget,
+    /// xorshift state for jitter.
+    rng: AtomicU64,
 }
 
 impl Shared {
     /// Shared state over `control`'s rules.
     pub fn new(control: Arc<Control>, settings: ProxySettings) -> Arc<Self> {
+        let budget = tower::retry::budget::TpsBudget::new(
+            Duration::from_secs(10),
+            settings.retry_min_per_s,
+            settings.retry_budget_ratio,
+        );
+        let ids = RequestIds::new();
+        let seed = ids.prefix | 1;
         Arc::new(Shared {
             control,
             settings,
-            ids: RequestIds::new(),
+            ids,
+            budget,
+            rng: AtomicU64::new(seed),
         })
+    }
+
+    /// A pseudo-random number (jitter; not for secrets).
+    pub(crate) fn random(&self) -> u64 {
+        let mut x = self.rng.load(Ordering::Relaxed);
+        x = xorshift(x);
+        self.rng.store(x, Ordering::Relaxed);
+        x
     }
 }

@@ -250,16 +250,18 @@ impl Outgoing {
         self.wire
     }
 
-    /// Routes again after an instance was ejected or failed: with every
-    /// instance already tried counted as down, the decision may fall back
-    /// to the other colour or fail over to a backup cell.
+    /// Routes again after an attempt failed, with every instance already
+    /// tried counted as down: the decision may fall back to the other
+    /// colour of the same cell. `None` when it would leave the serving cell
+    /// — a request never changes cell because of its own failures.
     pub(super) fn reroute(
         &self,
         gen: &Generation,
         previous: &RouteDecision,
         tried: &[Arc<Instance>],
-    ) -> RouteDecision {
-        gen.table
+    ) -> Option<RouteDecision> {
+        let d = gen
+            .table
             .route(
                 self.key.as_deref(),
                 &RouteAttrs {
@@ -267,7 +269,8 @@ impl Outgoing {
                 },
                 &gen.health_excluding(now_ms(), tried),
             )
-            .unwrap_or(*previous)
+            .ok()?;
+        (d.serving_cell == previous.serving_cell).then_some(d)
     }
 }
 

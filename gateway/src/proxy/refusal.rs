@@ -33,6 +33,14 @@ impl Refusal {
         }
     }
 
+    /// A 503 with `retry-after`: load shedding, to be retried shortly.
+    pub(crate) fn busy(error: &'static str, message: &'static str) -> Self {
+        Refusal {
+            retry_after: true,
+            ..Refusal::new(StatusCode::SERVICE_UNAVAILABLE, error, message)
+        }
+    }
+
     pub(crate) fn for_key(problem: KeyProblem) -> Self {
         let (error, message) = match problem {
             KeyProblem::Missing => ("missing_key", "the request carries no routing key"),

@@ -36,6 +36,8 @@ pub struct Backend {
     pub delay_ms: Arc<AtomicU64>,
     pub mode: Arc<AtomicU8>,
     pub requests: Arc<AtomicUsize>,
+    /// When > 0, `GET /big` answers a body of this many bytes.
+    pub body_size: Arc<AtomicU64>,
     stop: watch::Sender<bool>,
 }
 
@@ -57,7 +59,9 @@ impl Backend {
         let delay_ms = Arc::new(AtomicU64::new(0));
         let mode = Arc::new(AtomicU8::new(NORMAL));
         let requests = Arc::new(AtomicUsize::new(0));
+        let body_size = Arc::new(AtomicU64::new(0));
         let b = Backend {
+            body_size: body_size.clone(),
             cell: cell.into(),
             colour: colour.into(),
             addr,
@@ -76,14 +80,20 @@ impl Backend {
                 };
                 let (cell, colour) = (cell.clone(), colour.clone());
                 let (delay_ms, mode, requests) = (delay_ms.clone(), mode.clone(), requests.clone());
+                let body_size = body_size.clone();
                 let mut stop_conn = stop_rx.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let (cell, colour) = (cell.clone(), colour.clone());
                         let (delay_ms, mode, requests) =
                             (delay_ms.clone(), mode.clone(), requests.clone());
+                        let big = body_size.load(Ordering::Relaxed) as usize;
                         async move {
-                            if req.uri().path() == "/healthz" {
+                            if big > 0 && req.uri().path() == "/big" {
+                                requests.fetch_add(1, Ordering::SeqCst);
+                                return Ok(Response::new(Full::new(Bytes::from(vec![b'x'; big]))));
+                            }
+                            if req.uri().path() == "/readyz" {
                                 return Ok::<_, std::io::Error>(Response::new(Full::new(
                                     Bytes::from("ok"),
                                 )));
