@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use crate::conn_watch::{ConnWatch, Verdict};
-use crate::h1::{self, BodyDecoder, Framing, MAX_HEAD, MAX_HEADERS};
+use crate::h1::{self, BodyDecoder, Framing, MAX_HEADERS};
 use crate::proxy::{
     forwarded_response_headers, stamps, with_deadline, BodyHead, Forwarded, HeadParts, Outgoing,
     ProxyService, Refusal, ReqBody, Shared,
@@ -48,6 +48,8 @@ enum Next {
     Partial,
     /// Not for the lean path: hand the connection to hyper.
     Hyper,
+    /// The head is larger than `--max-head-bytes`: 431, then close.
+    TooLarge,
     /// A request, prepared.
     Request(Prepared),
 }
@@ -59,6 +61,8 @@ struct Prepared {
     /// The client wants the connection kept open after this exchange.
     keep_alive: bool,
     http10: bool,
+    /// A HEAD request: answers carry no body.
+    head: bool,
 }
 
 fn prepare(
@@ -72,7 +76,10 @@ fn prepare(
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Next::Partial,
+        Ok(httparse::Status::Partial) if buf.len() < shared.settings.max_head => {
+            return Next::Partial
+        }
+        Ok(httparse::Status::Partial) => return Next::TooLarge,
         _ => return Next::Hyper,
     };
     let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
@@ -116,6 +123,7 @@ fn prepare(
             Some(n) => BodyHead::Length(n),
             None => BodyHead::None,
         },
+        http11: !http10,
     };
     let out = Outgoing::build(shared, gen, parts, peer_ip, Instant::now());
     Next::Request(Prepared {
@@ -124,6 +132,7 @@ fn prepare(
         body_len: body_len.unwrap_or(0),
         keep_alive,
         http10,
+        head: method == "HEAD",
     })
 }
 
@@ -160,6 +169,22 @@ pub async fn serve_connection(
                     Next::Partial => {}
                     Next::Hyper => {
                         return hand_to_hyper(&front, stream, buf, peer, stopping, stop_seen).await;
+                    }
+                    Next::TooLarge => {
+                        shared
+                            .control
+                            .metrics()
+                            .client_errors
+                            .with_label_values(&["bad_request"])
+                            .inc();
+                        let r = Refusal::new(
+                            http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                            "head_too_large",
+                            "the request head is larger than the gateway accepts",
+                        );
+                        let _ =
+                            write_refusal(&mut stream, &mut wbuf, &r, false, false, false).await;
+                        return;
                     }
                     Next::Request(p) => break (p, gen),
                 }
@@ -217,9 +242,9 @@ pub async fn serve_connection(
                                 "client_body_timeout",
                                 "the request body did not arrive in time",
                             );
-                            let _ =
-                                write_refusal(&mut stream, &mut wbuf, &r, false, prepared.http10)
-                                    .await;
+                            let (http10, head) = (prepared.http10, prepared.head);
+                            let _ = write_refusal(&mut stream, &mut wbuf, &r, false, http10, head)
+                                .await;
                             return;
                         }
                     }
@@ -244,9 +269,16 @@ pub async fn serve_connection(
             Err(r) => {
                 // A body may be partly unread: then the connection cannot go on.
                 keep_alive &= prepared.body_len == 0;
-                if write_refusal(&mut stream, &mut wbuf, &r, keep_alive, prepared.http10)
-                    .await
-                    .is_err()
+                if write_refusal(
+                    &mut stream,
+                    &mut wbuf,
+                    &r,
+                    keep_alive,
+                    prepared.http10,
+                    prepared.head,
+                )
+                .await
+                .is_err()
                     || !keep_alive
                 {
                     return;
@@ -428,13 +460,14 @@ fn end_head(wbuf: &mut Vec<u8>, keep_alive: bool, http10: bool) {
     wbuf.extend_from_slice(b"\r\n");
 }
 
-/// Writes a gateway-made JSON answer.
+/// Writes a gateway-made JSON answer (its length but no body to a HEAD).
 async fn write_refusal(
     client: &mut TcpStream,
     wbuf: &mut Vec<u8>,
     r: &Refusal,
     keep_alive: bool,
     http10: bool,
+    head: bool,
 ) -> std::io::Result<()> {
     let body = r.body();
     wbuf.clear();
@@ -450,7 +483,9 @@ async fn write_refusal(
         h1::write_header(wbuf, b"retry-after", b"1");
     }
     end_head(wbuf, keep_alive, http10);
-    wbuf.extend_from_slice(body.as_bytes());
+    if !head {
+        wbuf.extend_from_slice(body.as_bytes());
+    }
     client.write_all(wbuf).await?;
     if !keep_alive {
         let _ = client.shutdown().await;

@@ -88,6 +88,7 @@ pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<Runni
             client_body_buffer: cfg.client_body_buffer_bytes,
             send_timeout: Duration::from_millis(cfg.send_timeout_ms),
             idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
+            max_head: cfg.max_head_bytes as usize,
             retry_budget_ratio: cfg.retry_budget_percent as f32 / 100.0,
             retry_min_per_s: cfg.retry_min_per_s,
         },
@@ -239,9 +240,10 @@ const ACCEPT_BACKOFF_MS: u64 = 10;
 /// the process's file-descriptor limit could not hold that many client
 /// connections (and one upstream connection each) plus the reserve.
 pub fn connection_cap(configured: u64) -> usize {
-    let soft = rlimit::Resource::NOFILE
-        .get()
-        .map(|(soft, _)| soft)
+    // As Go's runtime and nginx's worker_rlimit_nofile do: use what the
+    // hard limit allows.
+    let soft = rlimit::increase_nofile_limit(u64::MAX)
+        .or_else(|_| rlimit::Resource::NOFILE.get().map(|(soft, _)| soft))
         .unwrap_or(u64::MAX);
     let fits = soft.saturating_sub(FD_RESERVE) / 2;
     if fits < configured {
@@ -260,6 +262,7 @@ fn builder(settings: &ProxySettings, http2_max_streams: u32) -> auto::Builder<To
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.idle_timeout)
+        .max_buf_size(settings.max_head.max(8192))
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())

@@ -89,6 +89,7 @@ impl RawBackend {
                         let is_head = head.starts_with("HEAD ");
                         let echo = format!("body_len={body_len}\n{head}");
                         let out: Vec<u8> = match path.as_str() {
+                            "/both" => b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec(),
                             "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=1\r\n world\r\n0\r\nx-trailer: t\r\n\r\n".to_vec(),
                             "/until-close" => {
                                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil-close").await;
@@ -269,7 +270,7 @@ async fn lean_path_framing_keep_alive_and_pipelining() {
     assert!(String::from_utf8(b).unwrap().contains("GET /two"));
 
     // A chunked response passes through to an HTTP/1.1 client.
-    c.send(b"GET /chunked HTTP/1.1\r\nx-user-id: 3\r\n\r\n")
+    c.send(b"GET /chunked HTTP/1.1\r\nhost: x\r\nx-user-id: 3\r\n\r\n")
         .await;
     let (h, b) = c.response(false).await;
     assert_eq!(header(&h, "transfer-encoding"), Some("chunked"));
@@ -277,7 +278,7 @@ async fn lean_path_framing_keep_alive_and_pipelining() {
 
     // Hop-by-hop response headers (and those named by `connection`) are
     // dropped; the gateway's request id replaces the upstream's.
-    c.send(b"GET /hop HTTP/1.1\r\nx-user-id: 4\r\nx-request-id: mine-1\r\n\r\n")
+    c.send(b"GET /hop HTTP/1.1\r\nhost: x\r\nx-user-id: 4\r\nx-request-id: mine-1\r\n\r\n")
         .await;
     let (h, b) = c.response(false).await;
     assert_eq!(b, b"ok");
@@ -288,7 +289,7 @@ async fn lean_path_framing_keep_alive_and_pipelining() {
     assert_eq!(header(&h, "x-request-id"), Some("mine-1"));
 
     // Several x-forwarded-for headers become one list, the client last.
-    c.send(b"GET /xff HTTP/1.1\r\nx-user-id: 4\r\nx-forwarded-for: 203.0.113.9\r\nx-forwarded-for: 198.51.100.7, 192.0.2.1\r\n\r\n")
+    c.send(b"GET /xff HTTP/1.1\r\nhost: x\r\nx-user-id: 4\r\nx-forwarded-for: 203.0.113.9\r\nx-forwarded-for: 198.51.100.7, 192.0.2.1\r\n\r\n")
         .await;
     let (_, b) = c.response(false).await;
     let b = String::from_utf8(b).unwrap();
@@ -299,13 +300,15 @@ async fn lean_path_framing_keep_alive_and_pipelining() {
     assert_eq!(b.matches("x-forwarded-for").count(), 1, "{b}");
 
     // Interim 1xx responses are not forwarded; the final one is.
-    c.send(b"GET /early HTTP/1.1\r\nx-user-id: 5\r\n\r\n").await;
+    c.send(b"GET /early HTTP/1.1\r\nhost: x\r\nx-user-id: 5\r\n\r\n")
+        .await;
     let (h, b) = c.response(false).await;
     assert!(h.starts_with("HTTP/1.1 200"), "{h}");
     assert_eq!(b, b"final");
 
     // HEAD: the length is kept, no body follows, the connection goes on.
-    c.send(b"HEAD /x HTTP/1.1\r\nx-user-id: 6\r\n\r\n").await;
+    c.send(b"HEAD /x HTTP/1.1\r\nhost: x\r\nx-user-id: 6\r\n\r\n")
+        .await;
     let (h, b) = c.response(true).await;
     assert_eq!(header(&h, "content-length"), Some("5"));
     assert!(b.is_empty());
@@ -317,20 +320,22 @@ async fn lean_path_framing_keep_alive_and_pipelining() {
     assert!(String::from_utf8(b).unwrap().contains("missing_key"));
 
     // A 1 MiB upload (content-length) and a 1 MiB download, streamed.
-    let mut up = b"POST /up HTTP/1.1\r\nx-user-id: 7\r\ncontent-length: 1048576\r\n\r\n".to_vec();
+    let mut up =
+        b"POST /up HTTP/1.1\r\nhost: x\r\nx-user-id: 7\r\ncontent-length: 1048576\r\n\r\n".to_vec();
     up.extend(std::iter::repeat_n(b'y', BIG));
     c.send(&up).await;
     let (_, b) = c.response(false).await;
     assert!(String::from_utf8(b)
         .unwrap()
         .starts_with("body_len=1048576\n"));
-    c.send(b"GET /big HTTP/1.1\r\nx-user-id: 8\r\n\r\n").await;
+    c.send(b"GET /big HTTP/1.1\r\nhost: x\r\nx-user-id: 8\r\n\r\n")
+        .await;
     let (_, b) = c.response(false).await;
     assert_eq!(b.len(), BIG);
     assert!(b.iter().all(|&x| x == b'x'));
 
     // A close-delimited response ends the client connection too.
-    c.send(b"GET /until-close HTTP/1.1\r\nx-user-id: 9\r\n\r\n")
+    c.send(b"GET /until-close HTTP/1.1\r\nhost: x\r\nx-user-id: 9\r\n\r\n")
         .await;
     let (h, b) = c.response(false).await;
     assert_eq!(header(&h, "connection"), Some("close"));
@@ -339,7 +344,7 @@ async fn lean_path_framing_keep_alive_and_pipelining() {
 
     // `connection: close` from the client is honoured.
     let mut c = Wire::connect(gw.proxy_addr).await;
-    c.send(b"GET /a HTTP/1.1\r\nx-user-id: 1\r\nconnection: close\r\n\r\n")
+    c.send(b"GET /a HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\nconnection: close\r\n\r\n")
         .await;
     let (h, _) = c.response(false).await;
     assert_eq!(header(&h, "connection"), Some("close"));
@@ -432,7 +437,8 @@ async fn unusual_requests_are_handed_to_hyper() {
 
     // A malformed head gets a 400 from hyper.
     let mut c = Wire::connect(gw.proxy_addr).await;
-    c.send(b"GET /x HTTP/1.1\r\nbad header\r\n\r\n").await;
+    c.send(b"GET /x HTTP/1.1\r\nhost: x\r\nbad header\r\n\r\n")
+        .await;
     let (h, _) = c.response(false).await;
     assert!(h.starts_with("HTTP/1.1 400"), "{h}");
     gw.shutdown().await;
@@ -447,8 +453,10 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used() {
     // The backend closes every connection after answering (without saying
     // so); each following request must still be answered.
     for i in 0..20 {
-        c.send(format!("GET /closes-after HTTP/1.1\r\nx-user-id: {i}\r\n\r\n").as_bytes())
-            .await;
+        c.send(
+            format!("GET /closes-after HTTP/1.1\r\nhost: x\r\nx-user-id: {i}\r\n\r\n").as_bytes(),
+        )
+        .await;
         let (h, b) = c.response(false).await;
         assert!(h.starts_with("HTTP/1.1 200"), "request {i}: {h}");
         assert_eq!(b, b"ok");
@@ -463,7 +471,8 @@ async fn a_kept_alive_connection_routes_each_request_with_the_current_rules() {
     let dir = TempDir::new("wirereload");
     let gw = gateway_for(&dir, a.addr).await;
     let mut c = Wire::connect(gw.proxy_addr).await;
-    c.send(b"GET /x HTTP/1.1\r\nx-user-id: 1\r\n\r\n").await;
+    c.send(b"GET /x HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\n\r\n")
+        .await;
     c.response(false).await;
     assert_eq!(a.requests.load(Ordering::SeqCst), 1);
 
@@ -475,7 +484,8 @@ async fn a_kept_alive_connection_routes_each_request_with_the_current_rules() {
         async move { rev != before }
     })
     .await;
-    c.send(b"GET /x HTTP/1.1\r\nx-user-id: 1\r\n\r\n").await;
+    c.send(b"GET /x HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\n\r\n")
+        .await;
     c.response(false).await;
     assert_eq!(
         b.requests.load(Ordering::SeqCst),
@@ -493,7 +503,7 @@ async fn a_stalled_upload_is_the_clients_fault_and_never_reaches_the_cell() {
     let gw = gateway_with(&dir, be.addr, |cfg| cfg.client_body_timeout_ms = 300).await;
     let mut c = Wire::connect(gw.proxy_addr).await;
     // Half of the announced body, then nothing.
-    c.send(b"POST /up HTTP/1.1\r\nx-user-id: 1\r\ncontent-length: 10\r\n\r\nhello")
+    c.send(b"POST /up HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ncontent-length: 10\r\n\r\nhello")
         .await;
     let (h, b) = c.response(false).await;
     assert!(h.starts_with("HTTP/1.1 408"), "{h}");
@@ -527,7 +537,8 @@ async fn shutdown_finishes_the_request_in_flight_then_closes() {
     let dir = TempDir::new("wiredrain");
     let gw = gateway_for(&dir, be.addr).await;
     let mut c = Wire::connect(gw.proxy_addr).await;
-    c.send(b"GET /slow HTTP/1.1\r\nx-user-id: 1\r\n\r\n").await;
+    c.send(b"GET /slow HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\n\r\n")
+        .await;
     let requests = be.requests.clone();
     support::wait_until(
         "the request to reach the backend",
@@ -559,7 +570,8 @@ async fn decision_headers_on_responses_when_enabled() {
     let rev = gw.control.current().table.revision().to_string();
     let mut c = Wire::connect(gw.proxy_addr).await;
     // The lean path, then the hyper path (a chunked request body).
-    c.send(b"GET /x HTTP/1.1\r\nx-user-id: 1\r\n\r\n").await;
+    c.send(b"GET /x HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\n\r\n")
+        .await;
     let (lean, _) = c.response(false).await;
     c.send(b"POST /x HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n").await;
     let (hyper, _) = c.response(false).await;
@@ -581,7 +593,7 @@ async fn a_body_that_stalls_is_cut_off_by_the_request_timeout() {
     let gw = gateway_with(&dir, be.addr, |cfg| cfg.request_timeout_ms = 300).await;
     // The lean path, then the hyper path (a chunked request body).
     let requests: [&[u8]; 2] = [
-        b"GET /stall-body HTTP/1.1\r\nx-user-id: 1\r\n\r\n",
+        b"GET /stall-body HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\n\r\n",
         b"POST /stall-body HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n",
     ];
     for req in requests {
@@ -706,5 +718,61 @@ async fn refused_reloads_are_counted_and_keep_the_running_rules() {
         }
         assert_eq!(gw.control.current().table.revision(), rev, "{what}");
     }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_or_unforwardable_requests_are_refused_and_framing_is_the_gateways() {
+    let be = RawBackend::start().await;
+    let dir = TempDir::new("framing");
+    let gw = gateway_for(&dir, be.addr).await;
+    // 4. Content-length and chunked from the upstream: chunked only, on
+    //    both front ends (hyper via a chunked request body).
+    for req in [
+        &b"GET /both HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\n\r\n"[..],
+        b"POST /both HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n",
+    ] {
+        let mut c = Wire::connect(gw.proxy_addr).await;
+        c.send(req).await;
+        let (h, b) = c.response(false).await;
+        assert_eq!(header(&h, "content-length"), None, "{h}");
+        assert_eq!(header(&h, "transfer-encoding"), Some("chunked"), "{h}");
+        assert_eq!(b, b"hello");
+    }
+    let seen = be.requests.load(Ordering::SeqCst);
+    // 5. A refusal to HEAD has no body: the pipelined next answer parses.
+    let mut c = Wire::connect(gw.proxy_addr).await;
+    c.send(b"HEAD /x HTTP/1.1\r\nhost: x\r\n\r\nGET /x HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await;
+    let (h, b) = c.response(true).await;
+    assert!(h.starts_with("HTTP/1.1 400"), "{h}");
+    assert!(b.is_empty());
+    let (h, b) = c.response(false).await;
+    assert!(h.starts_with("HTTP/1.1 400"), "{h}");
+    assert!(String::from_utf8(b).unwrap().contains("missing_key"));
+    // 6-8. Refused and never forwarded.
+    let cases: [(&[u8], &str); 9] = [
+        (b"POST /x HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ntransfer-encoding: gzip, chunked\r\n\r\n1\r\na\r\n0\r\n\r\n", "HTTP/1.1 501"),
+        (b"CONNECT cell.example:443 HTTP/1.1\r\nhost: cell.example:443\r\nx-user-id: 1\r\n\r\n", "HTTP/1.1 405"),
+        (b"GET /x HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\nx_cellgate_cell: c2\r\n\r\n", "HTTP/1.1 400"),
+        (b"POST /x HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\ncontent-length: 2\r\nContent_Length: 5\r\n\r\nok", "HTTP/1.1 400"),
+        (b"GET /x HTTP/1.1\r\nx-user-id: 1\r\n\r\n", "HTTP/1.1 400"),
+        (b"GET /x HTTP/1.1\r\nhost: a\r\nhost: b\r\nx-user-id: 1\r\n\r\n", "HTTP/1.1 400"),
+        (b"GET /x HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\nconnection: x-user-id\r\n\r\n", "HTTP/1.1 400"),
+        (b"GET /x HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\nconnection: keep-alive, Content-Length\r\n\r\n", "HTTP/1.1 400"),
+        (b"GET /x HTTP/1.1\r\nhost: x\r\nx-user-id: 1\r\nx-big: PAD\r\n\r\n", "HTTP/1.1 431"),
+    ];
+    for (req, want) in cases {
+        let req = String::from_utf8_lossy(req).replace("PAD", &"p".repeat(70 * 1024));
+        let mut c = Wire::connect(gw.proxy_addr).await;
+        c.send(req.as_bytes()).await;
+        let (h, _) = c.response(false).await;
+        assert!(h.starts_with(want), "{}: {h}", &req[..req.len().min(80)]);
+    }
+    assert_eq!(
+        be.requests.load(Ordering::SeqCst),
+        seen,
+        "nothing was forwarded"
+    );
     gw.shutdown().await;
 }

@@ -541,6 +541,7 @@ pub fn forwarded_response_headers<'a>(
     buf: &'a [u8],
     head: &'a ResponseHead,
 ) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+    let chunked = head.framing == h1::Framing::Chunked;
     let connection: Vec<&[u8]> = head
         .headers
         .iter()
@@ -553,9 +554,13 @@ pub fn forwarded_response_headers<'a>(
         .iter()
         .map(move |(n, v)| (&buf[n.clone()], &buf[v.clone()]))
         .filter(move |(n, _)| {
-            !h1::is_hop_by_hop(n)
-                && !n.eq_ignore_ascii_case(b"x-request-id")
-                && (connection.is_empty() || !h1::named_by_connection(&connection, n))
+            // A chunked response's framing is chunked only (RFC 9112 §6.3):
+            // a content-length beside it is dropped.
+            let dropped = h1::is_hop_by_hop(n)
+                || n.eq_ignore_ascii_case(b"x-request-id")
+                || (chunked && n.eq_ignore_ascii_case(b"content-length"))
+                || (!connection.is_empty() && h1::named_by_connection(&connection, n));
+            !dropped
         })
 }
 

@@ -107,6 +107,18 @@ async fn handle_hyper(
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let gen = shared.control.current();
+    if let Some(r) = unforwardable(&req) {
+        shared
+            .control
+            .metrics()
+            .client_errors
+            .with_label_values(&["bad_request"])
+            .inc();
+        let mut resp = refusal_response(&r);
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
     let (parts, body) = req.into_parts();
     let target = parts
         .uri
@@ -138,6 +150,7 @@ async fn handle_hyper(
             None
         },
         body: framing,
+        http11: parts.version == Version::HTTP_11,
     };
     let mut out = match Outgoing::build(shared, &gen, head, peer_ip, start) {
         Ok(o) => o,
@@ -223,6 +236,36 @@ async fn handle_hyper(
     };
     let (parts, ()) = resp.into_parts();
     Response::from_parts(parts, Either::Left(body))
+}
+
+/// Requests the gateway never forwards: `CONNECT` (405: it is not a
+/// tunnel), and a body in a transfer coding other than `chunked` (501:
+/// forwarding the decoded chunks would hand the cell gzip bytes as a plain
+/// body).
+fn unforwardable(req: &Request<Incoming>) -> Option<Refusal> {
+    if req.method() == http::Method::CONNECT {
+        return Some(Refusal::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "CONNECT is not supported: the gateway is not a tunnel",
+        ));
+    }
+    let other_coding = req
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|t| {
+            let t = t.trim_ascii();
+            !t.is_empty() && !t.eq_ignore_ascii_case(b"chunked")
+        });
+    other_coding.then(|| {
+        Refusal::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "unsupported_transfer_coding",
+            "request bodies may only use the chunked transfer coding",
+        )
+    })
 }
 
 /// Reads a request body until `limit` bytes or its end, each wait bounded

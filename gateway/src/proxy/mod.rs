@@ -58,6 +58,8 @@ pub struct ProxySettings {
     pub send_timeout: Duration,
     /// A client connection with nothing in progress is closed after this.
     pub idle_timeout: Duration,
+    /// Largest request head, bytes.
+    pub max_head: usize,
     /// Retries as a share of requests (0.2 = 20 %) over 10 s.
     pub retry_budget_ratio: f32,
     /// Retries always allowed per second.

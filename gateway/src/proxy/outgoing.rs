@@ -45,6 +45,87 @@ fn is_idempotent(method: &[u8]) -> bool {
     )
 }
 
+/// Whether `name` (lower-case, `-` separated) is a header the gateway or
+/// the cell reads: framing, routing, stamps, forwarding.
+fn is_protected(name: &[u8], rules: &routing_rules::Rules) -> bool {
+    const FIXED: [&[u8]; 6] = [
+        b"content-length",
+        b"transfer-encoding",
+        b"host",
+        b"connection",
+        b"x-forwarded-for",
+        b"x-request-id",
+    ];
+    FIXED.iter().any(|f| name.eq_ignore_ascii_case(f))
+        || (name.len() > 11 && name[..11].eq_ignore_ascii_case(b"x-cellgate-"))
+        || matches!(&rules.key, routing_rules::KeySource::Header { name: k } if name.eq_ignore_ascii_case(k.as_bytes()))
+        || (rules.tester.enabled && name.eq_ignore_ascii_case(rules.tester.header.as_bytes()))
+}
+
+/// Refuses (400, like nginx) request heads a proxy must not pass on: a
+/// header name with `_` that would read as one of the protected headers
+/// once a server maps `_` to `-` (`x_cellgate_cell`, `Content_Length`); a
+/// `connection` header naming a protected header (the routing key would be
+/// stripped after routing); a missing or repeated `host` on HTTP/1.1, or a
+/// repeated one on any version.
+fn check_head<'h, I>(
+    shared: &Shared,
+    rules: &routing_rules::Rules,
+    headers: I,
+    http11: bool,
+) -> Result<(), Refusal>
+where
+    I: Iterator<Item = (&'h [u8], &'h [u8])>,
+{
+    let mut hosts = 0;
+    let mut bad = None;
+    for (n, v) in headers {
+        if n.len() == 4 && n.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
+        } else if n.contains(&b'_') {
+            let dashed: Vec<u8> = n
+                .iter()
+                .map(|b| if *b == b'_' { b'-' } else { *b })
+                .collect();
+            if is_protected(&dashed, rules) {
+                bad = Some((
+                    "bad_header_name",
+                    "a header name with '_' stands for a header the gateway sets or reads",
+                ));
+            }
+        } else if n.len() == 10
+            && n.eq_ignore_ascii_case(b"connection")
+            && v.split(|b| *b == b',').any(|t| {
+                let t = t.trim_ascii();
+                !t.eq_ignore_ascii_case(b"connection") && is_protected(t, rules)
+            })
+        {
+            bad = Some((
+                "bad_connection_header",
+                "the connection header names a header the gateway routes or frames by",
+            ));
+        }
+    }
+    if bad.is_none() && (hosts > 1 || (http11 && hosts == 0)) {
+        bad = Some((
+            "bad_host",
+            "an HTTP/1.1 request needs exactly one host header",
+        ));
+    }
+    match bad {
+        None => Ok(()),
+        Some((error, message)) => {
+            shared
+                .control
+                .metrics()
+                .client_errors
+                .with_label_values(&["bad_request"])
+                .inc();
+            Err(Refusal::new(StatusCode::BAD_REQUEST, error, message))
+        }
+    }
+}
+
 /// A request in wire form, ready to be sent (and re-sent) upstream.
 pub struct Outgoing {
     /// Request line and forwarded headers; the stamps and the final CRLF
@@ -89,6 +170,8 @@ pub struct HeadParts<'a, I> {
     /// How the body is framed upstream (the client's own `content-length`
     /// and `transfer-encoding` headers are never copied).
     pub body: BodyHead,
+    /// An HTTP/1.1 request (needs exactly one `host`).
+    pub http11: bool,
 }
 
 impl Outgoing {
@@ -105,6 +188,7 @@ impl Outgoing {
         I: Iterator<Item = (&'h [u8], &'h [u8])> + Clone,
     {
         let table = &gen.table;
+        check_head(shared, table.rules(), parts.headers.clone(), parts.http11)?;
         let lookup = RawHeaders(&parts.headers);
         let (path, query) = match parts.target.split_once('?') {
             Some((p, q)) => (p, Some(q)),
