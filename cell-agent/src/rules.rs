@@ -66,6 +66,9 @@ pub enum RulesLoadError {
     /// Invalid document, or one that may not replace the current rules.
     #[error("{0}: rules refused: {1}")]
     Invalid(PathBuf, RevisionError),
+    /// Larger than the document cap.
+    #[error("{0} is {1} bytes, more than {max} allowed; refused without reading it", max = routing_rules::DEFAULT_MAX_DOCUMENT_BYTES)]
+    TooLarge(PathBuf, u64),
     /// The agent's cell is not in the rules.
     #[error("{0}: cell {1:?} is not defined in the rules")]
     UnknownCell(PathBuf, String),
@@ -78,8 +81,7 @@ impl RulesHolder {
     /// Loads `path` for cell `cell`.
     pub fn load(path: &Path, cell: &str) -> Result<Arc<Self>, RulesLoadError> {
         let stamp = file_stamp(path);
-        let text =
-            std::fs::read_to_string(path).map_err(|e| RulesLoadError::Read(path.into(), e))?;
+        let text = read_capped(path)?;
         let doc =
             next_document(None, &text).map_err(|e| RulesLoadError::Invalid(path.into(), e))?;
         if doc.revision == 0 {
@@ -204,8 +206,7 @@ impl RulesHolder {
             }
             *last = stamp;
         }
-        let text = std::fs::read_to_string(&self.path)
-            .map_err(|e| RulesLoadError::Read(self.path.clone(), e))?;
+        let text = read_capped(&self.path)?;
         let mut last = self.last_text.lock().unwrap_or_else(|e| e.into_inner());
         if *last == text {
             return Ok(None);
@@ -308,6 +309,17 @@ impl RulesHolder {
             }
         }
     }
+}
+
+/// Reads a rules file, refusing one over the document cap before reading.
+fn read_capped(path: &Path) -> Result<String, RulesLoadError> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| RulesLoadError::Read(path.into(), e))?
+        .len();
+    if len > routing_rules::DEFAULT_MAX_DOCUMENT_BYTES {
+        return Err(RulesLoadError::TooLarge(path.into(), len));
+    }
+    std::fs::read_to_string(path).map_err(|e| RulesLoadError::Read(path.into(), e))
 }
 
 fn compile(

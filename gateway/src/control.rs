@@ -226,6 +226,18 @@ pub enum LoadError {
         /// Every problem.
         source: RevisionError,
     },
+    /// Larger than `--max-rules-bytes`.
+    #[error(
+        "{path} is {len} bytes, more than --max-rules-bytes {max}; refused without reading it"
+    )]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+        /// The cap.
+        max: u64,
+    },
     /// Cannot compile.
     #[error("{path}: {message}")]
     Compile {
@@ -247,6 +259,8 @@ pub struct Control {
     cell_max_inflight: usize,
     last_text: Mutex<String>,
     good_text: Mutex<String>,
+    /// `--max-rules-bytes`.
+    max_rules_bytes: std::sync::atomic::AtomicU64,
     /// Instances registered in the control plane, by (cell, colour name).
     registered: Mutex<std::collections::BTreeMap<(String, String), Vec<String>>>,
     /// Serialises installs (rules changes and registration changes).
@@ -270,8 +284,9 @@ impl Control {
         upstream: UpstreamSettings,
         health: HealthSettings,
         cell_max_inflight: usize,
+        max_rules_bytes: u64,
     ) -> Result<Arc<Self>, LoadError> {
-        let text = read(path)?;
+        let text = read_rules_file(path, max_rules_bytes)?;
         // The revision is the document's own (`revision` key), so every
         // process reading the same text agrees on it.
         let revision = next_document(None, &text)
@@ -283,7 +298,7 @@ impl Control {
         if revision == 0 {
             tracing::warn!(file = %path.display(), "the rules document has no `revision` key: its changes cannot be ordered between processes (add `revision = 1`; `cellctl rules bump` raises it)");
         }
-        Self::from_text(
+        let control = Self::from_text(
             path,
             text,
             revision,
@@ -291,7 +306,9 @@ impl Control {
             upstream,
             health,
             cell_max_inflight,
-        )
+        )?;
+        control.set_max_rules_bytes(max_rules_bytes);
+        Ok(control)
     }
 
     /// Builds the first generation from a document and its revision;
@@ -323,10 +340,18 @@ impl Control {
             registered: Mutex::new(Default::default()),
             install_lock: Mutex::new(()),
             last_text: Mutex::new(text),
+            max_rules_bytes: std::sync::atomic::AtomicU64::new(
+                routing_rules::DEFAULT_MAX_DOCUMENT_BYTES,
+            ),
         });
         control.install(Arc::new(table));
         control.metrics.reloads.with_label_values(&["ok"]).inc();
         Ok(control)
+    }
+
+    /// Sets the largest rules document accepted from now on.
+    pub fn set_max_rules_bytes(&self, max: u64) {
+        self.max_rules_bytes.store(max, Ordering::Relaxed);
     }
 
     /// The generation being served.
@@ -351,7 +376,8 @@ impl Control {
     /// unreadable, deleted, not UTF-8, invalid, revision not raised — is
     /// counted in `cellgate_rules_reloads_total{result="error"}`.
     pub fn reload(&self, path: &Path) -> Result<Option<u64>, LoadError> {
-        let text = read(path).inspect_err(|_| {
+        let max = self.max_rules_bytes.load(Ordering::Relaxed);
+        let text = read_rules_file(path, max).inspect_err(|_| {
             self.metrics.reloads.with_label_values(&["error"]).inc();
         })?;
         let last = self.last_text.lock().map(|t| t.clone()).unwrap_or_default();
@@ -560,11 +586,22 @@ fn meta_key(path: &Path) -> Option<(SystemTime, u64, u64)> {
     Some((m.modified().ok()?, m.len(), ino))
 }
 
-fn read(path: &Path) -> Result<String, LoadError> {
-    std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+/// Reads a rules file of at most `max` bytes (a larger one is refused
+/// before it is read, so a huge file cannot take the gateway's memory).
+pub fn read_rules_file(path: &Path, max: u64) -> Result<String, LoadError> {
+    let read_err = |source| LoadError::Read {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let len = std::fs::metadata(path).map_err(read_err)?.len();
+    if len > max {
+        return Err(LoadError::TooLarge {
+            path: path.to_path_buf(),
+            len,
+            max,
+        });
+    }
+    std::fs::read_to_string(path).map_err(read_err)
 }
 
 fn compile(path: &Path, text: &str, revision: u64) -> Result<RoutingTable, LoadError> {

@@ -150,7 +150,14 @@ async fn load_rules(
     health: HealthSettings,
 ) -> anyhow::Result<(Arc<Control>, String)> {
     if let Some(path) = &cfg.rules {
-        let control = Control::load(path, metrics, upstream, health, cfg.cell_max_inflight)?;
+        let control = Control::load(
+            path,
+            metrics,
+            upstream,
+            health,
+            cfg.cell_max_inflight,
+            cfg.max_rules_bytes,
+        )?;
         return Ok((control, path.display().to_string()));
     }
     #[cfg(feature = "etcd")]

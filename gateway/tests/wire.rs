@@ -678,7 +678,7 @@ async fn the_cells_internal_api_is_never_forwarded() {
 async fn refused_reloads_are_counted_and_keep_the_running_rules() {
     let dir = TempDir::new("badreload");
     let backend = RawBackend::start().await;
-    let gw = gateway_for(&dir, backend.addr).await;
+    let gw = gateway_with(&dir, backend.addr, |cfg| cfg.max_rules_bytes = 4096).await;
     let path = dir.0.join("rules.toml");
     let good = std::fs::read_to_string(&path).unwrap();
     let rev = gw.control.current().table.revision();
@@ -693,7 +693,19 @@ async fn refused_reloads_are_counted_and_keep_the_running_rules() {
     let mut seen = errors(&metrics_text(&gw).await);
     let not_bumped = good.replace("slots = 16", "# edited without a new revision\nslots = 16");
     type Act<'a> = Box<dyn Fn() + 'a>;
-    let bad_cases: [(&str, Act); 3] = [
+    let too_large = format!(
+        "{}\n{}",
+        good.replace(
+            &format!("revision = {rev}"),
+            &format!("revision = {}", rev + 1)
+        ),
+        "# padding\n".repeat(500)
+    );
+    let bad_cases: [(&str, Act); 4] = [
+        (
+            "larger than --max-rules-bytes",
+            Box::new(|| std::fs::write(&path, &too_large).unwrap()),
+        ),
         (
             "same revision, new text",
             Box::new(|| std::fs::write(&path, &not_bumped).unwrap()),

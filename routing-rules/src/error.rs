@@ -36,11 +36,20 @@ fn fmt_parse(line: &usize, column: &usize, message: &str) -> String {
     format!("line {line}, column {column}: {message}")
 }
 
+/// Problems listed in a message; the rest are counted.
+pub const MAX_LISTED_PROBLEMS: usize = 100;
+
 fn fmt_invalid(errs: &[ValidationError]) -> String {
     let mut s = format!("{} problem(s):", errs.len());
-    for e in errs {
+    for e in errs.iter().take(MAX_LISTED_PROBLEMS) {
         s.push_str("\n  - ");
         s.push_str(&e.to_string());
+    }
+    if errs.len() > MAX_LISTED_PROBLEMS {
+        s.push_str(&format!(
+            "\n  ... and {} more",
+            errs.len() - MAX_LISTED_PROBLEMS
+        ));
     }
     s
 }

@@ -7,10 +7,15 @@ use std::collections::{BTreeMap, HashMap};
 use crate::error::{RulesError, ValidationError};
 use crate::model::*;
 mod file;
+mod overrides;
 #[cfg(test)]
 mod tests;
 
 use file::*;
+
+/// Largest rules document the processes read by default, bytes (64 MiB:
+/// room for well over a million overrides).
+pub const DEFAULT_MAX_DOCUMENT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// 1-based (line, column) of a byte offset in `text`.
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -43,13 +48,35 @@ pub fn parse_rules(text: &str) -> Result<Rules, RulesError> {
 /// Parses and validates a rules document, also returning its `revision`
 /// key (`None` when absent). See [`crate::revision`].
 pub fn parse_versioned(text: &str) -> Result<(Rules, Option<u64>), RulesError> {
-    let doc: FileDoc = toml::from_str(text).map_err(|e| {
-        let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+    // A large [overrides] table in its usual line form is read without the
+    // TOML parser's per-value tree (see `overrides.rs`).
+    let split = overrides::split(text)?;
+    let source = split.as_ref().map_or(text, |s| s.rest.as_str());
+    let mut doc: FileDoc = toml::from_str(source).map_err(|e| {
+        let (line, column) = e
+            .span()
+            .map(|s| line_col(source, s.start))
+            .unwrap_or((1, 1));
         RulesError::Parse {
             line,
             column,
             message: e.message().trim().to_string(),
         }
+    })?;
+    if let Some(s) = split {
+        doc.overrides = s.overrides;
+    }
+    check(doc)
+}
+
+/// [`parse_versioned`] through the TOML parser alone (tests compare the
+/// lean overrides reader with it).
+#[cfg(test)]
+fn parse_toml_only(text: &str) -> Result<(Rules, Option<u64>), RulesError> {
+    let doc: FileDoc = toml::from_str(text).map_err(|e| RulesError::Parse {
+        line: 0,
+        column: 0,
+        message: e.message().trim().to_string(),
     })?;
     check(doc)
 }

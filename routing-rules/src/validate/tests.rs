@@ -155,3 +155,35 @@ fn line_col_counts_characters() {
     assert_eq!(line_col("ab\ncé d", 7), (2, 4));
     assert_eq!(line_col("", 5), (1, 1));
 }
+
+proptest::proptest! {
+    #[test]
+    fn the_lean_overrides_reader_reads_what_toml_reads(
+        entries in proptest::collection::vec(
+            ("[a-zA-Z0-9_ .#=-]{0,12}", proptest::option::of(0usize..3), proptest::option::of(proptest::bool::ANY)),
+            0..40,
+        ),
+        bare in proptest::bool::ANY,
+    ) {
+        let mut doc = String::from("slots = 4\n[cells.a]\nblue = [\"h:1\"]\n[cells.b]\nblue = [\"h:2\"]\n[[ranges]]\nfrom = 0\nto = 3\ncell = \"a\"\n[overrides] # pins\n");
+        for (key, cell, colour) in &entries {
+            let simple = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            let k = if bare && simple { key.clone() } else { format!("\"{key}\"") };
+            let mut fields = Vec::new();
+            if let Some(c) = cell {
+                fields.push(format!("cell = \"{}\"", ["a", "b", "zz"][*c]));
+            }
+            if let Some(g) = colour {
+                fields.push(format!("colour = \"{}\"", if *g { "green" } else { "blue" }));
+            }
+            doc.push_str(&format!("{k} = {{ {} }} # note\n", fields.join(", ")));
+        }
+        let lean = parse_versioned(&doc).map_err(|e| e.problems());
+        let toml_only = parse_toml_only(&doc).map_err(|e| e.problems());
+        match (&lean, &toml_only) {
+            (Ok(a), Ok(b)) => proptest::prop_assert_eq!(a, b),
+            (Err(_), Err(_)) => {}
+            _ => proptest::prop_assert!(false, "lean {lean:?} vs toml {toml_only:?}\n{doc}"),
+        }
+    }
+}
