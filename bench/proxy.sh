@@ -120,6 +120,7 @@ EOF
 } > "$WORK/haproxy/haproxy.cfg"
 P=("${BACKEND_PORTS[@]}")
 cat > "$WORK/cellgate/rules.toml" <<EOF
+revision = 1
 slots = 16384
 [cells.cell-a]
 failover = ["cell-b"]

@@ -171,12 +171,7 @@ pub async fn serve_connection(
                         return hand_to_hyper(&front, stream, buf, peer, stopping, stop_seen).await;
                     }
                     Next::TooLarge => {
-                        shared
-                            .control
-                            .metrics()
-                            .client_errors
-                            .with_label_values(&["bad_request"])
-                            .inc();
+                        shared.control.metrics().client_error("bad_request");
                         let r = Refusal::new(
                             http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                             "head_too_large",
@@ -204,7 +199,7 @@ pub async fn serve_connection(
                     let deadline = last_activity + idle_timeout;
                     if Instant::now() >= deadline {
                         tracing::debug!(peer = %peer, "no request head in time; closing");
-                        shared.control.metrics().client_errors.with_label_values(&["idle_timeout"]).inc();
+                        shared.control.metrics().client_error("idle_timeout");
                         return;
                     }
                     idle.as_mut().reset(deadline.into());
@@ -231,12 +226,7 @@ pub async fn serve_connection(
                         Ok(Ok(n)) if n > 0 => {}
                         Ok(_) => return,
                         Err(_) => {
-                            shared
-                                .control
-                                .metrics()
-                                .client_errors
-                                .with_label_values(&["body_timeout"])
-                                .inc();
+                            shared.control.metrics().client_error("body_timeout");
                             let r = Refusal::new(
                                 http::StatusCode::REQUEST_TIMEOUT,
                                 "client_body_timeout",
@@ -435,12 +425,7 @@ async fn send(
     match with_deadline(timer, deadline, client.write_all(bytes)).await {
         Some(r) => r,
         None => {
-            shared
-                .control
-                .metrics()
-                .client_errors
-                .with_label_values(&["send_timeout"])
-                .inc();
+            shared.control.metrics().client_error("send_timeout");
             Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "the client took no response bytes within the send timeout",
@@ -520,7 +505,7 @@ async fn hand_to_hyper(
                 return;
             }
             v = watch.verdict(settings.idle_timeout, settings.send_timeout) => {
-                front.shared.control.metrics().client_errors.with_label_values(&[v.as_str()]).inc();
+                front.shared.control.metrics().client_error(v.as_str());
                 tracing::debug!(peer = %peer, reason = v.as_str(), "closing the client connection");
                 if v == Verdict::SendTimeout {
                     // Dropping the connection drops its response bodies:

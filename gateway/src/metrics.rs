@@ -202,6 +202,11 @@ impl Metrics {
         })
     }
 
+    /// Counts a client connection ended for the client's own fault.
+    pub fn client_error(&self, kind: &str) {
+        self.client_errors.with_label_values(&[kind]).inc();
+    }
+
     /// The registry holding these metrics.
     pub fn registry(&self) -> &Registry {
         &self.registry

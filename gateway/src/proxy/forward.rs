@@ -277,10 +277,7 @@ impl Shared {
                     ));
                 }
                 Err(Failure::ClientStalled) => {
-                    metrics
-                        .client_errors
-                        .with_label_values(&["body_timeout"])
-                        .inc();
+                    metrics.client_error("body_timeout");
                     return Err(Refusal::new(
                         StatusCode::REQUEST_TIMEOUT,
                         "client_body_timeout",

@@ -108,12 +108,7 @@ async fn handle_hyper(
     let start = Instant::now();
     let gen = shared.control.current();
     if let Some(r) = unforwardable(&req) {
-        shared
-            .control
-            .metrics()
-            .client_errors
-            .with_label_values(&["bad_request"])
-            .inc();
+        shared.control.metrics().client_error("bad_request");
         let mut resp = refusal_response(&r);
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -175,12 +170,7 @@ async fn handle_hyper(
             },
             Err(r) => {
                 if r.status == StatusCode::REQUEST_TIMEOUT {
-                    shared
-                        .control
-                        .metrics()
-                        .client_errors
-                        .with_label_values(&["body_timeout"])
-                        .inc();
+                    shared.control.metrics().client_error("body_timeout");
                 }
                 let mut resp = refusal_response(&r);
                 resp.headers_mut()

@@ -115,12 +115,7 @@ where
     match bad {
         None => Ok(()),
         Some((error, message)) => {
-            shared
-                .control
-                .metrics()
-                .client_errors
-                .with_label_values(&["bad_request"])
-                .inc();
+            shared.control.metrics().client_error("bad_request");
             Err(Refusal::new(StatusCode::BAD_REQUEST, error, message))
         }
     }
