@@ -20,6 +20,8 @@ CONNS="${CONNS:-32}"
 PROXY_CPU="${PROXY_CPU:-1}"
 LOAD_CPU="${LOAD_CPU:-0}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=bench/common.sh
+source "$ROOT/bench/common.sh"
 WORK="$(mktemp -d /tmp/cellgate-abuse.XXXXXX)"
 PIDS=()
 
@@ -68,45 +70,8 @@ taskset -c "$LOAD_CPU" nginx -c "$WORK/backend/nginx.conf" -p "$WORK/backend" &
 PIDS+=($!)
 for p in "${BACKEND_PORTS[@]}"; do wait_port "$p"; done
 
-P=("${BACKEND_PORTS[@]}")
-cat > "$WORK/rules.toml" <<EOF
-revision = 1
-slots = 16384
-[cells.cell-a]
-failover = ["cell-b"]
-blue = ["127.0.0.1:${P[0]}"]
-green = ["127.0.0.1:${P[1]}"]
-split = { green = 5000, seed = 1 }
-[cells.cell-b]
-failover = ["cell-c"]
-blue = ["127.0.0.1:${P[2]}"]
-green = ["127.0.0.1:${P[3]}"]
-split = { green = 5000, seed = 2 }
-[cells.cell-c]
-failover = ["cell-a"]
-blue = ["127.0.0.1:${P[4]}"]
-green = ["127.0.0.1:${P[5]}"]
-split = { green = 5000, seed = 3 }
-[[ranges]]
-from = 0
-to = 5460
-cell = "cell-a"
-[[ranges]]
-from = 5461
-to = 10921
-cell = "cell-b"
-[[ranges]]
-from = 10922
-to = 16383
-cell = "cell-c"
-EOF
-cat > "$WORK/random-user.lua" <<'EOF'
-math.randomseed(os.time())
-request = function()
-  wrk.headers["x-user-id"] = tostring(math.random(1, 1000000000))
-  return wrk.format("GET", "/v1/accounts")
-end
-EOF
+write_rules "$WORK/rules.toml" "${BACKEND_PORTS[@]}"
+write_lua "$WORK/random-user.lua"
 
 GW_PORT=$(free_port); ADMIN_PORT=$(free_port)
 CELLGATE_LOG=warn taskset -c "$PROXY_CPU" "$CELLGATE" serve --workers 1 \
