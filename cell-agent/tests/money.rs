@@ -122,46 +122,43 @@ async fn forged_credits_are_refused_and_only_a_signed_credit_from_the_payers_cel
     let r = signed_credit(&client, internal, Some(&wrong), "cell-c", &good).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.json);
     let key = secret();
-    // 3. Signed by one cell, naming another as the payer's cell: 403.
-    let r = signed_credit(&client, internal, Some(&key), "cell-b", &good).await;
-    assert_eq!(
-        (r.status, r.json["error"].as_str()),
-        (StatusCode::FORBIDDEN, Some("cell_mismatch"))
-    );
-    // 4. A cell that cannot own the payer: 403.
-    let r = signed_credit(
-        &client,
-        internal,
-        Some(&key),
-        "cell-b",
-        &body(&payer, "cell-b", &payee, "500"),
-    )
-    .await;
-    assert_eq!(
-        (r.status, r.json["error"].as_str()),
-        (StatusCode::FORBIDDEN, Some("payer_not_owned"))
-    );
-    // 5. A payee this cell does not own: 421 naming the owner.
-    let r = signed_credit(
-        &client,
-        internal,
-        Some(&key),
-        "cell-c",
-        &body(&payer, "cell-c", &elsewhere, "500"),
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::MISDIRECTED_REQUEST);
-    assert_eq!(r.json["owner_cell"], "cell-b");
-    // 6. An amount past i64 in exponent form: the documented 422.
-    let r = signed_credit(
-        &client,
-        internal,
-        Some(&key),
-        "cell-c",
-        &body(&payer, "cell-c", &payee, "1e400"),
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.json);
+    // 3-6. Each refused with its precise answer: (signer, body, status, error).
+    let refused = [
+        // Signed by one cell, naming another as the payer's cell.
+        ("cell-b", good.clone(), 403, "cell_mismatch"),
+        // A cell that cannot own the payer.
+        (
+            "cell-b",
+            body(&payer, "cell-b", &payee, "500"),
+            403,
+            "payer_not_owned",
+        ),
+        // A payee this cell does not own: 421 naming the owner.
+        (
+            "cell-c",
+            body(&payer, "cell-c", &elsewhere, "500"),
+            421,
+            "misdirected",
+        ),
+        // An amount past i64 in exponent form: the documented 422.
+        (
+            "cell-c",
+            body(&payer, "cell-c", &payee, "1e400"),
+            422,
+            "invalid_amount",
+        ),
+    ];
+    for (signer, b, status, error) in refused {
+        let r = signed_credit(&client, internal, Some(&key), signer, &b).await;
+        assert_eq!(
+            (r.status.as_u16(), r.json["error"].as_str()),
+            (status, Some(error)),
+            "{b}"
+        );
+        if status == 421 {
+            assert_eq!(r.json["owner_cell"], "cell-b");
+        }
+    }
     assert_eq!(
         snapshot(&dir.path("cell-a.db")),
         before,
