@@ -150,15 +150,25 @@ impl RulesHolder {
         text: String,
         revision: u64,
     ) -> Result<Option<u64>, RulesLoadError> {
+        self.blocking("apply", move |me| me.apply(text, revision))
+            .await
+    }
+
+    /// Runs `f` on this holder on a blocking thread (file I/O, parsing).
+    async fn blocking(
+        &self,
+        what: &str,
+        f: impl FnOnce(&RulesHolder) -> Result<Option<u64>, RulesLoadError> + Send + 'static,
+    ) -> Result<Option<u64>, RulesLoadError> {
         let Some(me) = self.me.upgrade() else {
             return Ok(None);
         };
-        tokio::task::spawn_blocking(move || me.apply(text, revision))
+        tokio::task::spawn_blocking(move || f(&me))
             .await
             .unwrap_or_else(|e| {
                 Err(RulesLoadError::Compile(
                     PathBuf::new(),
-                    format!("apply task failed: {e}"),
+                    format!("{what} task failed: {e}"),
                 ))
             })
     }
@@ -223,17 +233,7 @@ impl RulesHolder {
 
     /// [`Self::reload`] on a blocking thread.
     pub async fn reload_async(&self) -> Result<Option<u64>, RulesLoadError> {
-        let Some(me) = self.me.upgrade() else {
-            return Ok(None);
-        };
-        tokio::task::spawn_blocking(move || me.reload())
-            .await
-            .unwrap_or_else(|e| {
-                Err(RulesLoadError::Compile(
-                    PathBuf::new(),
-                    format!("reload task failed: {e}"),
-                ))
-            })
+        self.blocking("reload", |me| me.reload()).await
     }
 
     /// Makes sure the rules are at least at `revision` if the file has it
