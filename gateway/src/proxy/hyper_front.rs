@@ -109,10 +109,7 @@ async fn handle_hyper(
     let gen = shared.control.current();
     if let Some(r) = unforwardable(&req) {
         shared.control.metrics().client_error("bad_request");
-        let mut resp = refusal_response(&r);
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return resp;
+        return closing(&r);
     }
     let (parts, body) = req.into_parts();
     let target = parts
@@ -172,10 +169,7 @@ async fn handle_hyper(
                 if r.status == StatusCode::REQUEST_TIMEOUT {
                     shared.control.metrics().client_error("body_timeout");
                 }
-                let mut resp = refusal_response(&r);
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                return resp;
+                return closing(&r);
             }
         }
     };
@@ -226,6 +220,15 @@ async fn handle_hyper(
     };
     let (parts, ()) = resp.into_parts();
     Response::from_parts(parts, Either::Left(body))
+}
+
+/// A refusal after which the connection closes (the request's body, or
+/// the request itself, is not something to read on from).
+fn closing(r: &Refusal) -> Response<ProxyBody> {
+    let mut resp = refusal_response(r);
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 /// Requests the gateway never forwards: `CONNECT` (405: it is not a
