@@ -194,10 +194,7 @@ impl Admin {
         let attrs = RouteAttrs {
             tester_colour: tester.as_deref().map(str::as_bytes),
         };
-        match gen
-            .table
-            .route(Some(key.as_bytes()), &attrs, &gen.health(now_ms()))
-        {
+        match gen.table.route(Some(key.as_bytes()), &attrs, &gen.health()) {
             Ok(d) => json_response(
                 StatusCode::OK,
                 serde_json::to_value(gen.table.explain(&key, &d)).unwrap_or_default(),
@@ -222,7 +219,7 @@ impl Admin {
                 colours.insert(colour.as_str(), group.any_up(now));
                 instances.extend(group.instances.iter().map(|i| i.status(now)));
             }
-            let (serving, moved) = gen.table.serving_cell(idx as CellIdx, &gen.health(now));
+            let (serving, moved) = gen.table.serving_cell(idx as CellIdx, &gen.health());
             cells.insert(
                 cell.name.to_string(),
                 json!({

@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use http::HeaderValue;
 use prometheus::IntGauge;
 use routing_rules::{
-    next_document, parse_rules, CellIdx, Colour, HealthView, RevisionError, RoutingTable,
+    next_document, parse_rules, CellIdx, Colour, HealthView, RevisionError, RoutingTable, Rules,
 };
 
 use crate::health::{run_checks, HealthSettings};
@@ -146,9 +146,9 @@ impl Generation {
         &self.cells[cell as usize].colours[colour as usize]
     }
 
-    /// Health view at `now`.
-    pub fn health(&self, now: u64) -> GenerationHealth<'_> {
-        GenerationHealth { gen: self, now }
+    /// The routing health view (active probes).
+    pub fn health(&self) -> GenerationHealth<'_> {
+        GenerationHealth { gen: self }
     }
 
     /// Health view at `now` in which the `tried` instances count as down
@@ -184,11 +184,10 @@ impl HealthView for ExcludingHealth<'_> {
     }
 }
 
-/// Live health of a generation's instances at one instant.
+/// The routing health of a generation's instances: their active probes.
 #[derive(Debug, Clone, Copy)]
 pub struct GenerationHealth<'a> {
     gen: &'a Generation,
-    now: u64,
 }
 
 impl HealthView for GenerationHealth<'_> {
@@ -197,7 +196,6 @@ impl HealthView for GenerationHealth<'_> {
     /// colour, never users between cells.
     #[inline]
     fn is_up(&self, cell: CellIdx, colour: Colour) -> bool {
-        let _ = self.now;
         self.gen
             .group(cell, colour)
             .instances
@@ -288,25 +286,16 @@ impl Control {
     ) -> Result<Arc<Self>, LoadError> {
         let text = read_rules_file(path, max_rules_bytes)?;
         // The revision is the document's own (`revision` key), so every
-        // process reading the same text agrees on it.
-        let revision = next_document(None, &text)
-            .map_err(|source| LoadError::Invalid {
-                path: path.to_path_buf(),
-                source,
-            })?
-            .revision;
-        if revision == 0 {
+        // process reading the same text agrees on it. Parsed once.
+        let doc = next_document(None, &text).map_err(|source| LoadError::Invalid {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if doc.revision == 0 {
             tracing::warn!(file = %path.display(), "the rules document has no `revision` key: its changes cannot be ordered between processes (add `revision = 1`; `cellctl rules bump` raises it)");
         }
-        let control = Self::from_text(
-            path,
-            text,
-            revision,
-            metrics,
-            upstream,
-            health,
-            cell_max_inflight,
-        )?;
+        let table = compile_rules(path, doc.rules, doc.revision)?;
+        let control = Self::with_table(text, table, metrics, upstream, health, cell_max_inflight);
         control.set_max_rules_bytes(max_rules_bytes);
         Ok(control)
     }
@@ -323,6 +312,25 @@ impl Control {
         cell_max_inflight: usize,
     ) -> Result<Arc<Self>, LoadError> {
         let table = compile(source, &text, revision)?;
+        Ok(Self::with_table(
+            text,
+            table,
+            metrics,
+            upstream,
+            health,
+            cell_max_inflight,
+        ))
+    }
+
+    /// The first generation from a compiled table and its document.
+    fn with_table(
+        text: String,
+        table: RoutingTable,
+        metrics: Metrics,
+        upstream: UpstreamSettings,
+        health: HealthSettings,
+        cell_max_inflight: usize,
+    ) -> Arc<Self> {
         let control = Arc::new(Control {
             current: ArcSwap::from_pointee(Generation {
                 table: Arc::new(table.clone()),
@@ -346,7 +354,7 @@ impl Control {
         });
         control.install(Arc::new(table));
         control.metrics.reloads.with_label_values(&["ok"]).inc();
-        Ok(control)
+        control
     }
 
     /// Sets the largest rules document accepted from now on.
@@ -386,7 +394,11 @@ impl Control {
         }
         let current = self.current.load().table.revision();
         match next_document(Some((current, &last)), &text) {
-            Ok(doc) => self.apply_text(path, text, doc.revision).map(Some),
+            Ok(doc) => {
+                let revision = doc.revision;
+                let table = compile_rules(path, doc.rules, revision);
+                self.install_text(text, table).map(Some)
+            }
             Err(source) => {
                 // Remember the refused text so it is reported once, not every poll.
                 if let Ok(mut t) = self.last_text.lock() {
@@ -404,8 +416,20 @@ impl Control {
     /// Validates, compiles and swaps in `text` as `revision`. An invalid
     /// document is counted and refused; the current rules keep serving.
     pub fn apply_text(&self, source: &Path, text: String, revision: u64) -> Result<u64, LoadError> {
-        match compile(source, &text, revision) {
+        let table = compile(source, &text, revision);
+        self.install_text(text, table)
+    }
+
+    /// Swaps in a compiled document (or counts and remembers a refused one,
+    /// so it is reported once, not every poll).
+    fn install_text(
+        &self,
+        text: String,
+        table: Result<RoutingTable, LoadError>,
+    ) -> Result<u64, LoadError> {
+        match table {
             Ok(table) => {
+                let revision = table.revision();
                 let _serial = self.install_lock.lock().unwrap_or_else(|e| e.into_inner());
                 self.install(Arc::new(table));
                 if let Ok(mut t) = self.good_text.lock() {
@@ -418,7 +442,6 @@ impl Control {
                 Ok(revision)
             }
             Err(e) => {
-                // Remember the bad text so it is reported once, not every poll.
                 if let Ok(mut t) = self.last_text.lock() {
                     *t = text;
                 }
@@ -609,6 +632,10 @@ fn compile(path: &Path, text: &str, revision: u64) -> Result<RoutingTable, LoadE
         path: path.to_path_buf(),
         source: source.into(),
     })?;
+    compile_rules(path, rules, revision)
+}
+
+fn compile_rules(path: &Path, rules: Rules, revision: u64) -> Result<RoutingTable, LoadError> {
     RoutingTable::compile(rules, revision).map_err(|e| LoadError::Compile {
         path: path.to_path_buf(),
         message: e.to_string(),

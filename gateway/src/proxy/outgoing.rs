@@ -11,7 +11,7 @@ use routing_rules::{RouteAttrs, RouteDecision, STAMP_HEADERS};
 use super::{Refusal, Shared};
 use crate::control::Generation;
 use crate::h1;
-use crate::upstream::{ms_at, now_ms, Instance};
+use crate::upstream::{now_ms, Instance};
 
 /// Header lookup over raw (name, value) pairs.
 struct RawHeaders<'a, I>(&'a I);
@@ -221,7 +221,7 @@ impl Outgoing {
                 &RouteAttrs {
                     tester_colour: tester,
                 },
-                &gen.health(ms_at(start)),
+                &gen.health(),
             )
             .map_err(|p| {
                 let r = Refusal::for_key(p);
