@@ -54,6 +54,11 @@ async fn deposit_once(
         ))))
         .unwrap();
     let call = async {
+        // The load generator keeps at most this many requests (and so
+        // connections) open: past it, a request waits for a slot inside its
+        // own timeout, as a client with a connection limit would.
+        static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1024);
+        let _slot = SLOTS.acquire().await.map_err(|e| e.to_string())?;
         let resp = client.request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
         let retry_after = resp.headers().contains_key("retry-after");
@@ -127,7 +132,12 @@ async fn four_times_capacity_sheds_load_and_loses_nothing() {
     let agent = AgentProcess::start(&args, "127.0.0.1:0");
     let addr = agent.addr;
     let users = users_in(&placeholder_rules(), "cell-a", 32);
-    let client = client();
+    // Idle pooled connections are let go before the agent's own 10 s read
+    // timeout closes them (else a reused connection can race its close).
+    let client: HttpClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(5))
+            .build_http();
     let stop = Arc::new(AtomicBool::new(false));
     let holder = lock_holder(db.clone(), stop.clone());
 
