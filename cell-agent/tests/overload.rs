@@ -54,11 +54,6 @@ async fn deposit_once(
         ))))
         .unwrap();
     let call = async {
-        // The load generator keeps at most this many requests (and so
-        // connections) open: past it, a request waits for a slot inside its
-        // own timeout, as a client with a connection limit would.
-        static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1024);
-        let _slot = SLOTS.acquire().await.map_err(|e| e.to_string())?;
         let resp = client.request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
         let retry_after = resp.headers().contains_key("retry-after");
@@ -178,6 +173,10 @@ async fn four_times_capacity_sheds_load_and_loses_nothing() {
         let user = users[n as usize % users.len()].clone();
         handles.push(tokio::spawn(async move {
             let key = format!("load-{n}");
+            // The load generator keeps at most this many requests (and so
+            // connections) open; a request's clock starts when it is sent.
+            static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1024);
+            let _slot = SLOTS.acquire().await.unwrap();
             let t0 = now_ms();
             let outcome = deposit_once(&client, addr, &user, &key).await;
             log.lock().unwrap().push((user, key, t0, outcome));
