@@ -254,8 +254,8 @@ impl Demo {
         }
         let lines = [
             format!("curl -s -H 'x-user-id: alice' http://{gw}/v1/accounts/alice"),
-            format!("curl -s -XPOST -H 'x-user-id: bob' http://{gw}/v1/orders -d '{{\"user\":\"bob\",\"amount\":1250,\"merchant\":\"m-1\",\"idempotency_key\":\"o-1\"}}'"),
-            format!("curl -s -XPOST -H 'x-user-id: bob' http://{gw}/v1/transfers -d '{{\"from\":\"bob\",\"to\":\"alice\",\"amount\":500,\"idempotency_key\":\"t-1\"}}'"),
+            format!("curl -s -XPOST -H 'x-user-id: bob' -H 'content-type: application/json' http://{gw}/v1/orders -d '{{\"user\":\"bob\",\"amount\":1250,\"merchant\":\"m-1\",\"idempotency_key\":\"o-1\"}}'"),
+            format!("curl -s -XPOST -H 'x-user-id: bob' -H 'content-type: application/json' http://{gw}/v1/transfers -d '{{\"from\":\"bob\",\"to\":\"alice\",\"amount\":500,\"idempotency_key\":\"t-1\"}}'"),
             format!("curl -s 'http://{admin}/admin/route?key=alice'"),
             format!("curl -s http://{admin}/admin/health"),
             format!("cellctl route --rules {rules} alice bob vip-42"),

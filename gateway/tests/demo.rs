@@ -18,6 +18,10 @@ async fn the_demo_smoke_workload_passes() {
     let banner = demo.banner();
     assert!(banner.contains(&format!("http://{}", demo.gateway.proxy_addr)));
     assert!(banner.contains("cellctl route --rules"));
+    // Writes need a JSON body type: every write the banner suggests says so.
+    for line in banner.lines().filter(|l| l.contains("-XPOST")) {
+        assert!(line.contains("content-type: application/json"), "{line}");
+    }
     let report = demo.smoke(30).await.unwrap();
     assert!(report.ok(), "{report:#?}");
     assert_eq!(report.requests, 30 * 7);
