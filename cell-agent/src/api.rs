@@ -244,6 +244,7 @@ impl<S: Store> Api<S> {
                     amount,
                     key,
                     slot: guarded.slot,
+                    at: guarded.at,
                 })
                 .await
             }
@@ -290,6 +291,7 @@ impl<S: Store> Api<S> {
                     amount,
                     merchant,
                     key,
+                    at: guarded.at,
                 })
                 .await
             }
@@ -318,6 +320,7 @@ impl<S: Store> Api<S> {
                     id: id.to_string(),
                     action,
                     user: guarded.key.clone(),
+                    at: guarded.at,
                 })
                 .await
             }
@@ -348,6 +351,7 @@ impl<S: Store> Api<S> {
                         format!("payee {to:?} is in cell {home}, and this cell has no internal secret for cell-to-cell credits (--internal-secret-file)"),
                     ));
                 }
+                let to_at = crate::guard::fence_for(&table, &to);
                 let r = self
                     .write(WriteOp::Transfer {
                         from,
@@ -356,6 +360,8 @@ impl<S: Store> Api<S> {
                         key,
                         to_cell,
                         to_slot,
+                        at: guarded.at,
+                        to_at,
                     })
                     .await?;
                 if remote {

@@ -16,7 +16,9 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use routing_rules::key::{extract_key, HeaderLookup, RequestParts};
-use routing_rules::{AllHealthy, RouteAttrs, RoutingTable, STAMP_REV};
+use routing_rules::{AllHealthy, RouteAttrs, RoutingTable, STAMP_EPOCH, STAMP_REV};
+
+use crate::store::SlotStamp;
 use tower::{Layer, Service};
 
 /// What the guard needs to know.
@@ -50,6 +52,23 @@ pub struct GuardedUser {
     pub slot: u32,
     /// Rules revision the decision was made at.
     pub revision: u64,
+    /// The slot fence its writes carry (`None` for a user placed in this
+    /// cell by a per-user override: the guard alone fences those).
+    pub at: Option<SlotStamp>,
+}
+
+/// The slot fence of `user`'s writes under `table`: its slot at the
+/// slot's epoch, or `None` when the user's home is set by a per-user
+/// override (not by its slot) or the key maps to no slot.
+pub fn fence_for(table: &RoutingTable, user: &str) -> Option<SlotStamp> {
+    let d = table
+        .route(Some(user.as_bytes()), &RouteAttrs::default(), &AllHealthy)
+        .ok()?;
+    let slot = d.slot?;
+    (table.slot_cell(slot) == d.home_cell).then(|| SlotStamp {
+        slot,
+        epoch: table.slot_epoch(slot),
+    })
 }
 
 /// Layer that adds the guard. Only paths under `prefix` are guarded.
@@ -143,6 +162,26 @@ pub fn stamped_revision<B>(
     }
 }
 
+/// The slot epoch a request is stamped with (`x-cellgate-epoch`):
+/// `Ok(None)` when absent, `Err` (a 400) when malformed.
+pub fn stamped_epoch<B>(req: &Request<B>) -> Result<Option<u64>, (StatusCode, serde_json::Value)> {
+    match req.headers().get(STAMP_EPOCH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|e| (routing_rules::FIRST_EPOCH..=routing_rules::MAX_EPOCH).contains(e))
+            .map(Some)
+            .ok_or_else(|| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": "malformed_epoch", "message": format!("{STAMP_EPOCH} must be an epoch ({}..={})", routing_rules::FIRST_EPOCH, routing_rules::MAX_EPOCH)}),
+                )
+            }),
+    }
+}
+
 /// After a catch-up to `stamped`: refuses (503 `rules_behind`, retryable)
 /// when the view still holds older rules than the request was routed
 /// with — a stale cell must not decide ownership with rules it knows are
@@ -192,7 +231,29 @@ pub fn decide<B, V: OwnershipView + ?Sized>(
             serde_json::json!({"error": "malformed_key", "message": "the user key is malformed"}),
         ));
     };
-    owned_here(view, &table, key)
+    let user = owned_here(view, &table, key)?;
+    match (stamped_epoch(req)?, user.at) {
+        (Some(stamp), Some(at)) if stamp < at.epoch => Err((
+            StatusCode::MISDIRECTED_REQUEST,
+            serde_json::json!({
+                "error": "stale_epoch",
+                "message": format!("slot {} is at epoch {} in rules revision {}, but the request was routed with epoch {stamp}: the router's rules are stale", at.slot, at.epoch, table.revision()),
+                "owner_cell": view.cell(),
+                "slot": at.slot,
+                "epoch": at.epoch,
+                "revision": table.revision(),
+            }),
+        )),
+        (Some(stamp), Some(at)) if stamp > at.epoch => Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({
+                "error": "rules_behind",
+                "message": format!("slot {} is at epoch {} in this cell's rules (revision {}), but the request was routed with epoch {stamp}; retry", at.slot, at.epoch, table.revision()),
+                "revision": table.revision(),
+            }),
+        )),
+        _ => Ok(user),
+    }
 }
 
 /// Whether `key`'s home cell under `table` is the view's cell: the guarded
@@ -230,10 +291,15 @@ pub fn owned_here<V: OwnershipView + ?Sized>(
             }),
         ));
     }
+    let at = (table.slot_cell(slot) == d.home_cell).then(|| SlotStamp {
+        slot,
+        epoch: table.slot_epoch(slot),
+    });
     Ok(GuardedUser {
         key,
         slot,
         revision: table.revision(),
+        at,
     })
 }
 

@@ -152,6 +152,7 @@ async fn credit<S: Store>(
         to: payee.key,
         amount,
         slot: payee.slot,
+        at: payee.at,
         transfer_created_ms,
         settled_before_ms,
     })

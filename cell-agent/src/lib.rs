@@ -8,6 +8,7 @@ pub mod auth;
 pub mod body;
 pub mod check;
 pub mod guard;
+pub mod handover;
 pub mod internal;
 pub mod listener;
 pub mod metrics;

@@ -45,6 +45,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A store's slot table (`list`), and hand-over by hand: `ban` slots in
+    /// the old owner's store at the new epoch, then `open` them in the new
+    /// owner's (only once their data is there, or for slots that hold none).
+    Slots {
+        #[command(subcommand)]
+        command: SlotsCommand,
+    },
     /// Match every incoming credit of every cell to its sender's outbox
     /// record and every delivered record to its credit, across the shard
     /// files of the whole cluster (exit 1 on an orphan on either side).
@@ -56,6 +63,94 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum SlotsCommand {
+    /// Print the slot table: ranges with their epoch and state.
+    List {
+        /// The database file.
+        #[arg(long, value_name = "PATH")]
+        db: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ban slots at EPOCH (their next owner's epoch): once this returns, no
+    /// write of an older epoch commits in this store. Prints the ban's
+    /// journal position (LSN).
+    Ban(SlotsStep),
+    /// Open slots at EPOCH in this store (after the old owner banned them
+    /// at EPOCH and their data is here).
+    Open(SlotsStep),
+}
+
+#[derive(Debug, clap::Args)]
+struct SlotsStep {
+    /// The database file (the cell is the one recorded in it).
+    #[arg(long, value_name = "PATH")]
+    db: PathBuf,
+    /// Slots, inclusive: FROM-TO or one SLOT.
+    #[arg(long, value_name = "FROM-TO", value_parser = cell_agent::handover::parse_range)]
+    slots: (u32, u32),
+    /// The epoch (1..=2^53-1), above the slots' current one.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=(1u64 << 53) - 1))]
+    epoch: u64,
+}
+
+fn slots(command: SlotsCommand) -> ExitCode {
+    use cell_agent::handover::{self, Step};
+    let (step, args) = match command {
+        SlotsCommand::List { db, json } => {
+            return match handover::list(&db) {
+                Ok(ranges) => {
+                    for r in &ranges {
+                        if json {
+                            println!("{r}");
+                        } else {
+                            println!(
+                                "slots {}-{}: {} at epoch {}",
+                                r["from"],
+                                r["to"],
+                                r["state"].as_str().unwrap_or("?"),
+                                r["epoch"]
+                            );
+                        }
+                    }
+                    if !json && ranges.is_empty() {
+                        println!("no slots: this store holds none");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cell-agent: {e:#}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        SlotsCommand::Ban(a) => (Step::Ban, a),
+        SlotsCommand::Open(a) => (Step::Open, a),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cell-agent: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(handover::step(&args.db, step, args.slots, args.epoch)) {
+        Ok(reply) => {
+            println!("{reply}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cell-agent: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -82,6 +177,7 @@ fn main() -> ExitCode {
             json,
         } => outbox(&db, alert_after_ms, json),
         Command::Reconcile { db, json } => reconcile(&db, json),
+        Command::Slots { command } => slots(command),
         Command::Check { db, json } => {
             match cell_agent::check::check(&db) {
                 Ok(report) => {

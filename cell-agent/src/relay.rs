@@ -124,6 +124,7 @@ pub async fn run<S: Store>(store: S, relay: Relay, mut stop: tokio::sync::watch:
                     WriteOp::TransferRefused {
                         outbox_id: item.id,
                         reason,
+                        at: crate::guard::fence_for(&relay.rules.table(), &item.from),
                     }
                 }
                 Outcome::Retry(error) => {

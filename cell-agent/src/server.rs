@@ -188,8 +188,12 @@ pub async fn start_bound(
         queue: cfg.write_queue as usize,
         deadline: Duration::from_millis(cfg.write_deadline_ms),
     };
-    let store = SqliteStore::open_with(&cfg.db, &cfg.cell, limits)
+    // With a control plane, writes wait for the instance's lease
+    // (self-fencing); the store's writer checks it before every write.
+    let writes_allowed = Arc::new(AtomicBool::new(cfg.rules.is_some()));
+    let store = SqliteStore::open_gated(&cfg.db, &cfg.cell, limits, writes_allowed.clone())
         .map_err(|e| anyhow::anyhow!("cannot open the database {}: {e}", cfg.db.display()))?;
+    claim_first_slots(&store, &rules).await?;
     let secret = crate::auth::ClusterSecret::load(cfg.internal_secret_file.as_deref())?;
     if (cfg.internal_listen.is_some() || internal.is_some()) && secret.is_none() {
         anyhow::bail!("--internal-listen needs the cluster secret: --internal-secret-file PATH (or {} in the environment)", crate::auth::SECRET_ENV);
@@ -208,8 +212,6 @@ pub async fn start_bound(
     let addr = listener.local_addr()?;
     let (stop, stop_rx) = watch::channel(false);
     let wake = Arc::new(tokio::sync::Notify::new());
-    // With a control plane, writes wait for the instance's lease (self-fencing).
-    let writes_allowed = Arc::new(AtomicBool::new(cfg.rules.is_some()));
     let api = Arc::new(Api {
         store: store.clone(),
         rules: rules.clone(),
@@ -293,6 +295,29 @@ pub async fn start_bound(
 #[cfg(feature = "etcd")]
 fn endpoints(cfg: &AgentConfig) -> Vec<String> {
     routing_rules::etcd::parse_endpoints(cfg.etcd.as_deref().unwrap_or_default())
+}
+
+/// On a store's first start, opens the slots the rules give this cell at
+/// the first epoch (a slot at a later epoch has changed owner: it arrives
+/// only by hand-over). Later starts change nothing.
+async fn claim_first_slots(store: &SqliteStore, rules: &RulesHolder) -> anyhow::Result<()> {
+    use crate::store::Store;
+    let table = rules.table();
+    let ranges: Vec<(u32, u32)> = table
+        .rules()
+        .table
+        .iter()
+        .filter(|r| r.cell == rules.cell() && r.epoch == routing_rules::FIRST_EPOCH)
+        .map(|r| (r.from, r.to))
+        .collect();
+    let (_, reply) = store
+        .write(crate::store::WriteOp::ClaimSlots { ranges })
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot claim this cell's first slots: {e}"))?;
+    if reply["claimed"] == true {
+        tracing::info!(cell = rules.cell(), slots = %reply["slots"], revision = table.revision(), "new store: opened the slots the rules give this cell at epoch 1");
+    }
+    Ok(())
 }
 
 /// Boots the rules from etcd.

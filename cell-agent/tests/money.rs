@@ -466,16 +466,74 @@ async fn a_credit_follows_its_payee_to_the_new_owner() {
     let t = transfer(&client, a.addr, &payer, &payee, 30, "t").await;
     assert_eq!(t.json["to_cell"], "cell-c");
     let id = t.json["id"].as_str().unwrap().to_string();
-    // cell-c is gone; its slots move to cell-b.
+    // cell-c is gone; its slots move to cell-b at a new epoch.
     let moved = with_internal(
-        &rules_text_with_ranges("[[ranges]]\nfrom = 0\nto = 32\ncell = \"cell-a\"\n[[ranges]]\nfrom = 33\nto = 99\ncell = \"cell-b\"\n"),
+        &rules_text_with_ranges("[[ranges]]\nfrom = 0\nto = 32\ncell = \"cell-a\"\n[[ranges]]\nfrom = 33\nto = 65\ncell = \"cell-b\"\n[[ranges]]\nfrom = 66\nto = 99\ncell = \"cell-b\"\nepoch = 2\n"),
         &internal,
     );
     std::fs::write(&rules, &moved).unwrap();
+    wait_rev(&client, b.addr, &rules).await;
+    // The slots have not been handed over: cell-b refuses the credit
+    // (retryable), and the transfer stays pending, nothing credited.
+    let pending = wait_outbox_error(&dir.path("cell-a.db"), &id, "slot_not_open").await;
+    assert_eq!(pending["state"], "pending", "{pending}");
+    let none = call(
+        &client,
+        "GET",
+        b.addr,
+        &format!("/v1/accounts/{payee}"),
+        &payee,
+        None,
+    )
+    .await;
+    assert_eq!(none.status, StatusCode::NOT_FOUND, "{}", none.json);
+    // Hand-over: cell-b's store opens the slots at epoch 2.
+    let (code, out) = cli(&[
+        "slots",
+        "open",
+        "--db",
+        dir.path("cell-b.db").to_str().unwrap(),
+        "--slots",
+        "66-99",
+        "--epoch",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(r#""opened":[66,99]"#), "{out}");
     wait_transfer(&client, a.addr, &payer, &id, "delivered").await;
     assert_eq!(balance(&client, b.addr, &payee).await, 30);
+    let (code, out) = cli(&[
+        "slots",
+        "list",
+        "--db",
+        dir.path("cell-b.db").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("slots 33-65: open at epoch 1"), "{out}");
+    assert!(out.contains("slots 66-99: open at epoch 2"), "{out}");
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// Waits until the outbox of `db` shows the transfer's last delivery
+/// error mentioning `code`; returns its record.
+async fn wait_outbox_error(db: &std::path::Path, id: &str, code: &str) -> Value {
+    let mut last = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::time::Instant::now() < deadline {
+        let (status, out) = cli(&["outbox", "--db", db.to_str().unwrap(), "--json"]);
+        assert_eq!(status, 0, "{out}");
+        for line in out.lines() {
+            let v: Value = serde_json::from_str(line).unwrap_or(Value::Null);
+            if v["transfer_id"] == id && v["last_error"].as_str().is_some_and(|e| e.contains(code))
+            {
+                return v;
+            }
+        }
+        last = out;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("transfer {id} never failed with {code}: {last}");
 }
 
 fn rules_text_with_ranges(ranges: &str) -> String {

@@ -65,6 +65,8 @@ async fn every_key_reaches_the_cell_and_colour_the_engine_decides() {
                 assert_eq!(r.json["stamp_cell"], t.cell_name(d.serving_cell), "{k}");
                 assert_eq!(r.json["stamp_colour"], d.colour.as_str(), "{k}");
                 assert_eq!(r.json["stamp_rev"], rev.as_str(), "{k}");
+                let epoch = d.slot.map(|s| t.slot_epoch(s).to_string());
+                assert_eq!(r.json["stamp_epoch"].as_str(), epoch.as_deref(), "{k}");
             }
         }));
     }
@@ -385,6 +387,7 @@ async fn headers_errors_and_admin_api() {
         &[
             ("x-user-id", "alice"),
             ("x-cellgate-rev", "999999999999999"),
+            ("x-cellgate-epoch", "999"),
             ("x-cellgate-cell", "cell-evil"),
             ("connection", "x-custom-hop"),
             ("x-custom-hop", "secret"),
@@ -399,6 +402,10 @@ async fn headers_errors_and_admin_api() {
         gw.control.current().table.revision().to_string()
     );
     assert_ne!(r.json["stamp_cell"], "cell-evil");
+    assert_eq!(
+        r.json["stamp_epoch"], "1",
+        "the slot's epoch, not the client's"
+    );
     assert_eq!(r.json["x_custom_hop"], serde_json::Value::Null);
     assert_eq!(r.json["xff"], "203.0.113.9, 127.0.0.1");
     let id = r.json["request_id"].as_str().unwrap().to_string();

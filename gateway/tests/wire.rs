@@ -582,6 +582,7 @@ async fn decision_headers_on_responses_when_enabled() {
         assert_eq!(header(h, "x-cellgate-rev"), Some(rev.as_str()), "{h}");
         let slot: u32 = header(h, "x-cellgate-slot").unwrap().parse().unwrap();
         assert!(slot < 16);
+        assert_eq!(header(h, "x-cellgate-epoch"), Some("1"), "{h}");
     }
     gw.shutdown().await;
 }

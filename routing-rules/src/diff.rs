@@ -41,6 +41,19 @@ pub struct PinChange {
     pub pinned: bool,
 }
 
+/// A run of slots whose ownership epoch changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EpochChange {
+    /// First slot.
+    pub from: u32,
+    /// Last slot.
+    pub to: u32,
+    /// Old epoch (`None` for slots that did not exist before).
+    pub before: Option<u64>,
+    /// New epoch.
+    pub after: u64,
+}
+
 /// Slot ownership of one cell before and after.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 pub struct CellSlots {
@@ -96,6 +109,11 @@ pub struct RulesDiff {
     pub moves: Vec<SlotMove>,
     /// Runs of slots whose pin changed.
     pub pins: Vec<PinChange>,
+    /// Runs of slots whose ownership epoch changed.
+    pub epochs: Vec<EpochChange>,
+    /// What an operator must know before applying (slots that move without
+    /// their data, epochs that do not rise with a move or go back).
+    pub warnings: Vec<String>,
     /// Per-cell slot gains and losses (cells in either document).
     pub cells: BTreeMap<String, CellSlots>,
     /// Cells only in the new document.
@@ -145,6 +163,7 @@ pub fn split_switch_fraction(a: Split, b: Split) -> f64 {
 pub fn diff(a: &Rules, b: &Rules) -> RulesDiff {
     let (oa, ob) = (a.slot_owners(), b.slot_owners());
     let (pa, pb) = (a.slot_pins(), b.slot_pins());
+    let (ea, eb) = (a.slot_epochs(), b.slot_epochs());
     let rehash = a.hash != b.hash || a.slots != b.slots;
 
     let mut cells: BTreeMap<String, CellSlots> = BTreeMap::new();
@@ -157,10 +176,29 @@ pub fn diff(a: &Rules, b: &Rules) -> RulesDiff {
 
     let mut moves: Vec<SlotMove> = Vec::new();
     let mut pins: Vec<PinChange> = Vec::new();
-    let mut slots_moved = 0;
+    let mut epochs: Vec<EpochChange> = Vec::new();
+    let (mut slots_moved, mut moved_same_epoch, mut epoch_lowered) = (0u32, 0u32, 0u32);
     for (s, new) in ob.iter().enumerate() {
         let s = s as u32;
         let old = oa.get(s as usize).copied();
+        let (old_epoch, new_epoch) = (ea.get(s as usize).copied(), eb[s as usize]);
+        if old_epoch != Some(new_epoch) {
+            epoch_lowered += u32::from(old_epoch.is_some_and(|e| e > new_epoch));
+            match epochs.last_mut() {
+                Some(e) if e.to + 1 == s && e.after == new_epoch && e.before == old_epoch => {
+                    e.to = s
+                }
+                _ => epochs.push(EpochChange {
+                    from: s,
+                    to: s,
+                    before: old_epoch,
+                    after: new_epoch,
+                }),
+            }
+        }
+        if old.is_some() && old != Some(*new) && old_epoch.is_some_and(|e| e >= new_epoch) {
+            moved_same_epoch += 1;
+        }
         if old != Some(*new) {
             slots_moved += 1;
             if let Some(o) = old {
@@ -261,6 +299,23 @@ pub fn diff(a: &Rules, b: &Rules) -> RulesDiff {
         .cloned()
         .collect();
 
+    let mut warnings = Vec::new();
+    if slots_moved > 0 {
+        warnings.push(format!(
+            "{slots_moved} slot(s) change owner without their data: the new owner refuses their users' writes (503 slot_not_open) until the slots are handed over (switchover, or `cell-agent slots open` once the old owner has banned them), and their money stays in the old owner's store"
+        ));
+    }
+    if moved_same_epoch > 0 {
+        warnings.push(format!(
+            "{moved_same_epoch} moved slot(s) keep or lower their epoch: raise the epoch of a range whenever it changes owner (`cellctl rules rebalance` does)"
+        ));
+    }
+    if epoch_lowered > 0 {
+        warnings.push(format!(
+            "{epoch_lowered} slot(s) go back to an older epoch: epochs only rise, and a cell whose store is at the newer epoch refuses requests stamped with the older one"
+        ));
+    }
+
     RulesDiff {
         slots_moved,
         users_moved_fraction,
@@ -271,6 +326,8 @@ pub fn diff(a: &Rules, b: &Rules) -> RulesDiff {
         },
         moves,
         pins,
+        epochs,
+        warnings,
         cells,
         cells_added,
         cells_removed,
@@ -291,6 +348,7 @@ impl RulesDiff {
         self.slots_moved == 0
             && !self.rehash
             && self.pins.is_empty()
+            && self.epochs.is_empty()
             && self.cells_added.is_empty()
             && self.cells_removed.is_empty()
             && self.cells_changed.is_empty()
@@ -339,8 +397,10 @@ impl RulesDiff {
         let n = self.slots.after as usize;
         let mut owners: Vec<String> = a.slot_owners().into_iter().map(str::to_string).collect();
         let mut pins = a.slot_pins();
+        let mut epochs = a.slot_epochs();
         owners.resize(n, String::new());
         pins.resize(n, false);
+        epochs.resize(n, FIRST_EPOCH);
         for m in &self.moves {
             for s in m.from..=m.to {
                 owners[s as usize] = m.to_cell.clone();
@@ -351,8 +411,13 @@ impl RulesDiff {
                 pins[s as usize] = p.pinned;
             }
         }
+        for e in &self.epochs {
+            for s in e.from..=e.to {
+                epochs[s as usize] = e.after;
+            }
+        }
         r.slots = self.slots.after;
-        r.table = Rules::table_from_slots(&owners, &pins);
+        r.table = Rules::table_from_slot_parts(&owners, &pins, &epochs);
         r
     }
 
@@ -402,6 +467,20 @@ impl RulesDiff {
                     c.slots_before, c.slots_after, c.gained, c.lost
                 );
             }
+        }
+        for e in &self.epochs {
+            let _ = writeln!(
+                s,
+                "epochs: slots {}-{} {} → {}",
+                e.from,
+                e.to,
+                e.before
+                    .map_or_else(|| "(new)".to_string(), |b| b.to_string()),
+                e.after
+            );
+        }
+        for w in &self.warnings {
+            let _ = writeln!(s, "warning: {w}");
         }
         for p in &self.pins {
             let _ = writeln!(

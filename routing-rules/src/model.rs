@@ -31,9 +31,23 @@ pub const STAMP_HOME: &str = "x-cellgate-home";
 pub const STAMP_COLOUR: &str = "x-cellgate-colour";
 /// Request header stamped by the gateway: the rules revision.
 pub const STAMP_REV: &str = "x-cellgate-rev";
+/// Request header stamped by the gateway: the epoch of the user's slot
+/// (with [`STAMP_SLOT`]; the cell's store checks it inside every write).
+pub const STAMP_EPOCH: &str = "x-cellgate-epoch";
 /// All stamp headers. Clients may not send them (the gateway strips them),
 /// and no rule may use them as key or tester header.
-pub const STAMP_HEADERS: [&str; 5] = [STAMP_SLOT, STAMP_CELL, STAMP_HOME, STAMP_COLOUR, STAMP_REV];
+pub const STAMP_HEADERS: [&str; 6] = [
+    STAMP_SLOT,
+    STAMP_CELL,
+    STAMP_HOME,
+    STAMP_COLOUR,
+    STAMP_REV,
+    STAMP_EPOCH,
+];
+/// Epoch of a slot range that never changed owner (the default).
+pub const FIRST_EPOCH: u64 = 1;
+/// Largest epoch (2^53 − 1: exact in every JSON reader).
+pub const MAX_EPOCH: u64 = (1 << 53) - 1;
 /// Longest cell name; names are also metric label values.
 pub const MAX_CELL_NAME_LEN: usize = 64;
 
@@ -258,6 +272,11 @@ pub struct SlotRange {
     pub cell: String,
     /// Pinned ranges are never moved by `rebalance`.
     pub pinned: bool,
+    /// Ownership epoch of these slots (monotonic per slot: raised whenever
+    /// the slots change owner; default [`FIRST_EPOCH`]). The gateway stamps
+    /// it on every request and a cell's store accepts a write only when its
+    /// own row for the slot is open at this epoch.
+    pub epoch: u64,
 }
 
 impl SlotRange {
@@ -336,6 +355,15 @@ impl Rules {
         owners
     }
 
+    /// Epoch of every slot, index = slot.
+    pub fn slot_epochs(&self) -> Vec<u64> {
+        let mut epochs = Vec::with_capacity(self.slots as usize);
+        for r in &self.table {
+            epochs.extend(std::iter::repeat_n(r.epoch, r.len() as usize));
+        }
+        epochs
+    }
+
     /// Whether each slot is pinned, index = slot.
     pub fn slot_pins(&self) -> Vec<bool> {
         let mut pins = Vec::with_capacity(self.slots as usize);
@@ -355,16 +383,31 @@ impl Rules {
     }
 
     /// Builds a normalised table (sorted, adjacent equal ranges merged) from
-    /// per-slot owners and pins.
+    /// per-slot owners and pins, every slot at [`FIRST_EPOCH`].
     pub fn table_from_slots<S: AsRef<str>>(owners: &[S], pins: &[bool]) -> Vec<SlotRange> {
+        Rules::table_from_slot_parts(owners, pins, &[])
+    }
+
+    /// Builds a normalised table from per-slot owners, pins and epochs (a
+    /// slot missing from `pins` is unpinned, from `epochs` at
+    /// [`FIRST_EPOCH`]).
+    pub fn table_from_slot_parts<S: AsRef<str>>(
+        owners: &[S],
+        pins: &[bool],
+        epochs: &[u64],
+    ) -> Vec<SlotRange> {
         let mut table: Vec<SlotRange> = Vec::new();
         for (slot, owner) in owners.iter().enumerate() {
             let owner = owner.as_ref();
             let pinned = pins.get(slot).copied().unwrap_or(false);
+            let epoch = epochs.get(slot).copied().unwrap_or(FIRST_EPOCH);
             let slot = slot as u32;
             match table.last_mut() {
                 Some(last)
-                    if last.cell == owner && last.pinned == pinned && last.to + 1 == slot =>
+                    if last.cell == owner
+                        && last.pinned == pinned
+                        && last.epoch == epoch
+                        && last.to + 1 == slot =>
                 {
                     last.to = slot;
                 }
@@ -373,16 +416,37 @@ impl Rules {
                     to: slot,
                     cell: owner.to_string(),
                     pinned,
+                    epoch,
                 }),
             }
         }
         table
     }
 
+    /// The epochs after moving slots from `before` owners to `after`
+    /// owners: a slot whose owner changed gets its old epoch + 1 (a slot
+    /// beyond the old table starts at [`FIRST_EPOCH`]); the rest keep theirs.
+    pub fn epochs_after_moves<A: AsRef<str>, B: AsRef<str>>(
+        before: &[A],
+        before_epochs: &[u64],
+        after: &[B],
+    ) -> Vec<u64> {
+        after
+            .iter()
+            .enumerate()
+            .map(|(s, new)| match (before.get(s), before_epochs.get(s)) {
+                (Some(old), Some(&e)) if old.as_ref() != new.as_ref() => (e + 1).min(MAX_EPOCH),
+                (_, Some(&e)) => e,
+                _ => FIRST_EPOCH,
+            })
+            .collect()
+    }
+
     /// Sorts and merges the table in place (same owners, same pins).
     pub fn normalise_table(&mut self) {
         let owners: Vec<String> = self.slot_owners().into_iter().map(str::to_string).collect();
         let pins = self.slot_pins();
-        self.table = Rules::table_from_slots(&owners, &pins);
+        let epochs = self.slot_epochs();
+        self.table = Rules::table_from_slot_parts(&owners, &pins, &epochs);
     }
 }

@@ -179,7 +179,9 @@ pub fn rebalance(rules: &Rules, plan: &RebalancePlan) -> Result<Rules, Rebalance
             }
         })
         .collect();
-    out.table = Rules::table_from_slots(&new_owners, &pins);
+    // A slot that changes owner starts a new ownership epoch.
+    let epochs = Rules::epochs_after_moves(&owners, &rules.slot_epochs(), &new_owners);
+    out.table = Rules::table_from_slot_parts(&new_owners, &pins, &epochs);
     Ok(out)
 }
 
@@ -201,6 +203,9 @@ pub fn render_table_into(original: &str, rules: &Rules) -> Result<String, Rebala
                 t.insert("cell", r.cell.as_str().into());
                 if r.pinned {
                     t.insert("pinned", true.into());
+                }
+                if r.epoch != FIRST_EPOCH {
+                    t.insert("epoch", (r.epoch as i64).into());
                 }
                 let mut v = toml_edit::Value::InlineTable(t);
                 v.decor_mut().set_prefix("\n  ");
@@ -228,6 +233,9 @@ pub fn render_table_into(original: &str, rules: &Rules) -> Result<String, Rebala
                 t.insert("cell", value(r.cell.as_str()));
                 if r.pinned {
                     t.insert("pinned", value(true));
+                }
+                if r.epoch != FIRST_EPOCH {
+                    t.insert("epoch", value(r.epoch as i64));
                 }
                 if position.is_some() {
                     t.set_position(position);

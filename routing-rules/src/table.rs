@@ -230,6 +230,7 @@ pub struct RoutingTable {
     rules: Arc<Rules>,
     revision: u64,
     slot_cell: Box<[CellIdx]>,
+    slot_epoch: Box<[u64]>,
     cells: Box<[CompiledCell]>,
     by_name: HashMap<Arc<str>, CellIdx>,
     overrides: OverrideMap,
@@ -274,6 +275,7 @@ impl RoutingTable {
         for r in &rules.table {
             slot_cell.extend(std::iter::repeat_n(idx(&r.cell), r.len() as usize));
         }
+        let slot_epoch = rules.slot_epochs();
         let mut overrides = OverrideMap::with_capacity(rules.overrides.len());
         for (user, o) in &rules.overrides {
             overrides.insert(
@@ -291,6 +293,7 @@ impl RoutingTable {
         Ok(RoutingTable {
             revision,
             slot_cell: slot_cell.into(),
+            slot_epoch: slot_epoch.into(),
             cells,
             by_name,
             overrides,
@@ -352,6 +355,12 @@ impl RoutingTable {
     #[inline]
     pub fn slot_cell(&self, slot: u32) -> CellIdx {
         self.slot_cell[slot as usize]
+    }
+
+    /// Ownership epoch of a slot (stamped as `x-cellgate-epoch`).
+    #[inline]
+    pub fn slot_epoch(&self, slot: u32) -> u64 {
+        self.slot_epoch[slot as usize]
     }
 
     /// The serving cell for a home cell given health, and whether it moved.
@@ -484,6 +493,7 @@ impl RoutingTable {
         RouteExplanation {
             key: key.to_string(),
             slot: decision.slot,
+            epoch: decision.slot.map(|s| self.slot_epoch(s)),
             slots: self.slots(),
             home_cell: self.cell_name(decision.home_cell).to_string(),
             serving_cell: serving.name.to_string(),
@@ -505,6 +515,8 @@ pub struct RouteExplanation {
     pub key: String,
     /// Its slot (`null` for a missing key sent to the default cell).
     pub slot: Option<u32>,
+    /// The slot's ownership epoch.
+    pub epoch: Option<u64>,
     /// Slot count of the rules.
     pub slots: u32,
     /// Home cell.

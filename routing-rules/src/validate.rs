@@ -472,6 +472,16 @@ fn check(mut doc: FileDoc) -> Result<(Rules, Option<u64>), RulesError> {
             });
             continue;
         }
+        if r.epoch < FIRST_EPOCH as i64 || r.epoch > MAX_EPOCH as i64 {
+            c.errors.push(ValidationError::BadRange {
+                index: i,
+                message: format!(
+                    "epoch = {} is out of range ({FIRST_EPOCH}..={MAX_EPOCH})",
+                    r.epoch
+                ),
+            });
+            continue;
+        }
         for s in r.from as u32..=r.to as u32 {
             match owner[s as usize] {
                 None => owner[s as usize] = Some(i),
@@ -486,6 +496,7 @@ fn check(mut doc: FileDoc) -> Result<(Rules, Option<u64>), RulesError> {
             to: r.to as u32,
             cell: r.cell.clone(),
             pinned: r.pinned,
+            epoch: r.epoch as u64,
         });
     }
     for (from, to, first, second) in overlaps {

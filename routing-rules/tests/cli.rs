@@ -244,6 +244,42 @@ fn diff_reports_moves_and_fractions() {
         "{text}"
     );
     assert!(text.contains("slots 24-33: cell-a → cell-b"), "{text}");
+    // The move carries no data and keeps epoch 1: both are warned about.
+    let warnings = v["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        text.contains("warning: 10 slot(s) change owner without their data"),
+        "{text}"
+    );
+    assert!(
+        text.contains("warning: 10 moved slot(s) keep or lower their epoch"),
+        "{text}"
+    );
+
+    // With the epoch raised for the moved range, only the data warning is
+    // left, and the epoch change is listed.
+    let raised = dir.file(
+        "raised.toml",
+        &std::fs::read_to_string(&new).unwrap().replace(
+            "from = 24\nto = 66",
+            "from = 24\nto = 33\ncell = \"cell-b\"\nepoch = 2\n\n[[ranges]]\nfrom = 34\nto = 66",
+        ),
+    );
+    let o = cellctl(&[
+        "rules",
+        "diff",
+        "-o",
+        "json",
+        &example("cells.toml"),
+        &raised,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["warnings"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(
+        v["epochs"],
+        serde_json::json!([{"from": 24, "to": 33, "before": 1, "after": 2}])
+    );
 }
 
 #[test]

@@ -95,6 +95,22 @@ impl OrderAction {
     }
 }
 
+/// The slot a write acts on and the ownership epoch it was routed with.
+///
+/// The store checks it inside the write's own transaction: the slot's
+/// `slot_owner` row must be open at exactly this epoch (an open row at an
+/// older epoch is raised to it: the epoch comes from the agent's rules,
+/// which give the slot to this cell at that epoch). `None` on a write
+/// skips the check: a user placed by a per-user cell override is fenced by
+/// the guard only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SlotStamp {
+    /// The slot.
+    pub slot: u32,
+    /// Its epoch.
+    pub epoch: u64,
+}
+
 /// A write, executed atomically (all or nothing) and durably.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOp {
@@ -108,6 +124,8 @@ pub enum WriteOp {
         key: String,
         /// The user's slot.
         slot: u32,
+        /// The slot fence.
+        at: Option<SlotStamp>,
     },
     /// Create an order in state `created`.
     CreateOrder {
@@ -119,6 +137,8 @@ pub enum WriteOp {
         merchant: String,
         /// Idempotency key.
         key: String,
+        /// The user's slot fence.
+        at: Option<SlotStamp>,
     },
     /// Try / confirm / cancel / pay an order (idempotent by state).
     Order {
@@ -128,6 +148,8 @@ pub enum WriteOp {
         user: String,
         /// Action.
         action: OrderAction,
+        /// The user's slot fence.
+        at: Option<SlotStamp>,
     },
     /// Move money to another user. `to_cell` is `None` when the payee is in
     /// this cell (one local transaction), else the payee's cell: the debit
@@ -145,6 +167,10 @@ pub enum WriteOp {
         to_cell: Option<String>,
         /// Payee's slot (for a local payee's account).
         to_slot: u32,
+        /// The payer's slot fence.
+        at: Option<SlotStamp>,
+        /// The payee's slot fence (checked when the payee is local).
+        to_at: Option<SlotStamp>,
     },
     /// An incoming cross-cell credit, idempotent by `transfer_id`.
     Credit {
@@ -160,6 +186,8 @@ pub enum WriteOp {
         amount: i64,
         /// Payee's slot.
         slot: u32,
+        /// The payee's slot fence.
+        at: Option<SlotStamp>,
         /// When the transfer was made, at the sender (unix ms; 0 = unknown:
         /// the row is then never pruned).
         transfer_created_ms: i64,
@@ -200,6 +228,36 @@ pub enum WriteOp {
         outbox_id: i64,
         /// The refusal, as the payee's cell gave it.
         reason: String,
+        /// The payer's slot fence (the refund is a write to their account).
+        at: Option<SlotStamp>,
+    },
+    /// First start of a store: opens `ranges` (the slots the rules give
+    /// this cell at the first epoch) unless the store has claimed slots
+    /// before. Later slots arrive only by hand-over ([`WriteOp::OpenSlots`]).
+    ClaimSlots {
+        /// Inclusive slot ranges.
+        ranges: Vec<(u32, u32)>,
+    },
+    /// Bans slots at `epoch` (the epoch of their next owner): ordered after
+    /// every write queued before it; once it commits, no write of an older
+    /// epoch commits here. Replies with the ban's journal position (LSN).
+    BanSlots {
+        /// First slot.
+        from: u32,
+        /// Last slot (inclusive).
+        to: u32,
+        /// The new epoch (above the slots' current one).
+        epoch: u64,
+    },
+    /// Opens slots at `epoch` here (a hand-over: the old owner banned them
+    /// at this epoch).
+    OpenSlots {
+        /// First slot.
+        from: u32,
+        /// Last slot (inclusive).
+        to: u32,
+        /// The epoch (above any ban recorded here).
+        epoch: u64,
     },
 }
 

@@ -357,6 +357,8 @@ impl Outgoing {
 pub fn stamps(gen: &Generation, d: &RouteDecision, mut f: impl FnMut(&'static [u8], &[u8])) {
     if let Some(slot) = d.slot {
         f(b"x-cellgate-slot", h1::fmt_u64(slot as u64, &mut [0u8; 20]));
+        let epoch = gen.table.slot_epoch(slot);
+        f(b"x-cellgate-epoch", h1::fmt_u64(epoch, &mut [0u8; 20]));
     }
     f(
         b"x-cellgate-cell",

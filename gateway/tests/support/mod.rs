@@ -125,7 +125,8 @@ impl Backend {
                                 "method": parts.method.as_str(), "path": parts.uri.to_string(),
                                 "stamp_slot": h("x-cellgate-slot"), "stamp_cell": h("x-cellgate-cell"),
                                 "stamp_home": h("x-cellgate-home"), "stamp_colour": h("x-cellgate-colour"),
-                                "stamp_rev": h("x-cellgate-rev"), "xff": h("x-forwarded-for"),
+                                "stamp_rev": h("x-cellgate-rev"), "stamp_epoch": h("x-cellgate-epoch"),
+                                "xff": h("x-forwarded-for"),
                                 "request_id": h("x-request-id"), "connection": h("connection"),
                                 "x_custom_hop": h("x-custom-hop"), "body_len": body.len(),
                             });

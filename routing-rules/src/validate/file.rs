@@ -114,6 +114,12 @@ pub(super) struct FileRange {
     pub(super) cell: String,
     #[serde(default)]
     pub(super) pinned: bool,
+    #[serde(default = "first_epoch")]
+    pub(super) epoch: i64,
+}
+
+fn first_epoch() -> i64 {
+    crate::model::FIRST_EPOCH as i64
 }
 
 #[derive(Debug, Deserialize)]

@@ -12,9 +12,11 @@ mod ledger;
 pub mod prune;
 mod read;
 mod schema;
+pub mod slots;
 mod write;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -134,6 +136,18 @@ impl SqliteStore {
 
     /// [`Self::open`] with explicit bounds on the write path.
     pub fn open_with(path: &Path, cell: &str, limits: WriterLimits) -> Result<Self, OpenError> {
+        Self::open_gated(path, cell, limits, Arc::new(AtomicBool::new(true)))
+    }
+
+    /// [`Self::open_with`] whose writer refuses every write (503 `fenced`)
+    /// while `writes_allowed` is false: the self-fence is checked by the
+    /// writer itself, right before a write runs, not only when it is queued.
+    pub fn open_gated(
+        path: &Path,
+        cell: &str,
+        limits: WriterLimits,
+        writes_allowed: Arc<AtomicBool>,
+    ) -> Result<Self, OpenError> {
         let mut conn = open(path, false)?;
         migrate(&mut conn)?;
         schema::claim_cell(&conn, cell)?;
@@ -141,7 +155,7 @@ impl SqliteStore {
         let cell_name = cell.to_string();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, cell_name))
+            .spawn(move || writer_loop(conn, rx, cell_name, writes_allowed))
             .map_err(OpenError::Thread)?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
@@ -178,7 +192,12 @@ impl SqliteStore {
     }
 }
 
-fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<Job>, cell: String) {
+fn writer_loop(
+    mut conn: Connection,
+    rx: std_mpsc::Receiver<Job>,
+    cell: String,
+    writes_allowed: Arc<AtomicBool>,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut next = Some(first);
@@ -187,6 +206,14 @@ fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<Job>, cell: String) 
             if job.reply.is_closed() {
                 // Nobody waits for the answer (the client went away): a
                 // retry with the same key will apply it.
+            } else if !writes_allowed.load(Ordering::Acquire)
+                && !matches!(job.op, WriteOp::ClaimSlots { .. })
+            {
+                let _ = job.reply.send(Err(DomainError::new(
+                    503,
+                    "fenced",
+                    "this instance lost its control-plane lease before the write ran; it was not applied (retry)",
+                )));
             } else if now > job.deadline {
                 let _ = job.reply.send(Err(DomainError::new(
                     503,
@@ -215,13 +242,21 @@ fn run_batch(conn: &mut Connection, batch: &[Job], cell: &str) -> Vec<Result<Rep
         let err = storage(e);
         return batch.iter().map(|_| Err(err.clone())).collect();
     }
+    let lsn = match slots::next_lsn(conn) {
+        Ok(lsn) => lsn,
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            let err = storage(e);
+            return batch.iter().map(|_| Err(err.clone())).collect();
+        }
+    };
     let mut results = Vec::with_capacity(batch.len());
     for Job { op, .. } in batch {
         if let Err(e) = conn.execute_batch("SAVEPOINT op") {
             results.push(Err(storage(e)));
             continue;
         }
-        let r = write::apply(conn, op, cell);
+        let r = write::apply(conn, op, cell, lsn);
         let end = if r.is_ok() {
             "RELEASE op"
         } else {

@@ -117,6 +117,29 @@ pub(super) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX outbox_done ON outbox (delivered_ms, failed_ms);
     "#,
+    // v4: slot ownership inside the data. Every write checks its slot's
+    // row in its own transaction; every open, ban and epoch raise is
+    // logged with the highest ledger id at that moment, so the ledger rows
+    // written under each entry can be told afterwards.
+    r#"
+    CREATE TABLE slot_owner (
+        slot       INTEGER PRIMARY KEY,
+        epoch      INTEGER NOT NULL,
+        state      TEXT NOT NULL CHECK (state IN ('open', 'banned')),
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE TABLE slot_log (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        lsn         INTEGER NOT NULL,
+        from_slot   INTEGER NOT NULL,
+        to_slot     INTEGER NOT NULL,
+        epoch       INTEGER NOT NULL,
+        state       TEXT NOT NULL,
+        reason      TEXT NOT NULL,
+        ledger_high INTEGER NOT NULL,
+        at_ms       INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// Applies the embedded migrations (idempotent; safe with two processes).

@@ -6,25 +6,58 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 
 use super::ledger::*;
-use super::{storage, unix_ms};
-use crate::store::{check_amount, DomainError, OrderAction, Reply, WriteOp};
+use super::{slots, storage, unix_ms};
+use crate::store::{check_amount, DomainError, OrderAction, Reply, SlotStamp, WriteOp};
 
-/// Runs one write.
-pub(super) fn apply(conn: &Connection, op: &WriteOp, cell: &str) -> Result<Reply, DomainError> {
+/// The slot fences of a write: checked first, in the write's own
+/// transaction.
+fn fences(op: &WriteOp) -> [Option<&SlotStamp>; 2] {
+    match op {
+        WriteOp::Deposit { at, .. }
+        | WriteOp::CreateOrder { at, .. }
+        | WriteOp::Order { at, .. }
+        | WriteOp::Credit { at, .. }
+        | WriteOp::TransferRefused { at, .. } => [at.as_ref(), None],
+        WriteOp::Transfer {
+            at, to_at, to_cell, ..
+        } => [at.as_ref(), to_at.as_ref().filter(|_| to_cell.is_none())],
+        WriteOp::Delivered { .. }
+        | WriteOp::DeliveryFailed { .. }
+        | WriteOp::Prune { .. }
+        | WriteOp::ClaimSlots { .. }
+        | WriteOp::BanSlots { .. }
+        | WriteOp::OpenSlots { .. } => [None, None],
+    }
+}
+
+/// Runs one write in the batch at journal position `lsn`.
+pub(super) fn apply(
+    conn: &Connection,
+    op: &WriteOp,
+    cell: &str,
+    lsn: i64,
+) -> Result<Reply, DomainError> {
+    for at in fences(op).into_iter().flatten() {
+        slots::check(conn, at, lsn)?;
+    }
     match op {
         WriteOp::Deposit {
             user,
             amount,
             key,
             slot,
+            ..
         } => deposit(conn, user, *amount, key, *slot),
         WriteOp::CreateOrder {
             user,
             amount,
             merchant,
             key,
+            ..
         } => create_order(conn, cell, user, *amount, merchant, key),
-        WriteOp::Order { id, action, user } => order_action(conn, id, *action, user),
+        WriteOp::Order {
+            id, action, user, ..
+        } => order_action(conn, id, *action, user),
         WriteOp::Transfer {
             from,
             to,
@@ -32,6 +65,7 @@ pub(super) fn apply(conn: &Connection, op: &WriteOp, cell: &str) -> Result<Reply
             key,
             to_cell,
             to_slot,
+            ..
         } => transfer(
             conn,
             cell,
@@ -51,6 +85,7 @@ pub(super) fn apply(conn: &Connection, op: &WriteOp, cell: &str) -> Result<Reply
             slot,
             transfer_created_ms,
             settled_before_ms,
+            ..
         } => credit(
             conn,
             Incoming {
@@ -75,7 +110,12 @@ pub(super) fn apply(conn: &Connection, op: &WriteOp, cell: &str) -> Result<Reply
             next_attempt_ms,
             error,
         } => delivery_failed(conn, *outbox_id, *next_attempt_ms, error),
-        WriteOp::TransferRefused { outbox_id, reason } => refund(conn, *outbox_id, reason),
+        WriteOp::TransferRefused {
+            outbox_id, reason, ..
+        } => refund(conn, *outbox_id, reason),
+        WriteOp::ClaimSlots { ranges } => slots::claim(conn, ranges, lsn),
+        WriteOp::BanSlots { from, to, epoch } => slots::ban(conn, *from, *to, *epoch, lsn),
+        WriteOp::OpenSlots { from, to, epoch } => slots::open(conn, *from, *to, *epoch, lsn),
     }
 }
 

@@ -1,0 +1,77 @@
+//! `cell-agent slots`: a store's slot table, and hand-over by hand: ban
+//! slots in the old owner's store, open them in the new owner's.
+//!
+//! Both go through the store's writer like any write (a ban is ordered
+//! after every write queued before it in this process; SQLite's write lock
+//! orders it against the other processes on the file, and every write
+//! checks its slot inside its own transaction), so they are safe while the
+//! cell's agents run.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::store::sqlite::{open, recorded_cell, slots, SqliteStore};
+use crate::store::{Store, WriteOp};
+
+/// A hand-over step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Ban the slots (the old owner).
+    Ban,
+    /// Open the slots (the new owner).
+    Open,
+}
+
+/// Parses `FROM-TO` or `SLOT`.
+pub fn parse_range(s: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("{s:?} is not a slot range (FROM-TO or SLOT, e.g. 0-99)");
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let from: u32 = a.trim().parse().map_err(|_| bad())?;
+    let to: u32 = b.trim().parse().map_err(|_| bad())?;
+    if from > to || to >= routing_rules::MAX_SLOTS {
+        return Err(bad());
+    }
+    Ok((from, to))
+}
+
+fn existing(db: &Path) -> anyhow::Result<()> {
+    if !db.is_file() {
+        anyhow::bail!("{}: no such database file", db.display());
+    }
+    Ok(())
+}
+
+/// The slot table of the store at `db`, as ranges of equal state.
+pub fn list(db: &Path) -> anyhow::Result<Vec<Value>> {
+    existing(db)?;
+    let conn = open(db, true).map_err(|e| anyhow::anyhow!("{}: {e}", db.display()))?;
+    slots::list(&conn).map_err(|e| anyhow::anyhow!("{}: {e}", db.display()))
+}
+
+/// Bans or opens `range` at `epoch` in the store at `db` (the cell the file
+/// belongs to); the store's reply (with the step's journal position).
+pub async fn step(db: &Path, step: Step, range: (u32, u32), epoch: u64) -> anyhow::Result<Value> {
+    existing(db)?;
+    let cell = {
+        let conn = open(db, true).map_err(|e| anyhow::anyhow!("{}: {e}", db.display()))?;
+        recorded_cell(&conn)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", db.display()))?
+            .ok_or_else(|| {
+                anyhow::anyhow!("{}: not a cell database (no cell recorded)", db.display())
+            })?
+    };
+    let store =
+        SqliteStore::open(db, &cell).map_err(|e| anyhow::anyhow!("{}: {e}", db.display()))?;
+    let (from, to) = range;
+    let op = match step {
+        Step::Ban => WriteOp::BanSlots { from, to, epoch },
+        Step::Open => WriteOp::OpenSlots { from, to, epoch },
+    };
+    let (_, mut reply) = store
+        .write(op)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: {}", db.display(), e.message))?;
+    reply["cell"] = cell.into();
+    Ok(reply)
+}
