@@ -5,6 +5,7 @@
 //!
 //!   cargo bench -p cell-agent --bench payments
 //!   PAYMENTS_SECONDS=10 PAYMENTS_WORKERS=24 cargo bench -p cell-agent --bench payments
+//!   PAYMENTS_JOURNAL=1 cargo bench -p cell-agent --bench payments   # with --journal
 //!
 //! Loopback only; bounded by PAYMENTS_SECONDS. Figures: docs/benchmarks.md.
 
@@ -35,6 +36,8 @@ fn main() {
         env_or("PAYMENTS_SECONDS", 10)
     };
     let workers = env_or("PAYMENTS_WORKERS", 24) as usize;
+    // PAYMENTS_JOURNAL=1: the agent journals its batches (for a replica).
+    let journal = env_or("PAYMENTS_JOURNAL", 0) == 1;
     let users = 1000usize;
 
     let dir = std::env::temp_dir().join(format!("cellgate-payments-{}", std::process::id()));
@@ -60,6 +63,7 @@ fn main() {
         .arg(&db)
         .arg("--rules")
         .arg(&rules)
+        .args(journal.then_some("--journal"))
         .env("CELL_AGENT_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()

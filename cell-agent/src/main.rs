@@ -52,6 +52,13 @@ enum Command {
         #[command(subcommand)]
         command: SlotsCommand,
     },
+    /// A replica of a cell's shard: `sync` brings a replica file up to its
+    /// primary's journal (a snapshot first when it is missing or too far
+    /// behind), batch by batch, idempotently by LSN.
+    Replica {
+        #[command(subcommand)]
+        command: ReplicaCommand,
+    },
     /// Match every incoming credit of every cell to its sender's outbox
     /// record and every delivered record to its credit, across the shard
     /// files of the whole cluster (exit 1 on an orphan on either side).
@@ -83,6 +90,41 @@ enum SlotsCommand {
     /// Open slots at EPOCH in this store (after the old owner banned them
     /// at EPOCH and their data is here).
     Open(SlotsStep),
+}
+
+#[derive(Debug, Subcommand)]
+enum ReplicaCommand {
+    /// Apply the primary's journal to the replica file; prints the LSN.
+    Sync {
+        /// The primary's database file.
+        #[arg(long, value_name = "PATH")]
+        from: PathBuf,
+        /// The replica file (created from a snapshot when missing).
+        #[arg(long, value_name = "PATH")]
+        to: PathBuf,
+    },
+}
+
+fn replica(command: ReplicaCommand) -> ExitCode {
+    let ReplicaCommand::Sync { from, to } = command;
+    if !from.is_file() {
+        eprintln!("cell-agent: {}: no such database file", from.display());
+        return ExitCode::from(1);
+    }
+    match cell_agent::store::sqlite::replica::sync(&from, &to) {
+        Ok(report) => {
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "cell-agent: cannot sync {} from {}: {e}",
+                to.display(),
+                from.display()
+            );
+            ExitCode::from(1)
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -178,6 +220,7 @@ fn main() -> ExitCode {
         } => outbox(&db, alert_after_ms, json),
         Command::Reconcile { db, json } => reconcile(&db, json),
         Command::Slots { command } => slots(command),
+        Command::Replica { command } => replica(command),
         Command::Check { db, json } => {
             match cell_agent::check::check(&db) {
                 Ok(report) => {

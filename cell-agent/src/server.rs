@@ -111,6 +111,12 @@ pub struct AgentConfig {
     /// On SIGTERM, how long in-flight requests may take, ms.
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
+    /// Journal every row each write batch changes (in the batch's own
+    /// transaction), for a replica of this shard (`cell-agent replica
+    /// sync`). Once on, the file keeps journaling. Costs write throughput:
+    /// see docs/benchmarks.md.
+    #[arg(long)]
+    pub journal: bool,
 }
 
 fn parse_retention(s: &str) -> Result<Duration, String> {
@@ -191,6 +197,11 @@ pub async fn start_bound(
     // With a control plane, writes wait for the instance's lease
     // (self-fencing); the store's writer checks it before every write.
     let writes_allowed = Arc::new(AtomicBool::new(cfg.rules.is_some()));
+    if cfg.journal {
+        crate::store::sqlite::journal::enable(&cfg.db).map_err(|e| {
+            anyhow::anyhow!("cannot turn on the journal of {}: {e}", cfg.db.display())
+        })?;
+    }
     let store = SqliteStore::open_gated(&cfg.db, &cfg.cell, limits, writes_allowed.clone())
         .map_err(|e| anyhow::anyhow!("cannot open the database {}: {e}", cfg.db.display()))?;
     claim_first_slots(&store, &rules).await?;

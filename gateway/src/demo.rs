@@ -189,6 +189,7 @@ impl Demo {
                 prune_interval_ms: 60_000,
                 reload_interval_ms: 200,
                 drain_timeout_ms: 5_000,
+                journal: false,
             };
             let agent = cell_agent::start_bound(
                 agent_cfg,

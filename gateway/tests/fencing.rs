@@ -7,7 +7,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,20 +55,24 @@ fn agent_config(cell: &str, db: &Path, rules: &Path) -> cell_agent::AgentConfig 
         prune_interval_ms: 60_000,
         reload_interval_ms: 20,
         drain_timeout_ms: 5_000,
+        journal: false,
     }
 }
 
-/// One user's deposits, retried with the same key on 421/5xx as a real
-/// client does; returns the keys acknowledged (200).
+/// One user's deposits until `stop`, each retried with the same key on
+/// 421/5xx as a real client does; returns the keys acknowledged (200).
 async fn depositor(
     client: HttpClient,
     gw: SocketAddr,
     user: String,
-    n: usize,
+    stop: Arc<AtomicBool>,
     acked: Arc<AtomicUsize>,
 ) -> Vec<String> {
     let mut keys = Vec::new();
-    for i in 0..n {
+    for i in 0.. {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
         let key = format!("{user}-{i}");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
@@ -154,7 +158,7 @@ async fn a_hand_over_racing_writes_commits_nothing_in_a_cell_that_did_not_own_th
         .await
         .unwrap();
 
-    // 200 users whose slots move, 5 deposits each, all at once.
+    // 200 users whose slots move, depositing all at once until stopped.
     let table =
         RoutingTable::compile(parse_rules(&rules(2, a.addr, b.addr, false)).unwrap(), 2).unwrap();
     let slot_of = |u: &str| {
@@ -171,6 +175,7 @@ async fn a_hand_over_racing_writes_commits_nothing_in_a_cell_that_did_not_own_th
         .collect();
     let client = client();
     let acked = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
     let tasks: Vec<_> = users
         .iter()
         .map(|u| {
@@ -178,7 +183,7 @@ async fn a_hand_over_racing_writes_commits_nothing_in_a_cell_that_did_not_own_th
                 client.clone(),
                 gw.proxy_addr,
                 u.clone(),
-                5,
+                stop.clone(),
                 acked.clone(),
             ))
         })
@@ -198,6 +203,14 @@ async fn a_hand_over_racing_writes_commits_nothing_in_a_cell_that_did_not_own_th
         .await
         .unwrap();
     std::fs::write(&rules_path, rules(3, a.addr, b.addr, true)).unwrap();
+    // Writes go on until 400 more were acknowledged after the move.
+    let at_move = acked.load(Ordering::SeqCst);
+    wait_until("400 writes after the move", Duration::from_secs(20), || {
+        let n = acked.load(Ordering::SeqCst);
+        async move { n >= at_move + 400 }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
 
     let mut acknowledged: Vec<(String, String)> = Vec::new();
     for (u, t) in users.iter().zip(tasks) {
@@ -205,7 +218,7 @@ async fn a_hand_over_racing_writes_commits_nothing_in_a_cell_that_did_not_own_th
             acknowledged.push((u.clone(), k));
         }
     }
-    assert_eq!(acknowledged.len(), 1000);
+    assert_eq!(acknowledged.len(), acked.load(Ordering::SeqCst));
     gw.shutdown().await;
     a.shutdown().await;
     b.shutdown().await;

@@ -108,6 +108,7 @@ pub fn config(cell: &str, colour: &str, db: &Path, rules: &Path) -> cell_agent::
         prune_interval_ms: 60_000,
         reload_interval_ms: 50,
         drain_timeout_ms: 5_000,
+        journal: false,
     }
 }
 

@@ -8,9 +8,11 @@
 //! SQLite's write lock serialises their transactions. Reads use a small pool
 //! of read-only connections (WAL readers never block the writer).
 
+pub mod journal;
 mod ledger;
 pub mod prune;
 mod read;
+pub mod replica;
 mod schema;
 pub mod slots;
 mod write;
@@ -150,6 +152,11 @@ impl SqliteStore {
     ) -> Result<Self, OpenError> {
         let mut conn = open(path, false)?;
         migrate(&mut conn)?;
+        {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            journal::refresh_triggers(&tx)?;
+            tx.commit()?;
+        }
         schema::claim_cell(&conn, cell)?;
         let (tx, rx) = std_mpsc::sync_channel::<Job>(limits.queue.max(1));
         let cell_name = cell.to_string();
@@ -238,41 +245,43 @@ fn writer_loop(
 }
 
 fn run_batch(conn: &mut Connection, batch: &[Job], cell: &str) -> Vec<Result<Reply, DomainError>> {
+    let conn: &Connection = conn;
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let err = storage(e);
         return batch.iter().map(|_| Err(err.clone())).collect();
     }
-    let lsn = match slots::next_lsn(conn) {
-        Ok(lsn) => lsn,
+    match run_ops(conn, batch, cell).and_then(|r| conn.execute_batch("COMMIT").map(|()| r)) {
+        Ok(results) => results,
         Err(e) => {
             let _ = conn.execute_batch("ROLLBACK");
             let err = storage(e);
-            return batch.iter().map(|_| Err(err.clone())).collect();
+            batch.iter().map(|_| Err(err.clone())).collect()
         }
-    };
+    }
+}
+
+/// The batch's writes, each in its own savepoint, and its journal entry
+/// (inside the caller's transaction). `Err` rolls the whole batch back.
+fn run_ops(
+    conn: &Connection,
+    batch: &[Job],
+    cell: &str,
+) -> rusqlite::Result<Vec<Result<Reply, DomainError>>> {
+    let first_row = journal::start_batch(conn)?;
+    let lsn = slots::next_lsn(conn)?;
     let mut results = Vec::with_capacity(batch.len());
     for Job { op, .. } in batch {
-        if let Err(e) = conn.execute_batch("SAVEPOINT op") {
-            results.push(Err(storage(e)));
-            continue;
-        }
+        conn.execute_batch("SAVEPOINT op")?;
         let r = write::apply(conn, op, cell, lsn);
-        let end = if r.is_ok() {
+        conn.execute_batch(if r.is_ok() {
             "RELEASE op"
         } else {
             "ROLLBACK TO op; RELEASE op"
-        };
-        match conn.execute_batch(end) {
-            Ok(()) => results.push(r),
-            Err(e) => results.push(Err(storage(e))),
-        }
+        })?;
+        results.push(r);
     }
-    if let Err(e) = conn.execute_batch("COMMIT") {
-        let _ = conn.execute_batch("ROLLBACK");
-        let err = storage(e);
-        return batch.iter().map(|_| Err(err.clone())).collect();
-    }
-    results
+    journal::finish_batch(conn, lsn, first_row)?;
+    Ok(results)
 }
 
 impl Store for SqliteStore {

@@ -10,6 +10,9 @@
 //!   credit whose sender might still retry it is never forgotten, so it
 //!   can never be applied twice.
 //!
+//! - journal batches older than the margin below (at most 1 h): a shard
+//!   replica that far behind starts again from a snapshot.
+//!
 //! The horizons are kept in `meta` so `check` and `reconcile` can tell a
 //! pruned record from a missing one.
 
@@ -80,8 +83,29 @@ pub(super) fn prune(
         ))
         .and_then(|mut s| s.execute(params![before_ms, margin_ms, limit]))
         .map_err(storage)?;
+    // The journal keeps the last `margin_ms` of batches (a replica further
+    // behind starts again from a snapshot).
+    let journal_before = super::unix_ms() - margin_ms;
+    let last: Option<i64> = conn
+        .prepare_cached(
+            "SELECT MAX(lsn) FROM (SELECT lsn FROM journal WHERE created_ms < ?1 ORDER BY lsn LIMIT ?2)",
+        )
+        .and_then(|mut s| s.query_row(params![journal_before, limit], |r| r.get(0)))
+        .map_err(storage)?;
+    let mut journal = 0;
+    if let Some(last) = last {
+        conn.prepare_cached(
+            "DELETE FROM journal_rows WHERE id <= (SELECT last_id FROM journal WHERE lsn = ?1)",
+        )
+        .and_then(|mut s| s.execute([last]))
+        .map_err(storage)?;
+        journal = conn
+            .prepare_cached("DELETE FROM journal WHERE lsn <= ?1")
+            .and_then(|mut s| s.execute([last]))
+            .map_err(storage)?;
+    }
     Ok((
         200,
-        json!({ "idempotency": idempotency, "outbox": outbox, "inbox": inbox }),
+        json!({ "idempotency": idempotency, "outbox": outbox, "inbox": inbox, "journal": journal }),
     ))
 }

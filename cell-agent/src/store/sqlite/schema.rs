@@ -140,6 +140,23 @@ pub(super) const MIGRATIONS: &[&str] = &[
         at_ms       INTEGER NOT NULL
     );
     "#,
+    // v5: the journal: every row each batch changes, written by triggers
+    // in the batch's own transaction (for the shard's replica); one
+    // `journal` row per batch names its LSN and its rows' id range.
+    r#"
+    CREATE TABLE journal (
+        lsn        INTEGER PRIMARY KEY,
+        first_id   INTEGER NOT NULL,
+        last_id    INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE journal_rows (
+        id  INTEGER PRIMARY KEY,
+        tbl TEXT NOT NULL,
+        op  TEXT NOT NULL,
+        row TEXT NOT NULL
+    );
+    "#,
 ];
 
 /// Applies the embedded migrations (idempotent; safe with two processes).

@@ -1,0 +1,204 @@
+//! A replica of a cell's shard: a separate SQLite file that applies the
+//! primary's journal batch by batch, idempotently by LSN (a batch at or
+//! below the replica's `meta.lsn` is skipped; a gap is refused). A replica
+//! that is missing, or behind the oldest batch the primary still keeps,
+//! starts from a snapshot (`VACUUM INTO`, a consistent copy).
+
+use std::path::Path;
+
+use rusqlite::types::Value as Sql;
+use rusqlite::{params_from_iter, Connection, OpenFlags, TransactionBehavior};
+use serde_json::Value;
+
+use super::journal::{self, Batch, RowChange};
+
+/// Why a batch cannot be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// The batch does not follow the replica's last one.
+    #[error("journal gap: the replica is at LSN {have}, the next batch offered is {got}")]
+    Gap {
+        /// The replica's LSN.
+        have: i64,
+        /// The batch offered.
+        got: i64,
+    },
+    /// A row cannot be applied (unknown table or column, bad value).
+    #[error("batch {lsn}: {message}")]
+    Row {
+        /// The batch.
+        lsn: i64,
+        /// What is wrong.
+        message: String,
+    },
+    /// SQLite.
+    #[error("{0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+/// The last batch applied to a shard file (its `meta.lsn`; 0 before any).
+pub fn applied_lsn(conn: &Connection) -> rusqlite::Result<i64> {
+    super::meta_ms(conn, "lsn")
+}
+
+fn name(s: &str, lsn: i64) -> Result<String, ReplicaError> {
+    if s.is_empty() || s.contains('"') || s.contains('\0') {
+        return Err(ReplicaError::Row {
+            lsn,
+            message: format!("bad name {s:?}"),
+        });
+    }
+    Ok(format!("\"{s}\""))
+}
+
+fn value(v: &Value, lsn: i64) -> Result<Sql, ReplicaError> {
+    Ok(match v {
+        Value::Null => Sql::Null,
+        Value::String(s) => Sql::Text(s.clone()),
+        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Sql::Integer(i),
+            (None, Some(f)) => Sql::Real(f),
+            _ => {
+                return Err(ReplicaError::Row {
+                    lsn,
+                    message: format!("number {n} out of range"),
+                })
+            }
+        },
+        other => {
+            return Err(ReplicaError::Row {
+                lsn,
+                message: format!("unexpected value {other}"),
+            })
+        }
+    })
+}
+
+fn apply_row(conn: &Connection, lsn: i64, change: &RowChange) -> Result<(), ReplicaError> {
+    let table = name(&change.table, lsn)?;
+    let cols: Vec<String> = change
+        .row
+        .keys()
+        .map(|c| name(c, lsn))
+        .collect::<Result<_, _>>()?;
+    let values: Vec<Sql> = change
+        .row
+        .values()
+        .map(|v| value(v, lsn))
+        .collect::<Result<_, _>>()?;
+    let sql = if change.upsert {
+        format!(
+            "INSERT OR REPLACE INTO {table} ({}) VALUES ({})",
+            cols.join(", "),
+            vec!["?"; cols.len()].join(", ")
+        )
+    } else {
+        let cond: Vec<String> = cols.iter().map(|c| format!("{c} = ?")).collect();
+        format!("DELETE FROM {table} WHERE {}", cond.join(" AND "))
+    };
+    conn.prepare_cached(&sql)?
+        .execute(params_from_iter(values))
+        .map_err(|e| ReplicaError::Row {
+            lsn,
+            message: format!("{}: {e}", change.table),
+        })?;
+    Ok(())
+}
+
+/// Applies one batch in one transaction: `Ok(false)` when the replica
+/// already has it, [`ReplicaError::Gap`] when it does not follow.
+pub fn apply_batch(conn: &mut Connection, batch: &Batch) -> Result<bool, ReplicaError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let have = applied_lsn(&tx)?;
+    if batch.lsn <= have {
+        return Ok(false);
+    }
+    if batch.lsn != have + 1 {
+        return Err(ReplicaError::Gap {
+            have,
+            got: batch.lsn,
+        });
+    }
+    for change in &batch.rows {
+        apply_row(&tx, batch.lsn, change)?;
+    }
+    if applied_lsn(&tx)? != batch.lsn {
+        return Err(ReplicaError::Row {
+            lsn: batch.lsn,
+            message: "the batch does not carry its own LSN".into(),
+        });
+    }
+    tx.commit()?;
+    Ok(true)
+}
+
+/// What a sync did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SyncReport {
+    /// The replica was (re)started from a snapshot.
+    pub snapshot: bool,
+    /// Batches applied.
+    pub batches: u64,
+    /// The replica's LSN afterwards.
+    pub lsn: i64,
+}
+
+/// Copies `primary` into a new replica file at `replica` (atomically
+/// replacing it): a consistent snapshot, without journal or triggers.
+fn snapshot(primary: &Connection, replica: &Path) -> Result<(), ReplicaError> {
+    let tmp = replica.with_extension("snapshot-tmp");
+    let _ = std::fs::remove_file(&tmp);
+    primary.execute("VACUUM INTO ?1", [tmp.to_string_lossy()])?;
+    {
+        let c = Connection::open(&tmp)?;
+        journal::drop_triggers(&c)?;
+        c.execute_batch("DELETE FROM journal_rows; DELETE FROM journal;")?;
+    }
+    std::fs::rename(&tmp, replica).map_err(|e| ReplicaError::Row {
+        lsn: 0,
+        message: format!("cannot move the snapshot into place: {e}"),
+    })?;
+    Ok(())
+}
+
+/// Brings the replica file at `replica` up to the primary file at
+/// `primary`: a snapshot when it is missing or behind the primary's
+/// oldest kept batch, then every later batch in order.
+pub fn sync(primary: &Path, replica: &Path) -> Result<SyncReport, ReplicaError> {
+    let src = Connection::open_with_flags(primary, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    src.busy_timeout(std::time::Duration::from_secs(10))?;
+    if !journal::enabled(&src)? {
+        return Err(ReplicaError::Row {
+            lsn: 0,
+            message: format!(
+                "{} does not journal its writes (serve it with --journal)",
+                primary.display()
+            ),
+        });
+    }
+    let mut snapshotted = false;
+    let behind = |c: &Connection| -> Result<bool, ReplicaError> {
+        let have = applied_lsn(c)?;
+        Ok(journal::oldest(&src)?.is_some_and(|oldest| oldest > have + 1))
+    };
+    if !replica.exists() || behind(&super::open(replica, false)?)? {
+        snapshot(&src, replica)?;
+        snapshotted = true;
+    }
+    let mut dst = super::open(replica, false)?;
+    let mut batches = 0u64;
+    loop {
+        let next = journal::batches_after(&src, applied_lsn(&dst)?, 256)?;
+        if next.is_empty() {
+            break;
+        }
+        for b in &next {
+            batches += u64::from(apply_batch(&mut dst, b)?);
+        }
+    }
+    Ok(SyncReport {
+        snapshot: snapshotted,
+        batches,
+        lsn: applied_lsn(&dst)?,
+    })
+}
