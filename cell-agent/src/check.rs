@@ -59,7 +59,8 @@ fn list(conn: &Connection, sql: &str) -> rusqlite::Result<Vec<String>> {
 /// available balance; no order debited twice (paid orders exactly once,
 /// others never); the cell's total equals money in minus money out; local
 /// transfers conserve money; every cross-cell transfer has its outbox record
-/// (unless it was closed before the pruning horizon).
+/// (unless it was closed before the pruning horizon); every ledger entry in a
+/// fenced slot was written while the slot was open in this store.
 pub fn check(path: &Path) -> rusqlite::Result<CheckReport> {
     if !path.exists() {
         return Err(rusqlite::Error::InvalidPath(path.to_path_buf()));
@@ -156,5 +157,27 @@ pub fn check(path: &Path) -> rusqlite::Result<CheckReport> {
          HAVING (t.state = 'failed' AND (COUNT(l.id) != 1 OR COALESCE(SUM(l.amount), 0) != t.amount))
              OR (t.state != 'failed' AND COUNT(l.id) != 0)",
     )?);
+    // Slot ownership: every ledger row written since the store began to
+    // fence (its first slot-log entry) in a slot the log covers was written
+    // while that slot was open here.
+    let fenced: i64 = q(
+        &conn,
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'slot_log'",
+    )?;
+    if fenced > 0 {
+        r.violations.extend(list(
+            &conn,
+            "SELECT 'ledger entry ' || id || ' of ' || user || ' (slot ' || slot || ') was written while the slot was '
+                    || COALESCE(state, 'never open') || ' in this store'
+             FROM (SELECT l.id AS id, l.user AS user, a.slot AS slot,
+                     (SELECT s.state FROM slot_log s
+                       WHERE s.from_slot <= a.slot AND a.slot <= s.to_slot AND s.ledger_high < l.id
+                       ORDER BY s.id DESC LIMIT 1) AS state
+                   FROM ledger l JOIN accounts a ON a.user = l.user
+                   WHERE l.id > (SELECT MIN(ledger_high) FROM slot_log)
+                     AND EXISTS (SELECT 1 FROM slot_log s WHERE s.from_slot <= a.slot AND a.slot <= s.to_slot))
+             WHERE state IS NOT 'open'",
+        )?);
+    }
     Ok(r)
 }

@@ -133,6 +133,9 @@ async fn writes_commit_only_in_slots_open_here_at_their_epoch() {
         .unwrap();
     store.write(deposit("u3", "k5", 3, 4)).await.unwrap();
     assert_eq!(ledger_rows(&db), 3);
+    // `check` finds every ledger entry written under an open slot.
+    let report = cell_agent::check::check(&db).unwrap();
+    assert!(report.ok(), "{:?}", report.violations);
     // A write without a fence (a user placed by a per-user override) is
     // not checked against the slot table.
     store
@@ -195,6 +198,22 @@ async fn a_ban_is_ordered_after_every_write_queued_before_it() {
         .query_row("SELECT MAX(id) FROM ledger", [], |r| r.get(0))
         .unwrap();
     assert_eq!(high, max);
+    assert!(cell_agent::check::check(&db).unwrap().ok());
+    // A row slipped in behind the ban (as a store without the fence
+    // could): `check` names it.
+    c.execute_batch(
+        "INSERT INTO ledger (user, kind, amount, balance_delta, frozen_delta, balance_after, frozen_after, ref, created_ms)
+           VALUES ('u0', 'deposit', 10, 10, 0, 20, 0, 'late', 0);
+         UPDATE accounts SET balance = 20 WHERE user = 'u0';",
+    )
+    .unwrap();
+    let report = cell_agent::check::check(&db).unwrap();
+    assert_eq!(report.violations.len(), 1, "{:?}", report.violations);
+    assert!(
+        report.violations[0].contains("was written while the slot was banned"),
+        "{:?}",
+        report.violations
+    );
 }
 
 #[tokio::test]
