@@ -6,6 +6,7 @@
 //!   cargo bench -p cell-agent --bench payments
 //!   PAYMENTS_SECONDS=10 PAYMENTS_WORKERS=24 cargo bench -p cell-agent --bench payments
 //!   PAYMENTS_JOURNAL=1 cargo bench -p cell-agent --bench payments   # with --journal
+//!   PAYMENTS_REPLICATE=1 cargo bench -p cell-agent --bench payments # and a synchronous standby
 //!
 //! Loopback only; bounded by PAYMENTS_SECONDS. Figures: docs/benchmarks.md.
 
@@ -27,6 +28,51 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// Starts `cell-agent serve` for `cell` with an internal listener; its
+/// process, public and internal addresses.
+fn start_agent(
+    cell: &str,
+    db: &std::path::Path,
+    rules: &std::path::Path,
+    secret: &std::path::Path,
+    extra: &[&str],
+) -> (std::process::Child, String, Option<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cell-agent"))
+        .args([
+            "serve",
+            "--cell",
+            cell,
+            "--colour",
+            "blue",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--internal-listen", "127.0.0.1:0"])
+        .arg("--internal-secret-file")
+        .arg(secret)
+        .arg("--db")
+        .arg(db)
+        .arg("--rules")
+        .arg(rules)
+        .args(extra)
+        .env("CELL_AGENT_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start cell-agent");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let (mut addr, mut internal) = (String::new(), None);
+    for _ in 0..2 {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        if let Some(a) = line.trim().strip_prefix("internal listening on ") {
+            internal = Some(a.to_string());
+        } else if let Some(a) = line.trim().strip_prefix("listening on ") {
+            addr = a.to_string();
+        }
+    }
+    (child, addr, internal)
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` does not: run briefly then.
     let quick = !std::env::args().any(|a| a == "--bench");
@@ -36,43 +82,62 @@ fn main() {
         env_or("PAYMENTS_SECONDS", 10)
     };
     let workers = env_or("PAYMENTS_WORKERS", 24) as usize;
-    // PAYMENTS_JOURNAL=1: the agent journals its batches (for a replica).
-    let journal = env_or("PAYMENTS_JOURNAL", 0) == 1;
+    // PAYMENTS_JOURNAL=1: the agent journals its batches (for a replica);
+    // PAYMENTS_REPLICATE=1: and ships them to a standby agent, answering
+    // each payment only once the standby has it.
+    let replicate = env_or("PAYMENTS_REPLICATE", 0) == 1;
+    let journal = replicate || env_or("PAYMENTS_JOURNAL", 0) == 1;
     let users = 1000usize;
 
     let dir = std::env::temp_dir().join(format!("cellgate-payments-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let rules = dir.join("rules.toml");
-    std::fs::write(
-        &rules,
-        "revision = 1\nslots = 100\n[cells.cell-a]\nblue = [\"127.0.0.1:9\"]\n[[ranges]]\nfrom = 0\nto = 99\ncell = \"cell-a\"\n",
-    )
-    .unwrap();
+    let rules_text = |rev: u32, internal: Option<(&str, &str)>| {
+        let (ia, ib) = internal.unwrap_or(("127.0.0.1:9", "127.0.0.1:10"));
+        // Only a replicated run names a standby.
+        let standby = if replicate {
+            "standby = \"cell-b\"\n"
+        } else {
+            ""
+        };
+        format!(
+            "revision = {rev}\nslots = 100\n[cells.cell-a]\nblue = [\"127.0.0.1:11\"]\n{standby}internal = [\"{ia}\"]\n[cells.cell-b]\nblue = [\"127.0.0.1:12\"]\ninternal = [\"{ib}\"]\n[[ranges]]\nfrom = 0\nto = 99\ncell = \"cell-a\"\n"
+        )
+    };
+    std::fs::write(&rules, rules_text(1, None)).unwrap();
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "payments-bench-secret-0123456789abcdef\n").unwrap();
     let db = dir.join("cell-a.db");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cell-agent"))
-        .args([
-            "serve",
-            "--cell",
-            "cell-a",
-            "--colour",
-            "blue",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--db")
-        .arg(&db)
-        .arg("--rules")
-        .arg(&rules)
-        .args(journal.then_some("--journal"))
-        .env("CELL_AGENT_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start cell-agent");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().trim_start_matches("listening on ").to_string();
+    let mut children = Vec::new();
+    let mut standby_internal = None;
+    if replicate {
+        let (child, _, internal) =
+            start_agent("cell-b", &dir.join("cell-b.db"), &rules, &secret, &[]);
+        children.push(child);
+        standby_internal = internal;
+    }
+    let extra: &[&str] = if journal { &["--journal"] } else { &[] };
+    let (child, addr, internal) = start_agent("cell-a", &db, &rules, &secret, extra);
+    children.push(child);
+    if replicate {
+        // Seed the standby's replica from a snapshot, then let both find
+        // each other's internal listener.
+        let out = Command::new(env!("CARGO_BIN_EXE_cell-agent"))
+            .args(["replica", "sync", "--from"])
+            .arg(&db)
+            .arg("--to")
+            .arg(dir.join("cell-a.replica.db"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (ia, ib) = (internal.unwrap(), standby_internal.unwrap());
+        std::fs::write(&rules, rules_text(2, Some((&ia, &ib)))).unwrap();
+        std::thread::sleep(Duration::from_millis(1_500));
+    }
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -146,8 +211,10 @@ fn main() {
         }
         (start.elapsed(), all)
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    for mut child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     let mut lat = latencies;
     lat.sort();
     let n = lat.len();
@@ -168,6 +235,19 @@ fn main() {
         report.balance_total,
         report.orders
     );
+    if replicate {
+        let replica = cell_agent::check::check(&dir.join("cell-a.replica.db")).expect("check");
+        println!(
+            "standby replica: {} ({} orders, balance total {})",
+            if replica.ok() { "ok" } else { "VIOLATIONS" },
+            replica.orders,
+            replica.balance_total
+        );
+        assert_eq!(
+            replica.orders, report.orders,
+            "every acknowledged payment is on the standby"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
     assert!(report.ok(), "{:?}", report.violations);
 }

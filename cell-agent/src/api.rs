@@ -48,6 +48,9 @@ pub struct Api<S> {
     pub secret: Option<crate::auth::ClusterSecret>,
     /// Outbox records older than this (ms) count as overdue in `/metrics`.
     pub outbox_alert_after_ms: i64,
+    /// Where this cell, as a standby, keeps the replicas of other cells'
+    /// shards (`<cell>.replica.db`).
+    pub replica_dir: std::path::PathBuf,
 }
 
 /// A JSON response.
@@ -66,6 +69,9 @@ pub fn error_response(e: &DomainError) -> Response<Full<Bytes>> {
     let mut body = json!({ "error": e.code, "message": e.message });
     if let Some(owner) = &e.owner_cell {
         body["owner_cell"] = owner.as_str().into();
+    }
+    if let Some(lsn) = e.lsn {
+        body["lsn"] = lsn.into();
     }
     let mut r = json_response(e.status, &body);
     if e.retryable() {

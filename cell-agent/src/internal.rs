@@ -26,6 +26,8 @@ use crate::store::{DomainError, Store, WriteOp};
 
 /// The path of the credit endpoint.
 pub const CREDITS_PATH: &str = "/v1/internal/credits";
+/// The path a primary ships its journal batches to, on its standby.
+pub const JOURNAL_PATH: &str = "/v1/internal/journal";
 
 /// Answers one request on the internal listener.
 pub async fn handle<S: Store>(
@@ -36,11 +38,13 @@ pub async fn handle<S: Store>(
     let start = Instant::now();
     let route = match (req.method(), req.uri().path()) {
         (&Method::POST, CREDITS_PATH) => "credit",
+        (&Method::POST, JOURNAL_PATH) => "journal",
         (&Method::GET, "/healthz") => "internal_healthz",
         _ => "other",
     };
     let result = match route {
         "credit" => credit(&api, &secret, req).await,
+        "journal" => journal(&api, &secret, req).await,
         "internal_healthz" => Ok((200, json!({"status": "ok", "cell": api.rules.cell()}))),
         _ => Err(DomainError::not_found(
             "not_found",
@@ -60,12 +64,80 @@ pub async fn handle<S: Store>(
     resp
 }
 
-async fn credit<S: Store>(
+/// A shipment of journal batches from a primary cell whose standby this
+/// cell is: applied to the replica file in LSN order; answers the
+/// replica's LSN (409 `journal_gap` with it when the batches do not
+/// follow, 409 `need_snapshot` without a replica file).
+async fn journal<S: Store>(
     api: &Api<S>,
     secret: &ClusterSecret,
     req: Request<Bytes>,
 ) -> Result<(u16, serde_json::Value), DomainError> {
-    let caller = secret
+    use crate::store::sqlite::journal::Batch;
+    use crate::store::sqlite::replica::{apply_shipped, ReplicaError};
+    let caller = authenticate(secret, &req)?;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Shipment {
+        cell: String,
+        batches: Vec<Batch>,
+    }
+    crate::body::require_json(req.headers())?;
+    let shipment: Shipment = serde_json::from_slice(req.body())
+        .map_err(|e| DomainError::bad_request(format!("not a journal shipment: {e}")))?;
+    if shipment.cell != caller {
+        return Err(DomainError::new(
+            403,
+            "cell_mismatch",
+            format!(
+                "the request is signed by cell {caller:?} but ships cell {:?}'s journal",
+                shipment.cell
+            ),
+        ));
+    }
+    let table = api.rules.table();
+    let standby = table.rules().cells.get(&caller).and_then(|c| c.standby());
+    if standby != Some(api.rules.cell()) {
+        return Err(DomainError::new(
+            403,
+            "not_standby",
+            format!(
+                "cell {} is not the standby of cell {caller} under rules revision {} (its standby: {})",
+                api.rules.cell(),
+                table.revision(),
+                standby.unwrap_or("none")
+            ),
+        ));
+    }
+    let dir = api.replica_dir.clone();
+    let applied =
+        tokio::task::spawn_blocking(move || apply_shipped(&dir, &caller, &shipment.batches))
+            .await
+            .map_err(|e| DomainError::unavailable(format!("replica task failed: {e}")))?;
+    match applied {
+        Ok(lsn) => Ok((200, json!({"applied": lsn}))),
+        Err(ReplicaError::Gap { have, got }) => Err(DomainError::new(
+            409,
+            "journal_gap",
+            format!(
+                "the replica is at LSN {have}; batch {got} does not follow (send from {})",
+                have + 1
+            ),
+        )
+        .with_lsn(have)),
+        Err(e @ ReplicaError::NeedSnapshot { .. }) => {
+            Err(DomainError::new(409, "need_snapshot", e.to_string()))
+        }
+        Err(e) => Err(DomainError::unavailable(format!(
+            "cannot apply the journal: {e}"
+        ))),
+    }
+}
+
+/// The calling cell of a signed internal request (401 when unsigned or
+/// signed wrongly).
+fn authenticate(secret: &ClusterSecret, req: &Request<Bytes>) -> Result<String, DomainError> {
+    secret
         .verify(
             req.method().as_str(),
             req.uri().path(),
@@ -76,7 +148,15 @@ async fn credit<S: Store>(
         .map_err(|e| {
             tracing::warn!(error = %e, "internal request refused: not authenticated");
             DomainError::new(401, "unauthenticated", e.to_string())
-        })?;
+        })
+}
+
+async fn credit<S: Store>(
+    api: &Api<S>,
+    secret: &ClusterSecret,
+    req: Request<Bytes>,
+) -> Result<(u16, serde_json::Value), DomainError> {
+    let caller = authenticate(secret, &req)?;
     api.check_writable()?;
     let v = json_body(&req)?;
     v.known_fields(&[

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod prune;
 pub mod reconcile;
 pub mod relay;
+pub mod replication;
 pub mod rules;
 pub mod server;
 pub mod store;

@@ -19,8 +19,6 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use crate::body::MAX_BODY_BYTES;
-
 /// How long a client may take to send a request head, and then its body, ms.
 pub const READ_TIMEOUT_MS: u64 = 10_000;
 /// First pause after a failed accept, ms (doubles up to [`ACCEPT_BACKOFF_MAX_MS`]).
@@ -28,16 +26,20 @@ pub const ACCEPT_BACKOFF_MS: u64 = 10;
 /// Longest pause after repeated accept failures, ms.
 pub const ACCEPT_BACKOFF_MAX_MS: u64 = 1_000;
 
-/// Reads a request's body in full: at most [`MAX_BODY_BYTES`] (413) within
-/// [`READ_TIMEOUT_MS`] (408). A refusal closes the connection, since the
-/// rest of the body was not read.
+/// Largest body on the internal listener (journal shipments), bytes.
+pub const INTERNAL_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+/// Reads a request's body in full: at most `limit` bytes (413; the public
+/// listener's is [`crate::body::MAX_BODY_BYTES`]) within [`READ_TIMEOUT_MS`] (408). A
+/// refusal closes the connection, since the rest of the body was not read.
 pub async fn buffered(
     req: Request<hyper::body::Incoming>,
+    limit: usize,
 ) -> Result<Request<Bytes>, Response<Full<Bytes>>> {
     let (parts, body) = req.into_parts();
     let read = tokio::time::timeout(
         Duration::from_millis(READ_TIMEOUT_MS),
-        Limited::new(body, MAX_BODY_BYTES).collect(),
+        Limited::new(body, limit).collect(),
     )
     .await;
     let refuse = |status: StatusCode, code: &str, message: String| {
@@ -58,7 +60,7 @@ pub async fn buffered(
             Err(refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
-                format!("the body exceeds {MAX_BODY_BYTES} bytes"),
+                format!("the body exceeds {limit} bytes"),
             ))
         }
         Ok(Err(e)) => Err(refuse(
@@ -81,6 +83,7 @@ pub async fn buffered(
 pub async fn serve<H, F>(
     listener: TcpListener,
     max_connections: usize,
+    body_limit: usize,
     handle: H,
     mut stop: watch::Receiver<bool>,
 ) where
@@ -124,7 +127,7 @@ pub async fn serve<H, F>(
         let svc = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
             let handle = handle.clone();
             async move {
-                Ok::<_, Infallible>(match buffered(req).await {
+                Ok::<_, Infallible>(match buffered(req, body_limit).await {
                     Ok(req) => handle(req).await,
                     Err(refusal) => refusal,
                 })

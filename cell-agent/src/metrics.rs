@@ -32,6 +32,12 @@ pub struct AgentMetrics {
     /// Records pruned past the retention, by kind (`idempotency`,
     /// `outbox`, `inbox`).
     pub pruned: IntCounterVec,
+    /// Journal batches committed here but not acknowledged by the standby.
+    pub replication_lag_lsn: IntGauge,
+    /// Time from a batch's commit to the standby's acknowledgement.
+    pub replication_ack_seconds: Histogram,
+    /// 1 while the shard runs without a synchronous standby.
+    pub replication_degraded: IntGauge,
 }
 
 impl std::fmt::Debug for AgentMetrics {
@@ -104,6 +110,23 @@ impl AgentMetrics {
                 ),
                 &["reason"],
             )?,
+            replication_lag_lsn: IntGauge::new(
+                "cellgate_replication_lag_lsn",
+                "Journal batches of this shard committed but not yet acknowledged by its standby.",
+            )?,
+            replication_ack_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "cellgate_replication_ack_seconds",
+                    "Time from a batch's commit to its standby's acknowledgement.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+                ]),
+            )?,
+            replication_degraded: IntGauge::new(
+                "cellgate_replication_degraded",
+                "1 while this shard runs without a synchronous standby (writes acknowledged without the standby's ack).",
+            )?,
             deliveries: IntCounterVec::new(
                 Opts::new(
                     "cell_outbox_deliveries_total",
@@ -127,6 +150,9 @@ impl AgentMetrics {
         r.register(Box::new(m.stats_errors.clone()))?;
         r.register(Box::new(m.writes_shed.clone()))?;
         r.register(Box::new(m.pruned.clone()))?;
+        r.register(Box::new(m.replication_lag_lsn.clone()))?;
+        r.register(Box::new(m.replication_ack_seconds.clone()))?;
+        r.register(Box::new(m.replication_degraded.clone()))?;
         Ok(m)
     }
 

@@ -154,8 +154,8 @@ pub async fn run<S: Store>(store: S, relay: Relay, mut stop: tokio::sync::watch:
 }
 
 /// The internal addresses of `cell`: from the rules, else registrations.
-fn addresses(relay: &Relay, cell: &str) -> Vec<String> {
-    let table = relay.rules.table();
+pub(crate) fn addresses(rules: &RulesHolder, peers: &Peers, cell: &str) -> Vec<String> {
+    let table = rules.table();
     let listed = table
         .rules()
         .cells
@@ -165,7 +165,7 @@ fn addresses(relay: &Relay, cell: &str) -> Vec<String> {
     if !listed.is_empty() {
         return listed;
     }
-    relay.peers.load().get(cell).cloned().unwrap_or_default()
+    peers.load().get(cell).cloned().unwrap_or_default()
 }
 
 /// The payee's owner cell under the rules held now.
@@ -197,7 +197,7 @@ async fn deliver(
     );
     // At most one hop: a 421 names the owner, which is tried at once.
     for _hop in 0..2 {
-        let mut addrs = addresses(relay, &cell);
+        let mut addrs = addresses(&relay.rules, &relay.peers, &cell);
         if addrs.is_empty() {
             return Outcome::Retry(format!(
                 "cell {cell} lists no internal address (rules `internal` or registrations)"
@@ -209,7 +209,18 @@ async fn deliver(
         let mut last = String::new();
         let mut moved = None;
         for addr in addrs {
-            match post(client, relay, secret, &addr, &body).await {
+            let timeout = Duration::from_millis(DELIVERY_TIMEOUT_MS);
+            match post_signed(
+                client,
+                &relay.rules,
+                secret,
+                &addr,
+                CREDITS_PATH,
+                &body,
+                timeout,
+            )
+            .await
+            {
                 Ok((status, _)) if (200..300).contains(&status) => return Outcome::Delivered,
                 Ok((421, v)) => {
                     last = format!("{addr}: 421 {v}");
@@ -235,38 +246,37 @@ async fn deliver(
     Outcome::Retry(format!("payee {} keeps moving", item.to))
 }
 
-async fn post(
+/// POSTs a JSON `body` to `path` on another cell's internal listener at
+/// `addr`, signed as this cell and stamped with the rules revision; the
+/// status and the JSON answer.
+pub(crate) async fn post_signed(
     client: &Client<HttpConnector, Full<Bytes>>,
-    relay: &Relay,
+    rules: &RulesHolder,
     secret: &ClusterSecret,
     addr: &str,
+    path: &str,
     body: &Bytes,
+    timeout: Duration,
 ) -> Result<(u16, serde_json::Value), String> {
-    let mut req = http::Request::post(format!("http://{addr}{CREDITS_PATH}"))
+    let mut req = http::Request::post(format!("http://{addr}{path}"))
         .header("content-type", "application/json")
-        .header(STAMP_REV, relay.rules.table().revision().to_string());
-    for (name, value) in secret.sign("POST", CREDITS_PATH, relay.rules.cell(), unix_ms(), body) {
+        .header(STAMP_REV, rules.table().revision().to_string());
+    for (name, value) in secret.sign("POST", path, rules.cell(), unix_ms(), body) {
         req = req.header(name, value);
     }
     let req = req
         .body(Full::new(body.clone()))
         .map_err(|e| e.to_string())?;
-    let resp = tokio::time::timeout(
-        Duration::from_millis(DELIVERY_TIMEOUT_MS),
-        client.request(req),
-    )
-    .await
-    .map_err(|_| "timed out".to_string())?
-    .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(timeout, client.request(req))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
-    let text = tokio::time::timeout(
-        Duration::from_millis(DELIVERY_TIMEOUT_MS),
-        resp.into_body().collect(),
-    )
-    .await
-    .map_err(|_| "timed out reading the answer".to_string())?
-    .map(|b| b.to_bytes())
-    .unwrap_or_default();
+    let text = tokio::time::timeout(timeout, resp.into_body().collect())
+        .await
+        .map_err(|_| "timed out reading the answer".to_string())?
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     Ok((
         status,
         serde_json::from_slice(&text)

@@ -117,6 +117,15 @@ pub struct AgentConfig {
     /// see docs/benchmarks.md.
     #[arg(long)]
     pub journal: bool,
+    /// As a standby, where the replicas of other cells' shards are kept
+    /// (`CELL.replica.db`); default: the directory of --db.
+    #[arg(long, value_name = "DIR")]
+    pub replica_dir: Option<PathBuf>,
+    /// As a primary with --journal and a standby cell in the rules, how
+    /// long a write batch waits for the standby's acknowledgement before
+    /// the shard goes on without a synchronous standby (degraded), ms.
+    #[arg(long, value_name = "MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub sync_timeout_ms: u64,
 }
 
 fn parse_retention(s: &str) -> Result<Duration, String> {
@@ -232,8 +241,15 @@ pub async fn start_bound(
         writes_allowed: writes_allowed.clone(),
         secret: secret.clone(),
         outbox_alert_after_ms: cfg.outbox_alert_after_ms as i64,
+        replica_dir: cfg.replica_dir.clone().unwrap_or_else(|| {
+            cfg.db
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default()
+        }),
     });
     let peers = crate::relay::Peers::default();
+
     let mut others = control_plane_tasks(
         &cfg,
         &rules,
@@ -242,6 +258,14 @@ pub async fn start_bound(
         &peers,
         &stop_rx,
     )?;
+    others.extend(start_replication(
+        &cfg,
+        &store,
+        (&rules, &peers),
+        secret.as_ref(),
+        &metrics,
+        stop_rx.clone(),
+    ));
     others.extend([
         tokio::spawn(rules.clone().watch(
             Duration::from_millis(cfg.reload_interval_ms),
@@ -277,6 +301,7 @@ pub async fn start_bound(
         others.push(tokio::spawn(crate::listener::serve(
             l,
             cfg.max_connections as usize,
+            crate::listener::INTERNAL_MAX_BODY_BYTES,
             move |req| crate::internal::handle(api.clone(), secret.clone(), req),
             stop_rx.clone(),
         )));
@@ -306,6 +331,50 @@ pub async fn start_bound(
 #[cfg(feature = "etcd")]
 fn endpoints(cfg: &AgentConfig) -> Vec<String> {
     routing_rules::etcd::parse_endpoints(cfg.etcd.as_deref().unwrap_or_default())
+}
+
+/// With `--journal`, a cluster secret and a standby cell in the rules:
+/// every write batch waits for the standby's acknowledgement (up to
+/// `--sync-timeout-ms`). Returns the shipper's task.
+fn start_replication(
+    cfg: &AgentConfig,
+    store: &SqliteStore,
+    (rules, peers): (&Arc<RulesHolder>, &crate::relay::Peers),
+    secret: Option<&crate::auth::ClusterSecret>,
+    metrics: &AgentMetrics,
+    stop: watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let table = rules.table();
+    let standby = table
+        .rules()
+        .cells
+        .get(rules.cell())
+        .and_then(|c| c.standby())
+        .map(str::to_string);
+    let (Some(standby), Some(secret), true) = (standby, secret, cfg.journal) else {
+        if cfg.journal {
+            tracing::warn!(cell = rules.cell(), "--journal without a standby cell in the rules or without the cluster secret: the shard is journaled but not replicated");
+        }
+        return None;
+    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let degraded = Arc::new(AtomicBool::new(false));
+    let timeout = Duration::from_millis(cfg.sync_timeout_ms);
+    store.replicate(crate::store::sqlite::SyncLink {
+        ship: tx,
+        degraded: degraded.clone(),
+    });
+    tracing::info!(cell = rules.cell(), %standby, sync_timeout_ms = cfg.sync_timeout_ms, "replicating this shard synchronously to its standby");
+    let shipper = crate::replication::Shipper {
+        store: store.clone(),
+        rules: rules.clone(),
+        peers: peers.clone(),
+        secret: secret.clone(),
+        metrics: metrics.clone(),
+        degraded,
+        timeout,
+    };
+    Some(tokio::spawn(shipper.run(rx, stop)))
 }
 
 /// On a store's first start, opens the slots the rules give this cell at
@@ -496,6 +565,7 @@ async fn serve(
     crate::listener::serve(
         listener,
         max_connections,
+        crate::body::MAX_BODY_BYTES,
         move |req| {
             let svc = svc.clone();
             let identity = identity.clone();

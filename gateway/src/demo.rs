@@ -190,6 +190,8 @@ impl Demo {
                 reload_interval_ms: 200,
                 drain_timeout_ms: 5_000,
                 journal: false,
+                replica_dir: None,
+                sync_timeout_ms: 1_000,
             };
             let agent = cell_agent::start_bound(
                 agent_cfg,

@@ -56,6 +56,8 @@ fn agent_config(cell: &str, db: &Path, rules: &Path) -> cell_agent::AgentConfig 
         reload_interval_ms: 20,
         drain_timeout_ms: 5_000,
         journal: false,
+        replica_dir: None,
+        sync_timeout_ms: 1_000,
     }
 }
 

@@ -30,6 +30,7 @@ fn rules(cells: usize, overrides: usize) -> Rules {
                     seed: i as u64,
                 },
                 registered: false,
+                standby: None,
                 internal: Vec::new(),
             },
         );

@@ -532,6 +532,13 @@ impl RulesDiff {
             if b.internal != a.internal {
                 what.push("internal addresses changed".to_string());
             }
+            if b.standby() != a.standby() {
+                what.push(format!(
+                    "standby {} → {}",
+                    b.standby().unwrap_or("(none)"),
+                    a.standby().unwrap_or("(none)")
+                ));
+            }
             if b.registered != a.registered {
                 what.push(format!("registered {} → {}", b.registered, a.registered));
             }

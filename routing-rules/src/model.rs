@@ -249,9 +249,19 @@ pub struct Cell {
     /// gateway (default empty; with `registered = true` they may also come
     /// from registrations).
     pub internal: Vec<String>,
+    /// The cell that keeps a synchronous replica of this cell's shard
+    /// (default: the first cell of `failover`).
+    pub standby: Option<String>,
 }
 
 impl Cell {
+    /// The standby cell: `standby`, else the first failover cell.
+    pub fn standby(&self) -> Option<&str> {
+        self.standby
+            .as_deref()
+            .or(self.failover.first().map(String::as_str))
+    }
+
     /// Instance addresses of one colour.
     pub fn instances(&self, colour: Colour) -> &[String] {
         match colour {

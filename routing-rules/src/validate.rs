@@ -391,6 +391,16 @@ fn check(mut doc: FileDoc) -> Result<(Rules, Option<u64>), RulesError> {
                 });
             }
         }
+        if let Some(standby) = &fc.standby {
+            if standby == name {
+                c.bad(
+                    format!("cells.{name}.standby"),
+                    "a cell cannot be its own standby",
+                );
+            } else {
+                c.cell_ref(&doc.cells, format!("cells.{name}.standby"), standby);
+            }
+        }
         if fc.state == CellState::FailedOver && fc.failover.is_empty() {
             c.bad(
                 format!("cells.{name}.state"),
@@ -441,6 +451,7 @@ fn check(mut doc: FileDoc) -> Result<(Rules, Option<u64>), RulesError> {
                 },
                 registered: fc.registered,
                 internal: fc.internal.clone(),
+                standby: fc.standby.clone(),
             },
         );
     }

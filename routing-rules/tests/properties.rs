@@ -34,6 +34,7 @@ fn cell_strategy(names: Vec<String>, me: String) -> impl Strategy<Value = Cell> 
                 green: (0..n).map(|i| format!("{me}-green-{i}:80")).collect(),
                 split: Split { green, seed },
                 registered: false,
+                standby: None,
                 internal: Vec::new(),
             },
         )
@@ -122,6 +123,7 @@ fn equal_table(cells: usize, slots: u32) -> Rules {
                 green: vec![],
                 split: Split::default(),
                 registered: false,
+                standby: None,
                 internal: Vec::new(),
             },
         );

@@ -25,6 +25,8 @@ pub struct DomainError {
     pub message: String,
     /// With a 421: the cell that owns the user.
     pub owner_cell: Option<String>,
+    /// With a journal refusal: the replica's LSN.
+    pub lsn: Option<i64>,
 }
 
 impl DomainError {
@@ -35,7 +37,13 @@ impl DomainError {
             code,
             message: message.into(),
             owner_cell: None,
+            lsn: None,
         }
+    }
+    /// Names the replica's LSN (journal refusals).
+    pub fn with_lsn(mut self, lsn: i64) -> Self {
+        self.lsn = Some(lsn);
+        self
     }
     /// Names the owning cell (for a 421).
     pub fn with_owner(mut self, owner: Option<&str>) -> Self {

@@ -109,6 +109,8 @@ pub fn config(cell: &str, colour: &str, db: &Path, rules: &Path) -> cell_agent::
         reload_interval_ms: 50,
         drain_timeout_ms: 5_000,
         journal: false,
+        replica_dir: None,
+        sync_timeout_ms: 1_000,
     }
 }
 

@@ -95,6 +95,7 @@ pub(super) struct FileCell {
     pub(super) registered: bool,
     #[serde(default)]
     pub(super) internal: Vec<String>,
+    pub(super) standby: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -140,7 +140,7 @@ pub(super) fn finish_batch(conn: &Connection, lsn: i64, first_id: i64) -> rusqli
 }
 
 /// One changed row.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RowChange {
     /// Table.
     pub table: String,
@@ -151,7 +151,7 @@ pub struct RowChange {
 }
 
 /// One batch of the journal.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Batch {
     /// Its log sequence number.
     pub lsn: i64,

@@ -98,6 +98,65 @@ pub fn open(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// The answer to one write, held until it may be sent.
+pub type HeldReply = (
+    oneshot::Sender<Result<Reply, DomainError>>,
+    Result<Reply, DomainError>,
+);
+
+/// A committed batch handed to the shard's shipper, with the answers of
+/// its writes: the shipper sends them once the standby has applied the
+/// batch (or once the shard went on degraded).
+#[derive(Debug)]
+pub struct Ship {
+    /// The batch's LSN.
+    pub lsn: i64,
+    /// When it committed.
+    pub committed: Instant,
+    /// Its writes' answers, held.
+    pub replies: Vec<HeldReply>,
+}
+
+/// Synchronous replication as the writer sees it: every committed batch
+/// goes to the shipper with its writes' answers, which are sent only once
+/// the standby acknowledged it (the writer meanwhile commits the next
+/// batch). While `degraded` (the standby did not answer within the sync
+/// timeout), answers go out at once and batches are shipped as the
+/// standby can take them.
+#[derive(Debug)]
+pub struct SyncLink {
+    /// To the shipper.
+    pub ship: tokio::sync::mpsc::UnboundedSender<Ship>,
+    /// True while the shard runs without a synchronous standby.
+    pub degraded: Arc<AtomicBool>,
+}
+
+impl SyncLink {
+    /// Hands batch `lsn` and its answers to the shipper.
+    fn hand_over(&self, lsn: i64, mut replies: Vec<HeldReply>) {
+        let now_ok = self.degraded.load(Ordering::Acquire);
+        if now_ok {
+            send_replies(std::mem::take(&mut replies));
+        }
+        let ship = Ship {
+            lsn,
+            committed: Instant::now(),
+            replies,
+        };
+        if let Err(e) = self.ship.send(ship) {
+            // The shipper has stopped (the agent is stopping).
+            send_replies(e.0.replies);
+        }
+    }
+}
+
+/// Sends held answers.
+pub fn send_replies(replies: Vec<HeldReply>) {
+    for (tx, r) in replies {
+        let _ = tx.send(r);
+    }
+}
+
 /// A queued write: the operation, when it must have started by, and where
 /// its answer goes.
 struct Job {
@@ -118,6 +177,7 @@ struct Inner {
     writer: std_mpsc::SyncSender<Job>,
     limits: WriterLimits,
     readers: Mutex<Vec<Connection>>,
+    sync: Arc<std::sync::OnceLock<SyncLink>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -160,9 +220,11 @@ impl SqliteStore {
         schema::claim_cell(&conn, cell)?;
         let (tx, rx) = std_mpsc::sync_channel::<Job>(limits.queue.max(1));
         let cell_name = cell.to_string();
+        let sync: Arc<std::sync::OnceLock<SyncLink>> = Arc::default();
+        let writer_sync = sync.clone();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, cell_name, writes_allowed))
+            .spawn(move || writer_loop(conn, rx, cell_name, writes_allowed, writer_sync))
             .map_err(OpenError::Thread)?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
@@ -171,8 +233,31 @@ impl SqliteStore {
                 writer: tx,
                 limits,
                 readers: Mutex::new(Vec::new()),
+                sync,
             }),
         })
+    }
+
+    /// Turns on synchronous replication (once): from now on every batch
+    /// waits for the standby's acknowledgement through `link`.
+    pub fn replicate(&self, link: SyncLink) -> bool {
+        self.inner.sync.set(link).is_ok()
+    }
+
+    /// Journal batches after `after` (at most `limit`), for the shipper.
+    pub async fn journal_after(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<journal::Batch>, DomainError> {
+        self.with_reader(move |c| journal::batches_after(c, after, limit).map_err(storage))
+            .await
+    }
+
+    /// The newest committed batch's LSN.
+    pub async fn last_lsn(&self) -> Result<i64, DomainError> {
+        self.with_reader(|c| meta_ms(c, "lsn").map_err(storage))
+            .await
     }
 
     async fn with_reader<T: Send + 'static>(
@@ -204,6 +289,7 @@ fn writer_loop(
     rx: std_mpsc::Receiver<Job>,
     cell: String,
     writes_allowed: Arc<AtomicBool>,
+    sync: Arc<std::sync::OnceLock<SyncLink>>,
 ) {
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -237,36 +323,43 @@ fn writer_loop(
         if batch.is_empty() {
             continue;
         }
-        let results = run_batch(&mut conn, &batch, &cell);
-        for (job, result) in batch.into_iter().zip(results) {
-            let _ = job.reply.send(result);
+        let (results, lsn) = run_batch(&mut conn, &batch, &cell);
+        let replies: Vec<HeldReply> = batch.into_iter().map(|j| j.reply).zip(results).collect();
+        // RPO 0: nobody is answered before the standby has the batch.
+        match (lsn, sync.get()) {
+            (Some(lsn), Some(link)) => link.hand_over(lsn, replies),
+            _ => send_replies(replies),
         }
     }
 }
 
-fn run_batch(conn: &mut Connection, batch: &[Job], cell: &str) -> Vec<Result<Reply, DomainError>> {
+/// Runs a batch in one transaction: each write's result, and the batch's
+/// LSN when it committed.
+fn run_batch(
+    conn: &mut Connection,
+    batch: &[Job],
+    cell: &str,
+) -> (Vec<Result<Reply, DomainError>>, Option<i64>) {
     let conn: &Connection = conn;
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let err = storage(e);
-        return batch.iter().map(|_| Err(err.clone())).collect();
+        return (batch.iter().map(|_| Err(err.clone())).collect(), None);
     }
     match run_ops(conn, batch, cell).and_then(|r| conn.execute_batch("COMMIT").map(|()| r)) {
-        Ok(results) => results,
+        Ok((results, lsn)) => (results, Some(lsn)),
         Err(e) => {
             let _ = conn.execute_batch("ROLLBACK");
             let err = storage(e);
-            batch.iter().map(|_| Err(err.clone())).collect()
+            (batch.iter().map(|_| Err(err.clone())).collect(), None)
         }
     }
 }
 
 /// The batch's writes, each in its own savepoint, and its journal entry
 /// (inside the caller's transaction). `Err` rolls the whole batch back.
-fn run_ops(
-    conn: &Connection,
-    batch: &[Job],
-    cell: &str,
-) -> rusqlite::Result<Vec<Result<Reply, DomainError>>> {
+type BatchResults = (Vec<Result<Reply, DomainError>>, i64);
+
+fn run_ops(conn: &Connection, batch: &[Job], cell: &str) -> rusqlite::Result<BatchResults> {
     let first_row = journal::start_batch(conn)?;
     let lsn = slots::next_lsn(conn)?;
     let mut results = Vec::with_capacity(batch.len());
@@ -281,7 +374,7 @@ fn run_ops(
         results.push(r);
     }
     journal::finish_batch(conn, lsn, first_row)?;
-    Ok(results)
+    Ok((results, lsn))
 }
 
 impl Store for SqliteStore {

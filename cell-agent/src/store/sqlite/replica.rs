@@ -31,9 +31,74 @@ pub enum ReplicaError {
         /// What is wrong.
         message: String,
     },
+    /// There is no replica file to apply to: it must be seeded from a
+    /// snapshot first.
+    #[error("no replica of cell {cell} here yet ({path}): seed it with `cell-agent replica sync` from a snapshot of the primary")]
+    NeedSnapshot {
+        /// The primary cell.
+        cell: String,
+        /// The replica file expected.
+        path: String,
+    },
+    /// The replica file holds another cell's shard.
+    #[error("the replica file {path} holds cell {recorded:?}'s shard, not {cell:?}'s")]
+    WrongCell {
+        /// The cell asked for.
+        cell: String,
+        /// The cell recorded in the file.
+        recorded: String,
+        /// The file.
+        path: String,
+    },
     /// SQLite.
     #[error("{0}")]
     Sqlite(#[from] rusqlite::Error),
+}
+
+/// The replica file of `cell`'s shard in `dir`.
+pub fn replica_path(dir: &Path, cell: &str) -> std::path::PathBuf {
+    dir.join(format!("{cell}.replica.db"))
+}
+
+/// A standby applies shipped batches of `cell`'s shard to its replica file
+/// in `dir`; returns the replica's LSN afterwards.
+pub fn apply_shipped(dir: &Path, cell: &str, batches: &[Batch]) -> Result<i64, ReplicaError> {
+    let path = replica_path(dir, cell);
+    if !path.is_file() {
+        return Err(ReplicaError::NeedSnapshot {
+            cell: cell.to_string(),
+            path: path.display().to_string(),
+        });
+    }
+    let mut conn = super::open(&path, false)?;
+    let recorded = super::recorded_cell(&conn)?.unwrap_or_default();
+    if recorded != cell {
+        return Err(ReplicaError::WrongCell {
+            cell: cell.to_string(),
+            recorded,
+            path: path.display().to_string(),
+        });
+    }
+    // One transaction (one fsync) for the whole shipment; a gap keeps
+    // what came before it.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut gap = None;
+    for b in batches {
+        match apply_in(&tx, b) {
+            Ok(_) => {}
+            Err(e @ ReplicaError::Gap { .. }) => {
+                gap = Some(e);
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let lsn = applied_lsn(&tx)?;
+    tx.commit()?;
+    match gap {
+        Some(ReplicaError::Gap { got, .. }) => Err(ReplicaError::Gap { have: lsn, got }),
+        _ => Ok(lsn),
+    }
 }
 
 /// The last batch applied to a shard file (its `meta.lsn`; 0 before any).
@@ -109,7 +174,14 @@ fn apply_row(conn: &Connection, lsn: i64, change: &RowChange) -> Result<(), Repl
 /// already has it, [`ReplicaError::Gap`] when it does not follow.
 pub fn apply_batch(conn: &mut Connection, batch: &Batch) -> Result<bool, ReplicaError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let have = applied_lsn(&tx)?;
+    let applied = apply_in(&tx, batch)?;
+    tx.commit()?;
+    Ok(applied)
+}
+
+/// Applies one batch inside the caller's transaction.
+fn apply_in(conn: &Connection, batch: &Batch) -> Result<bool, ReplicaError> {
+    let have = applied_lsn(conn)?;
     if batch.lsn <= have {
         return Ok(false);
     }
@@ -120,15 +192,14 @@ pub fn apply_batch(conn: &mut Connection, batch: &Batch) -> Result<bool, Replica
         });
     }
     for change in &batch.rows {
-        apply_row(&tx, batch.lsn, change)?;
+        apply_row(conn, batch.lsn, change)?;
     }
-    if applied_lsn(&tx)? != batch.lsn {
+    if applied_lsn(conn)? != batch.lsn {
         return Err(ReplicaError::Row {
             lsn: batch.lsn,
             message: "the batch does not carry its own LSN".into(),
         });
     }
-    tx.commit()?;
     Ok(true)
 }
 
