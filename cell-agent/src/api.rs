@@ -50,7 +50,7 @@ pub struct Api<S> {
     pub outbox_alert_after_ms: i64,
     /// Where this cell, as a standby, keeps the replicas of other cells'
     /// shards (`<cell>.replica.db`).
-    pub replica_dir: std::path::PathBuf,
+    pub replicas: crate::store::sqlite::replica::Replicas,
 }
 
 /// A JSON response.

@@ -74,7 +74,7 @@ async fn journal<S: Store>(
     req: Request<Bytes>,
 ) -> Result<(u16, serde_json::Value), DomainError> {
     use crate::store::sqlite::journal::Batch;
-    use crate::store::sqlite::replica::{apply_shipped, ReplicaError};
+    use crate::store::sqlite::replica::ReplicaError;
     let caller = authenticate(secret, &req)?;
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -109,11 +109,10 @@ async fn journal<S: Store>(
             ),
         ));
     }
-    let dir = api.replica_dir.clone();
-    let applied =
-        tokio::task::spawn_blocking(move || apply_shipped(&dir, &caller, &shipment.batches))
-            .await
-            .map_err(|e| DomainError::unavailable(format!("replica task failed: {e}")))?;
+    let replicas = api.replicas.clone();
+    let applied = tokio::task::spawn_blocking(move || replicas.apply(&caller, &shipment.batches))
+        .await
+        .map_err(|e| DomainError::unavailable(format!("replica task failed: {e}")))?;
     match applied {
         Ok(lsn) => Ok((200, json!({"applied": lsn}))),
         Err(ReplicaError::Gap { have, got }) => Err(DomainError::new(

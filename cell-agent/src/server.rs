@@ -241,12 +241,14 @@ pub async fn start_bound(
         writes_allowed: writes_allowed.clone(),
         secret: secret.clone(),
         outbox_alert_after_ms: cfg.outbox_alert_after_ms as i64,
-        replica_dir: cfg.replica_dir.clone().unwrap_or_else(|| {
-            cfg.db
-                .parent()
-                .map(std::path::Path::to_path_buf)
-                .unwrap_or_default()
-        }),
+        replicas: crate::store::sqlite::replica::Replicas::new(
+            cfg.replica_dir.clone().unwrap_or_else(|| {
+                cfg.db
+                    .parent()
+                    .map(std::path::Path::to_path_buf)
+                    .unwrap_or_default()
+            }),
+        ),
     });
     let peers = crate::relay::Peers::default();
 

@@ -13,7 +13,6 @@
 //! replica's `meta.lsn` is the last batch it applied.
 
 use rusqlite::{params, Connection};
-use serde_json::Value;
 
 use super::unix_ms;
 
@@ -140,18 +139,19 @@ pub(super) fn finish_batch(conn: &Connection, lsn: i64, first_id: i64) -> rusqli
 }
 
 /// One changed row.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RowChange {
     /// Table.
     pub table: String,
     /// True: upsert `row`; false: delete the row whose key is `row`.
     pub upsert: bool,
-    /// Column → value (all columns for an upsert, the key for a delete).
-    pub row: serde_json::Map<String, Value>,
+    /// Column → value, as the JSON object the journal holds (all columns
+    /// for an upsert, the key for a delete).
+    pub row: Box<serde_json::value::RawValue>,
 }
 
 /// One batch of the journal.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Batch {
     /// Its log sequence number.
     pub lsn: i64,
@@ -178,16 +178,9 @@ pub fn batches_after(conn: &Connection, after: i64, limit: u32) -> rusqlite::Res
     let mut out: Vec<Batch> = Vec::new();
     for row in rows {
         let (lsn, table, op, json) = row?;
-        let row = match serde_json::from_str::<Value>(&json) {
-            Ok(Value::Object(m)) => m,
-            _ => {
-                return Err(rusqlite::Error::InvalidColumnType(
-                    3,
-                    "row".into(),
-                    rusqlite::types::Type::Text,
-                ))
-            }
-        };
+        let row = serde_json::value::RawValue::from_string(json).map_err(|_| {
+            rusqlite::Error::InvalidColumnType(3, "row".into(), rusqlite::types::Type::Text)
+        })?;
         let change = RowChange {
             table,
             upsert: op == "upsert",

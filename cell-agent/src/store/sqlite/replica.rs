@@ -4,7 +4,9 @@
 //! that is missing, or behind the oldest batch the primary still keeps,
 //! starts from a snapshot (`VACUUM INTO`, a consistent copy).
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use rusqlite::types::Value as Sql;
 use rusqlite::{params_from_iter, Connection, OpenFlags, TransactionBehavior};
@@ -60,9 +62,45 @@ pub fn replica_path(dir: &Path, cell: &str) -> std::path::PathBuf {
     dir.join(format!("{cell}.replica.db"))
 }
 
-/// A standby applies shipped batches of `cell`'s shard to its replica file
-/// in `dir`; returns the replica's LSN afterwards.
-pub fn apply_shipped(dir: &Path, cell: &str, batches: &[Batch]) -> Result<i64, ReplicaError> {
+/// A standby's replica files in one directory, with their connections
+/// kept open between shipments (so statements stay prepared).
+#[derive(Debug, Clone)]
+pub struct Replicas {
+    dir: std::path::PathBuf,
+    open: Arc<Mutex<HashMap<String, Connection>>>,
+}
+
+impl Replicas {
+    /// The replicas in `dir`.
+    pub fn new(dir: std::path::PathBuf) -> Self {
+        Replicas {
+            dir,
+            open: Arc::default(),
+        }
+    }
+
+    /// Applies shipped batches of `cell`'s shard to its replica file (on a
+    /// blocking thread); returns the replica's LSN afterwards.
+    pub fn apply(&self, cell: &str, batches: &[Batch]) -> Result<i64, ReplicaError> {
+        let taken = self.open.lock().ok().and_then(|mut m| m.remove(cell));
+        let mut conn = match taken {
+            Some(c) => c,
+            None => open_replica(&self.dir, cell)?,
+        };
+        let r = apply_shipped(&mut conn, batches);
+        // A connection that failed is not kept.
+        if r.is_ok() || matches!(r, Err(ReplicaError::Gap { .. })) {
+            if let Ok(mut m) = self.open.lock() {
+                m.insert(cell.to_string(), conn);
+            }
+        }
+        r
+    }
+}
+
+/// Opens the replica file of `cell` in `dir`: it must exist (seeded from a
+/// snapshot) and hold that cell's shard.
+fn open_replica(dir: &Path, cell: &str) -> Result<Connection, ReplicaError> {
     let path = replica_path(dir, cell);
     if !path.is_file() {
         return Err(ReplicaError::NeedSnapshot {
@@ -70,7 +108,7 @@ pub fn apply_shipped(dir: &Path, cell: &str, batches: &[Batch]) -> Result<i64, R
             path: path.display().to_string(),
         });
     }
-    let mut conn = super::open(&path, false)?;
+    let conn = super::open(&path, false)?;
     let recorded = super::recorded_cell(&conn)?.unwrap_or_default();
     if recorded != cell {
         return Err(ReplicaError::WrongCell {
@@ -79,6 +117,11 @@ pub fn apply_shipped(dir: &Path, cell: &str, batches: &[Batch]) -> Result<i64, R
             path: path.display().to_string(),
         });
     }
+    Ok(conn)
+}
+
+/// Applies shipped batches in one transaction; the replica's LSN after.
+fn apply_shipped(conn: &mut Connection, batches: &[Batch]) -> Result<i64, ReplicaError> {
     // One transaction (one fsync) for the whole shipment; a gap keeps
     // what came before it.
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -141,13 +184,13 @@ fn value(v: &Value, lsn: i64) -> Result<Sql, ReplicaError> {
 
 fn apply_row(conn: &Connection, lsn: i64, change: &RowChange) -> Result<(), ReplicaError> {
     let table = name(&change.table, lsn)?;
-    let cols: Vec<String> = change
-        .row
-        .keys()
-        .map(|c| name(c, lsn))
-        .collect::<Result<_, _>>()?;
-    let values: Vec<Sql> = change
-        .row
+    let row: serde_json::Map<String, Value> =
+        serde_json::from_str(change.row.get()).map_err(|e| ReplicaError::Row {
+            lsn,
+            message: format!("{}: not a row object: {e}", change.table),
+        })?;
+    let cols: Vec<String> = row.keys().map(|c| name(c, lsn)).collect::<Result<_, _>>()?;
+    let values: Vec<Sql> = row
         .values()
         .map(|v| value(v, lsn))
         .collect::<Result<_, _>>()?;
