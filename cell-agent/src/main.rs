@@ -103,10 +103,65 @@ enum ReplicaCommand {
         #[arg(long, value_name = "PATH")]
         to: PathBuf,
     },
+    /// A primary's replication state: its standby, in-sync or degraded
+    /// since when, LSN committed and acknowledged. Exit 0 in sync, 1
+    /// degraded, 2 not replicated (no record).
+    Status {
+        /// The primary's database file (its record is FILE.replication.json).
+        #[arg(long, value_name = "PATH")]
+        db: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn replica_status(db: &std::path::Path, json: bool) -> ExitCode {
+    use cell_agent::replication::{read_record, record_path};
+    let path = record_path(db);
+    let record = match read_record(&path) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!(
+                "cell-agent: {}: not replicated (no readable record {}: {e})",
+                db.display(),
+                path.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let committed = cell_agent::store::sqlite::open(db, true)
+        .and_then(|c| cell_agent::store::sqlite::meta_ms(&c, "lsn"))
+        .unwrap_or(0);
+    let lag = (committed - record.acked_lsn).max(0);
+    if json {
+        let mut v = serde_json::to_value(&record).unwrap_or_default();
+        v["committed_lsn"] = committed.into();
+        v["lag_lsn"] = lag.into();
+        println!("{v}");
+    } else {
+        println!(
+            "cell {} → standby {}: {} since {} ms; committed LSN {committed}, acknowledged {} (lag {lag}); record {} ms old",
+            record.cell,
+            record.standby.as_deref().unwrap_or("(none)"),
+            record.state,
+            record.since_ms,
+            record.acked_lsn,
+            cell_agent::store::sqlite::unix_ms() - record.updated_ms
+        );
+    }
+    if record.state == "in-sync" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 fn replica(command: ReplicaCommand) -> ExitCode {
-    let ReplicaCommand::Sync { from, to } = command;
+    let (from, to) = match command {
+        ReplicaCommand::Sync { from, to } => (from, to),
+        ReplicaCommand::Status { db, json } => return replica_status(&db, json),
+    };
     if !from.is_file() {
         eprintln!("cell-agent: {}: no such database file", from.display());
         return ExitCode::from(1);

@@ -11,6 +11,7 @@
 //! the newest goes in one shipment.
 
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::auth::ClusterSecret;
@@ -27,7 +29,7 @@ use crate::internal::JOURNAL_PATH;
 use crate::metrics::AgentMetrics;
 use crate::relay::{addresses, post_signed, Peers};
 use crate::rules::RulesHolder;
-use crate::store::sqlite::{send_replies, Ship, SqliteStore};
+use crate::store::sqlite::{send_replies, unix_ms, Ship, SqliteStore};
 
 /// Most batches in one shipment.
 const SHIPMENT: u32 = 64;
@@ -51,6 +53,52 @@ pub struct Shipper {
     pub degraded: Arc<AtomicBool>,
     /// Per-shipment timeout.
     pub timeout: Duration,
+    /// The replication record of this shard ([`record_path`]).
+    pub record: PathBuf,
+}
+
+/// The replication state of a primary's shard, recorded (fsynced) next to
+/// its database before the shard goes on without a synchronous standby.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The primary cell.
+    pub cell: String,
+    /// Its standby cell.
+    pub standby: Option<String>,
+    /// `in-sync` or `degraded`.
+    pub state: String,
+    /// Since when (unix ms).
+    pub since_ms: i64,
+    /// The last batch the standby acknowledged.
+    pub acked_lsn: i64,
+    /// When this record was written (unix ms).
+    pub updated_ms: i64,
+}
+
+/// Where the replication record of the shard at `db` lives.
+pub fn record_path(db: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.replication.json", db.display()))
+}
+
+/// Reads a replication record.
+pub fn read_record(path: &Path) -> std::io::Result<Record> {
+    let text = std::fs::read_to_string(path)?;
+    serde_json::from_str(&text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Writes a replication record durably (temporary file, fsync, rename).
+pub fn write_record(path: &Path, record: &Record) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, serde_json::to_string_pretty(record)?.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Why a shipment did not reach the standby.
@@ -75,6 +123,28 @@ impl std::fmt::Display for Failure {
 }
 
 impl Shipper {
+    /// Records the shard's state durably (on a blocking thread).
+    async fn write_state(&self, degraded: bool, since_ms: i64, acked: i64) -> std::io::Result<()> {
+        let table = self.rules.table();
+        let record = Record {
+            cell: self.rules.cell().to_string(),
+            standby: table
+                .rules()
+                .cells
+                .get(self.rules.cell())
+                .and_then(|c| c.standby())
+                .map(str::to_string),
+            state: if degraded { "degraded" } else { "in-sync" }.to_string(),
+            since_ms,
+            acked_lsn: acked,
+            updated_ms: unix_ms(),
+        };
+        let path = self.record.clone();
+        tokio::task::spawn_blocking(move || write_record(&path, &record))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+    }
+
     /// Ships batches until the standby has applied `target`; returns the
     /// standby's LSN.
     async fn ship_until(
@@ -174,6 +244,11 @@ impl Shipper {
         let mut acked = 0i64;
         let mut last_failure = String::new();
         let mut pending: VecDeque<Ship> = VecDeque::new();
+        let mut since_ms = unix_ms();
+        let (mut recorded_acked, mut recorded_at) = (-1i64, std::time::Instant::now());
+        if let Err(e) = self.write_state(false, since_ms, acked).await {
+            tracing::error!(record = %self.record.display(), error = %e, "cannot write the replication record");
+        }
         loop {
             if pending.is_empty() {
                 tokio::select! {
@@ -202,10 +277,19 @@ impl Shipper {
                 Ok(()) => {
                     last_failure.clear();
                     if self.degraded.swap(false, Ordering::AcqRel) {
+                        since_ms = unix_ms();
+                        recorded_acked = -1;
                         tracing::info!(
                             lsn = acked,
                             "the standby caught up: this shard is synchronously replicated again"
                         );
+                    }
+                    // The acknowledged position, at most once a second.
+                    if acked != recorded_acked
+                        && (recorded_acked < 0 || recorded_at.elapsed() >= Duration::from_secs(1))
+                        && self.write_state(false, since_ms, acked).await.is_ok()
+                    {
+                        (recorded_acked, recorded_at) = (acked, std::time::Instant::now());
                     }
                 }
                 Err(f) => {
@@ -217,10 +301,22 @@ impl Shipper {
                     let overdue = pending
                         .front()
                         .is_some_and(|s| s.committed.elapsed() >= self.timeout);
-                    if overdue || self.degraded.load(Ordering::Acquire) {
-                        if !self.degraded.swap(true, Ordering::AcqRel) {
-                            tracing::warn!(acked, timeout_ms = self.timeout.as_millis() as u64, "the standby did not acknowledge in time: this shard now runs WITHOUT a synchronous standby (degraded) until it catches up");
+                    if overdue && !self.degraded.load(Ordering::Acquire) {
+                        // Record first: no write is answered without the
+                        // standby before the record says so.
+                        let now = unix_ms();
+                        match self.write_state(true, now, acked).await {
+                            Ok(()) => {
+                                since_ms = now;
+                                self.degraded.store(true, Ordering::Release);
+                                tracing::warn!(acked, timeout_ms = self.timeout.as_millis() as u64, record = %self.record.display(), "the standby did not acknowledge in time: this shard now runs WITHOUT a synchronous standby (degraded, recorded) until it catches up");
+                            }
+                            Err(e) => {
+                                tracing::error!(record = %self.record.display(), error = %e, "cannot record the degraded state: writes stay held")
+                            }
                         }
+                    }
+                    if self.degraded.load(Ordering::Acquire) {
                         for s in pending.drain(..) {
                             send_replies(s.replies);
                         }

@@ -375,6 +375,7 @@ fn start_replication(
         metrics: metrics.clone(),
         degraded,
         timeout,
+        record: crate::replication::record_path(&cfg.db),
     };
     Some(tokio::spawn(shipper.run(rx, stop)))
 }

@@ -111,6 +111,10 @@ async fn a_write_is_acknowledged_only_once_the_standby_holds_it() {
         text.contains("cellgate_replication_ack_seconds_count"),
         "{text}"
     );
+    let (code, out) = status(&db_a);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out["state"], "in-sync", "{out}");
+    assert_eq!(out["standby"], "cell-b", "{out}");
 
     // The standby goes away: the next write waits for the sync timeout,
     // then the shard goes on degraded (and says so).
@@ -123,6 +127,11 @@ async fn a_write_is_acknowledged_only_once_the_standby_holds_it() {
         "waited {:?}",
         t.elapsed()
     );
+    // The degraded state was recorded before that write was answered.
+    let (code, out) = status(&db_a);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(out["state"], "degraded", "{out}");
+    assert!(out["lag_lsn"].as_i64().unwrap() >= 1, "{out}");
     let t = Instant::now();
     let r = deposit(&client, a.addr, &users[1], 1, "while-down-2").await;
     assert_eq!(r.status, 200, "{}", r.json);
@@ -180,6 +189,8 @@ async fn a_write_is_acknowledged_only_once_the_standby_holds_it() {
     .await;
     let text = reqwest_metrics(&client, a.addr).await;
     assert!(text.contains("cellgate_replication_degraded 0"), "{text}");
+    let (code, out) = status(&db_a);
+    assert_eq!((code, out["state"].as_str()), (0, Some("in-sync")), "{out}");
     let t = Instant::now();
     let r = deposit(&client, a.addr, &users[2], 1, "after").await;
     assert_eq!(r.status, 200);
@@ -248,4 +259,17 @@ async fn ship(
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     (status, serde_json::from_slice(&bytes).unwrap_or_default())
+}
+
+/// `cell-agent replica status --db DB --json`: exit code and record.
+fn status(db: &Path) -> (i32, serde_json::Value) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cell-agent"))
+        .args(["replica", "status", "--json", "--db", db.to_str().unwrap()])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&out.stderr).into_owned().into()),
+    )
 }
