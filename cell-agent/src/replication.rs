@@ -55,6 +55,9 @@ pub struct Shipper {
     pub timeout: Duration,
     /// The replication record of this shard ([`record_path`]).
     pub record: PathBuf,
+    /// The control plane the record also goes to (etcd endpoints and
+    /// cluster), when the agent follows one.
+    pub control_plane: Option<(Vec<String>, String)>,
 }
 
 /// The replication state of a primary's shard, recorded (fsynced) next to
@@ -140,9 +143,35 @@ impl Shipper {
             updated_ms: unix_ms(),
         };
         let path = self.record.clone();
-        tokio::task::spawn_blocking(move || write_record(&path, &record))
+        let file = record.clone();
+        tokio::task::spawn_blocking(move || write_record(&path, &file))
             .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))?;
+        self.record_in_control_plane(&record).await
+    }
+
+    /// Puts the record in etcd too (`replication/<cell>`), when the agent
+    /// follows a control plane.
+    #[cfg(feature = "etcd")]
+    async fn record_in_control_plane(&self, record: &Record) -> std::io::Result<()> {
+        let Some((endpoints, cluster)) = &self.control_plane else {
+            return Ok(());
+        };
+        let put = async {
+            let mut cp = routing_rules::etcd::ControlPlane::connect(endpoints, cluster).await?;
+            let value = serde_json::to_value(record).unwrap_or_default();
+            cp.put_replication(&record.cell, &value).await
+        };
+        match tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), put).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
+            Err(_) => Err(std::io::Error::other("etcd did not answer in time")),
+        }
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    async fn record_in_control_plane(&self, _record: &Record) -> std::io::Result<()> {
+        Ok(())
     }
 
     /// Ships batches until the standby has applied `target`; returns the

@@ -367,6 +367,13 @@ fn start_replication(
         degraded: degraded.clone(),
     });
     tracing::info!(cell = rules.cell(), %standby, sync_timeout_ms = cfg.sync_timeout_ms, "replicating this shard synchronously to its standby");
+    #[cfg(feature = "etcd")]
+    let control_plane = cfg
+        .etcd
+        .as_ref()
+        .map(|_| (endpoints(cfg), cfg.cluster.clone()));
+    #[cfg(not(feature = "etcd"))]
+    let control_plane = None;
     let shipper = crate::replication::Shipper {
         store: store.clone(),
         rules: rules.clone(),
@@ -376,6 +383,7 @@ fn start_replication(
         degraded,
         timeout,
         record: crate::replication::record_path(&cfg.db),
+        control_plane,
     };
     Some(tokio::spawn(shipper.run(rx, stop)))
 }

@@ -237,3 +237,80 @@ async fn credits_reach_a_cell_known_only_from_its_registrations() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replication_state_is_recorded_in_etcd_before_the_shard_goes_on_degraded() {
+    use cell_agent::store::sqlite::{journal, replica, SqliteStore};
+    let etcd = EtcdServer::start();
+    let mut cp = ControlPlane::connect(std::slice::from_ref(&etcd.url), "cells")
+        .await
+        .unwrap();
+    let doc = placeholder_rules().replacen(
+        "[cells.cell-a]\n",
+        "[cells.cell-a]\nstandby = \"cell-b\"\n",
+        1,
+    );
+    cp.apply(&doc, 0, "test", "v1").await.unwrap();
+    let dir = TempDir::new("etcd-repl");
+    let secret = secret_file(&dir);
+    // The primary's file journals from the start; the standby's replica is
+    // seeded from it.
+    let db_a = dir.path("cell-a.db");
+    journal::enable(&db_a).unwrap();
+    drop(SqliteStore::open(&db_a, "cell-a").unwrap());
+    replica::sync(&db_a, &dir.path("cell-a.replica.db")).unwrap();
+    let args = |cell: &str| -> Vec<String> {
+        [
+            "--cell",
+            cell,
+            "--colour",
+            "blue",
+            "--db",
+            dir.path(&format!("{cell}.db")).to_str().unwrap(),
+            "--etcd",
+            &etcd.url,
+            "--cluster",
+            "cells",
+            "--internal-listen",
+            "127.0.0.1:0",
+            "--internal-secret-file",
+            secret.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let mut b = AgentProcess::start(&args("cell-b"), "127.0.0.1:0");
+    let mut a_args = args("cell-a");
+    a_args.push("--journal".into());
+    let mut a = AgentProcess::start(&a_args, "127.0.0.1:0");
+    let client = client();
+    let user = users_in(&doc, "cell-a", 1).remove(0);
+    let mut n = 0;
+    wait_until(
+        "cell-a to take writes, in sync",
+        Duration::from_secs(15),
+        || {
+            n += 1;
+            let (client, user, key) = (client.clone(), user.clone(), format!("k{n}"));
+            let url = etcd.url.clone();
+            async move {
+                let ok = deposit(&client, a.addr, &user, 1, &key).await.status == StatusCode::OK;
+                let mut cp = ControlPlane::connect(&[url], "cells").await.unwrap();
+                let r = cp.replication().await.unwrap();
+                ok && r
+                    .get("cell-a")
+                    .is_some_and(|r| r["state"] == "in-sync" && r["standby"] == "cell-b")
+            }
+        },
+    )
+    .await;
+    // The standby dies: the next write is answered after the sync timeout,
+    // and by then etcd says the shard runs degraded.
+    b.kill();
+    let r = deposit(&client, a.addr, &user, 1, "while-down").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    let r = cp.replication().await.unwrap();
+    assert_eq!(r["cell-a"]["state"], "degraded", "{r:?}");
+    a.kill();
+}

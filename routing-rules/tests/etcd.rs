@@ -265,3 +265,46 @@ async fn a_follower_resumes_after_a_disconnect_and_rereads_after_a_compaction() 
     wait_for(&mut seen_rx, 5).await;
     follower.abort();
 }
+
+#[tokio::test]
+async fn replication_status_reads_the_recorded_states() {
+    let e = Etcd::start();
+    let mut c = cp(&e, "repl").await;
+    // Nothing recorded: said, exit 1.
+    let o = cellctl_in(&e, "repl", &["replication", "status"]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stdout)
+        .contains("no shard replication is recorded in cluster repl"));
+    let record = |state: &str| {
+        serde_json::json!({"cell": "cell-a", "standby": "cell-b", "state": state,
+            "since_ms": 1, "acked_lsn": 42, "updated_ms": 2})
+    };
+    c.put_replication("cell-a", &record("in-sync"))
+        .await
+        .unwrap();
+    let o = cellctl_in(&e, "repl", &["replication", "status"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("cell-a → standby cell-b: in-sync"), "{text}");
+    assert!(text.contains("acknowledged LSN 42"), "{text}");
+    c.put_replication("cell-a", &record("degraded"))
+        .await
+        .unwrap();
+    let o = cellctl_in(&e, "repl", &["replication", "status", "-o", "json"]);
+    assert_eq!(o.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["cell-a"]["state"], "degraded");
+}
+
+fn cellctl_in(e: &Etcd, cluster: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cellctl"))
+        .args(["--etcd", &e.url, "--cluster", cluster])
+        .args(args)
+        .output()
+        .unwrap()
+}

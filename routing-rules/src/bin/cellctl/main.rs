@@ -104,6 +104,8 @@ pub(crate) enum OnlineCommand {
     Document,
     /// `status`.
     Status { output: Output },
+    /// `replication status`.
+    Replication { output: Output },
 }
 
 /// cellctl — inspect, route, diff and rebalance cellgate rules documents.
@@ -188,6 +190,20 @@ enum Command {
     /// The live revision, each gateway's running revision and how long ago it
     /// applied it, each cell/colour's registered instances; exit 1 when some
     /// gateway does not run the latest revision yet.
+    Status {
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Shard replication (live, from the control plane).
+    #[command(subcommand)]
+    Replication(ReplicationCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ReplicationCommand {
+    /// Each replicated cell's standby, `in-sync` or `degraded` since when,
+    /// and the last LSN its standby acknowledged, as its agents recorded
+    /// them; exit 1 when a shard is degraded or none is recorded.
     Status {
         #[command(flatten)]
         out: OutputArg,
@@ -472,6 +488,9 @@ fn run(cli: Cli) -> Result<()> {
         ),
         Command::Status { out } => {
             online::run(&target, OnlineCommand::Status { output: out.output })
+        }
+        Command::Replication(ReplicationCommand::Status { out }) => {
+            online::run(&target, OnlineCommand::Replication { output: out.output })
         }
         Command::Override(OverrideCommand::Rm { user, msg }) => {
             online::run(&target, edit(EditOp::OverrideRm { user }, msg))
