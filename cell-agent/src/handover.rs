@@ -11,6 +11,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::rules::RulesHolder;
 use crate::store::sqlite::{open, recorded_cell, slots, SqliteStore};
 use crate::store::{Store, WriteOp};
 
@@ -74,4 +75,30 @@ pub async fn step(db: &Path, step: Step, range: (u32, u32), epoch: u64) -> anyho
         .map_err(|e| anyhow::anyhow!("{}: {}", db.display(), e.message))?;
     reply["cell"] = cell.into();
     Ok(reply)
+}
+
+/// On a store's first start, opens the slots the rules give this cell at
+/// the first epoch (a slot at a later epoch has changed owner: it arrives
+/// only by hand-over). Later starts change nothing.
+pub(crate) async fn claim_first_slots(
+    store: &SqliteStore,
+    rules: &RulesHolder,
+) -> anyhow::Result<()> {
+    use crate::store::Store;
+    let table = rules.table();
+    let ranges: Vec<(u32, u32)> = table
+        .rules()
+        .table
+        .iter()
+        .filter(|r| r.cell == rules.cell() && r.epoch == routing_rules::FIRST_EPOCH)
+        .map(|r| (r.from, r.to))
+        .collect();
+    let (_, reply) = store
+        .write(crate::store::WriteOp::ClaimSlots { ranges })
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot claim this cell's first slots: {e}"))?;
+    if reply["claimed"] == true {
+        tracing::info!(cell = rules.cell(), slots = %reply["slots"], revision = table.revision(), "new store: opened the slots the rules give this cell at epoch 1");
+    }
+    Ok(())
 }

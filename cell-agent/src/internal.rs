@@ -28,6 +28,12 @@ use crate::store::{DomainError, Store, WriteOp};
 pub const CREDITS_PATH: &str = "/v1/internal/credits";
 /// The path a primary ships its journal batches to, on its standby.
 pub const JOURNAL_PATH: &str = "/v1/internal/journal";
+/// The path a primary sends a snapshot of its shard to, in chunks: each
+/// body is one JSON header line (`cell`, `offset`, `total`, `last`) and
+/// then the chunk's bytes, the whole body signed.
+pub const SNAPSHOT_PATH: &str = "/v1/internal/snapshot";
+/// Largest snapshot a standby takes, bytes.
+pub const MAX_SNAPSHOT_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 
 /// Answers one request on the internal listener.
 pub async fn handle<S: Store>(
@@ -39,12 +45,14 @@ pub async fn handle<S: Store>(
     let route = match (req.method(), req.uri().path()) {
         (&Method::POST, CREDITS_PATH) => "credit",
         (&Method::POST, JOURNAL_PATH) => "journal",
+        (&Method::POST, SNAPSHOT_PATH) => "snapshot",
         (&Method::GET, "/healthz") => "internal_healthz",
         _ => "other",
     };
     let result = match route {
         "credit" => credit(&api, &secret, req).await,
         "journal" => journal(&api, &secret, req).await,
+        "snapshot" => snapshot(&api, &secret, req).await,
         "internal_healthz" => Ok((200, json!({"status": "ok", "cell": api.rules.cell()}))),
         _ => Err(DomainError::not_found(
             "not_found",
@@ -95,20 +103,7 @@ async fn journal<S: Store>(
             ),
         ));
     }
-    let table = api.rules.table();
-    let standby = table.rules().cells.get(&caller).and_then(|c| c.standby());
-    if standby != Some(api.rules.cell()) {
-        return Err(DomainError::new(
-            403,
-            "not_standby",
-            format!(
-                "cell {} is not the standby of cell {caller} under rules revision {} (its standby: {})",
-                api.rules.cell(),
-                table.revision(),
-                standby.unwrap_or("none")
-            ),
-        ));
-    }
+    require_standby_of(api, &caller)?;
     let replicas = api.replicas.clone();
     let applied = tokio::task::spawn_blocking(move || replicas.apply(&caller, &shipment.batches))
         .await
@@ -130,6 +125,117 @@ async fn journal<S: Store>(
         Err(e) => Err(DomainError::unavailable(format!(
             "cannot apply the journal: {e}"
         ))),
+    }
+}
+
+/// Refuses a caller whose standby this cell is not (under the rules held).
+fn require_standby_of<S: Store>(api: &Api<S>, caller: &str) -> Result<(), DomainError> {
+    let table = api.rules.table();
+    let standby = table.rules().cells.get(caller).and_then(|c| c.standby());
+    if standby != Some(api.rules.cell()) {
+        return Err(DomainError::new(
+            403,
+            "not_standby",
+            format!(
+                "cell {} is not the standby of cell {caller} under rules revision {} (its standby: {})",
+                api.rules.cell(),
+                table.revision(),
+                standby.unwrap_or("none")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// One chunk of a snapshot of the caller's shard: written at its offset
+/// into the incoming file; the last one installs it as the replica
+/// (checked: a sound SQLite file of that cell's shard) and answers its LSN.
+async fn snapshot<S: Store>(
+    api: &Api<S>,
+    secret: &ClusterSecret,
+    req: Request<Bytes>,
+) -> Result<(u16, serde_json::Value), DomainError> {
+    let caller = authenticate(secret, &req)?;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Header {
+        cell: String,
+        offset: u64,
+        total: u64,
+        last: bool,
+    }
+    let body = req.body();
+    let split = body.iter().position(|b| *b == b'\n').ok_or_else(|| {
+        DomainError::bad_request("a snapshot chunk starts with a JSON header line")
+    })?;
+    let h: Header = serde_json::from_slice(&body[..split])
+        .map_err(|e| DomainError::bad_request(format!("bad snapshot chunk header: {e}")))?;
+    let data = body.slice(split + 1..);
+    if h.cell != caller {
+        return Err(DomainError::new(
+            403,
+            "cell_mismatch",
+            format!(
+                "the request is signed by cell {caller:?} but sends cell {:?}'s snapshot",
+                h.cell
+            ),
+        ));
+    }
+    require_standby_of(api, &caller)?;
+    let end = h.offset.checked_add(data.len() as u64);
+    if h.total > MAX_SNAPSHOT_BYTES
+        || end.is_none_or(|e| e > h.total)
+        || (h.last && end != Some(h.total))
+    {
+        return Err(DomainError::bad_request(format!(
+            "chunk at {} of {} bytes does not fit a snapshot of {} bytes (at most {MAX_SNAPSHOT_BYTES})",
+            h.offset,
+            data.len(),
+            h.total
+        )));
+    }
+    let replicas = api.replicas.clone();
+    let done = tokio::task::spawn_blocking(move || -> Result<Option<i64>, String> {
+        use std::io::{Seek, SeekFrom, Write};
+        let path = replicas.incoming(&caller);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(h.offset == 0)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        f.seek(SeekFrom::Start(h.offset))
+            .map_err(|e| e.to_string())?;
+        f.write_all(&data).map_err(|e| e.to_string())?;
+        if !h.last {
+            return Ok(None);
+        }
+        f.sync_all().map_err(|e| e.to_string())?;
+        let len = f.metadata().map_err(|e| e.to_string())?.len();
+        if len != h.total {
+            return Err(format!(
+                "the snapshot has {len} bytes, {} announced (a chunk is missing)",
+                h.total
+            ));
+        }
+        drop(f);
+        replicas
+            .install_snapshot(&caller)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| DomainError::unavailable(format!("snapshot task failed: {e}")))?
+    .map_err(|e| DomainError::new(422, "bad_snapshot", e))?;
+    match done {
+        None => Ok((
+            200,
+            json!({"received": h.offset + (body.len() - split - 1) as u64}),
+        )),
+        Some(lsn) => {
+            tracing::info!(cell = %h.cell, lsn, "installed a snapshot of the shard as its replica");
+            Ok((200, json!({"applied": lsn})))
+        }
     }
 }
 

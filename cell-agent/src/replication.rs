@@ -58,7 +58,12 @@ pub struct Shipper {
     /// The control plane the record also goes to (etcd endpoints and
     /// cluster), when the agent follows one.
     pub control_plane: Option<(Vec<String>, String)>,
+    /// The shard's database file (snapshots are taken from it).
+    pub db: PathBuf,
 }
+
+/// Bytes of a snapshot per request.
+const SNAPSHOT_CHUNK: usize = 4 * 1024 * 1024;
 
 /// The replication state of a primary's shard, recorded (fsynced) next to
 /// its database before the shard goes on without a synchronous standby.
@@ -126,6 +131,76 @@ impl std::fmt::Display for Failure {
 }
 
 impl Shipper {
+    /// Sends a consistent snapshot of the shard to the standby, in chunks;
+    /// returns the LSN its replica is at afterwards.
+    async fn send_snapshot(
+        &self,
+        client: &Client<HttpConnector, Full<Bytes>>,
+    ) -> Result<i64, String> {
+        use crate::internal::SNAPSHOT_PATH;
+        let table = self.rules.table();
+        let me = self.rules.cell().to_string();
+        let standby = table
+            .rules()
+            .cells
+            .get(&me)
+            .and_then(|c| c.standby())
+            .map(str::to_string)
+            .ok_or("no standby")?;
+        let addrs = addresses(&self.rules, &self.peers, &standby);
+        let addr = addrs
+            .first()
+            .ok_or("the standby has no internal address")?
+            .clone();
+        let (db, tmp) = (
+            self.db.clone(),
+            PathBuf::from(format!("{}.snapshot-outgoing", self.db.display())),
+        );
+        let t = tmp.clone();
+        let lsn = tokio::task::spawn_blocking(move || {
+            crate::store::sqlite::replica::snapshot_to(&db, &t).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let bytes = tokio::fs::read(&tmp).await.map_err(|e| e.to_string());
+        let _ = tokio::fs::remove_file(&tmp).await;
+        let bytes = bytes?;
+        tracing::info!(%standby, lsn, bytes = bytes.len(), "sending a snapshot of the shard to the standby");
+        let total = bytes.len();
+        let mut offset = 0usize;
+        let timeout = self.timeout.max(Duration::from_secs(30));
+        loop {
+            let end = (offset + SNAPSHOT_CHUNK).min(total);
+            let last = end == total;
+            let mut body =
+                serde_json::json!({"cell": me, "offset": offset, "total": total, "last": last})
+                    .to_string()
+                    .into_bytes();
+            body.push(b'\n');
+            body.extend_from_slice(&bytes[offset..end]);
+            match post_signed(
+                client,
+                &self.rules,
+                &self.secret,
+                &addr,
+                SNAPSHOT_PATH,
+                &Bytes::from(body),
+                timeout,
+            )
+            .await
+            {
+                Ok((200, v)) if last => {
+                    return v["applied"]
+                        .as_i64()
+                        .ok_or_else(|| format!("no LSN in {v}"))
+                }
+                Ok((200, _)) => offset = end,
+                Ok((status, v)) => return Err(format!("{addr}: {status} {v}")),
+                Err(e) => return Err(format!("{addr}: {e}")),
+            }
+        }
+    }
+
     /// Records the shard's state durably (on a blocking thread).
     async fn write_state(&self, degraded: bool, since_ms: i64, acked: i64) -> std::io::Result<()> {
         let table = self.rules.table();
@@ -327,9 +402,13 @@ impl Shipper {
                         tracing::warn!(failure = %text, acked, target, "journal shipment to the standby failed");
                         last_failure = text;
                     }
-                    let overdue = pending
-                        .front()
-                        .is_some_and(|s| s.committed.elapsed() >= self.timeout);
+                    // A standby that needs a snapshot will not catch up by
+                    // the timeout: go on degraded at once, then send it one.
+                    let need_snapshot = matches!(f, Failure::NeedSnapshot(_));
+                    let overdue = need_snapshot
+                        || pending
+                            .front()
+                            .is_some_and(|s| s.committed.elapsed() >= self.timeout);
                     if overdue && !self.degraded.load(Ordering::Acquire) {
                         // Record first: no write is answered without the
                         // standby before the record says so.
@@ -349,6 +428,17 @@ impl Shipper {
                         for s in pending.drain(..) {
                             send_replies(s.replies);
                         }
+                        if need_snapshot {
+                            match self.send_snapshot(&client).await {
+                                Ok(lsn) => {
+                                    acked = lsn;
+                                    tracing::info!(lsn, "the standby installed the snapshot; catching up from there");
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "cannot send a snapshot to the standby")
+                                }
+                            }
+                        }
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(RETRY_MS)) => {}
@@ -361,4 +451,58 @@ impl Shipper {
                 .set(i64::from(self.degraded.load(Ordering::Acquire)));
         }
     }
+}
+
+/// With `--journal`, a cluster secret and a standby cell in the rules:
+/// every write batch waits for the standby's acknowledgement (up to
+/// `--sync-timeout-ms`). Returns the shipper's task.
+pub(crate) fn start(
+    cfg: &crate::AgentConfig,
+    store: &SqliteStore,
+    (rules, peers): (&Arc<RulesHolder>, &crate::relay::Peers),
+    secret: Option<&crate::auth::ClusterSecret>,
+    metrics: &AgentMetrics,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let table = rules.table();
+    let standby = table
+        .rules()
+        .cells
+        .get(rules.cell())
+        .and_then(|c| c.standby())
+        .map(str::to_string);
+    let (Some(standby), Some(secret), true) = (standby, secret, cfg.journal) else {
+        if cfg.journal {
+            tracing::warn!(cell = rules.cell(), "--journal without a standby cell in the rules or without the cluster secret: the shard is journaled but not replicated");
+        }
+        return None;
+    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let degraded = Arc::new(AtomicBool::new(false));
+    let timeout = Duration::from_millis(cfg.sync_timeout_ms);
+    store.replicate(crate::store::sqlite::SyncLink {
+        ship: tx,
+        degraded: degraded.clone(),
+    });
+    tracing::info!(cell = rules.cell(), %standby, sync_timeout_ms = cfg.sync_timeout_ms, "replicating this shard synchronously to its standby");
+    #[cfg(feature = "etcd")]
+    let control_plane = cfg
+        .etcd
+        .as_ref()
+        .map(|_| (crate::server::etcd_endpoints(cfg), cfg.cluster.clone()));
+    #[cfg(not(feature = "etcd"))]
+    let control_plane = None;
+    let shipper = Shipper {
+        store: store.clone(),
+        rules: rules.clone(),
+        peers: peers.clone(),
+        secret: secret.clone(),
+        metrics: metrics.clone(),
+        degraded,
+        timeout,
+        record: record_path(&cfg.db),
+        control_plane,
+        db: cfg.db.clone(),
+    };
+    Some(tokio::spawn(shipper.run(rx, stop)))
 }

@@ -213,7 +213,7 @@ pub async fn start_bound(
     }
     let store = SqliteStore::open_gated(&cfg.db, &cfg.cell, limits, writes_allowed.clone())
         .map_err(|e| anyhow::anyhow!("cannot open the database {}: {e}", cfg.db.display()))?;
-    claim_first_slots(&store, &rules).await?;
+    crate::handover::claim_first_slots(&store, &rules).await?;
     let secret = crate::auth::ClusterSecret::load(cfg.internal_secret_file.as_deref())?;
     if (cfg.internal_listen.is_some() || internal.is_some()) && secret.is_none() {
         anyhow::bail!("--internal-listen needs the cluster secret: --internal-secret-file PATH (or {} in the environment)", crate::auth::SECRET_ENV);
@@ -260,7 +260,7 @@ pub async fn start_bound(
         &peers,
         &stop_rx,
     )?;
-    others.extend(start_replication(
+    others.extend(crate::replication::start(
         &cfg,
         &store,
         (&rules, &peers),
@@ -331,90 +331,14 @@ pub async fn start_bound(
 }
 
 #[cfg(feature = "etcd")]
-fn endpoints(cfg: &AgentConfig) -> Vec<String> {
+pub(crate) fn etcd_endpoints(cfg: &AgentConfig) -> Vec<String> {
     routing_rules::etcd::parse_endpoints(cfg.etcd.as_deref().unwrap_or_default())
-}
-
-/// With `--journal`, a cluster secret and a standby cell in the rules:
-/// every write batch waits for the standby's acknowledgement (up to
-/// `--sync-timeout-ms`). Returns the shipper's task.
-fn start_replication(
-    cfg: &AgentConfig,
-    store: &SqliteStore,
-    (rules, peers): (&Arc<RulesHolder>, &crate::relay::Peers),
-    secret: Option<&crate::auth::ClusterSecret>,
-    metrics: &AgentMetrics,
-    stop: watch::Receiver<bool>,
-) -> Option<tokio::task::JoinHandle<()>> {
-    let table = rules.table();
-    let standby = table
-        .rules()
-        .cells
-        .get(rules.cell())
-        .and_then(|c| c.standby())
-        .map(str::to_string);
-    let (Some(standby), Some(secret), true) = (standby, secret, cfg.journal) else {
-        if cfg.journal {
-            tracing::warn!(cell = rules.cell(), "--journal without a standby cell in the rules or without the cluster secret: the shard is journaled but not replicated");
-        }
-        return None;
-    };
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let degraded = Arc::new(AtomicBool::new(false));
-    let timeout = Duration::from_millis(cfg.sync_timeout_ms);
-    store.replicate(crate::store::sqlite::SyncLink {
-        ship: tx,
-        degraded: degraded.clone(),
-    });
-    tracing::info!(cell = rules.cell(), %standby, sync_timeout_ms = cfg.sync_timeout_ms, "replicating this shard synchronously to its standby");
-    #[cfg(feature = "etcd")]
-    let control_plane = cfg
-        .etcd
-        .as_ref()
-        .map(|_| (endpoints(cfg), cfg.cluster.clone()));
-    #[cfg(not(feature = "etcd"))]
-    let control_plane = None;
-    let shipper = crate::replication::Shipper {
-        store: store.clone(),
-        rules: rules.clone(),
-        peers: peers.clone(),
-        secret: secret.clone(),
-        metrics: metrics.clone(),
-        degraded,
-        timeout,
-        record: crate::replication::record_path(&cfg.db),
-        control_plane,
-    };
-    Some(tokio::spawn(shipper.run(rx, stop)))
-}
-
-/// On a store's first start, opens the slots the rules give this cell at
-/// the first epoch (a slot at a later epoch has changed owner: it arrives
-/// only by hand-over). Later starts change nothing.
-async fn claim_first_slots(store: &SqliteStore, rules: &RulesHolder) -> anyhow::Result<()> {
-    use crate::store::Store;
-    let table = rules.table();
-    let ranges: Vec<(u32, u32)> = table
-        .rules()
-        .table
-        .iter()
-        .filter(|r| r.cell == rules.cell() && r.epoch == routing_rules::FIRST_EPOCH)
-        .map(|r| (r.from, r.to))
-        .collect();
-    let (_, reply) = store
-        .write(crate::store::WriteOp::ClaimSlots { ranges })
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot claim this cell's first slots: {e}"))?;
-    if reply["claimed"] == true {
-        tracing::info!(cell = rules.cell(), slots = %reply["slots"], revision = table.revision(), "new store: opened the slots the rules give this cell at epoch 1");
-    }
-    Ok(())
 }
 
 /// Boots the rules from etcd.
 #[cfg(feature = "etcd")]
 async fn etcd_rules(cfg: &AgentConfig) -> anyhow::Result<Arc<RulesHolder>> {
-    let eps = endpoints(cfg);
+    let eps = etcd_endpoints(cfg);
     anyhow::ensure!(!eps.is_empty(), "--etcd: no endpoint given");
     let mut cp = routing_rules::etcd::ControlPlane::connect(&eps, &cfg.cluster).await?;
     let stored = cp.get().await?.ok_or_else(|| {
@@ -451,7 +375,7 @@ fn control_plane_tasks(
     if cfg.rules.is_some() {
         return Ok(Vec::new());
     }
-    let eps = endpoints(cfg);
+    let eps = etcd_endpoints(cfg);
     let keys = routing_rules::etcd::Keys::new(&cfg.cluster)?;
     let host = routing_rules::etcd::host_name().unwrap_or_else(|| "cell".into());
     let id = cfg
@@ -522,7 +446,7 @@ fn control_plane_tasks(
         }
     });
     let follower = tokio::spawn(routing_rules::etcd::follow_rules(
-        endpoints(cfg),
+        etcd_endpoints(cfg),
         cfg.cluster.clone(),
         move |stored| {
             let _ = doc_tx.send(Some((stored.document, stored.revision)));
@@ -532,7 +456,7 @@ fn control_plane_tasks(
     ));
     let peers = peers.clone();
     let instances = tokio::spawn(routing_rules::etcd::follow_instances(
-        endpoints(cfg),
+        etcd_endpoints(cfg),
         cfg.cluster.clone(),
         move |registered| {
             let internal = registered

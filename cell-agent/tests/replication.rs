@@ -157,7 +157,14 @@ async fn a_write_is_acknowledged_only_once_the_standby_holds_it() {
         (None, 401, "unauthenticated"),
     ] {
         let body = r#"{"cell": "cell-a", "batches": []}"#;
-        let r = ship(&client, b.internal_addr.unwrap(), signer, body).await;
+        let r = post_raw(
+            &client,
+            b.internal_addr.unwrap(),
+            "/v1/internal/journal",
+            signer,
+            body.as_bytes().to_vec(),
+        )
+        .await;
         assert_eq!(
             (r.0, r.1["error"].as_str().unwrap_or("")),
             (status, code),
@@ -165,11 +172,12 @@ async fn a_write_is_acknowledged_only_once_the_standby_holds_it() {
             r.1
         );
     }
-    let r = ship(
+    let r = post_raw(
         &client,
         b.internal_addr.unwrap(),
+        "/v1/internal/journal",
         Some("cell-c"),
-        r#"{"cell": "cell-c", "batches": []}"#,
+        br#"{"cell": "cell-c", "batches": []}"#.to_vec(),
     )
     .await;
     assert_eq!(
@@ -226,41 +234,6 @@ async fn reqwest_metrics(client: &HttpClient, addr: SocketAddr) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-/// POSTs a journal shipment to a standby's internal listener, signed as
-/// `signer` (unsigned when `None`).
-async fn ship(
-    client: &HttpClient,
-    internal: SocketAddr,
-    signer: Option<&str>,
-    body: &str,
-) -> (u16, serde_json::Value) {
-    use http_body_util::BodyExt;
-    let mut b = http::Request::post(format!("http://{internal}/v1/internal/journal"))
-        .header("content-type", "application/json");
-    if let Some(signer) = signer {
-        let key = cell_agent::auth::ClusterSecret::new(TEST_SECRET.as_bytes(), "test").unwrap();
-        let ts = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64;
-        for (n, v) in key.sign("POST", "/v1/internal/journal", signer, ts, body.as_bytes()) {
-            b = b.header(n, v);
-        }
-    }
-    let resp = client
-        .request(
-            b.body(http_body_util::Full::new(bytes::Bytes::from(
-                body.to_string(),
-            )))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or_default())
-}
-
 /// `cell-agent replica status --db DB --json`: exit code and record.
 fn status(db: &Path) -> (i32, serde_json::Value) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cell-agent"))
@@ -272,4 +245,216 @@ fn status(db: &Path) -> (i32, serde_json::Value) {
         serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|_| String::from_utf8_lossy(&out.stderr).into_owned().into()),
     )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_without_a_replica_is_sent_a_snapshot_over_the_network() {
+    let dir = TempDir::new("syncsnap");
+    let rules_path = dir.path("rules.toml");
+    let (la, lb) = (bind().await, bind().await);
+    let text = with_internal(
+        &placeholder_rules().replacen(
+            "[cells.cell-a]\n",
+            "[cells.cell-a]\nstandby = \"cell-b\"\n",
+            1,
+        ),
+        &[("cell-a", addr(&la.1)), ("cell-b", addr(&lb.1))],
+    );
+    std::fs::write(&rules_path, &text).unwrap();
+    // The standby keeps its replicas elsewhere, and has none yet.
+    let standby_dir = dir.path("standby");
+    std::fs::create_dir_all(&standby_dir).unwrap();
+    let mut cfg = config("cell-b", "blue", &dir.path("cell-b.db"), &rules_path);
+    cfg.internal_secret_file = Some(secret_file(&dir));
+    cfg.replica_dir = Some(standby_dir.clone());
+    let b = cell_agent::start_bound(cfg, lb.0, Some(lb.1), prometheus::Registry::new())
+        .await
+        .unwrap();
+    let a = agent(&dir, "cell-a", &rules_path, la, true).await;
+    let client = client();
+    let users = users_in(&text, "cell-a", 5);
+    for (i, u) in users.iter().enumerate() {
+        let r = deposit(&client, a.addr, u, 10, &format!("before-{i}")).await;
+        assert_eq!(r.status, 200, "{}", r.json);
+    }
+    // The snapshot arrives, the shard is in sync again, and later writes
+    // are acknowledged only once the standby has them.
+    let replica_a = standby_dir.join("cell-a.replica.db");
+    wait_until("the standby to be in sync", Duration::from_secs(10), || {
+        let db = dir.path("cell-a.db");
+        let (client, addr, u) = (client.clone(), a.addr, users[0].clone());
+        async move {
+            let _ = deposit(&client, addr, &u, 1, "poke").await;
+            status(&db).1["state"] == "in-sync"
+        }
+    })
+    .await;
+    for (i, u) in users.iter().enumerate() {
+        let key = format!("after-{i}");
+        let r = deposit(&client, a.addr, u, 10, &key).await;
+        assert_eq!(r.status, 200, "{}", r.json);
+        assert!(replica_has(&replica_a, &key), "{key}");
+        assert!(replica_has(&replica_a, &format!("before-{i}")));
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    assert!(cell_agent::check::check(&replica_a).unwrap().ok());
+    assert!(!standby_dir.join("cell-a.replica.db.incoming").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_arrives_in_chunks_and_a_bad_one_is_refused() {
+    use cell_agent::store::sqlite::SqliteStore;
+    use cell_agent::store::{SlotStamp, Store, WriteOp};
+    let dir = TempDir::new("snapchunks");
+    let rules_path = dir.path("rules.toml");
+    let lb = bind().await;
+    let text = with_internal(
+        &placeholder_rules().replacen(
+            "[cells.cell-a]\n",
+            "[cells.cell-a]\nstandby = \"cell-b\"\n",
+            1,
+        ),
+        &[("cell-b", addr(&lb.1))],
+    );
+    std::fs::write(&rules_path, &text).unwrap();
+    let b = agent(&dir, "cell-b", &rules_path, lb, false).await;
+    let internal = b.internal_addr.unwrap();
+    // A primary file with some data, and its snapshot.
+    let src = dir.path("elsewhere-cell-a.db");
+    let store = SqliteStore::open(&src, "cell-a").unwrap();
+    store
+        .write(WriteOp::ClaimSlots {
+            ranges: vec![(0, 32)],
+        })
+        .await
+        .unwrap();
+    for i in 0..200u32 {
+        store
+            .write(WriteOp::Deposit {
+                user: format!("u{i}"),
+                amount: 5,
+                key: format!("k{i}"),
+                slot: i % 33,
+                at: Some(SlotStamp {
+                    slot: i % 33,
+                    epoch: 1,
+                }),
+            })
+            .await
+            .unwrap();
+    }
+    let snap = dir.path("snap.db");
+    let lsn = replica::snapshot_to(&src, &snap).unwrap();
+    let bytes = std::fs::read(&snap).unwrap();
+    let client = client();
+    let chunk = |offset: usize, end: usize, last: bool| {
+        let mut body = serde_json::json!({"cell": "cell-a", "offset": offset, "total": bytes.len(), "last": last})
+            .to_string()
+            .into_bytes();
+        body.push(b'\n');
+        body.extend_from_slice(&bytes[offset..end]);
+        body
+    };
+    // A truncated snapshot (the middle chunk missing) is refused.
+    let third = bytes.len() / 3;
+    let r = post_raw(
+        &client,
+        internal,
+        "/v1/internal/snapshot",
+        Some("cell-a"),
+        chunk(0, third, false),
+    )
+    .await;
+    assert_eq!(r.0, 200, "{}", r.1);
+    let r = post_raw(
+        &client,
+        internal,
+        "/v1/internal/snapshot",
+        Some("cell-a"),
+        chunk(2 * third, bytes.len(), true),
+    )
+    .await;
+    assert_eq!(
+        (r.0, r.1["error"].as_str()),
+        (422, Some("bad_snapshot")),
+        "{}",
+        r.1
+    );
+    assert!(!dir.path("cell-a.replica.db").exists());
+    // In three chunks: installed, at the snapshot's LSN.
+    for (from, to, last) in [
+        (0, third, false),
+        (third, 2 * third, false),
+        (2 * third, bytes.len(), true),
+    ] {
+        let r = post_raw(
+            &client,
+            internal,
+            "/v1/internal/snapshot",
+            Some("cell-a"),
+            chunk(from, to, last),
+        )
+        .await;
+        assert_eq!(r.0, 200, "{}", r.1);
+        if last {
+            assert_eq!(r.1["applied"], lsn);
+        }
+    }
+    let replica = dir.path("cell-a.replica.db");
+    let report = cell_agent::check::check(&replica).unwrap();
+    assert!(report.ok() && report.ledger_entries == 200, "{report:?}");
+    // Only the cell whose standby this is may send one, signed.
+    let r = post_raw(
+        &client,
+        internal,
+        "/v1/internal/snapshot",
+        Some("cell-c"),
+        chunk(0, 10, false),
+    )
+    .await;
+    assert_eq!(r.0, 403, "{}", r.1);
+    let r = post_raw(
+        &client,
+        internal,
+        "/v1/internal/snapshot",
+        None,
+        chunk(0, 10, false),
+    )
+    .await;
+    assert_eq!(r.0, 401, "{}", r.1);
+    b.shutdown().await;
+}
+
+/// POSTs raw bytes to an internal listener, signed as `signer`.
+async fn post_raw(
+    client: &HttpClient,
+    internal: SocketAddr,
+    path: &str,
+    signer: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, serde_json::Value) {
+    use http_body_util::BodyExt;
+    let mut b = http::Request::post(format!("http://{internal}{path}"))
+        .header("content-type", "application/json");
+    if let Some(signer) = signer {
+        let key = cell_agent::auth::ClusterSecret::new(TEST_SECRET.as_bytes(), "test").unwrap();
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        for (n, v) in key.sign("POST", path, signer, ts, &body) {
+            b = b.header(n, v);
+        }
+    }
+    let resp = client
+        .request(
+            b.body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or_default())
 }

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use rusqlite::types::Value as Sql;
 use rusqlite::{params_from_iter, Connection, OpenFlags, TransactionBehavior};
@@ -68,6 +68,10 @@ pub fn replica_path(dir: &Path, cell: &str) -> std::path::PathBuf {
 pub struct Replicas {
     dir: std::path::PathBuf,
     open: Arc<Mutex<HashMap<String, Connection>>>,
+    /// Shipments apply under the shared side; a snapshot is moved into
+    /// place under the exclusive side (no shipment applies to a file being
+    /// replaced).
+    gate: Arc<RwLock<()>>,
 }
 
 impl Replicas {
@@ -76,12 +80,51 @@ impl Replicas {
         Replicas {
             dir,
             open: Arc::default(),
+            gate: Arc::default(),
         }
+    }
+
+    /// Where a snapshot of `cell`'s shard is received before it is
+    /// installed.
+    pub fn incoming(&self, cell: &str) -> std::path::PathBuf {
+        self.dir.join(format!("{cell}.replica.db.incoming"))
+    }
+
+    /// Installs the received snapshot of `cell`'s shard as its replica (it
+    /// must be a sound SQLite file holding that cell's shard); returns its
+    /// LSN.
+    pub fn install_snapshot(&self, cell: &str) -> Result<i64, ReplicaError> {
+        let incoming = self.incoming(cell);
+        let bad = |message: String| ReplicaError::Row { lsn: 0, message };
+        let lsn = {
+            let c = Connection::open(&incoming)?;
+            let check: String = c.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+            if check != "ok" {
+                return Err(bad(format!("the received snapshot is damaged: {check}")));
+            }
+            let recorded = super::recorded_cell(&c)?.unwrap_or_default();
+            if recorded != cell {
+                return Err(bad(format!(
+                    "the received snapshot holds cell {recorded:?}'s shard, not {cell:?}'s"
+                )));
+            }
+            journal::drop_triggers(&c)?;
+            c.execute_batch("DELETE FROM journal_rows; DELETE FROM journal;")?;
+            applied_lsn(&c)?
+        };
+        let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        if let Ok(mut m) = self.open.lock() {
+            m.remove(cell);
+        }
+        std::fs::rename(&incoming, replica_path(&self.dir, cell))
+            .map_err(|e| bad(format!("cannot move the snapshot into place: {e}")))?;
+        Ok(lsn)
     }
 
     /// Applies shipped batches of `cell`'s shard to its replica file (on a
     /// blocking thread); returns the replica's LSN afterwards.
     pub fn apply(&self, cell: &str, batches: &[Batch]) -> Result<i64, ReplicaError> {
+        let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
         let taken = self.open.lock().ok().and_then(|mut m| m.remove(cell));
         let mut conn = match taken {
             Some(c) => c,
@@ -273,6 +316,17 @@ fn snapshot(primary: &Connection, replica: &Path) -> Result<(), ReplicaError> {
         message: format!("cannot move the snapshot into place: {e}"),
     })?;
     Ok(())
+}
+
+/// Takes a consistent snapshot of the shard at `primary` into `dest` (a new
+/// file); returns its LSN.
+pub fn snapshot_to(primary: &Path, dest: &Path) -> Result<i64, ReplicaError> {
+    let src = Connection::open_with_flags(primary, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    src.busy_timeout(std::time::Duration::from_secs(10))?;
+    let _ = std::fs::remove_file(dest);
+    src.execute("VACUUM INTO ?1", [dest.to_string_lossy()])?;
+    let c = Connection::open_with_flags(dest, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    Ok(applied_lsn(&c)?)
 }
 
 /// Brings the replica file at `replica` up to the primary file at
