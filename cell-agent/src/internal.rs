@@ -93,16 +93,7 @@ async fn journal<S: Store>(
     crate::body::require_json(req.headers())?;
     let shipment: Shipment = serde_json::from_slice(req.body())
         .map_err(|e| DomainError::bad_request(format!("not a journal shipment: {e}")))?;
-    if shipment.cell != caller {
-        return Err(DomainError::new(
-            403,
-            "cell_mismatch",
-            format!(
-                "the request is signed by cell {caller:?} but ships cell {:?}'s journal",
-                shipment.cell
-            ),
-        ));
-    }
+    signed_by(&caller, &shipment.cell, "ships the journal of cell")?;
     require_standby_of(api, &caller)?;
     let replicas = api.replicas.clone();
     let applied = tokio::task::spawn_blocking(move || replicas.apply(&caller, &shipment.batches))
@@ -171,16 +162,7 @@ async fn snapshot<S: Store>(
     let h: Header = serde_json::from_slice(&body[..split])
         .map_err(|e| DomainError::bad_request(format!("bad snapshot chunk header: {e}")))?;
     let data = body.slice(split + 1..);
-    if h.cell != caller {
-        return Err(DomainError::new(
-            403,
-            "cell_mismatch",
-            format!(
-                "the request is signed by cell {caller:?} but sends cell {:?}'s snapshot",
-                h.cell
-            ),
-        ));
-    }
+    signed_by(&caller, &h.cell, "sends the snapshot of cell")?;
     require_standby_of(api, &caller)?;
     let end = h.offset.checked_add(data.len() as u64);
     if h.total > MAX_SNAPSHOT_BYTES
@@ -239,6 +221,18 @@ async fn snapshot<S: Store>(
     }
 }
 
+/// Refuses a request signed by one cell that speaks for another.
+fn signed_by(caller: &str, named: &str, what: &str) -> Result<(), DomainError> {
+    if caller == named {
+        return Ok(());
+    }
+    Err(DomainError::new(
+        403,
+        "cell_mismatch",
+        format!("the request is signed by cell {caller:?} but {what} {named:?}"),
+    ))
+}
+
 /// The calling cell of a signed internal request (401 when unsigned or
 /// signed wrongly).
 fn authenticate(secret: &ClusterSecret, req: &Request<Bytes>) -> Result<String, DomainError> {
@@ -280,13 +274,7 @@ async fn credit<S: Store>(
     let from = v.str("from")?;
     let to = v.str("to")?;
     let amount = v.amount()?;
-    if from_cell != caller {
-        return Err(DomainError::new(
-            403,
-            "cell_mismatch",
-            format!("the request is signed by cell {caller:?} but names {from_cell:?} as the payer's cell"),
-        ));
-    }
+    signed_by(&caller, &from_cell, "names as the payer's cell")?;
     // Catch up when the payer's cell knows newer rules than ours.
     if let Ok(Some(rev)) = stamped_revision(&req) {
         api.rules.catch_up(rev).await;

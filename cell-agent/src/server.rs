@@ -128,6 +128,41 @@ pub struct AgentConfig {
     pub sync_timeout_ms: u64,
 }
 
+impl AgentConfig {
+    /// The configuration `cell-agent serve` would have with only the cell,
+    /// colour, database and rules file given (every other flag at its
+    /// default; listening on a free loopback port), for embedding an agent
+    /// (the demo, tests).
+    pub fn new(cell: &str, colour: Colour, db: PathBuf, rules: Option<PathBuf>) -> AgentConfig {
+        AgentConfig {
+            cell: cell.into(),
+            colour,
+            db,
+            rules,
+            etcd: None,
+            cluster: "default".into(),
+            instance_id: None,
+            advertise: None,
+            lease_ttl_s: 5,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            internal_listen: None,
+            internal_advertise: None,
+            internal_secret_file: None,
+            max_connections: 4096,
+            outbox_alert_after_ms: 300_000,
+            write_queue: 1024,
+            write_deadline_ms: 10_000,
+            idempotency_retention: Duration::from_secs(7 * 86_400),
+            prune_interval_ms: 60_000,
+            reload_interval_ms: 200,
+            drain_timeout_ms: 10_000,
+            journal: false,
+            replica_dir: None,
+            sync_timeout_ms: 1_000,
+        }
+    }
+}
+
 fn parse_retention(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration such as 7d, 36h or 90m: {e}"))?;

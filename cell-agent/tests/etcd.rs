@@ -27,6 +27,30 @@ async fn registrations(url: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// `serve` arguments of a blue agent of `cell` in cluster `cells`, with an
+/// internal listener and the test secret.
+fn peer_args(dir: &TempDir, etcd: &str, secret: &std::path::Path, cell: &str) -> Vec<String> {
+    [
+        "--cell",
+        cell,
+        "--colour",
+        "blue",
+        "--db",
+        dir.path(&format!("{cell}.db")).to_str().unwrap(),
+        "--etcd",
+        etcd,
+        "--cluster",
+        "cells",
+        "--internal-listen",
+        "127.0.0.1:0",
+        "--internal-secret-file",
+        secret.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 fn etcd_client_get_prefix() -> routing_rules::etcd::GetOptions {
     routing_rules::etcd::GetOptions::new().with_prefix()
 }
@@ -167,27 +191,7 @@ async fn credits_reach_a_cell_known_only_from_its_registrations() {
     cp.apply(&doc, 0, "test", "v1").await.unwrap();
     let dir = TempDir::new("etcd-peers");
     let secret = secret_file(&dir);
-    let args = |cell: &str| -> Vec<String> {
-        [
-            "--cell",
-            cell,
-            "--colour",
-            "blue",
-            "--db",
-            dir.path(&format!("{cell}.db")).to_str().unwrap(),
-            "--etcd",
-            &etcd.url,
-            "--cluster",
-            "cells",
-            "--internal-listen",
-            "127.0.0.1:0",
-            "--internal-secret-file",
-            secret.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
+    let args = |cell: &str| peer_args(&dir, &etcd.url, &secret, cell);
     let a = AgentProcess::start(&args("cell-a"), "127.0.0.1:0");
     let c = AgentProcess::start(&args("cell-c"), "127.0.0.1:0");
     let client = client();
@@ -259,27 +263,7 @@ async fn the_replication_state_is_recorded_in_etcd_before_the_shard_goes_on_degr
     journal::enable(&db_a).unwrap();
     drop(SqliteStore::open(&db_a, "cell-a").unwrap());
     replica::sync(&db_a, &dir.path("cell-a.replica.db")).unwrap();
-    let args = |cell: &str| -> Vec<String> {
-        [
-            "--cell",
-            cell,
-            "--colour",
-            "blue",
-            "--db",
-            dir.path(&format!("{cell}.db")).to_str().unwrap(),
-            "--etcd",
-            &etcd.url,
-            "--cluster",
-            "cells",
-            "--internal-listen",
-            "127.0.0.1:0",
-            "--internal-secret-file",
-            secret.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
+    let args = |cell: &str| peer_args(&dir, &etcd.url, &secret, cell);
     let mut b = AgentProcess::start(&args("cell-b"), "127.0.0.1:0");
     let mut a_args = args("cell-a");
     a_args.push("--journal".into());

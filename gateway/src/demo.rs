@@ -167,32 +167,17 @@ impl Demo {
         let file = cfg.etcd.is_none().then(|| rules_path.clone());
         let mut agents = Vec::new();
         for (cell, colour, listener, internal) in listeners {
-            let agent_cfg = cell_agent::AgentConfig {
-                cell: cell.into(),
+            let mut agent_cfg = cell_agent::AgentConfig::new(
+                cell,
                 colour,
-                db: data_dir.join(format!("{cell}.db")),
-                rules: file.clone(),
-                etcd: cfg.etcd.clone(),
-                cluster: DEMO_CLUSTER.into(),
-                instance_id: None,
-                advertise: None,
-                lease_ttl_s: 5,
-                listen: listener.local_addr()?,
-                internal_listen: None,
-                internal_advertise: None,
-                internal_secret_file: Some(secret_path.clone()),
-                max_connections: 4096,
-                outbox_alert_after_ms: 300_000,
-                write_queue: 1024,
-                write_deadline_ms: 10_000,
-                idempotency_retention: std::time::Duration::from_secs(7 * 86_400),
-                prune_interval_ms: 60_000,
-                reload_interval_ms: 200,
-                drain_timeout_ms: 5_000,
-                journal: false,
-                replica_dir: None,
-                sync_timeout_ms: 1_000,
-            };
+                data_dir.join(format!("{cell}.db")),
+                file.clone(),
+            );
+            agent_cfg.etcd = cfg.etcd.clone();
+            agent_cfg.cluster = DEMO_CLUSTER.into();
+            agent_cfg.listen = listener.local_addr()?;
+            agent_cfg.internal_secret_file = Some(secret_path.clone());
+            agent_cfg.drain_timeout_ms = 5_000;
             let agent = cell_agent::start_bound(
                 agent_cfg,
                 listener,

@@ -86,32 +86,15 @@ pub fn users_in(rules_text: &str, cell: &str, n: usize) -> Vec<String> {
 }
 
 pub fn config(cell: &str, colour: &str, db: &Path, rules: &Path) -> cell_agent::AgentConfig {
-    cell_agent::AgentConfig {
-        cell: cell.into(),
-        colour: routing_rules::Colour::parse(colour).unwrap(),
-        db: db.into(),
-        rules: Some(rules.into()),
-        etcd: None,
-        cluster: "default".into(),
-        instance_id: None,
-        advertise: None,
-        lease_ttl_s: 5,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        internal_listen: None,
-        internal_advertise: None,
-        internal_secret_file: None,
-        max_connections: 4096,
-        outbox_alert_after_ms: 300_000,
-        write_queue: 1024,
-        write_deadline_ms: 10_000,
-        idempotency_retention: std::time::Duration::from_secs(7 * 86_400),
-        prune_interval_ms: 60_000,
-        reload_interval_ms: 50,
-        drain_timeout_ms: 5_000,
-        journal: false,
-        replica_dir: None,
-        sync_timeout_ms: 1_000,
-    }
+    let mut cfg = cell_agent::AgentConfig::new(
+        cell,
+        routing_rules::Colour::parse(colour).unwrap(),
+        db.into(),
+        Some(rules.into()),
+    );
+    cfg.reload_interval_ms = 50;
+    cfg.drain_timeout_ms = 5_000;
+    cfg
 }
 
 /// Adds `internal = [ADDR]` to each named cell of a rules document.
