@@ -60,6 +60,10 @@ pub struct Shipper {
     pub control_plane: Option<(Vec<String>, String)>,
     /// The shard's database file (snapshots are taken from it).
     pub db: PathBuf,
+    /// The control-plane connection, kept between records (dropped after
+    /// a failure, so the next record reconnects).
+    #[cfg(feature = "etcd")]
+    pub etcd: tokio::sync::Mutex<Option<routing_rules::etcd::ControlPlane>>,
 }
 
 /// Bytes of a snapshot per request.
@@ -232,16 +236,25 @@ impl Shipper {
         let Some((endpoints, cluster)) = &self.control_plane else {
             return Ok(());
         };
+        let mut held = self.etcd.lock().await;
         let put = async {
-            let mut cp = routing_rules::etcd::ControlPlane::connect(endpoints, cluster).await?;
+            if held.is_none() {
+                *held = Some(routing_rules::etcd::ControlPlane::connect(endpoints, cluster).await?);
+            }
             let value = serde_json::to_value(record).unwrap_or_default();
-            cp.put_replication(&record.cell, &value).await
+            match held.as_mut() {
+                Some(cp) => cp.put_replication(&record.cell, &value).await,
+                None => Ok(()),
+            }
         };
-        match tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), put).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
-            Err(_) => Err(std::io::Error::other("etcd did not answer in time")),
-        }
+        let result = match tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), put).await
+        {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => std::io::Error::other(e.to_string()),
+            Err(_) => std::io::Error::other("etcd did not answer in time"),
+        };
+        *held = None;
+        Err(result)
     }
 
     #[cfg(not(feature = "etcd"))]
@@ -503,6 +516,8 @@ pub(crate) fn start(
         record: record_path(&cfg.db),
         control_plane,
         db: cfg.db.clone(),
+        #[cfg(feature = "etcd")]
+        etcd: tokio::sync::Mutex::new(None),
     };
     Some(tokio::spawn(shipper.run(rx, stop)))
 }
