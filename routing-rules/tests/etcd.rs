@@ -308,3 +308,52 @@ fn cellctl_in(e: &Etcd, cluster: &str, args: &[&str]) -> Output {
         .output()
         .unwrap()
 }
+
+#[tokio::test]
+async fn a_replicated_cell_fails_over_only_to_its_in_sync_standby() {
+    let e = Etcd::start();
+    let mut c = cp(&e, "fo").await;
+    c.apply(DOC, 0, "t", "v1").await.unwrap();
+    let record = |state: &str| {
+        serde_json::json!({"cell": "cell-a", "standby": "cell-b", "state": state,
+            "since_ms": 1, "acked_lsn": 7, "updated_ms": 2})
+    };
+    c.put_replication("cell-a", &record("degraded"))
+        .await
+        .unwrap();
+    for (to, why) in [
+        ("cell-b", "is recorded degraded"),
+        ("cell-c", "is replicated to cell-b, not cell-c"),
+    ] {
+        let o = cellctl_in(&e, "fo", &["failover", "cell-a", "--to", to]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains("refused") && err.contains(why), "{err}");
+        assert_eq!(revision_of(&mut c).await, 1, "nothing changed");
+    }
+    // In sync: the standby takes the cell.
+    c.put_replication("cell-a", &record("in-sync"))
+        .await
+        .unwrap();
+    let o = cellctl_in(&e, "fo", &["failover", "cell-a", "--to", "cell-b"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(revision_of(&mut c).await, 2);
+    // --force overrides, saying what it risks.
+    let o = cellctl_in(&e, "fo", &["failback", "cell-a"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    c.put_replication("cell-a", &record("degraded"))
+        .await
+        .unwrap();
+    let o = cellctl_in(
+        &e,
+        "fo",
+        &["failover", "cell-a", "--to", "cell-b", "--force"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("warning"));
+    assert_eq!(revision_of(&mut c).await, 4);
+}
+
+async fn revision_of(c: &mut ControlPlane) -> u64 {
+    c.get().await.unwrap().unwrap().revision
+}

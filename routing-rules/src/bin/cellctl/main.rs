@@ -59,7 +59,11 @@ pub(crate) enum EditOp {
     /// Set a cell's state.
     State { cell: String, state: CellState },
     /// Fail a cell over.
-    Failover { cell: String, to: String },
+    Failover {
+        cell: String,
+        to: String,
+        force: bool,
+    },
     /// Fail a cell back.
     Failback { cell: String },
     /// Pin a user.
@@ -168,12 +172,19 @@ enum Command {
         msg: MessageArg,
     },
     /// Fail a cell over to another: state failed-over, OTHER first in its failover list.
+    /// When the cell's shard is replicated (a record under replication/CELL),
+    /// OTHER must be its standby and the shard recorded in sync; --force
+    /// overrides that, accepting that writes the standby lacks are lost.
     Failover {
         /// The cell.
         cell: String,
         /// The cell that takes its users.
         #[arg(long, value_name = "OTHER")]
         to: String,
+        /// Fail over even to a standby that is not recorded in sync (may
+        /// lose the writes it lacks) or to a cell that is not the standby.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         msg: MessageArg,
     },
@@ -471,9 +482,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Cell { cell, state, msg } => {
             online::run(&target, edit(EditOp::State { cell, state }, msg))
         }
-        Command::Failover { cell, to, msg } => {
-            online::run(&target, edit(EditOp::Failover { cell, to }, msg))
-        }
+        Command::Failover {
+            cell,
+            to,
+            force,
+            msg,
+        } => online::run(&target, edit(EditOp::Failover { cell, to, force }, msg)),
         Command::Failback { cell, msg } => {
             online::run(&target, edit(EditOp::Failback { cell }, msg))
         }

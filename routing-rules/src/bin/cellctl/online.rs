@@ -114,6 +114,46 @@ mod imp {
         }
     }
 
+    /// A replicated cell (a record under `replication/CELL`) fails over only
+    /// to its standby, and only while the shard is recorded in sync (its
+    /// standby then holds every acknowledged write); `force` overrides.
+    async fn check_replicated_failover(
+        cp: &mut ControlPlane,
+        cell: &str,
+        to: &str,
+        force: bool,
+    ) -> Result<()> {
+        let records = cp.replication().await?;
+        let Some(r) = records.get(cell) else {
+            return Ok(());
+        };
+        let standby = r["standby"].as_str().unwrap_or("");
+        let state = r["state"].as_str().unwrap_or("unknown");
+        let problem = if standby != to {
+            Some(format!(
+                "cell {cell}'s shard is replicated to {standby}, not {to}: {to} holds none of its data"
+            ))
+        } else if state != "in-sync" {
+            Some(format!(
+                "cell {cell}'s shard is recorded {state} (acknowledged LSN {}): {to} may lack acknowledged writes",
+                r["acked_lsn"]
+            ))
+        } else {
+            None
+        };
+        match problem {
+            None => Ok(()),
+            Some(p) if force => {
+                eprintln!("cellctl: warning: {p}; failing over anyway (--force)");
+                Ok(())
+            }
+            Some(p) => {
+                eprintln!("cellctl: refused: {p}; nothing changed (--force to fail over anyway, accepting the loss)");
+                Err(Reported.into())
+            }
+        }
+    }
+
     pub(crate) async fn run(target: &Target, cmd: OnlineCommand) -> Result<()> {
         let mut cp = connect(target).await?;
         let current = cp.get().await?.map(|s| (s.document, s.revision));
@@ -196,7 +236,10 @@ mod imp {
                         edit::set_split(&text, &cell, edit::percent_to_bp(&green)?)?
                     }
                     crate::EditOp::State { cell, state } => edit::set_state(&text, &cell, state)?,
-                    crate::EditOp::Failover { cell, to } => edit::failover(&text, &cell, &to)?,
+                    crate::EditOp::Failover { cell, to, force } => {
+                        check_replicated_failover(&mut cp, &cell, &to, force).await?;
+                        edit::failover(&text, &cell, &to)?
+                    }
                     crate::EditOp::Failback { cell } => edit::failback(&text, &cell)?,
                     crate::EditOp::OverrideSet { user, cell, colour } => {
                         edit::set_override(&text, &user, cell.as_deref(), colour)?
