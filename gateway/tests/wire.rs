@@ -702,18 +702,26 @@ async fn refused_reloads_are_counted_and_keep_the_running_rules() {
         ),
         "# padding\n".repeat(500)
     );
+    // Each file is replaced atomically, as operators are told to: a reload
+    // must never see half of it (the valid head of the oversized file would
+    // be a valid, small document).
+    let replace = |bytes: &[u8]| {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, bytes).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    };
     let bad_cases: [(&str, Act); 4] = [
         (
             "larger than --max-rules-bytes",
-            Box::new(|| std::fs::write(&path, &too_large).unwrap()),
+            Box::new(|| replace(too_large.as_bytes())),
         ),
         (
             "same revision, new text",
-            Box::new(|| std::fs::write(&path, &not_bumped).unwrap()),
+            Box::new(|| replace(not_bumped.as_bytes())),
         ),
         (
             "not UTF-8",
-            Box::new(|| std::fs::write(&path, b"revision = 99\n\xff\xfe").unwrap()),
+            Box::new(|| replace(b"revision = 99\n\xff\xfe")),
         ),
         ("deleted", Box::new(|| std::fs::remove_file(&path).unwrap())),
     ];
