@@ -270,6 +270,7 @@ impl Instance {
                 conn,
                 instance: self.clone(),
                 _permit: permit,
+                reused: true,
             });
         }
         let stream = match tokio::time::timeout(timeout, self.connect()).await {
@@ -284,6 +285,7 @@ impl Instance {
             },
             instance: self.clone(),
             _permit: permit,
+            reused: false,
         })
     }
 
@@ -410,9 +412,17 @@ pub struct PooledConn {
     conn: UpConn,
     instance: Arc<Instance>,
     _permit: OwnedSemaphorePermit,
+    reused: bool,
 }
 
 impl PooledConn {
+    /// Whether the connection came from the idle pool (so the upstream may
+    /// have closed it while the request was on its way: the keep-alive
+    /// race).
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
     /// The connection.
     pub fn io(&mut self) -> &mut UpConn {
         &mut self.conn

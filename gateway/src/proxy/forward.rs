@@ -7,16 +7,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::StatusCode;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use routing_rules::{CellReason, RouteDecision};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tower::retry::budget::Budget;
 
-use super::{stamps, BodyHead, Outgoing, Refusal, Shared};
+use super::{BodyHead, Outgoing, Refusal, Shared};
 use crate::control::{Generation, InflightGuard};
 use crate::h1::{self, ResponseHead};
 use crate::metrics::UpstreamErrorKind;
@@ -71,12 +70,16 @@ pub struct Forwarded {
     pub decision: RouteDecision,
 }
 
-enum Failure {
+pub(super) enum Failure {
     /// Failed before the upstream could have a complete request: safe to
     /// send again.
     Unsent,
     /// Failed after the request (or part of its body) went out.
     Failed(String),
+    /// A connection from the idle pool was closed by the upstream without
+    /// a byte of answer (it closed it while the request was on its way):
+    /// an idempotent request is sent again on another connection.
+    ClosedIdle,
     /// The client went away while its body was forwarded.
     ClientGone,
     /// The client stopped sending its body: its fault, not the cell's.
@@ -86,7 +89,7 @@ enum Failure {
 }
 
 /// Reads more of a client body within the body timeout.
-async fn read_client(
+pub(super) async fn read_client(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     timeout: std::time::Duration,
@@ -269,6 +272,19 @@ impl Shared {
                     // A stale pooled connection: the request never left.
                     continue;
                 }
+                Err(Failure::ClosedIdle) if replayable => {
+                    // The keep-alive race: an idempotent request goes again
+                    // on another connection, counted against nobody.
+                    continue;
+                }
+                Err(Failure::ClosedIdle) => {
+                    last_error = Refusal::new(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_failed",
+                        "the upstream closed a kept-alive connection without answering",
+                    );
+                    break;
+                }
                 Err(Failure::ClientGone) => {
                     return Err(Refusal::new(
                         StatusCode::BAD_REQUEST,
@@ -364,137 +380,6 @@ impl Shared {
         } else {
             tracing::warn!(cell = %instance.cell, colour = %instance.colour, instance = %instance.address, why, "instance not ejected: it is the last up instance of its colour, or the cell's ejection cap is reached");
         }
-    }
-
-    /// One attempt on one connection: head (with stamps), body, response head.
-    async fn exchange(
-        &self,
-        gen: &Generation,
-        out: &mut Outgoing,
-        decision: &RouteDecision,
-        conn: &mut PooledConn,
-        body: &mut ReqBody<'_>,
-        uploading: &AtomicBool,
-    ) -> Result<ResponseHead, Failure> {
-        let io = conn.io();
-        out.wire.truncate(out.base_len);
-        stamps(gen, decision, |n, v| h1::write_header(&mut out.wire, n, v));
-        out.wire.extend_from_slice(b"\r\n");
-        // The head and what is already buffered of the body go in one write.
-        let mut first_body = 0;
-        match body {
-            ReqBody::Fixed { buf, remaining, .. } => {
-                first_body = (*remaining).min(buf.len() as u64) as usize;
-                out.wire.extend_from_slice(&buf[..first_body]);
-            }
-            ReqBody::Stream {
-                prefix,
-                rest: None,
-                framing: BodyHead::Length(_),
-            } => out.wire.extend_from_slice(prefix),
-            _ => {}
-        }
-        if io.stream.write_all(&out.wire).await.is_err() {
-            return Err(Failure::Unsent);
-        }
-        let body_timeout = self.settings.client_body_timeout;
-        match body {
-            ReqBody::Empty => {}
-            ReqBody::Fixed {
-                stream,
-                buf,
-                remaining,
-            } => {
-                buf.advance(first_body);
-                *remaining -= first_body as u64;
-                uploading.store(*remaining > 0, Ordering::Relaxed);
-                while *remaining > 0 {
-                    if buf.is_empty() {
-                        read_client(stream, buf, body_timeout).await?;
-                    }
-                    let n = (*remaining).min(buf.len() as u64) as usize;
-                    if let Err(e) = io.stream.write_all(&buf[..n]).await {
-                        return Err(Failure::Failed(e.to_string()));
-                    }
-                    buf.advance(n);
-                    *remaining -= n as u64;
-                }
-                uploading.store(false, Ordering::Relaxed);
-            }
-            ReqBody::Stream {
-                rest: None,
-                framing: BodyHead::Length(_),
-                ..
-            } => {}
-            ReqBody::Stream {
-                prefix,
-                rest,
-                framing,
-            } => {
-                let chunked = *framing == BodyHead::Chunked;
-                let length = match *framing {
-                    BodyHead::Length(n) => n,
-                    _ => 0,
-                };
-                let mut sent = 0u64;
-                let mut frame_buf = Vec::new();
-                let mut next = (!prefix.is_empty()).then(|| prefix.clone());
-                uploading.store(true, Ordering::Relaxed);
-                loop {
-                    let data = match next.take() {
-                        Some(d) => d,
-                        None => {
-                            let Some(rest) = rest.as_mut() else { break };
-                            let frame = match tokio::time::timeout(body_timeout, rest.frame()).await
-                            {
-                                Err(_) => return Err(Failure::ClientStalled),
-                                Ok(None) => break,
-                                Ok(Some(Ok(f))) => f,
-                                Ok(Some(Err(_))) => return Err(Failure::ClientGone),
-                            };
-                            let Ok(data) = frame.into_data() else {
-                                continue;
-                            };
-                            data
-                        }
-                    };
-                    if data.is_empty() {
-                        continue;
-                    }
-                    sent += data.len() as u64;
-                    if !chunked && sent > length {
-                        return Err(Failure::Failed(
-                            "request body longer than its content-length".into(),
-                        ));
-                    }
-                    let r = if chunked {
-                        frame_buf.clear();
-                        h1::push_chunk_size(&mut frame_buf, data.len());
-                        frame_buf.extend_from_slice(&data);
-                        frame_buf.extend_from_slice(b"\r\n");
-                        io.stream.write_all(&frame_buf).await
-                    } else {
-                        io.stream.write_all(&data).await
-                    };
-                    if let Err(e) = r {
-                        return Err(Failure::Failed(e.to_string()));
-                    }
-                }
-                uploading.store(false, Ordering::Relaxed);
-                if chunked {
-                    if let Err(e) = io.stream.write_all(b"0\r\n\r\n").await {
-                        return Err(Failure::Failed(e.to_string()));
-                    }
-                } else if sent != length {
-                    return Err(Failure::Failed(
-                        "request body shorter than its content-length".into(),
-                    ));
-                }
-            }
-        }
-        io.read_head(out.head_request)
-            .await
-            .map_err(|e| Failure::Failed(e.to_string()))
     }
 
     /// The pause before retry `attempt`: uniform in [0, 5 ms × 2^attempt],

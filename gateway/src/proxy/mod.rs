@@ -19,6 +19,7 @@
 //! 6. stream the response back; the connection returns to the pool when the
 //!    body ends.
 
+mod exchange;
 mod forward;
 mod hyper_front;
 mod outgoing;
