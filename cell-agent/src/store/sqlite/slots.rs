@@ -185,23 +185,7 @@ pub(super) fn ban(
     epoch: u64,
     lsn: i64,
 ) -> Result<Reply, DomainError> {
-    check_range(from, to, epoch)?;
-    for slot in from..=to {
-        match row(conn, slot)? {
-            Some(r) if r.open && r.epoch >= epoch => {
-                return Err(conflict(slot, r, "ban", epoch));
-            }
-            Some(r) if !r.open && r.epoch > epoch => {
-                return Err(conflict(slot, r, "ban", epoch));
-            }
-            _ => set(conn, slot, epoch, false)?,
-        }
-    }
-    log(conn, lsn, (from, to), epoch, false, "ban")?;
-    Ok((
-        200,
-        json!({"banned": [from, to], "epoch": epoch, "lsn": lsn}),
-    ))
+    hand_over(conn, (from, to), epoch, false, lsn)
 }
 
 /// Opens `from..=to` at `epoch` (a hand-over): each slot must be unknown
@@ -213,23 +197,35 @@ pub(super) fn open(
     epoch: u64,
     lsn: i64,
 ) -> Result<Reply, DomainError> {
+    hand_over(conn, (from, to), epoch, true, lsn)
+}
+
+/// Sets `from..=to` open or banned at `epoch`. A slot already in that state
+/// may stay at or rise to `epoch`; a slot in the other state must be at an
+/// older epoch (epochs only rise). All or nothing.
+fn hand_over(
+    conn: &Connection,
+    (from, to): (u32, u32),
+    epoch: u64,
+    open: bool,
+    lsn: i64,
+) -> Result<Reply, DomainError> {
     check_range(from, to, epoch)?;
+    let what = if open { "open" } else { "ban" };
     for slot in from..=to {
         match row(conn, slot)? {
-            Some(r) if !r.open && r.epoch >= epoch => {
-                return Err(conflict(slot, r, "open", epoch));
+            Some(r) if r.open != open && r.epoch >= epoch => {
+                return Err(conflict(slot, r, what, epoch));
             }
-            Some(r) if r.open && r.epoch > epoch => {
-                return Err(conflict(slot, r, "open", epoch));
+            Some(r) if r.open == open && r.epoch > epoch => {
+                return Err(conflict(slot, r, what, epoch));
             }
-            _ => set(conn, slot, epoch, true)?,
+            _ => set(conn, slot, epoch, open)?,
         }
     }
-    log(conn, lsn, (from, to), epoch, true, "open")?;
-    Ok((
-        200,
-        json!({"opened": [from, to], "epoch": epoch, "lsn": lsn}),
-    ))
+    log(conn, lsn, (from, to), epoch, open, what)?;
+    let done = if open { "opened" } else { "banned" };
+    Ok((200, json!({done: [from, to], "epoch": epoch, "lsn": lsn})))
 }
 
 fn conflict(slot: u32, r: SlotRow, what: &str, epoch: u64) -> DomainError {
