@@ -122,7 +122,7 @@ async fn journal<S: Store>(
 /// Refuses a caller whose standby this cell is not (under the rules held).
 fn require_standby_of<S: Store>(api: &Api<S>, caller: &str) -> Result<(), DomainError> {
     let table = api.rules.table();
-    let standby = table.rules().cells.get(caller).and_then(|c| c.standby());
+    let standby = table.rules().standby_of(caller);
     if standby != Some(api.rules.cell()) {
         return Err(DomainError::new(
             403,

@@ -135,6 +135,25 @@ impl std::fmt::Display for Failure {
 }
 
 impl Shipper {
+    /// This cell's standby under the rules held now, and its internal
+    /// addresses (at least one).
+    fn standby(&self) -> Result<(String, Vec<String>), Failure> {
+        let table = self.rules.table();
+        let me = self.rules.cell();
+        let Some(standby) = table.rules().standby_of(me).map(str::to_string) else {
+            return Err(Failure::NoStandby(format!(
+                "cell {me} has no standby in the rules"
+            )));
+        };
+        let addrs = addresses(&self.rules, &self.peers, &standby);
+        if addrs.is_empty() {
+            return Err(Failure::NoStandby(format!(
+                "standby cell {standby} lists no internal address (rules `internal` or registrations)"
+            )));
+        }
+        Ok((standby, addrs))
+    }
+
     /// Sends a consistent snapshot of the shard to the standby, in chunks;
     /// returns the LSN its replica is at afterwards.
     async fn send_snapshot(
@@ -142,20 +161,9 @@ impl Shipper {
         client: &Client<HttpConnector, Full<Bytes>>,
     ) -> Result<i64, String> {
         use crate::internal::SNAPSHOT_PATH;
-        let table = self.rules.table();
         let me = self.rules.cell().to_string();
-        let standby = table
-            .rules()
-            .cells
-            .get(&me)
-            .and_then(|c| c.standby())
-            .map(str::to_string)
-            .ok_or("no standby")?;
-        let addrs = addresses(&self.rules, &self.peers, &standby);
-        let addr = addrs
-            .first()
-            .ok_or("the standby has no internal address")?
-            .clone();
+        let (standby, addrs) = self.standby().map_err(|f| f.to_string())?;
+        let addr = addrs[0].clone();
         let (db, tmp) = (
             self.db.clone(),
             PathBuf::from(format!("{}.snapshot-outgoing", self.db.display())),
@@ -212,9 +220,7 @@ impl Shipper {
             cell: self.rules.cell().to_string(),
             standby: table
                 .rules()
-                .cells
-                .get(self.rules.cell())
-                .and_then(|c| c.standby())
+                .standby_of(self.rules.cell())
                 .map(str::to_string),
             state: if degraded { "degraded" } else { "in-sync" }.to_string(),
             since_ms,
@@ -271,25 +277,8 @@ impl Shipper {
         target: i64,
     ) -> Result<(), Failure> {
         while *acked < target {
-            let table = self.rules.table();
             let me = self.rules.cell();
-            let Some(standby) = table
-                .rules()
-                .cells
-                .get(me)
-                .and_then(|c| c.standby())
-                .map(str::to_string)
-            else {
-                return Err(Failure::NoStandby(format!(
-                    "cell {me} has no standby in the rules"
-                )));
-            };
-            let addrs = addresses(&self.rules, &self.peers, &standby);
-            if addrs.is_empty() {
-                return Err(Failure::NoStandby(format!(
-                    "standby cell {standby} lists no internal address (rules `internal` or registrations)"
-                )));
-            }
+            let (_, addrs) = self.standby()?;
             let batches = self
                 .store
                 .journal_after(*acked, SHIPMENT)
@@ -477,12 +466,10 @@ pub(crate) fn start(
     metrics: &AgentMetrics,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Option<tokio::task::JoinHandle<()>> {
-    let table = rules.table();
-    let standby = table
+    let standby = rules
+        .table()
         .rules()
-        .cells
-        .get(rules.cell())
-        .and_then(|c| c.standby())
+        .standby_of(rules.cell())
         .map(str::to_string);
     let (Some(standby), Some(secret), true) = (standby, secret, cfg.journal) else {
         if cfg.journal {

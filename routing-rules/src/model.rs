@@ -365,6 +365,12 @@ impl Rules {
         owners
     }
 
+    /// The standby cell of `cell` (see [`Cell::standby`]), when `cell` is
+    /// defined and has one.
+    pub fn standby_of(&self, cell: &str) -> Option<&str> {
+        self.cells.get(cell).and_then(Cell::standby)
+    }
+
     /// Epoch of every slot, index = slot.
     pub fn slot_epochs(&self) -> Vec<u64> {
         let mut epochs = Vec::with_capacity(self.slots as usize);
