@@ -108,16 +108,13 @@ impl Replicas {
                     "the received snapshot holds cell {recorded:?}'s shard, not {cell:?}'s"
                 )));
             }
-            journal::drop_triggers(&c)?;
-            c.execute_batch("DELETE FROM journal_rows; DELETE FROM journal;")?;
-            applied_lsn(&c)?
+            as_replica(&c)?
         };
         let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
         if let Ok(mut m) = self.open.lock() {
             m.remove(cell);
         }
-        std::fs::rename(&incoming, replica_path(&self.dir, cell))
-            .map_err(|e| bad(format!("cannot move the snapshot into place: {e}")))?;
+        move_into_place(&incoming, &replica_path(&self.dir, cell))?;
         Ok(lsn)
     }
 
@@ -300,22 +297,37 @@ pub struct SyncReport {
     pub lsn: i64,
 }
 
+/// Turns a snapshot of a primary's shard into a replica: no journal
+/// triggers (a replica applies rows, it does not journal them) and no
+/// journal rows; its LSN.
+fn as_replica(c: &Connection) -> Result<i64, ReplicaError> {
+    journal::drop_triggers(c)?;
+    c.execute_batch("DELETE FROM journal_rows; DELETE FROM journal;")?;
+    Ok(applied_lsn(c)?)
+}
+
+fn move_into_place(from: &Path, to: &Path) -> Result<(), ReplicaError> {
+    std::fs::rename(from, to).map_err(|e| ReplicaError::Row {
+        lsn: 0,
+        message: format!("cannot move the snapshot into place: {e}"),
+    })
+}
+
+/// A consistent copy (`VACUUM INTO`) of the shard open on `src`, as a new
+/// file `dest`.
+fn copy_into(src: &Connection, dest: &Path) -> Result<(), ReplicaError> {
+    let _ = std::fs::remove_file(dest);
+    src.execute("VACUUM INTO ?1", [dest.to_string_lossy()])?;
+    Ok(())
+}
+
 /// Copies `primary` into a new replica file at `replica` (atomically
 /// replacing it): a consistent snapshot, without journal or triggers.
 fn snapshot(primary: &Connection, replica: &Path) -> Result<(), ReplicaError> {
     let tmp = replica.with_extension("snapshot-tmp");
-    let _ = std::fs::remove_file(&tmp);
-    primary.execute("VACUUM INTO ?1", [tmp.to_string_lossy()])?;
-    {
-        let c = Connection::open(&tmp)?;
-        journal::drop_triggers(&c)?;
-        c.execute_batch("DELETE FROM journal_rows; DELETE FROM journal;")?;
-    }
-    std::fs::rename(&tmp, replica).map_err(|e| ReplicaError::Row {
-        lsn: 0,
-        message: format!("cannot move the snapshot into place: {e}"),
-    })?;
-    Ok(())
+    copy_into(primary, &tmp)?;
+    as_replica(&Connection::open(&tmp)?)?;
+    move_into_place(&tmp, replica)
 }
 
 /// Takes a consistent snapshot of the shard at `primary` into `dest` (a new
@@ -323,8 +335,7 @@ fn snapshot(primary: &Connection, replica: &Path) -> Result<(), ReplicaError> {
 pub fn snapshot_to(primary: &Path, dest: &Path) -> Result<i64, ReplicaError> {
     let src = Connection::open_with_flags(primary, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     src.busy_timeout(std::time::Duration::from_secs(10))?;
-    let _ = std::fs::remove_file(dest);
-    src.execute("VACUUM INTO ?1", [dest.to_string_lossy()])?;
+    copy_into(&src, dest)?;
     let c = Connection::open_with_flags(dest, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     Ok(applied_lsn(&c)?)
 }
