@@ -29,8 +29,9 @@ pub const CREDITS_PATH: &str = "/v1/internal/credits";
 /// The path a primary ships its journal batches to, on its standby.
 pub const JOURNAL_PATH: &str = "/v1/internal/journal";
 /// The path a primary sends a snapshot of its shard to, in chunks: each
-/// body is one JSON header line (`cell`, `offset`, `total`, `last`) and
-/// then the chunk's bytes, the whole body signed.
+/// body is one JSON header line (`cell`, `id`, `offset`, `total`, `last`)
+/// and then the chunk's bytes, the whole body signed. `id` (1..=64 hex
+/// digits) names one snapshot, so two sent at once never mix.
 pub const SNAPSHOT_PATH: &str = "/v1/internal/snapshot";
 /// Largest snapshot a standby takes, bytes.
 pub const MAX_SNAPSHOT_BYTES: u64 = 64 * 1024 * 1024 * 1024;
@@ -151,6 +152,7 @@ async fn snapshot<S: Store>(
     #[serde(deny_unknown_fields)]
     struct Header {
         cell: String,
+        id: String,
         offset: u64,
         total: u64,
         last: bool,
@@ -163,6 +165,11 @@ async fn snapshot<S: Store>(
         .map_err(|e| DomainError::bad_request(format!("bad snapshot chunk header: {e}")))?;
     let data = body.slice(split + 1..);
     signed_by(&caller, &h.cell, "sends the snapshot of cell")?;
+    if h.id.is_empty() || h.id.len() > 64 || !h.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(DomainError::bad_request(
+            "a snapshot id is 1..=64 hexadecimal digits",
+        ));
+    }
     require_standby_of(api, &caller)?;
     let end = h.offset.checked_add(data.len() as u64);
     if h.total > MAX_SNAPSHOT_BYTES
@@ -179,7 +186,7 @@ async fn snapshot<S: Store>(
     let replicas = api.replicas.clone();
     let done = tokio::task::spawn_blocking(move || -> Result<Option<i64>, String> {
         use std::io::{Seek, SeekFrom, Write};
-        let path = replicas.incoming(&caller);
+        let path = replicas.incoming(&caller, &h.id);
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
@@ -202,7 +209,7 @@ async fn snapshot<S: Store>(
         }
         drop(f);
         replicas
-            .install_snapshot(&caller)
+            .install_snapshot(&caller, &h.id)
             .map(Some)
             .map_err(|e| e.to_string())
     })

@@ -100,7 +100,8 @@ pub fn read_record(path: &Path) -> std::io::Result<Record> {
 
 /// Writes a replication record durably (temporary file, fsync, rename).
 pub fn write_record(path: &Path, record: &Record) -> std::io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
+    // Both colours of the cell write it: each through its own temporary.
+    let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
     {
         let mut f = std::fs::File::create(&tmp)?;
         std::io::Write::write_all(&mut f, serde_json::to_string_pretty(record)?.as_bytes())?;
@@ -164,9 +165,14 @@ impl Shipper {
         let me = self.rules.cell().to_string();
         let (standby, addrs) = self.standby().map_err(|f| f.to_string())?;
         let addr = addrs[0].clone();
+        // One name per snapshot: both colours of the cell share the file
+        // and may send one at the same time.
+        let mut raw = [0u8; 16];
+        getrandom::fill(&mut raw).map_err(|e| e.to_string())?;
+        let id = hex::encode(raw);
         let (db, tmp) = (
             self.db.clone(),
-            PathBuf::from(format!("{}.snapshot-outgoing", self.db.display())),
+            PathBuf::from(format!("{}.snapshot-outgoing.{id}", self.db.display())),
         );
         let t = tmp.clone();
         let lsn = tokio::task::spawn_blocking(move || {
@@ -185,7 +191,7 @@ impl Shipper {
             let end = (offset + SNAPSHOT_CHUNK).min(total);
             let last = end == total;
             let mut body =
-                serde_json::json!({"cell": me, "offset": offset, "total": total, "last": last})
+                serde_json::json!({"cell": me, "id": id, "offset": offset, "total": total, "last": last})
                     .to_string()
                     .into_bytes();
             body.push(b'\n');

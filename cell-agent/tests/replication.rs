@@ -299,7 +299,12 @@ async fn a_standby_without_a_replica_is_sent_a_snapshot_over_the_network() {
     a.shutdown().await;
     b.shutdown().await;
     assert!(cell_agent::check::check(&replica_a).unwrap().ok());
-    assert!(!standby_dir.join("cell-a.replica.db.incoming").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(&standby_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("incoming"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,7 +354,7 @@ async fn a_snapshot_arrives_in_chunks_and_a_bad_one_is_refused() {
     let bytes = std::fs::read(&snap).unwrap();
     let client = client();
     let chunk = |offset: usize, end: usize, last: bool| {
-        let mut body = serde_json::json!({"cell": "cell-a", "offset": offset, "total": bytes.len(), "last": last})
+        let mut body = serde_json::json!({"cell": "cell-a", "id": "5eed", "offset": offset, "total": bytes.len(), "last": last})
             .to_string()
             .into_bytes();
         body.push(b'\n');

@@ -84,17 +84,18 @@ impl Replicas {
         }
     }
 
-    /// Where a snapshot of `cell`'s shard is received before it is
-    /// installed.
-    pub fn incoming(&self, cell: &str) -> std::path::PathBuf {
-        self.dir.join(format!("{cell}.replica.db.incoming"))
+    /// Where snapshot `id` of `cell`'s shard is received before it is
+    /// installed (one file per snapshot: both colours of a primary may send
+    /// one at the same time, and their chunks must never mix).
+    pub fn incoming(&self, cell: &str, id: &str) -> std::path::PathBuf {
+        self.dir.join(format!("{cell}.replica.db.incoming.{id}"))
     }
 
     /// Installs the received snapshot of `cell`'s shard as its replica (it
     /// must be a sound SQLite file holding that cell's shard); returns its
     /// LSN.
-    pub fn install_snapshot(&self, cell: &str) -> Result<i64, ReplicaError> {
-        let incoming = self.incoming(cell);
+    pub fn install_snapshot(&self, cell: &str, id: &str) -> Result<i64, ReplicaError> {
+        let incoming = self.incoming(cell, id);
         let bad = |message: String| ReplicaError::Row { lsn: 0, message };
         let lsn = {
             let c = Connection::open(&incoming)?;
