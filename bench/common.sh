@@ -1,5 +1,57 @@
-# Shared by bench/proxy.sh and bench/abuse.sh: the cellgate rules over the
-# six backend ports, and wrk's random-user script.
+# Shared by bench/proxy.sh and bench/abuse.sh: the tools they need, free
+# ports, the release build, the six nginx backends, the cellgate rules over
+# them, and wrk's random-user script. The caller sets ROOT, WORK, LOAD_CPU
+# and the PIDS array (its cleanup stops them).
+
+# need_tools TOOL...: installs Debian's packages for missing tools (as root).
+need_tools() {
+    local need=() t
+    for t in "$@"; do command -v "$t" >/dev/null || need+=("$t"); done
+    if ((${#need[@]})); then
+        [[ $(id -u) -eq 0 ]] || { echo "missing: ${need[*]} (apt-get install -y ${need[*]})" >&2; exit 1; }
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    fi
+}
+
+# A free loopback port.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+
+wait_port() { # port
+    for _ in $(seq 1 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "port $1 never opened" >&2; return 1
+}
+
+# build_cellgate: the release build; sets CELLGATE.
+build_cellgate() {
+    echo "building cellgate (release)..." >&2
+    (cd "$ROOT" && cargo build --release -q -p gateway)
+    CELLGATE="${CARGO_TARGET_DIR:-$ROOT/target}/release/cellgate"
+}
+
+# start_backends WORKER_CONNECTIONS [EXTRA_LOCATIONS]: one nginx (1 worker,
+# on LOAD_CPU) serving `ok` on 6 ports (3 cells x 2 colours); sets
+# BACKEND_PORTS and waits until every port answers.
+start_backends() {
+    local conns=$1 extra=${2:-} p
+    BACKEND_PORTS=()
+    for _ in 1 2 3 4 5 6; do BACKEND_PORTS+=("$(free_port)"); done
+    mkdir -p "$WORK/backend"
+    {
+        echo "worker_processes 1; daemon off; pid $WORK/backend/nginx.pid; error_log $WORK/backend/error.log warn;"
+        echo "events { worker_connections $conns; }"
+        echo "http { access_log off; client_body_temp_path $WORK/backend; proxy_temp_path $WORK/backend; fastcgi_temp_path $WORK/backend; uwsgi_temp_path $WORK/backend; scgi_temp_path $WORK/backend; keepalive_requests 1000000;"
+        for p in "${BACKEND_PORTS[@]}"; do
+            echo "  server { listen 127.0.0.1:$p; ${extra}location / { return 200 'ok\n'; } }"
+        done
+        echo "}"
+    } > "$WORK/backend/nginx.conf"
+    taskset -c "$LOAD_CPU" nginx -c "$WORK/backend/nginx.conf" -p "$WORK/backend" &
+    PIDS+=($!)
+    for p in "${BACKEND_PORTS[@]}"; do wait_port "$p"; done
+}
 
 # write_rules FILE PORT1..PORT6: 3 cells x 2 colours, 16384 slots, 50/50 splits.
 write_rules() {

@@ -30,23 +30,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-need=()
-for t in wrk nginx haproxy; do command -v "$t" >/dev/null || need+=("$t"); done
-if ((${#need[@]})); then
-    [[ $(id -u) -eq 0 ]] || { echo "missing: ${need[*]} (apt-get install -y ${need[*]})" >&2; exit 1; }
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-
-# A free loopback port.
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-
-wait_port() { # port
-    for _ in $(seq 1 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "port $1 never opened" >&2; return 1
-}
+need_tools wrk nginx haproxy
 
 # CPU ticks (utime+stime) of a process and all its descendants.
 cpu_ticks() {
@@ -59,26 +43,10 @@ cpu_ticks() {
 }
 TICK=$(getconf CLK_TCK)
 
-echo "building cellgate (release)..." >&2
-(cd "$ROOT" && cargo build --release -q -p gateway)
-CELLGATE="${CARGO_TARGET_DIR:-$ROOT/target}/release/cellgate"
+build_cellgate
 
 # --- backends: one nginx (1 worker) serving 6 ports: 3 cells x 2 colours ---
-BACKEND_PORTS=()
-for _ in 1 2 3 4 5 6; do BACKEND_PORTS+=("$(free_port)"); done
-mkdir -p "$WORK/backend"
-{
-    echo "worker_processes 1; daemon off; pid $WORK/backend/nginx.pid; error_log $WORK/backend/error.log warn;"
-    echo "events { worker_connections 4096; }"
-    echo "http { access_log off; client_body_temp_path $WORK/backend; proxy_temp_path $WORK/backend; fastcgi_temp_path $WORK/backend; uwsgi_temp_path $WORK/backend; scgi_temp_path $WORK/backend; keepalive_requests 1000000;"
-    for p in "${BACKEND_PORTS[@]}"; do
-        echo "  server { listen 127.0.0.1:$p; location / { return 200 'ok\n'; } }"
-    done
-    echo "}"
-} > "$WORK/backend/nginx.conf"
-taskset -c "$LOAD_CPU" nginx -c "$WORK/backend/nginx.conf" -p "$WORK/backend" &
-PIDS+=($!)
-for p in "${BACKEND_PORTS[@]}"; do wait_port "$p"; done
+start_backends 4096
 
 # --- the proxies' configs ---
 servers_nginx() { for p in "${BACKEND_PORTS[@]}"; do echo "    server 127.0.0.1:$p;"; done; }
