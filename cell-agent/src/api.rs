@@ -30,8 +30,8 @@ pub const MAX_PAGE: u32 = 500;
 
 /// Shared state of the API.
 pub struct Api<S> {
-    /// The store.
-    pub store: S,
+    /// The stores of the shards this agent serves.
+    pub shards: crate::shards::Shards<S>,
     /// Rules.
     pub rules: Arc<RulesHolder>,
     /// Metrics.
@@ -238,6 +238,7 @@ impl<S: Store> Api<S> {
                     format!("no such endpoint: {method} /{}", segs.join("/")),
                 )
             })?;
+        let store = self.shards.get(&guarded.shard)?;
         match (&method, segs) {
             (&Method::POST, ["v1", "accounts", user, "deposit"]) => {
                 same_user(&guarded, user, "account")?;
@@ -245,18 +246,21 @@ impl<S: Store> Api<S> {
                 v.known_fields(&["amount", "idempotency_key"])?;
                 let amount = v.amount()?;
                 let key = v.str("idempotency_key")?;
-                self.write(WriteOp::Deposit {
-                    user: user.to_string(),
-                    amount,
-                    key,
-                    slot: guarded.slot,
-                    at: guarded.at,
-                })
+                self.write(
+                    &store,
+                    WriteOp::Deposit {
+                        user: user.to_string(),
+                        amount,
+                        key,
+                        slot: guarded.slot,
+                        at: guarded.at,
+                    },
+                )
                 .await
             }
             (&Method::GET, ["v1", "accounts", user]) => {
                 same_user(&guarded, user, "account")?;
-                self.store
+                store
                     .read(ReadOp::Account {
                         user: user.to_string(),
                     })
@@ -265,7 +269,7 @@ impl<S: Store> Api<S> {
             (&Method::GET, ["v1", "accounts", user, "ledger"]) => {
                 same_user(&guarded, user, "account")?;
                 let (limit, before) = page(query)?;
-                self.store
+                store
                     .read(ReadOp::Ledger {
                         user: user.to_string(),
                         limit,
@@ -276,7 +280,7 @@ impl<S: Store> Api<S> {
             (&Method::GET, ["v1", "accounts", user, "orders"]) => {
                 same_user(&guarded, user, "account")?;
                 let (limit, before) = page(query)?;
-                self.store
+                store
                     .read(ReadOp::UserOrders {
                         user: user.to_string(),
                         limit,
@@ -292,20 +296,20 @@ impl<S: Store> Api<S> {
                 let amount = v.amount()?;
                 let merchant = v.str("merchant")?;
                 let key = v.str("idempotency_key")?;
-                self.write(WriteOp::CreateOrder {
-                    user,
-                    amount,
-                    merchant,
-                    key,
-                    at: guarded.at,
-                })
+                self.write(
+                    &store,
+                    WriteOp::CreateOrder {
+                        user,
+                        amount,
+                        merchant,
+                        key,
+                        at: guarded.at,
+                    },
+                )
                 .await
             }
             (&Method::GET, ["v1", "orders", id]) => {
-                let r = self
-                    .store
-                    .read(ReadOp::Order { id: id.to_string() })
-                    .await?;
+                let r = store.read(ReadOp::Order { id: id.to_string() }).await?;
                 self.owned_by(&guarded, r, "order", id)
             }
             (&Method::POST, ["v1", "orders", id, action]) => {
@@ -322,12 +326,15 @@ impl<S: Store> Api<S> {
                     }
                 };
                 // The store checks, in the same transaction, that the order is this user's.
-                self.write(WriteOp::Order {
-                    id: id.to_string(),
-                    action,
-                    user: guarded.key.clone(),
-                    at: guarded.at,
-                })
+                self.write(
+                    &store,
+                    WriteOp::Order {
+                        id: id.to_string(),
+                        action,
+                        user: guarded.key.clone(),
+                        at: guarded.at,
+                    },
+                )
                 .await
             }
             (&Method::POST, ["v1", "transfers"]) => {
@@ -348,7 +355,9 @@ impl<S: Store> Api<S> {
                     DomainError::bad_request(format!("payee {to:?} is not a valid user key"))
                 })?;
                 let home = table.cell_name(d.home_cell);
-                let to_cell = (home != self.rules.cell()).then(|| home.to_string());
+                // Another shard (even one this cell also serves) is credited
+                // through the outbox, exactly once, by its own store.
+                let to_cell = (home != guarded.shard).then(|| home.to_string());
                 let remote = to_cell.is_some();
                 if remote && self.secret.is_none() {
                     return Err(DomainError::new(
@@ -359,16 +368,19 @@ impl<S: Store> Api<S> {
                 }
                 let to_at = crate::guard::fence_for(&table, &to);
                 let r = self
-                    .write(WriteOp::Transfer {
-                        from,
-                        to,
-                        amount,
-                        key,
-                        to_cell,
-                        to_slot,
-                        at: guarded.at,
-                        to_at,
-                    })
+                    .write(
+                        &store,
+                        WriteOp::Transfer {
+                            from,
+                            to,
+                            amount,
+                            key,
+                            to_cell,
+                            to_slot,
+                            at: guarded.at,
+                            to_at,
+                        },
+                    )
                     .await?;
                 if remote {
                     self.relay_wake.notify_one();
@@ -376,10 +388,7 @@ impl<S: Store> Api<S> {
                 Ok(r)
             }
             (&Method::GET, ["v1", "transfers", id]) => {
-                let r = self
-                    .store
-                    .read(ReadOp::Transfer { id: id.to_string() })
-                    .await?;
+                let r = store.read(ReadOp::Transfer { id: id.to_string() }).await?;
                 if r.1["from"] != guarded.key.as_str() && r.1["to"] != guarded.key.as_str() {
                     return Err(DomainError::not_found(
                         "unknown_transfer",
@@ -413,7 +422,7 @@ impl<S: Store> Api<S> {
 
     /// `/metrics`: refreshes the data gauges from the store, then renders.
     async fn metrics_response(&self) -> Response<Full<Bytes>> {
-        match self.store.stats(self.outbox_alert_after_ms).await {
+        match self.shards.own().stats(self.outbox_alert_after_ms).await {
             Ok(stats) => self.metrics.set_stats(&stats),
             Err(e) => {
                 self.metrics.stats_errors.inc();
@@ -445,9 +454,9 @@ impl<S: Store> Api<S> {
     }
 
     /// Runs a write through the store, timing it.
-    pub async fn write(&self, op: WriteOp) -> Result<(u16, Value), DomainError> {
+    pub async fn write(&self, store: &S, op: WriteOp) -> Result<(u16, Value), DomainError> {
         let t = Instant::now();
-        let r = self.store.write(op).await;
+        let r = store.write(op).await;
         self.metrics.db_latency.observe(t.elapsed().as_secs_f64());
         if let Err(e) = &r {
             if matches!(e.code, "overloaded" | "write_expired") {

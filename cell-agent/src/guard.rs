@@ -55,6 +55,9 @@ pub struct GuardedUser {
     /// The slot fence its writes carry (`None` for a user placed in this
     /// cell by a per-user override: the guard alone fences those).
     pub at: Option<SlotStamp>,
+    /// The cell whose shard holds the user: this cell, or a cell whose
+    /// shard a switchover moved here (`hosted_by`).
+    pub shard: String,
 }
 
 /// The slot fence of `user`'s writes under `table`: its slot at the
@@ -278,13 +281,19 @@ pub fn owned_here<V: OwnershipView + ?Sized>(
             serde_json::json!({"error": "malformed_key", "message": "the user key does not map to a slot"}),
         ));
     };
-    let owner = table.cell_name(d.home_cell);
+    let home = table.cell_name(d.home_cell);
+    let owner = table.rules().host_of(home);
     if owner != view.cell() {
+        let whose = if owner == home {
+            String::new()
+        } else {
+            format!(" (which holds cell {home}'s shard)")
+        };
         return Err((
             StatusCode::MISDIRECTED_REQUEST,
             serde_json::json!({
                 "error": "misdirected",
-                "message": format!("user {key:?} (slot {slot}) belongs to cell {owner}, not {}", view.cell()),
+                "message": format!("user {key:?} (slot {slot}) belongs to cell {owner}{whose}, not {}", view.cell()),
                 "owner_cell": owner,
                 "slot": slot,
                 "revision": table.revision(),
@@ -300,6 +309,7 @@ pub fn owned_here<V: OwnershipView + ?Sized>(
         slot,
         revision: table.revision(),
         at,
+        shard: home.to_string(),
     })
 }
 

@@ -43,6 +43,22 @@ pub async fn handle<S: Store>(
     req: Request<Bytes>,
 ) -> Response<Full<Bytes>> {
     let start = Instant::now();
+    if let Some(step) = crate::switchover::step(req.method(), req.uri().path()) {
+        let result = match authenticate(&secret, &req) {
+            Ok(caller) => crate::switchover::handle(&api, &caller, step, req).await,
+            Err(e) => Err(e),
+        };
+        let resp = match result {
+            Ok((status, body)) => json_response(status, &body),
+            Err(e) => crate::api::error_response(&e),
+        };
+        api.metrics.observe(
+            "shard_step",
+            resp.status().as_u16(),
+            start.elapsed().as_secs_f64(),
+        );
+        return resp;
+    }
     let route = match (req.method(), req.uri().path()) {
         (&Method::POST, CREDITS_PATH) => "credit",
         (&Method::POST, JOURNAL_PATH) => "journal",
@@ -94,12 +110,13 @@ async fn journal<S: Store>(
     crate::body::require_json(req.headers())?;
     let shipment: Shipment = serde_json::from_slice(req.body())
         .map_err(|e| DomainError::bad_request(format!("not a journal shipment: {e}")))?;
-    signed_by(&caller, &shipment.cell, "ships the journal of cell")?;
-    require_standby_of(api, &caller)?;
+    speaks_for(api, &caller, &shipment.cell, "ships the journal of cell")?;
+    require_standby_of(api, &shipment.cell)?;
     let replicas = api.replicas.clone();
-    let applied = tokio::task::spawn_blocking(move || replicas.apply(&caller, &shipment.batches))
-        .await
-        .map_err(|e| DomainError::unavailable(format!("replica task failed: {e}")))?;
+    let applied =
+        tokio::task::spawn_blocking(move || replicas.apply(&shipment.cell, &shipment.batches))
+            .await
+            .map_err(|e| DomainError::unavailable(format!("replica task failed: {e}")))?;
     match applied {
         Ok(lsn) => Ok((200, json!({"applied": lsn}))),
         Err(ReplicaError::Gap { have, got }) => Err(DomainError::new(
@@ -114,22 +131,25 @@ async fn journal<S: Store>(
         Err(e @ ReplicaError::NeedSnapshot { .. }) => {
             Err(DomainError::new(409, "need_snapshot", e.to_string()))
         }
+        Err(e @ ReplicaError::Primary { .. }) => {
+            Err(DomainError::new(409, "is_primary", e.to_string()))
+        }
         Err(e) => Err(DomainError::unavailable(format!(
             "cannot apply the journal: {e}"
         ))),
     }
 }
 
-/// Refuses a caller whose standby this cell is not (under the rules held).
-fn require_standby_of<S: Store>(api: &Api<S>, caller: &str) -> Result<(), DomainError> {
+/// Refuses a shard whose standby this cell is not (under the rules held).
+fn require_standby_of<S: Store>(api: &Api<S>, shard: &str) -> Result<(), DomainError> {
     let table = api.rules.table();
-    let standby = table.rules().standby_of(caller);
+    let standby = table.rules().standby_of(shard);
     if standby != Some(api.rules.cell()) {
         return Err(DomainError::new(
             403,
             "not_standby",
             format!(
-                "cell {} is not the standby of cell {caller} under rules revision {} (its standby: {})",
+                "cell {} is not the standby of cell {shard}'s shard under rules revision {} (its standby: {})",
                 api.rules.cell(),
                 table.revision(),
                 standby.unwrap_or("none")
@@ -164,13 +184,13 @@ async fn snapshot<S: Store>(
     let h: Header = serde_json::from_slice(&body[..split])
         .map_err(|e| DomainError::bad_request(format!("bad snapshot chunk header: {e}")))?;
     let data = body.slice(split + 1..);
-    signed_by(&caller, &h.cell, "sends the snapshot of cell")?;
+    speaks_for(api, &caller, &h.cell, "sends the snapshot of cell")?;
     if h.id.is_empty() || h.id.len() > 64 || !h.id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(DomainError::bad_request(
             "a snapshot id is 1..=64 hexadecimal digits",
         ));
     }
-    require_standby_of(api, &caller)?;
+    require_standby_of(api, &h.cell)?;
     let end = h.offset.checked_add(data.len() as u64);
     if h.total > MAX_SNAPSHOT_BYTES
         || end.is_none_or(|e| e > h.total)
@@ -184,9 +204,10 @@ async fn snapshot<S: Store>(
         )));
     }
     let replicas = api.replicas.clone();
+    let shard = h.cell.clone();
     let done = tokio::task::spawn_blocking(move || -> Result<Option<i64>, String> {
         use std::io::{Seek, SeekFrom, Write};
-        let path = replicas.incoming(&caller, &h.id);
+        let path = replicas.incoming(&shard, &h.id);
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
@@ -209,7 +230,7 @@ async fn snapshot<S: Store>(
         }
         drop(f);
         replicas
-            .install_snapshot(&caller, &h.id)
+            .install_snapshot(&shard, &h.id)
             .map(Some)
             .map_err(|e| e.to_string())
     })
@@ -228,21 +249,30 @@ async fn snapshot<S: Store>(
     }
 }
 
-/// Refuses a request signed by one cell that speaks for another.
-fn signed_by(caller: &str, named: &str, what: &str) -> Result<(), DomainError> {
-    if caller == named {
+/// Refuses a request signed by one cell that speaks for the shard of
+/// another, unless the signer holds that shard under the rules held here.
+fn speaks_for<S: Store>(
+    api: &Api<S>,
+    caller: &str,
+    named: &str,
+    what: &str,
+) -> Result<(), DomainError> {
+    if api.rules.table().rules().host_of(named) == caller {
         return Ok(());
     }
     Err(DomainError::new(
         403,
         "cell_mismatch",
-        format!("the request is signed by cell {caller:?} but {what} {named:?}"),
+        format!("the request is signed by cell {caller:?} but {what} {named:?}, whose shard it does not hold"),
     ))
 }
 
 /// The calling cell of a signed internal request (401 when unsigned or
 /// signed wrongly).
-fn authenticate(secret: &ClusterSecret, req: &Request<Bytes>) -> Result<String, DomainError> {
+pub(crate) fn authenticate(
+    secret: &ClusterSecret,
+    req: &Request<Bytes>,
+) -> Result<String, DomainError> {
     secret
         .verify(
             req.method().as_str(),
@@ -281,7 +311,6 @@ async fn credit<S: Store>(
     let from = v.str("from")?;
     let to = v.str("to")?;
     let amount = v.amount()?;
-    signed_by(&caller, &from_cell, "names as the payer's cell")?;
     // Catch up when the payer's cell knows newer rules than ours.
     if let Ok(Some(rev)) = stamped_revision(&req) {
         api.rules.catch_up(rev).await;
@@ -293,6 +322,8 @@ async fn credit<S: Store>(
             )
         })?;
     }
+    // After the catch-up: a shard that moved is spoken for by its new host.
+    speaks_for(api, &caller, &from_cell, "names as the payer's cell")?;
     let table = api.rules.table();
     let payee = owned_here(&*api.rules, &table, to).map_err(|(status, body)| {
         DomainError::new(
@@ -325,16 +356,20 @@ async fn credit<S: Store>(
             format!("payer {from:?} belongs to cell {home}; cell {from_cell} (neither it nor one of its failover cells) cannot send its credits"),
         ));
     }
-    api.write(WriteOp::Credit {
-        transfer_id,
-        from_cell,
-        from,
-        to: payee.key,
-        amount,
-        slot: payee.slot,
-        at: payee.at,
-        transfer_created_ms,
-        settled_before_ms,
-    })
+    let store = api.shards.get(&payee.shard)?;
+    api.write(
+        &store,
+        WriteOp::Credit {
+            transfer_id,
+            from_cell,
+            from,
+            to: payee.key,
+            amount,
+            slot: payee.slot,
+            at: payee.at,
+            transfer_created_ms,
+            settled_before_ms,
+        },
+    )
     .await
 }

@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod body;
 pub mod check;
+mod control_plane;
 pub mod guard;
 pub mod handover;
 pub mod internal;
@@ -18,6 +19,8 @@ pub mod relay;
 pub mod replication;
 pub mod rules;
 pub mod server;
+pub mod shards;
 pub mod store;
+pub mod switchover;
 
 pub use server::{start, start_bound, start_on, AgentConfig, RunningAgent};

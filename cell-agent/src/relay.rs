@@ -46,6 +46,8 @@ pub type Peers = Arc<ArcSwap<BTreeMap<String, Vec<String>>>>;
 
 /// What the relay needs besides the store.
 pub struct Relay {
+    /// The cell whose shard the store holds (the payer's cell on credits).
+    pub shard: String,
     /// The rules.
     pub rules: Arc<RulesHolder>,
     /// Metrics.
@@ -168,13 +170,18 @@ pub(crate) fn addresses(rules: &RulesHolder, peers: &Peers, cell: &str) -> Vec<S
     peers.load().get(cell).cloned().unwrap_or_default()
 }
 
-/// The payee's owner cell under the rules held now.
+/// The cell holding the payee's shard under the rules held now.
 fn owner_of(relay: &Relay, user: &str) -> Option<String> {
     let table = relay.rules.table();
     let d = table
         .route(Some(user.as_bytes()), &RouteAttrs::default(), &AllHealthy)
         .ok()?;
-    Some(table.cell_name(d.home_cell).to_string())
+    Some(
+        table
+            .rules()
+            .host_of(table.cell_name(d.home_cell))
+            .to_string(),
+    )
 }
 
 async fn deliver(
@@ -189,7 +196,7 @@ async fn deliver(
     let mut cell = owner_of(relay, &item.to).unwrap_or_else(|| item.to_cell.clone());
     let body = Bytes::from(
         serde_json::json!({
-            "transfer_id": item.transfer_id, "from_cell": relay.rules.cell(),
+            "transfer_id": item.transfer_id, "from_cell": relay.shard,
             "from": item.from, "to": item.to, "amount": item.amount,
             "transfer_created_ms": item.created_ms, "settled_before_ms": settled_before_ms,
         })

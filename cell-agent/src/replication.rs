@@ -40,6 +40,9 @@ const RETRY_MS: u64 = 50;
 pub struct Shipper {
     /// The primary's store (its journal is read).
     pub store: SqliteStore,
+    /// The cell whose shard it holds (this agent's own cell, or a cell whose
+    /// shard a switchover moved here).
+    pub shard: String,
     /// The rules (this cell's standby; its internal addresses).
     pub rules: Arc<RulesHolder>,
     /// Registered internal addresses.
@@ -140,7 +143,7 @@ impl Shipper {
     /// addresses (at least one).
     fn standby(&self) -> Result<(String, Vec<String>), Failure> {
         let table = self.rules.table();
-        let me = self.rules.cell();
+        let me = self.shard.as_str();
         let Some(standby) = table.rules().standby_of(me).map(str::to_string) else {
             return Err(Failure::NoStandby(format!(
                 "cell {me} has no standby in the rules"
@@ -162,7 +165,7 @@ impl Shipper {
         client: &Client<HttpConnector, Full<Bytes>>,
     ) -> Result<i64, String> {
         use crate::internal::SNAPSHOT_PATH;
-        let me = self.rules.cell().to_string();
+        let me = self.shard.clone();
         let (standby, addrs) = self.standby().map_err(|f| f.to_string())?;
         let addr = addrs[0].clone();
         // One name per snapshot: both colours of the cell share the file
@@ -223,11 +226,8 @@ impl Shipper {
     async fn write_state(&self, degraded: bool, since_ms: i64, acked: i64) -> std::io::Result<()> {
         let table = self.rules.table();
         let record = Record {
-            cell: self.rules.cell().to_string(),
-            standby: table
-                .rules()
-                .standby_of(self.rules.cell())
-                .map(str::to_string),
+            cell: self.shard.clone(),
+            standby: table.rules().standby_of(&self.shard).map(str::to_string),
             state: if degraded { "degraded" } else { "in-sync" }.to_string(),
             since_ms,
             acked_lsn: acked,
@@ -282,8 +282,12 @@ impl Shipper {
         acked: &mut i64,
         target: i64,
     ) -> Result<(), Failure> {
+        // Whether the standby has told its position since the journal was
+        // found not to follow `acked` (after a switchover the journal
+        // restarts past what this shipper last saw acknowledged).
+        let mut asked = false;
         while *acked < target {
-            let me = self.rules.cell();
+            let me = self.shard.as_str();
             let (_, addrs) = self.standby()?;
             let batches = self
                 .store
@@ -292,12 +296,13 @@ impl Shipper {
                 .map_err(|e| Failure::Other(format!("cannot read the journal: {e}")))?;
             match batches.first() {
                 None => return Err(Failure::Other(format!("batch {target} is not in the journal"))),
-                Some(b) if *acked > 0 && b.lsn != *acked + 1 => {
+                Some(b) if *acked > 0 && b.lsn != *acked + 1 && asked => {
                     return Err(Failure::NeedSnapshot(format!(
                         "the standby is at LSN {acked} but the journal starts at {}: seed its replica again from a snapshot",
                         b.lsn
                     )))
                 }
+                Some(b) if b.lsn != *acked + 1 => asked = true,
                 Some(_) => {}
             }
             let body = Bytes::from(serde_json::json!({"cell": me, "batches": batches}).to_string());
@@ -466,20 +471,17 @@ impl Shipper {
 /// `--sync-timeout-ms`). Returns the shipper's task.
 pub(crate) fn start(
     cfg: &crate::AgentConfig,
-    store: &SqliteStore,
+    (shard, db, store): (&str, &Path, &SqliteStore),
     (rules, peers): (&Arc<RulesHolder>, &crate::relay::Peers),
     secret: Option<&crate::auth::ClusterSecret>,
     metrics: &AgentMetrics,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Option<tokio::task::JoinHandle<()>> {
-    let standby = rules
-        .table()
-        .rules()
-        .standby_of(rules.cell())
-        .map(str::to_string);
-    let (Some(standby), Some(secret), true) = (standby, secret, cfg.journal) else {
-        if cfg.journal {
-            tracing::warn!(cell = rules.cell(), "--journal without a standby cell in the rules or without the cluster secret: the shard is journaled but not replicated");
+    let standby = rules.table().rules().standby_of(shard).map(str::to_string);
+    let journaled = cfg.journal || shard != rules.cell();
+    let (Some(standby), Some(secret), true) = (standby, secret, journaled) else {
+        if journaled {
+            tracing::warn!(%shard, "--journal without a standby cell in the rules or without the cluster secret: the shard is journaled but not replicated");
         }
         return None;
     };
@@ -490,7 +492,7 @@ pub(crate) fn start(
         ship: tx,
         degraded: degraded.clone(),
     });
-    tracing::info!(cell = rules.cell(), %standby, sync_timeout_ms = cfg.sync_timeout_ms, "replicating this shard synchronously to its standby");
+    tracing::info!(%shard, %standby, sync_timeout_ms = cfg.sync_timeout_ms, "replicating this shard synchronously to its standby");
     #[cfg(feature = "etcd")]
     let control_plane = cfg
         .etcd
@@ -500,15 +502,16 @@ pub(crate) fn start(
     let control_plane = None;
     let shipper = Shipper {
         store: store.clone(),
+        shard: shard.to_string(),
         rules: rules.clone(),
         peers: peers.clone(),
         secret: secret.clone(),
         metrics: metrics.clone(),
         degraded,
         timeout,
-        record: record_path(&cfg.db),
+        record: record_path(db),
         control_plane,
-        db: cfg.db.clone(),
+        db: db.to_path_buf(),
         #[cfg(feature = "etcd")]
         etcd: tokio::sync::Mutex::new(None),
     };

@@ -19,7 +19,7 @@ fn dump(db: &Path) -> Vec<(String, Vec<Vec<Sql>>)> {
     let tables: Vec<String> = c
         .prepare(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'
-             AND name NOT IN ('journal', 'journal_rows', 'schema_version') ORDER BY name",
+             AND name NOT IN ('journal', 'journal_rows', 'schema_version', 'local') ORDER BY name",
         )
         .unwrap()
         .query_map([], |r| r.get(0))

@@ -195,8 +195,21 @@ async fn a_write_is_acknowledged_only_once_the_standby_holds_it() {
         }
     })
     .await;
-    let text = reqwest_metrics(&client, a.addr).await;
-    assert!(text.contains("cellgate_replication_degraded 0"), "{text}");
+    // The shipper records the catch-up once the standby's answer is in.
+    wait_until(
+        "the shard to be in sync again",
+        Duration::from_secs(10),
+        || {
+            let client = client.clone();
+            let addr = a.addr;
+            async move {
+                reqwest_metrics(&client, addr)
+                    .await
+                    .contains("cellgate_replication_degraded 0")
+            }
+        },
+    )
+    .await;
     let (code, out) = status(&db_a);
     assert_eq!((code, out["state"].as_str()), (0, Some("in-sync")), "{out}");
     let t = Instant::now();

@@ -31,6 +31,7 @@ fn rules(cells: usize, overrides: usize) -> Rules {
                 },
                 registered: false,
                 standby: None,
+                hosted_by: None,
                 internal: Vec::new(),
             },
         );

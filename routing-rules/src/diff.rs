@@ -539,6 +539,13 @@ impl RulesDiff {
                     a.standby().unwrap_or("(none)")
                 ));
             }
+            if b.hosted_by != a.hosted_by {
+                what.push(format!(
+                    "shard hosted by {} → {}",
+                    b.hosted_by.as_deref().unwrap_or(&m.name),
+                    a.hosted_by.as_deref().unwrap_or(&m.name)
+                ));
+            }
             if b.registered != a.registered {
                 what.push(format!("registered {} → {}", b.registered, a.registered));
             }

@@ -163,6 +163,55 @@ pub fn failback(text: &str, cell: &str) -> Result<String, EditError> {
     set_state(text, cell, CellState::Active)
 }
 
+/// The slot ranges of `cell`'s shard with their epochs, in document
+/// order (`(from, to, epoch)`).
+pub fn shard_ranges(text: &str, cell: &str) -> Result<Vec<(u32, u32, u64)>, EditError> {
+    let rules = parse_rules(text).map_err(EditError::Invalid)?;
+    if !rules.cells.contains_key(cell) {
+        return Err(EditError::UnknownCell(cell.to_string()));
+    }
+    Ok(rules
+        .table
+        .iter()
+        .filter(|r| r.cell == cell)
+        .map(|r| (r.from, r.to, r.epoch))
+        .collect())
+}
+
+/// Moves `cell`'s shard to `host` (its home when `host == cell`): sets
+/// (or removes) `hosted_by` and raises the epoch of every range of the
+/// cell by one, so a request routed before the move is refused by the
+/// store of either copy.
+pub fn move_shard(text: &str, cell: &str, host: &str) -> Result<String, EditError> {
+    let mut d = doc(text)?;
+    if d.get("cells").and_then(|c| c.get(host)).is_none() {
+        return Err(EditError::UnknownCell(host.to_string()));
+    }
+    let t = cell_table(&mut d, cell)?;
+    if host == cell {
+        t.remove("hosted_by");
+    } else {
+        t.insert("hosted_by", value(host));
+    }
+    let ranges = d
+        .get_mut("ranges")
+        .and_then(Item::as_array_of_tables_mut)
+        .ok_or_else(|| EditError::BadArgument("the rules have no [[ranges]]".into()))?;
+    for r in ranges.iter_mut() {
+        if r.get("cell").and_then(Item::as_str) != Some(cell) {
+            continue;
+        }
+        let epoch = match r.get("epoch") {
+            None => crate::model::FIRST_EPOCH,
+            Some(e) => e.as_integer().filter(|e| *e >= 1).ok_or_else(|| {
+                EditError::BadArgument("a range's `epoch` is not a positive integer".into())
+            })? as u64,
+        };
+        r.insert("epoch", value((epoch + 1) as i64));
+    }
+    finish(d)
+}
+
 /// Pins a user to a cell and/or colour.
 pub fn set_override(
     text: &str,
@@ -280,6 +329,28 @@ mod tests {
         assert!(matches!(
             set_split(&no_green, "cell-c", 100),
             Err(EditError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn moving_a_shard_raises_its_epochs_and_back() {
+        let text = "slots = 4\n[cells.a]\nblue = [\"127.0.0.1:1\"]\n[cells.b]\nblue = [\"127.0.0.1:2\"]\n# keep me\n[[ranges]]\nfrom = 0\nto = 1\ncell = \"a\"\n[[ranges]]\nfrom = 2\nto = 3\ncell = \"b\"\nepoch = 4\n";
+        let moved = move_shard(text, "a", "b").unwrap();
+        assert!(moved.contains("# keep me"));
+        let r = parse_rules(&moved).unwrap();
+        assert_eq!(r.host_of("a"), "b");
+        assert_eq!(shard_ranges(&moved, "a").unwrap(), vec![(0, 1, 2)]);
+        assert_eq!(shard_ranges(&moved, "b").unwrap(), vec![(2, 3, 4)]);
+        let home = move_shard(&moved, "a", "a").unwrap();
+        assert_eq!(parse_rules(&home).unwrap().host_of("a"), "a");
+        assert_eq!(shard_ranges(&home, "a").unwrap(), vec![(0, 1, 3)]);
+        assert!(matches!(
+            move_shard(text, "a", "z"),
+            Err(EditError::UnknownCell(_))
+        ));
+        assert!(matches!(
+            shard_ranges(text, "z"),
+            Err(EditError::UnknownCell(_))
         ));
     }
 }

@@ -41,4 +41,4 @@ pub use table::{
     AllHealthy, CellIdx, CellReason, ColourReason, HealthView, RouteAttrs, RouteDecision,
     RouteExplanation, RoutingTable, StaticHealth,
 };
-pub use validate::{parse_rules, parse_versioned, DEFAULT_MAX_DOCUMENT_BYTES};
+pub use validate::{parse_rules, parse_versioned, valid_cell_name, DEFAULT_MAX_DOCUMENT_BYTES};

@@ -252,6 +252,10 @@ pub struct Cell {
     /// The cell that keeps a synchronous replica of this cell's shard
     /// (default: the first cell of `failover`).
     pub standby: Option<String>,
+    /// The cell whose agents hold this cell's shard (its users' data) and
+    /// serve its users, after a switchover moved it there (`cellctl
+    /// switchover`); `None` while the shard is at home.
+    pub hosted_by: Option<String>,
 }
 
 impl Cell {
@@ -365,10 +369,35 @@ impl Rules {
         owners
     }
 
-    /// The standby cell of `cell` (see [`Cell::standby`]), when `cell` is
-    /// defined and has one.
-    pub fn standby_of(&self, cell: &str) -> Option<&str> {
-        self.cells.get(cell).and_then(Cell::standby)
+    /// The cell keeping a synchronous replica of `cell`'s shard: while the
+    /// shard is hosted by another cell, its home cell (reverse
+    /// replication, so a switchover back finds the data at home); else
+    /// the cell's standby (see [`Cell::standby`]).
+    pub fn standby_of<'a>(&'a self, cell: &'a str) -> Option<&'a str> {
+        let c = self.cells.get(cell)?;
+        match c.hosted_by {
+            Some(_) => Some(cell),
+            None => c.standby(),
+        }
+    }
+
+    /// The cell whose agents hold `cell`'s shard and serve its users: the
+    /// cell itself unless a switchover moved the shard (`hosted_by`).
+    pub fn host_of<'a>(&'a self, cell: &'a str) -> &'a str {
+        self.cells
+            .get(cell)
+            .and_then(|c| c.hosted_by.as_deref())
+            .unwrap_or(cell)
+    }
+
+    /// The shards `cell`'s agents hold: its own (unless hosted elsewhere)
+    /// and every shard hosted by it.
+    pub fn shards_of<'a>(&'a self, cell: &'a str) -> Vec<&'a str> {
+        self.cells
+            .keys()
+            .map(String::as_str)
+            .filter(|c| self.host_of(c) == cell)
+            .collect()
     }
 
     /// Epoch of every slot, index = slot.

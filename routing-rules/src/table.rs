@@ -171,6 +171,8 @@ pub struct CompiledCell {
     pub failover: Box<[CellIdx]>,
     /// Split.
     pub split: Split,
+    /// The cell holding this cell's shard after a switchover.
+    pub hosted_by: Option<CellIdx>,
 }
 
 /// One override, stored inline in the hash table: user ids up to 24 bytes
@@ -269,6 +271,7 @@ impl RoutingTable {
                 policy: c.failover_policy,
                 failover: c.failover.iter().map(|f| idx(f)).collect(),
                 split: c.split,
+                hosted_by: c.hosted_by.as_deref().map(idx),
             })
             .collect();
         let mut slot_cell = Vec::with_capacity(rules.slots as usize);
@@ -367,6 +370,11 @@ impl RoutingTable {
     #[inline]
     pub fn serving_cell(&self, home: CellIdx, health: &impl HealthView) -> (CellIdx, bool) {
         let c = &self.cells[home as usize];
+        // A shard moved with its data: its host serves it, whatever the
+        // health says (no other cell has the data).
+        if let Some(host) = c.hosted_by {
+            return (host, true);
+        }
         let moved = match c.state {
             CellState::Active => c.policy == FailoverPolicy::Auto && !health.cell_up(home),
             CellState::Draining | CellState::FailedOver => true,

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::error::{RulesError, ValidationError};
 use crate::model::*;
 mod file;
+mod hosting;
 mod overrides;
 #[cfg(test)]
 mod tests;
@@ -85,7 +86,8 @@ fn is_token_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
 }
 
-fn valid_cell_name(name: &str) -> bool {
+/// Whether `name` is a valid cell name (1..=64 of A-Z a-z 0-9 - _ .).
+pub fn valid_cell_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_CELL_NAME_LEN
         && name
@@ -401,6 +403,7 @@ fn check(mut doc: FileDoc) -> Result<(Rules, Option<u64>), RulesError> {
                 c.cell_ref(&doc.cells, format!("cells.{name}.standby"), standby);
             }
         }
+        hosting::check(&mut c, &doc.cells, name, fc);
         if fc.state == CellState::FailedOver && fc.failover.is_empty() {
             c.bad(
                 format!("cells.{name}.state"),
@@ -452,6 +455,7 @@ fn check(mut doc: FileDoc) -> Result<(Rules, Option<u64>), RulesError> {
                 registered: fc.registered,
                 internal: fc.internal.clone(),
                 standby: fc.standby.clone(),
+                hosted_by: fc.hosted_by.clone(),
             },
         );
     }

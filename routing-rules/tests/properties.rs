@@ -35,6 +35,7 @@ fn cell_strategy(names: Vec<String>, me: String) -> impl Strategy<Value = Cell> 
                 split: Split { green, seed },
                 registered: false,
                 standby: None,
+                hosted_by: None,
                 internal: Vec::new(),
             },
         )
@@ -124,6 +125,7 @@ fn equal_table(cells: usize, slots: u32) -> Rules {
                 split: Split::default(),
                 registered: false,
                 standby: None,
+                hosted_by: None,
                 internal: Vec::new(),
             },
         );

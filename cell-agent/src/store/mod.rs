@@ -257,6 +257,14 @@ pub enum WriteOp {
         /// The new epoch (above the slots' current one).
         epoch: u64,
     },
+    /// A switchover's first step on the shard's primary: bans every range
+    /// at its new epoch and makes this copy a replica (every later write is
+    /// refused), in one batch; replies with its LSN. See
+    /// [`sqlite::shard`].
+    Demote {
+        /// `(from, to, epoch)`: all of the shard's slots at their new epochs.
+        ranges: Vec<(u32, u32, u64)>,
+    },
     /// Opens slots at `epoch` here (a hand-over: the old owner banned them
     /// at this epoch).
     OpenSlots {
@@ -350,7 +358,7 @@ pub struct Stats {
 pub type Reply = (u16, Value);
 
 /// The storage boundary of a cell.
-pub trait Store: Send + Sync + 'static {
+pub trait Store: Clone + Send + Sync + 'static {
     /// Runs a write atomically and durably.
     fn write(&self, op: WriteOp) -> impl Future<Output = Result<Reply, DomainError>> + Send;
     /// Runs a read.

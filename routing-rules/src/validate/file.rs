@@ -96,6 +96,7 @@ pub(super) struct FileCell {
     #[serde(default)]
     pub(super) internal: Vec<String>,
     pub(super) standby: Option<String>,
+    pub(super) hosted_by: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

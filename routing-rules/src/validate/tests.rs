@@ -187,3 +187,46 @@ proptest::proptest! {
         }
     }
 }
+
+const TWO: &str = "slots = 4\n[cells.a]\nblue = [\"127.0.0.1:1\"]\n[cells.b]\nblue = [\"127.0.0.1:2\"]\n[[ranges]]\nfrom = 0\nto = 1\ncell = \"a\"\n[[ranges]]\nfrom = 2\nto = 3\ncell = \"b\"\n";
+
+#[test]
+fn a_hosted_shard_is_served_by_its_host_and_replicated_home() {
+    let doc = TWO.replace("[cells.b]", "hosted_by = \"b\"\n[cells.b]");
+    let r = parse_rules(&doc).unwrap();
+    assert_eq!(r.host_of("a"), "b");
+    assert_eq!(r.host_of("b"), "b");
+    assert_eq!(r.standby_of("a"), Some("a"), "reverse replication to home");
+    assert_eq!(r.shards_of("b"), vec!["a", "b"]);
+    assert!(r.shards_of("a").is_empty());
+    let t = crate::RoutingTable::compile(r, 1).unwrap();
+    let a = t.cell_index("a").unwrap();
+    // Whatever the health says, no other cell has the data.
+    let mut h = crate::StaticHealth::from_table(&t);
+    h.set(t.cell_index("b").unwrap(), None, false);
+    assert_eq!(t.serving_cell(a, &h), (t.cell_index("b").unwrap(), true));
+}
+
+#[test]
+fn bad_hosts_are_refused() {
+    let own = TWO.replace("[cells.b]", "hosted_by = \"a\"\n[cells.b]");
+    assert!(problems(&own)[0].contains("without `hosted_by`"), "{own}");
+    let unknown = TWO.replace("[cells.b]", "hosted_by = \"z\"\n[cells.b]");
+    assert!(problems(&unknown)[0].contains("\"z\""));
+    let chain = TWO
+        .replace("[cells.b]", "hosted_by = \"b\"\n[cells.b]")
+        .replace(
+            "\"127.0.0.1:2\"]\n",
+            "\"127.0.0.1:2\"]\nhosted_by = \"a\"\n",
+        );
+    assert!(problems(&chain)
+        .iter()
+        .any(|p| p.contains("hosted elsewhere")));
+    let draining = TWO
+        .replace("[cells.b]", "hosted_by = \"b\"\n[cells.b]")
+        .replace(
+            "\"127.0.0.1:2\"]\n",
+            "\"127.0.0.1:2\"]\nstate = \"draining\"\n",
+        );
+    assert!(problems(&draining).iter().any(|p| p.contains("draining")));
+}

@@ -16,8 +16,9 @@ use rusqlite::{params, Connection};
 
 use super::unix_ms;
 
-/// Tables the journal leaves out: its own, and the migration record.
-const NOT_JOURNALED: [&str; 3] = ["journal", "journal_rows", "schema_version"];
+/// Tables the journal leaves out: its own, the migration record, and the
+/// copy's own facts (`local`: its role).
+const NOT_JOURNALED: [&str; 4] = ["journal", "journal_rows", "schema_version", "local"];
 
 /// Whether the file journals its batches' rows (`meta.journal = on`).
 pub fn enabled(conn: &Connection) -> rusqlite::Result<bool> {
@@ -48,10 +49,26 @@ pub fn enable(path: &std::path::Path) -> rusqlite::Result<()> {
 /// columns when the file journals (run at every open, after the
 /// migrations, so a migration that adds a column is covered).
 pub(super) fn refresh_triggers(conn: &Connection) -> rusqlite::Result<()> {
+    if super::shard::role(conn)? == super::shard::Role::Replica {
+        // A replica applies rows; it does not journal them.
+        return drop_triggers(conn);
+    }
     if enabled(conn)? {
         install_triggers(conn)?;
     }
     Ok(())
+}
+
+/// Turns journaling on inside the caller's transaction, starting an empty
+/// journal (a copy promoted to primary: its standby continues from the
+/// LSN both copies share).
+pub(super) fn restart(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('journal', 'on') ON CONFLICT (key) DO UPDATE SET value = 'on'",
+        [],
+    )?;
+    conn.execute_batch("DELETE FROM journal_rows; DELETE FROM journal;")?;
+    install_triggers(conn)
 }
 
 fn install_triggers(conn: &Connection) -> rusqlite::Result<()> {

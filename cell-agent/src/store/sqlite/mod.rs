@@ -14,6 +14,7 @@ pub mod prune;
 mod read;
 pub mod replica;
 mod schema;
+pub mod shard;
 pub mod slots;
 mod write;
 
@@ -346,7 +347,7 @@ fn run_batch(
         return (batch.iter().map(|_| Err(err.clone())).collect(), None);
     }
     match run_ops(conn, batch, cell).and_then(|r| conn.execute_batch("COMMIT").map(|()| r)) {
-        Ok((results, lsn)) => (results, Some(lsn)),
+        Ok((results, lsn)) => (results, lsn),
         Err(e) => {
             let _ = conn.execute_batch("ROLLBACK");
             let err = storage(e);
@@ -357,9 +358,22 @@ fn run_batch(
 
 /// The batch's writes, each in its own savepoint, and its journal entry
 /// (inside the caller's transaction). `Err` rolls the whole batch back.
-type BatchResults = (Vec<Result<Reply, DomainError>>, i64);
+/// No LSN when nothing could be written (this copy is a replica).
+type BatchResults = (Vec<Result<Reply, DomainError>>, Option<i64>);
 
 fn run_ops(conn: &Connection, batch: &[Job], cell: &str) -> rusqlite::Result<BatchResults> {
+    if shard::role(conn)? == shard::Role::Replica {
+        // Checked in the batch's own transaction: the other colour may
+        // have demoted the file since this process last wrote.
+        let results = batch
+            .iter()
+            .map(|j| match &j.op {
+                WriteOp::Demote { ranges } => shard::demoted(conn, ranges),
+                _ => Err(shard::refused(cell)),
+            })
+            .collect();
+        return Ok((results, None));
+    }
     let first_row = journal::start_batch(conn)?;
     let lsn = slots::next_lsn(conn)?;
     let mut results = Vec::with_capacity(batch.len());
@@ -374,7 +388,7 @@ fn run_ops(conn: &Connection, batch: &[Job], cell: &str) -> rusqlite::Result<Bat
         results.push(r);
     }
     journal::finish_batch(conn, lsn, first_row)?;
-    Ok((results, lsn))
+    Ok((results, Some(lsn)))
 }
 
 impl Store for SqliteStore {

@@ -42,6 +42,15 @@ pub enum ReplicaError {
         /// The replica file expected.
         path: String,
     },
+    /// This copy of the shard is its primary (promoted by a switchover):
+    /// it refuses the journal of the copy it replaced.
+    #[error("this copy of cell {cell}'s shard ({path}) is its primary now; it applies no other copy's journal")]
+    Primary {
+        /// The shard's cell.
+        cell: String,
+        /// The file.
+        path: String,
+    },
     /// The replica file holds another cell's shard.
     #[error("the replica file {path} holds cell {recorded:?}'s shard, not {cell:?}'s")]
     WrongCell {
@@ -63,10 +72,13 @@ pub fn replica_path(dir: &Path, cell: &str) -> std::path::PathBuf {
 }
 
 /// A standby's replica files in one directory, with their connections
-/// kept open between shipments (so statements stay prepared).
+/// kept open between shipments (so statements stay prepared). The copy of
+/// the agent's own cell's shard is its `--db` file (a replica after a
+/// switchover moved the shard away).
 #[derive(Debug, Clone)]
 pub struct Replicas {
     dir: std::path::PathBuf,
+    home: (String, std::path::PathBuf),
     open: Arc<Mutex<HashMap<String, Connection>>>,
     /// Shipments apply under the shared side; a snapshot is moved into
     /// place under the exclusive side (no shipment applies to a file being
@@ -75,10 +87,12 @@ pub struct Replicas {
 }
 
 impl Replicas {
-    /// The replicas in `dir`.
-    pub fn new(dir: std::path::PathBuf) -> Self {
+    /// The replicas in `dir`; `home` is the agent's own cell and its
+    /// database file.
+    pub fn new(dir: std::path::PathBuf, home: (String, std::path::PathBuf)) -> Self {
         Replicas {
             dir,
+            home,
             open: Arc::default(),
             gate: Arc::default(),
         }
@@ -91,12 +105,36 @@ impl Replicas {
         self.dir.join(format!("{cell}.replica.db.incoming.{id}"))
     }
 
+    /// The file of this agent's copy of `cell`'s shard.
+    pub fn path(&self, cell: &str) -> std::path::PathBuf {
+        if cell == self.home.0 {
+            self.home.1.clone()
+        } else {
+            replica_path(&self.dir, cell)
+        }
+    }
+
+    /// Closes the kept connection to `cell`'s copy (it was promoted).
+    pub fn forget(&self, cell: &str) {
+        let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        if let Ok(mut m) = self.open.lock() {
+            m.remove(cell);
+        }
+    }
+
     /// Installs the received snapshot of `cell`'s shard as its replica (it
     /// must be a sound SQLite file holding that cell's shard); returns its
     /// LSN.
     pub fn install_snapshot(&self, cell: &str, id: &str) -> Result<i64, ReplicaError> {
         let incoming = self.incoming(cell, id);
         let bad = |message: String| ReplicaError::Row { lsn: 0, message };
+        if cell == self.home.0 {
+            // The home file is open by this agent's store: it is never
+            // replaced under it.
+            return Err(bad(format!(
+                "cell {cell}'s own database is not replaced by a snapshot while its agent runs; stop the agents of {cell}, run `cell-agent replica sync` and start them again"
+            )));
+        }
         let lsn = {
             let c = Connection::open(&incoming)?;
             let check: String = c.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
@@ -115,7 +153,26 @@ impl Replicas {
         if let Ok(mut m) = self.open.lock() {
             m.remove(cell);
         }
-        move_into_place(&incoming, &replica_path(&self.dir, cell))?;
+        let target = replica_path(&self.dir, cell);
+        if target.is_file() {
+            // A primary copy is never overwritten; a replica's write-ahead
+            // log is folded in and removed first, so the new file is never
+            // paired with the old file's log.
+            let old = super::open(&target, false)?;
+            if super::shard::role(&old).unwrap_or(super::shard::Role::Replica)
+                == super::shard::Role::Primary
+            {
+                return Err(bad(format!(
+                    "{} is the primary copy of cell {cell}'s shard here; a snapshot never replaces it",
+                    target.display()
+                )));
+            }
+            old.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        }
+        move_into_place(&incoming, &target)?;
+        for ext in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{ext}", target.display()));
+        }
         Ok(lsn)
     }
 
@@ -126,7 +183,7 @@ impl Replicas {
         let taken = self.open.lock().ok().and_then(|mut m| m.remove(cell));
         let mut conn = match taken {
             Some(c) => c,
-            None => open_replica(&self.dir, cell)?,
+            None => open_replica(&self.path(cell), cell)?,
         };
         let r = apply_shipped(&mut conn, batches);
         // A connection that failed is not kept.
@@ -139,17 +196,20 @@ impl Replicas {
     }
 }
 
-/// Opens the replica file of `cell` in `dir`: it must exist (seeded from a
-/// snapshot) and hold that cell's shard.
-fn open_replica(dir: &Path, cell: &str) -> Result<Connection, ReplicaError> {
-    let path = replica_path(dir, cell);
+/// Opens the replica file of `cell` at `path`: it must exist (seeded from a
+/// snapshot), hold that cell's shard, and be a replica (a copy promoted to
+/// primary refuses the journal of the copy it replaced). Drops the journal
+/// triggers a demoted primary still has.
+fn open_replica(path: &Path, cell: &str) -> Result<Connection, ReplicaError> {
+    let path = path.to_path_buf();
     if !path.is_file() {
         return Err(ReplicaError::NeedSnapshot {
             cell: cell.to_string(),
             path: path.display().to_string(),
         });
     }
-    let conn = super::open(&path, false)?;
+    let mut conn = super::open(&path, false)?;
+    super::migrate(&mut conn)?;
     let recorded = super::recorded_cell(&conn)?.unwrap_or_default();
     if recorded != cell {
         return Err(ReplicaError::WrongCell {
@@ -158,6 +218,13 @@ fn open_replica(dir: &Path, cell: &str) -> Result<Connection, ReplicaError> {
             path: path.display().to_string(),
         });
     }
+    if super::shard::role(&conn)? == super::shard::Role::Primary {
+        return Err(ReplicaError::Primary {
+            cell: cell.to_string(),
+            path: path.display().to_string(),
+        });
+    }
+    journal::drop_triggers(&conn)?;
     Ok(conn)
 }
 
@@ -303,6 +370,7 @@ pub struct SyncReport {
 /// journal rows; its LSN.
 fn as_replica(c: &Connection) -> Result<i64, ReplicaError> {
     journal::drop_triggers(c)?;
+    super::shard::set_role(c, super::shard::Role::Replica)?;
     c.execute_batch("DELETE FROM journal_rows; DELETE FROM journal;")?;
     Ok(applied_lsn(c)?)
 }

@@ -157,6 +157,15 @@ pub(super) const MIGRATIONS: &[&str] = &[
         row TEXT NOT NULL
     );
     "#,
+    // v6: facts about this copy of the shard, never journaled (each copy
+    // has its own): its role, `primary` (takes writes) or `replica`
+    // (applies its primary's journal; every write is refused).
+    r#"
+    CREATE TABLE local (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    "#,
 ];
 
 /// Applies the embedded migrations (idempotent; safe with two processes).

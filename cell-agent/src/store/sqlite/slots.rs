@@ -23,7 +23,7 @@ pub struct SlotRow {
     pub open: bool,
 }
 
-fn row(conn: &Connection, slot: u32) -> Result<Option<SlotRow>, DomainError> {
+pub(super) fn row(conn: &Connection, slot: u32) -> Result<Option<SlotRow>, DomainError> {
     conn.prepare_cached("SELECT epoch, state FROM slot_owner WHERE slot = ?1")
         .and_then(|mut s| {
             s.query_row([slot], |r| {
@@ -37,7 +37,7 @@ fn row(conn: &Connection, slot: u32) -> Result<Option<SlotRow>, DomainError> {
         .map_err(storage)
 }
 
-fn set(conn: &Connection, slot: u32, epoch: u64, open: bool) -> Result<(), DomainError> {
+pub(super) fn set(conn: &Connection, slot: u32, epoch: u64, open: bool) -> Result<(), DomainError> {
     conn.prepare_cached(
         "INSERT INTO slot_owner (slot, epoch, state, updated_ms) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (slot) DO UPDATE SET epoch = excluded.epoch, state = excluded.state, updated_ms = excluded.updated_ms",
@@ -56,7 +56,7 @@ fn set(conn: &Connection, slot: u32, epoch: u64, open: bool) -> Result<(), Domai
 
 /// Appends to the slot log: every ledger row above `ledger_high` was
 /// written under this entry (until the next one for the slot).
-fn log(
+pub(super) fn log(
     conn: &Connection,
     lsn: i64,
     (from, to): (u32, u32),
@@ -159,7 +159,7 @@ pub(super) fn claim(
     Ok((200, json!({"claimed": true, "slots": n, "lsn": lsn})))
 }
 
-fn check_range(from: u32, to: u32, epoch: u64) -> Result<(), DomainError> {
+pub(super) fn check_range(from: u32, to: u32, epoch: u64) -> Result<(), DomainError> {
     if from > to || to >= routing_rules::MAX_SLOTS {
         return Err(DomainError::bad_request(format!(
             "slots {from}-{to} are not a range of slots (0 <= from <= to < {})",
@@ -228,7 +228,7 @@ fn hand_over(
     Ok((200, json!({done: [from, to], "epoch": epoch, "lsn": lsn})))
 }
 
-fn conflict(slot: u32, r: SlotRow, what: &str, epoch: u64) -> DomainError {
+pub(super) fn conflict(slot: u32, r: SlotRow, what: &str, epoch: u64) -> DomainError {
     DomainError::conflict(
         "epoch_conflict",
         format!(

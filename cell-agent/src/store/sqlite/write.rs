@@ -26,6 +26,7 @@ fn fences(op: &WriteOp) -> [Option<&SlotStamp>; 2] {
         | WriteOp::Prune { .. }
         | WriteOp::ClaimSlots { .. }
         | WriteOp::BanSlots { .. }
+        | WriteOp::Demote { .. }
         | WriteOp::OpenSlots { .. } => [None, None],
     }
 }
@@ -116,6 +117,7 @@ pub(super) fn apply(
         WriteOp::ClaimSlots { ranges } => slots::claim(conn, ranges, lsn),
         WriteOp::BanSlots { from, to, epoch } => slots::ban(conn, *from, *to, *epoch, lsn),
         WriteOp::OpenSlots { from, to, epoch } => slots::open(conn, *from, *to, *epoch, lsn),
+        WriteOp::Demote { ranges } => super::shard::demote(conn, ranges, lsn),
     }
 }
 

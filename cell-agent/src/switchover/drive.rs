@@ -1,0 +1,338 @@
+//! Drives a planned switchover of a cell's shard to its standby, with the
+//! rules in a file (the embedded mode): every phase is recorded in a state
+//! file next to the rules (`RULES.switchover.json`) before it runs, so a
+//! crashed run is finished (or rolled back) by running the same command
+//! again.
+//!
+//! Phases: `demote` (the current host bans the shard's slots at epoch+1
+//! and becomes a replica; its LSN L) → `catch-up` (wait until the target's
+//! copy applied L; on timeout roll back: the old host is promoted again at
+//! epoch+2) → `promote` (the target's copy becomes the primary at epoch+1)
+//! → `route` (the rules move the shard: `hosted_by`, epochs +1, next
+//! revision) → done (state file removed).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use routing_rules::edit;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::ClusterSecret;
+use crate::store::sqlite::unix_ms;
+
+/// Who signs the steps.
+const OPERATOR: &str = "operator";
+
+/// A switchover in progress, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The cell whose shard moves.
+    pub cell: String,
+    /// Its host before.
+    pub from: String,
+    /// Its host after.
+    pub to: String,
+    /// Its ranges at their new epochs.
+    pub ranges: Vec<(u32, u32, u64)>,
+    /// The phase about to run (or running).
+    pub phase: String,
+    /// The LSN of the demotion, once known.
+    pub lsn: Option<i64>,
+    /// When it started (unix ms).
+    pub started_ms: i64,
+}
+
+/// What a finished switchover did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// The plan.
+    pub plan: Plan,
+    /// `switched` or `rolled-back`.
+    pub result: &'static str,
+    /// Time from the ban to the rules moving the shard (writes of the
+    /// shard's users stall meanwhile), ms.
+    pub stall_ms: u64,
+    /// The rules revision written.
+    pub revision: Option<u64>,
+}
+
+/// Where the state of a switchover of the rules at `rules` is kept.
+pub fn state_path(rules: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.switchover.json", rules.display()))
+}
+
+fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::io::Write::write_all(&mut f, text.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn record(state: &Path, plan: &Plan) -> Result<()> {
+    write_atomically(state, &serde_json::to_string_pretty(plan)?)
+}
+
+/// The switchover's parameters.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The rules file.
+    pub rules: PathBuf,
+    /// The cell whose shard moves.
+    pub cell: String,
+    /// Where to (its standby; or the cell itself to bring it home).
+    pub to: String,
+    /// How long the target may take to apply the demotion.
+    pub catch_up_timeout: Duration,
+}
+
+/// Checks the request against the rules and makes the plan.
+pub fn plan(text: &str, req: &Request) -> Result<Plan> {
+    let rules = routing_rules::parse_rules(text)
+        .map_err(|e| anyhow::anyhow!("{}: invalid rules: {e}", req.rules.display()))?;
+    let (cell, to) = (req.cell.as_str(), req.to.as_str());
+    if !rules.cells.contains_key(cell) {
+        bail!("cell {cell:?} is not defined in the rules");
+    }
+    if !rules.cells.contains_key(to) {
+        bail!("--to {to:?}: no such cell in the rules");
+    }
+    let from = rules.host_of(cell).to_string();
+    if from == to {
+        bail!("cell {cell}'s shard is already held by {to}: nothing to do");
+    }
+    let standby = rules.standby_of(cell);
+    if standby != Some(to) {
+        bail!(
+            "cell {to} is not the standby of cell {cell}'s shard (its standby: {}); a switchover moves a shard only to its synchronous standby",
+            standby.unwrap_or("none")
+        );
+    }
+    let ranges = edit::shard_ranges(text, cell)?
+        .into_iter()
+        .map(|(f, t, e)| (f, t, e + 1))
+        .collect::<Vec<_>>();
+    if ranges.is_empty() {
+        bail!("cell {cell} owns no slots: nothing to move");
+    }
+    Ok(Plan {
+        cell: cell.into(),
+        from,
+        to: to.into(),
+        ranges,
+        phase: "demote".into(),
+        lsn: None,
+        started_ms: unix_ms(),
+    })
+}
+
+/// Signed calls to the agents' internal listeners.
+struct Agents {
+    client: Client<HttpConnector, Full<Bytes>>,
+    secret: ClusterSecret,
+    rules: routing_rules::Rules,
+}
+
+impl Agents {
+    /// `method path` on any agent of `cell` (its rules `internal`
+    /// addresses, first that answers).
+    async fn call(
+        &self,
+        cell: &str,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, serde_json::Value)> {
+        let addrs = self
+            .rules
+            .cells
+            .get(cell)
+            .map(|c| c.internal.clone())
+            .unwrap_or_default();
+        if addrs.is_empty() {
+            bail!("cell {cell} lists no `internal` address in the rules");
+        }
+        let body = Bytes::from(body.map(|b| b.to_string()).unwrap_or_default());
+        let mut last = String::new();
+        for addr in &addrs {
+            let mut req = http::Request::builder()
+                .method(method)
+                .uri(format!("http://{addr}{path}"))
+                .header("content-type", "application/json");
+            for (name, value) in self.secret.sign(method, path, OPERATOR, unix_ms(), &body) {
+                req = req.header(name, value);
+            }
+            let req = req.body(Full::new(body.clone()))?;
+            match tokio::time::timeout(Duration::from_secs(10), self.client.request(req)).await {
+                Ok(Ok(resp)) => {
+                    let status = resp.status().as_u16();
+                    let bytes = resp.into_body().collect().await?.to_bytes();
+                    let v = serde_json::from_slice(&bytes)
+                        .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned().into());
+                    if status >= 500 {
+                        last = format!("{addr}: {status} {v}");
+                        continue;
+                    }
+                    return Ok((status, v));
+                }
+                Ok(Err(e)) => last = format!("{addr}: {e}"),
+                Err(_) => last = format!("{addr}: timed out"),
+            }
+        }
+        bail!("no agent of cell {cell} answered {method} {path}: {last}")
+    }
+
+    async fn step(
+        &self,
+        cell: &str,
+        shard: &str,
+        action: &str,
+        ranges: &[(u32, u32, u64)],
+    ) -> Result<i64> {
+        let path = format!("{}{shard}/{action}", super::SHARDS_PATH);
+        let (status, v) = self
+            .call(
+                cell,
+                "POST",
+                &path,
+                Some(serde_json::json!({ "ranges": ranges })),
+            )
+            .await?;
+        if status != 200 {
+            bail!("cell {cell} refused to {action} its copy of {shard}'s shard: {status} {v}");
+        }
+        v["lsn"]
+            .as_i64()
+            .with_context(|| format!("cell {cell} answered {action} without an LSN: {v}"))
+    }
+
+    async fn applied(&self, cell: &str, shard: &str) -> Result<i64> {
+        let path = format!("{}{shard}", super::SHARDS_PATH);
+        let (status, v) = self.call(cell, "GET", &path, None).await?;
+        if status != 200 {
+            bail!("cell {cell} has no copy of {shard}'s shard: {status} {v}");
+        }
+        Ok(v["lsn"].as_i64().unwrap_or(0))
+    }
+}
+
+/// Runs (or resumes) the switchover.
+pub async fn run(req: &Request, secret: ClusterSecret) -> Result<Outcome> {
+    let state = state_path(&req.rules);
+    let text = std::fs::read_to_string(&req.rules)
+        .with_context(|| format!("cannot read {}", req.rules.display()))?;
+    let mut plan = match std::fs::read_to_string(&state) {
+        Ok(recorded) => {
+            let p: Plan = serde_json::from_str(&recorded)
+                .with_context(|| format!("{} is not a switchover record", state.display()))?;
+            if p.cell != req.cell || p.to != req.to {
+                bail!(
+                    "a switchover of cell {} to {} is in progress ({}); run `cell-agent switchover --cell {} --to {}` to finish it first",
+                    p.cell, p.to, state.display(), p.cell, p.to
+                );
+            }
+            tracing::warn!(phase = %p.phase, "resuming a recorded switchover");
+            p
+        }
+        Err(_) => {
+            let p = plan(&text, req)?;
+            record(&state, &p)?;
+            p
+        }
+    };
+    let agents = Agents {
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        secret,
+        rules: routing_rules::parse_rules(&text)?,
+    };
+    let t0 = Instant::now();
+    loop {
+        match plan.phase.as_str() {
+            "demote" => {
+                let lsn = agents
+                    .step(&plan.from, &plan.cell, "demote", &plan.ranges)
+                    .await?;
+                tracing::info!(cell = %plan.cell, host = %plan.from, lsn, "demoted: the slots are banned");
+                plan.lsn = Some(lsn);
+                plan.phase = "catch-up".into();
+                record(&state, &plan)?;
+            }
+            "catch-up" => {
+                let target = plan.lsn.context("the record has no demotion LSN")?;
+                let deadline = Instant::now() + req.catch_up_timeout;
+                let caught_up = loop {
+                    match agents.applied(&plan.to, &plan.cell).await {
+                        Ok(lsn) if lsn >= target => break true,
+                        Ok(_) | Err(_) if Instant::now() >= deadline => break false,
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the target's position yet")
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                };
+                plan.phase = if caught_up { "promote" } else { "roll-back" }.into();
+                record(&state, &plan)?;
+            }
+            "promote" => {
+                let lsn = agents
+                    .step(&plan.to, &plan.cell, "promote", &plan.ranges)
+                    .await?;
+                tracing::info!(cell = %plan.cell, host = %plan.to, lsn, "promoted");
+                plan.phase = "route".into();
+                record(&state, &plan)?;
+            }
+            "route" => {
+                let current = std::fs::read_to_string(&req.rules)?;
+                let moved = edit::move_shard(&current, &plan.cell, &plan.to)?;
+                let (next, revision) = edit::bump_revision(&moved)?;
+                write_atomically(&req.rules, &next)?;
+                std::fs::remove_file(&state).ok();
+                return Ok(Outcome {
+                    plan,
+                    result: "switched",
+                    stall_ms: t0.elapsed().as_millis() as u64,
+                    revision: Some(revision),
+                });
+            }
+            "roll-back" => {
+                // The target never applied the ban: the old host takes the
+                // slots back under a newer epoch still.
+                let back: Vec<_> = plan.ranges.iter().map(|&(f, t, e)| (f, t, e + 1)).collect();
+                agents
+                    .step(&plan.from, &plan.cell, "promote", &back)
+                    .await?;
+                let current = std::fs::read_to_string(&req.rules)?;
+                let mut text = current.clone();
+                for _ in 0..2 {
+                    text = edit::move_shard(&text, &plan.cell, &plan.from)?;
+                }
+                // move_shard to the current host raised each epoch by one;
+                // twice gives the +2 the old host reopened at.
+                let (next, revision) = edit::bump_revision(&text)?;
+                write_atomically(&req.rules, &next)?;
+                std::fs::remove_file(&state).ok();
+                return Ok(Outcome {
+                    plan,
+                    result: "rolled-back",
+                    stall_ms: t0.elapsed().as_millis() as u64,
+                    revision: Some(revision),
+                });
+            }
+            other => bail!("{}: unknown phase {other:?}", state.display()),
+        }
+    }
+}
