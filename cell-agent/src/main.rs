@@ -59,35 +59,6 @@ enum Command {
         #[command(subcommand)]
         command: ReplicaCommand,
     },
-    /// Move a cell's shard to its synchronous standby with no acknowledged
-    /// write lost (rules in a file): ban its slots at the current host
-    /// (which becomes a replica), wait until the standby applied the ban,
-    /// promote the standby's copy, then move the shard in the rules
-    /// (`hosted_by`, epochs +1, next revision). Each phase is recorded in
-    /// RULES.switchover.json first: run the same command again to finish a
-    /// switchover that was cut off. `--to CELL` itself brings a moved shard
-    /// home. If the standby does not catch up in time, the old host takes
-    /// the slots back (rolled back, exit 1).
-    Switchover {
-        /// The rules file the cells follow.
-        #[arg(long, value_name = "FILE")]
-        rules: PathBuf,
-        /// The cell whose shard moves.
-        #[arg(long, value_name = "NAME")]
-        cell: String,
-        /// Where to: the shard's standby.
-        #[arg(long, value_name = "NAME")]
-        to: String,
-        /// How long the standby may take to apply the ban, ms.
-        #[arg(long, value_name = "MS", default_value_t = 5_000)]
-        catch_up_timeout_ms: u64,
-        /// The cluster secret the agents' internal listeners check.
-        #[arg(long, value_name = "PATH", env = "CELLGATE_INTERNAL_SECRET_FILE")]
-        internal_secret_file: Option<PathBuf>,
-        /// Print the outcome as JSON.
-        #[arg(long)]
-        json: bool,
-    },
     /// Match every incoming credit of every cell to its sender's outbox
     /// record and every delivered record to its credit, across the shard
     /// files of the whole cluster (exit 1 on an orphan on either side).
@@ -279,56 +250,6 @@ fn slots(command: SlotsCommand) -> ExitCode {
     }
 }
 
-fn switchover(
-    req: cell_agent::switchover::drive::Request,
-    secret_file: Option<PathBuf>,
-    json: bool,
-) -> ExitCode {
-    let run = || -> anyhow::Result<cell_agent::switchover::drive::Outcome> {
-        let secret = cell_agent::auth::ClusterSecret::load(secret_file.as_deref())?
-            .ok_or_else(|| anyhow::anyhow!("the agents' cluster secret is needed: --internal-secret-file PATH (or {} in the environment)", cell_agent::auth::SECRET_ENV))?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(cell_agent::switchover::drive::run(&req, secret))
-    };
-    match run() {
-        Ok(out) => {
-            if json {
-                println!("{}", serde_json::to_string(&out).unwrap_or_default());
-            } else {
-                println!(
-                    "{}: cell {}'s shard {} {} → {} (slots banned for {} ms; rules revision {})",
-                    out.result,
-                    out.plan.cell,
-                    if out.result == "switched" {
-                        "moved"
-                    } else {
-                        "stays at"
-                    },
-                    out.plan.from,
-                    if out.result == "switched" {
-                        &out.plan.to
-                    } else {
-                        &out.plan.from
-                    },
-                    out.stall_ms,
-                    out.revision.map(|r| r.to_string()).unwrap_or_default()
-                );
-            }
-            if out.result == "switched" {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
-        Err(e) => {
-            eprintln!("cell-agent switchover: {e:#}");
-            ExitCode::from(1)
-        }
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -354,23 +275,6 @@ fn main() -> ExitCode {
         } => outbox(&db, alert_after_ms, json),
         Command::Reconcile { db, json } => reconcile(&db, json),
         Command::Slots { command } => slots(command),
-        Command::Switchover {
-            rules,
-            cell,
-            to,
-            catch_up_timeout_ms,
-            internal_secret_file,
-            json,
-        } => switchover(
-            cell_agent::switchover::drive::Request {
-                rules,
-                cell,
-                to,
-                catch_up_timeout: std::time::Duration::from_millis(catch_up_timeout_ms),
-            },
-            internal_secret_file,
-            json,
-        ),
         Command::Replica { command } => replica(command),
         Command::Check { db, json } => {
             match cell_agent::check::check(&db) {

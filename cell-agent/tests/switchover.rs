@@ -1,6 +1,6 @@
 //! A planned switchover of a cell's shard to its synchronous standby and
 //! back, under concurrent writes: real agents, real SQLite files, the
-//! `cell-agent switchover` binary driving the phases against the agents'
+//! switchover driver (`cellctl switchover --rules`) calling the agents'
 //! internal listeners, and the rules file the agents follow.
 
 mod support;
@@ -55,28 +55,24 @@ fn refs(db: &Path) -> BTreeMap<String, i64> {
         .unwrap()
 }
 
-/// Runs `cell-agent switchover`: exit code, stdout, stderr.
-fn switchover(rules: &Path, secret: &Path, cell: &str, to: &str) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cell-agent"))
-        .args([
-            "switchover",
-            "--json",
-            "--cell",
-            cell,
-            "--to",
-            to,
-            "--rules",
-        ])
-        .arg(rules)
-        .arg("--internal-secret-file")
-        .arg(secret)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// Runs the switchover driver (what `cellctl switchover --rules` runs):
+/// exit code as the CLI gives it, the outcome as JSON, the error.
+async fn switchover(rules: &Path, secret: &Path, cell: &str, to: &str) -> (i32, String, String) {
+    let req = routing_rules::switchover::Request {
+        rules: rules.to_path_buf(),
+        cell: cell.into(),
+        to: to.into(),
+        catch_up_timeout: Duration::from_secs(5),
+    };
+    let secret = routing_rules::auth::ClusterSecret::from_file(secret).unwrap();
+    match routing_rules::switchover::run(&req, secret).await {
+        Ok(out) => (
+            i32::from(out.result != "switched"),
+            serde_json::to_string(&out).unwrap(),
+            String::new(),
+        ),
+        Err(e) => (1, String::new(), format!("{e:#}")),
+    }
 }
 
 /// A client that follows the shard: a deposit refused by one cell
@@ -108,10 +104,22 @@ async fn deposit_anywhere(client: &HttpClient, cells: [SocketAddr; 2], user: &st
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_shard_switches_over_and_back_under_writes_without_losing_one() {
-    let dir = TempDir::new("switchover");
-    let rules_path = dir.path("rules.toml");
+/// Cells a, b, c; cell-a's shard journaled and replicated to cell-b
+/// (seeded from a snapshot), agents of cell-a and cell-b running.
+struct Pair {
+    dir: TempDir,
+    rules: std::path::PathBuf,
+    secret: std::path::PathBuf,
+    text: String,
+    db_a: std::path::PathBuf,
+    copy_at_b: std::path::PathBuf,
+    a: cell_agent::RunningAgent,
+    b: cell_agent::RunningAgent,
+}
+
+async fn pair(tag: &str) -> Pair {
+    let dir = TempDir::new(tag);
+    let rules = dir.path("rules.toml");
     let secret = secret_file(&dir);
     let (la, lb) = (bind().await, bind().await);
     let text = with_internal(
@@ -125,13 +133,37 @@ async fn a_shard_switches_over_and_back_under_writes_without_losing_one() {
             ("cell-b", lb.1.local_addr().unwrap()),
         ],
     );
-    std::fs::write(&rules_path, &text).unwrap();
+    std::fs::write(&rules, &text).unwrap();
     let (db_a, copy_at_b) = (dir.path("cell-a.db"), dir.path("cell-a.replica.db"));
     journal::enable(&db_a).unwrap();
     drop(cell_agent::store::sqlite::SqliteStore::open(&db_a, "cell-a").unwrap());
     replica::sync(&db_a, &copy_at_b).unwrap();
-    let b = agent(&dir, "cell-b", &rules_path, lb).await;
-    let a = agent(&dir, "cell-a", &rules_path, la).await;
+    let b = agent(&dir, "cell-b", &rules, lb).await;
+    let a = agent(&dir, "cell-a", &rules, la).await;
+    Pair {
+        dir,
+        rules,
+        secret,
+        text,
+        db_a,
+        copy_at_b,
+        a,
+        b,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shard_switches_over_and_back_under_writes_without_losing_one() {
+    let Pair {
+        dir,
+        rules: rules_path,
+        secret,
+        text,
+        db_a,
+        copy_at_b,
+        a,
+        b,
+    } = pair("switchover").await;
     let cells = [a.addr, b.addr];
     let client = client();
     let users = users_in(&text, "cell-a", 40);
@@ -161,7 +193,7 @@ async fn a_shard_switches_over_and_back_under_writes_without_losing_one() {
     .await;
 
     // A → B: the standby's copy becomes the primary; A's own file a replica.
-    let (code, out, err) = switchover(&rules_path, &secret, "cell-a", "cell-b");
+    let (code, out, err) = switchover(&rules_path, &secret, "cell-a", "cell-b").await;
     assert_eq!(code, 0, "{out}{err}");
     let outcome: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(outcome["result"], "switched", "{out}");
@@ -191,15 +223,15 @@ async fn a_shard_switches_over_and_back_under_writes_without_losing_one() {
 
     // Bad requests change nothing: a switchover to a cell that is not the
     // standby, and one to where the shard already is.
-    let (code, out, err) = switchover(&rules_path, &secret, "cell-a", "cell-c");
+    let (code, out, err) = switchover(&rules_path, &secret, "cell-a", "cell-c").await;
     assert_eq!(code, 1, "{out}");
     assert!(err.contains("not the standby"), "{err}");
-    let (code, _, err) = switchover(&rules_path, &secret, "cell-a", "cell-b");
+    let (code, _, err) = switchover(&rules_path, &secret, "cell-a", "cell-b").await;
     assert_eq!(code, 1);
     assert!(err.contains("nothing to do"), "{err}");
 
     // B → A: home again (A's file applied B's journal meanwhile).
-    let (code, out, err) = switchover(&rules_path, &secret, "cell-a", "cell-a");
+    let (code, out, err) = switchover(&rules_path, &secret, "cell-a", "cell-a").await;
     assert_eq!(code, 0, "{out}{err}");
     let before = count();
     wait_until(
@@ -239,4 +271,148 @@ async fn a_shard_switches_over_and_back_under_writes_without_losing_one() {
     assert!(check(&db_a).ok(), "{:?}", check(&db_a).violations);
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// The roles and LSNs of the copies, read from the files.
+fn role(db: &Path) -> String {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.query_row(
+        "SELECT COALESCE((SELECT value FROM local WHERE key = 'role'), 'primary')",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+fn slot_epoch(db: &Path, slot: u32) -> (i64, String) {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.query_row(
+        "SELECT epoch, state FROM slot_owner WHERE slot = ?1",
+        [slot],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_that_does_not_catch_up_rolls_the_switchover_back() {
+    let p = pair("rollback").await;
+    let client = client();
+    let user = users_in(&p.text, "cell-a", 1).remove(0);
+    assert_eq!(
+        deposit(&client, p.a.addr, &user, 5, "before").await.status,
+        200
+    );
+    // The standby goes away: the demotion is acknowledged by cell-a alone
+    // (degraded), and cell-b never applies it.
+    p.b.shutdown().await;
+    let req = routing_rules::switchover::Request {
+        rules: p.rules.clone(),
+        cell: "cell-a".into(),
+        to: "cell-b".into(),
+        catch_up_timeout: Duration::from_millis(300),
+    };
+    let secret = routing_rules::auth::ClusterSecret::from_file(&p.secret).unwrap();
+    let out = routing_rules::switchover::run(&req, secret).await.unwrap();
+    assert_eq!(out.result, "rolled-back");
+    // cell-a holds its shard again, at epoch 1 + 2; the rules say so.
+    assert_eq!(role(&p.db_a), "primary");
+    assert_eq!(slot_epoch(&p.db_a, 0), (3, "open".to_string()));
+    let text = std::fs::read_to_string(&p.rules).unwrap();
+    let rules = routing_rules::parse_rules(&text).unwrap();
+    assert_eq!(rules.host_of("cell-a"), "cell-a");
+    assert!(
+        rules
+            .table
+            .iter()
+            .filter(|r| r.cell == "cell-a")
+            .all(|r| r.epoch == 3),
+        "{text}"
+    );
+    assert!(!p.dir.path("rules.toml.switchover.json").exists());
+    // Writes go on at cell-a once it runs the new rules; the first one
+    // that was acknowledged is still there.
+    wait_until("cell-a takes writes again", Duration::from_secs(10), || {
+        let (client, addr, user) = (client.clone(), p.a.addr, user.clone());
+        async move { deposit(&client, addr, &user, 1, "after").await.status == 200 }
+    })
+    .await;
+    assert_eq!(balance(&client, p.a.addr, &user).await, 6);
+    assert_eq!(role(&p.copy_at_b), "replica");
+    p.a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_switchover_cut_off_after_the_ban_is_finished_by_running_it_again() {
+    let p = pair("resume").await;
+    let client = client();
+    let user = users_in(&p.text, "cell-a", 1).remove(0);
+    assert_eq!(
+        deposit(&client, p.a.addr, &user, 7, "before").await.status,
+        200
+    );
+    // What a run killed right after the demotion leaves: cell-a's copy a
+    // replica, the phase recorded as catch-up with its LSN.
+    let internal = p.a.internal_addr.unwrap();
+    let secret = routing_rules::auth::ClusterSecret::from_file(&p.secret).unwrap();
+    let body = br#"{"ranges": [[0, 32, 2]]}"#;
+    let path = "/v1/internal/shards/cell-a/demote";
+    let mut req = http::Request::post(format!("http://{internal}{path}"))
+        .header("content-type", "application/json");
+    for (n, v) in secret.sign("POST", path, "operator", now_ms(), body) {
+        req = req.header(n, v);
+    }
+    let resp = client
+        .request(
+            req.body(http_body_util::Full::new(bytes::Bytes::from_static(body)))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let lsn = {
+        use http_body_util::BodyExt;
+        let v: serde_json::Value =
+            serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        v["lsn"].as_i64().unwrap()
+    };
+    assert_eq!(role(&p.db_a), "replica");
+    assert_eq!(
+        deposit(&client, p.a.addr, &user, 1, "during").await.status,
+        421
+    );
+    let record = serde_json::json!({
+        "cell": "cell-a", "from": "cell-a", "to": "cell-b", "ranges": [[0, 32, 2]],
+        "phase": "catch-up", "lsn": lsn, "started_ms": now_ms(),
+    });
+    std::fs::write(p.dir.path("rules.toml.switchover.json"), record.to_string()).unwrap();
+    let req = routing_rules::switchover::Request {
+        rules: p.rules.clone(),
+        cell: "cell-a".into(),
+        to: "cell-b".into(),
+        catch_up_timeout: Duration::from_secs(5),
+    };
+    let out = routing_rules::switchover::run(&req, secret).await.unwrap();
+    assert_eq!(out.result, "switched");
+    assert_eq!(role(&p.copy_at_b), "primary");
+    assert_eq!(slot_epoch(&p.copy_at_b, 0), (2, "open".to_string()));
+    wait_until(
+        "cell-b serves cell-a's users",
+        Duration::from_secs(10),
+        || {
+            let (client, addr, user) = (client.clone(), p.b.addr, user.clone());
+            async move { deposit(&client, addr, &user, 1, "after").await.status == 200 }
+        },
+    )
+    .await;
+    assert_eq!(balance(&client, p.b.addr, &user).await, 8);
+    p.a.shutdown().await;
+    p.b.shutdown().await;
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }

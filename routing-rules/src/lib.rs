@@ -18,6 +18,8 @@
 //! assert_eq!(table.cell_name(d.serving_cell), "a");
 //! ```
 
+#[cfg(feature = "client")]
+pub mod auth;
 pub mod diff;
 pub mod edit;
 pub mod error;
@@ -28,6 +30,8 @@ pub mod key;
 pub mod model;
 pub mod rebalance;
 pub mod revision;
+#[cfg(feature = "client")]
+pub mod switchover;
 pub mod table;
 pub mod validate;
 

@@ -350,3 +350,115 @@ fn bump_raises_the_revision_in_place_and_keeps_comments() {
     let out = cellctl(&["rules", "validate", path.to_str().unwrap()]);
     assert!(stdout(&out).contains("revision 2"), "{}", stdout(&out));
 }
+
+#[test]
+fn switchover_refuses_bad_requests_and_changes_nothing() {
+    let dir = TempDir::new("switchover");
+    let text = "revision = 1\nslots = 4\n[cells.a]\nblue = [\"127.0.0.1:1\"]\nstandby = \"b\"\ninternal = [\"127.0.0.1:9\"]\n[cells.b]\nblue = [\"127.0.0.1:2\"]\n[cells.c]\nblue = [\"127.0.0.1:3\"]\n[[ranges]]\nfrom = 0\nto = 1\ncell = \"a\"\n[[ranges]]\nfrom = 2\nto = 3\ncell = \"b\"\n";
+    let rules = dir.file("rules.toml", text);
+    let secret = dir.file("secret", "0123456789abcdef0123456789abcdef-secret\n");
+    let state = format!("{rules}.switchover.json");
+    let run = |args: &[&str]| {
+        let mut all = vec!["switchover"];
+        all.extend_from_slice(args);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cellctl"));
+        c.args(&all)
+            .env_remove("CELLGATE_INTERNAL_SECRET_FILE")
+            .env_remove("CELLGATE_INTERNAL_SECRET");
+        c.output().unwrap()
+    };
+    for (args, expect) in [
+        (vec!["a", "--to", "b", "--rules", &rules], "cluster secret"),
+        (
+            vec![
+                "a",
+                "--to",
+                "c",
+                "--rules",
+                &rules,
+                "--internal-secret-file",
+                &secret,
+            ],
+            "not the standby",
+        ),
+        (
+            vec![
+                "a",
+                "--to",
+                "z",
+                "--rules",
+                &rules,
+                "--internal-secret-file",
+                &secret,
+            ],
+            "no such cell",
+        ),
+        (
+            vec![
+                "z",
+                "--to",
+                "b",
+                "--rules",
+                &rules,
+                "--internal-secret-file",
+                &secret,
+            ],
+            "not defined",
+        ),
+        (
+            vec![
+                "a",
+                "--to",
+                "a",
+                "--rules",
+                &rules,
+                "--internal-secret-file",
+                &secret,
+            ],
+            "nothing to do",
+        ),
+        (
+            vec!["a", "--to", "b", "--internal-secret-file", &secret],
+            "--rules",
+        ),
+    ] {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(expect), "{args:?}: {}", stderr(&o));
+        assert_eq!(std::fs::read_to_string(&rules).unwrap(), text, "{args:?}");
+        assert!(!Path::new(&state).exists(), "{args:?}");
+    }
+    // The target's agents cannot be reached: the phase stays recorded, the
+    // rules unchanged, and the error says which cell did not answer.
+    let o = run(&[
+        "a",
+        "--to",
+        "b",
+        "--rules",
+        &rules,
+        "--internal-secret-file",
+        &secret,
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no agent of cell a answered"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read_to_string(&rules).unwrap(), text);
+    let recorded: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert_eq!(recorded["phase"], "demote");
+    // Another switchover while one is recorded is refused.
+    let o = run(&[
+        "a",
+        "--to",
+        "c",
+        "--rules",
+        &rules,
+        "--internal-secret-file",
+        &secret,
+    ]);
+    assert!(stderr(&o).contains("in progress"), "{}", stderr(&o));
+    let help = cellctl(&["switchover", "--help"]);
+    assert!(stdout(&help).contains("--catch-up-timeout-ms"));
+}

@@ -21,8 +21,7 @@ use crate::api::Api;
 use crate::store::sqlite::shard::{self, EpochRange};
 use crate::store::{DomainError, Store, WriteOp};
 
-/// The prefix of the shard endpoints.
-pub const SHARDS_PATH: &str = "/v1/internal/shards/";
+pub use routing_rules::switchover::SHARDS_PATH;
 
 /// What a request under [`SHARDS_PATH`] asks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,5 +133,3 @@ pub async fn handle<S: Store>(
         }
     }
 }
-
-pub mod drive;

@@ -11,6 +11,8 @@ use routing_rules::{parse_rules, CellState, Colour, Rules};
 
 mod offline;
 mod online;
+#[cfg(feature = "client")]
+mod switch;
 
 thread_local! {
     /// The live rules fetched for `cellctl route` without `--rules`.
@@ -208,6 +210,17 @@ enum Command {
     /// Shard replication (live, from the control plane).
     #[command(subcommand)]
     Replication(ReplicationCommand),
+    /// Move a replicated cell's shard to its synchronous standby with no
+    /// acknowledged write lost: ban its slots at the current host (whose
+    /// copy becomes a replica), wait until the standby applied the ban,
+    /// promote the standby's copy, then move the shard in the rules
+    /// (`hosted_by`, epochs +1, next revision). Each phase is recorded
+    /// first (RULES.switchover.json): run the same command again to finish
+    /// one that was cut off. `--to CELL` (the cell itself) brings a moved
+    /// shard home. If the standby does not catch up in time, the old host
+    /// takes the slots back: rolled back, exit 1.
+    #[cfg(feature = "client")]
+    Switchover(switch::SwitchoverArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -529,5 +542,7 @@ fn run(cli: Cli) -> Result<()> {
         }) => offline::rebalance_file(&file, add, remove, &out, output),
         Command::Rules(RulesCommand::Bump { file, out }) => offline::bump(&file, out),
         Command::Route(args) => offline::route(args, None),
+        #[cfg(feature = "client")]
+        Command::Switchover(args) => switch::switchover(args),
     }
 }

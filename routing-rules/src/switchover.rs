@@ -20,11 +20,21 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use routing_rules::edit;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::ClusterSecret;
-use crate::store::sqlite::unix_ms;
+use crate::edit;
+
+/// The prefix of the agents' shard endpoints (internal listener):
+/// `GET PREFIX/CELL`, `POST PREFIX/CELL/demote`, `POST PREFIX/CELL/promote`.
+pub const SHARDS_PATH: &str = "/v1/internal/shards/";
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
 
 /// Who signs the steps.
 const OPERATOR: &str = "operator";
@@ -101,7 +111,7 @@ pub struct Request {
 
 /// Checks the request against the rules and makes the plan.
 pub fn plan(text: &str, req: &Request) -> Result<Plan> {
-    let rules = routing_rules::parse_rules(text)
+    let rules = crate::parse_rules(text)
         .map_err(|e| anyhow::anyhow!("{}: invalid rules: {e}", req.rules.display()))?;
     let (cell, to) = (req.cell.as_str(), req.to.as_str());
     if !rules.cells.contains_key(cell) {
@@ -143,7 +153,7 @@ pub fn plan(text: &str, req: &Request) -> Result<Plan> {
 struct Agents {
     client: Client<HttpConnector, Full<Bytes>>,
     secret: ClusterSecret,
-    rules: routing_rules::Rules,
+    rules: crate::Rules,
 }
 
 impl Agents {
@@ -202,7 +212,7 @@ impl Agents {
         action: &str,
         ranges: &[(u32, u32, u64)],
     ) -> Result<i64> {
-        let path = format!("{}{shard}/{action}", super::SHARDS_PATH);
+        let path = format!("{}{shard}/{action}", SHARDS_PATH);
         let (status, v) = self
             .call(
                 cell,
@@ -220,13 +230,40 @@ impl Agents {
     }
 
     async fn applied(&self, cell: &str, shard: &str) -> Result<i64> {
-        let path = format!("{}{shard}", super::SHARDS_PATH);
+        let path = format!("{}{shard}", SHARDS_PATH);
         let (status, v) = self.call(cell, "GET", &path, None).await?;
         if status != 200 {
             bail!("cell {cell} has no copy of {shard}'s shard: {status} {v}");
         }
         Ok(v["lsn"].as_i64().unwrap_or(0))
     }
+}
+
+/// The last phase: the rules give the shard to `host` with every range's
+/// epoch raised by `epochs` (1 after a promotion; 2 after a roll-back,
+/// whose reopening skipped the epoch of the abandoned move), at the next
+/// revision; the record is removed.
+fn finish(
+    req: &Request,
+    state: &Path,
+    plan: Plan,
+    (host, epochs): (&str, u32),
+    result: &'static str,
+    t0: Instant,
+) -> Result<Outcome> {
+    let mut text = std::fs::read_to_string(&req.rules)?;
+    for _ in 0..epochs {
+        text = edit::move_shard(&text, &plan.cell, host)?;
+    }
+    let (next, revision) = edit::bump_revision(&text)?;
+    write_atomically(&req.rules, &next)?;
+    std::fs::remove_file(state).ok();
+    Ok(Outcome {
+        plan,
+        result,
+        stall_ms: t0.elapsed().as_millis() as u64,
+        revision: Some(revision),
+    })
 }
 
 /// Runs (or resumes) the switchover.
@@ -240,7 +277,7 @@ pub async fn run(req: &Request, secret: ClusterSecret) -> Result<Outcome> {
                 .with_context(|| format!("{} is not a switchover record", state.display()))?;
             if p.cell != req.cell || p.to != req.to {
                 bail!(
-                    "a switchover of cell {} to {} is in progress ({}); run `cell-agent switchover --cell {} --to {}` to finish it first",
+                    "a switchover of cell {} to {} is in progress ({}); run `cellctl switchover {} --to {}` again to finish it first",
                     p.cell, p.to, state.display(), p.cell, p.to
                 );
             }
@@ -256,7 +293,7 @@ pub async fn run(req: &Request, secret: ClusterSecret) -> Result<Outcome> {
     let agents = Agents {
         client: Client::builder(TokioExecutor::new()).build_http(),
         secret,
-        rules: routing_rules::parse_rules(&text)?,
+        rules: crate::parse_rules(&text)?,
     };
     let t0 = Instant::now();
     loop {
@@ -296,17 +333,8 @@ pub async fn run(req: &Request, secret: ClusterSecret) -> Result<Outcome> {
                 record(&state, &plan)?;
             }
             "route" => {
-                let current = std::fs::read_to_string(&req.rules)?;
-                let moved = edit::move_shard(&current, &plan.cell, &plan.to)?;
-                let (next, revision) = edit::bump_revision(&moved)?;
-                write_atomically(&req.rules, &next)?;
-                std::fs::remove_file(&state).ok();
-                return Ok(Outcome {
-                    plan,
-                    result: "switched",
-                    stall_ms: t0.elapsed().as_millis() as u64,
-                    revision: Some(revision),
-                });
+                let (to, epochs) = (plan.to.clone(), 1);
+                return finish(req, &state, plan, (&to, epochs), "switched", t0);
             }
             "roll-back" => {
                 // The target never applied the ban: the old host takes the
@@ -315,22 +343,8 @@ pub async fn run(req: &Request, secret: ClusterSecret) -> Result<Outcome> {
                 agents
                     .step(&plan.from, &plan.cell, "promote", &back)
                     .await?;
-                let current = std::fs::read_to_string(&req.rules)?;
-                let mut text = current.clone();
-                for _ in 0..2 {
-                    text = edit::move_shard(&text, &plan.cell, &plan.from)?;
-                }
-                // move_shard to the current host raised each epoch by one;
-                // twice gives the +2 the old host reopened at.
-                let (next, revision) = edit::bump_revision(&text)?;
-                write_atomically(&req.rules, &next)?;
-                std::fs::remove_file(&state).ok();
-                return Ok(Outcome {
-                    plan,
-                    result: "rolled-back",
-                    stall_ms: t0.elapsed().as_millis() as u64,
-                    revision: Some(revision),
-                });
+                let from = plan.from.clone();
+                return finish(req, &state, plan, (&from, 2), "rolled-back", t0);
             }
             other => bail!("{}: unknown phase {other:?}", state.display()),
         }

@@ -1,0 +1,79 @@
+//! `cellctl switchover`: moves a replicated cell's shard to its standby
+//! (see `routing_rules::switchover`).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use routing_rules::auth::{ClusterSecret, SECRET_ENV};
+use routing_rules::switchover::{run, Outcome, Request};
+
+use crate::{Output, OutputArg, Reported};
+
+/// Flags of `cellctl switchover`.
+#[derive(Debug, Args)]
+pub(crate) struct SwitchoverArgs {
+    /// The cell whose shard moves.
+    cell: String,
+    /// Where to: the shard's synchronous standby (or the cell itself, to
+    /// bring a moved shard home).
+    #[arg(long, value_name = "OTHER")]
+    to: String,
+    /// The rules file the cells follow (the embedded mode).
+    #[arg(long, value_name = "FILE")]
+    rules: Option<PathBuf>,
+    /// How long the standby may take to apply the ban before the
+    /// switchover is rolled back, ms.
+    #[arg(long, value_name = "MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    catch_up_timeout_ms: u64,
+    /// The cluster secret the agents' internal listeners check (env
+    /// CELLGATE_INTERNAL_SECRET_FILE; or the secret itself in
+    /// CELLGATE_INTERNAL_SECRET).
+    #[arg(long, value_name = "PATH", env = "CELLGATE_INTERNAL_SECRET_FILE")]
+    internal_secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    out: OutputArg,
+}
+
+pub(crate) fn switchover(args: SwitchoverArgs) -> Result<()> {
+    let rules = args.rules.clone().context(
+        "give --rules FILE: the switchover drives a rules file for now (the etcd flavour comes next)",
+    )?;
+    let secret = ClusterSecret::load(args.internal_secret_file.as_deref())?.with_context(|| {
+        format!("the agents' cluster secret is needed: --internal-secret-file PATH (or {SECRET_ENV} in the environment)")
+    })?;
+    let req = Request {
+        rules,
+        cell: args.cell,
+        to: args.to,
+        catch_up_timeout: std::time::Duration::from_millis(args.catch_up_timeout_ms),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let out: Outcome = rt.block_on(run(&req, secret))?;
+    match args.out.output {
+        Output::Json => println!("{}", serde_json::to_string(&out)?),
+        Output::Text => {
+            let switched = out.result == "switched";
+            println!(
+                "{}: cell {}'s shard {} {} (slots banned for {} ms; rules revision {})",
+                out.result,
+                out.plan.cell,
+                if switched { "moved to" } else { "stays at" },
+                if switched {
+                    &out.plan.to
+                } else {
+                    &out.plan.from
+                },
+                out.stall_ms,
+                out.revision.map(|r| r.to_string()).unwrap_or_default()
+            );
+        }
+    }
+    if out.result == "switched" {
+        Ok(())
+    } else {
+        Err(Reported.into())
+    }
+}
