@@ -41,6 +41,11 @@ pub async fn run<S: Store>(
                 .await;
             let counts = match r {
                 Ok((_, v)) => v,
+                Err(e) if e.code == "shard_moved" => {
+                    // This copy is a replica now: its primary prunes.
+                    tracing::debug!("not pruning a replica");
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "pruning failed; will retry");
                     break;

@@ -208,14 +208,15 @@ impl RulesHolder {
         if self.follows_etcd() {
             return Ok(None);
         }
+        // One reload at a time, held to the end: a second caller (a
+        // catch-up racing the periodic check) that found the stamp already
+        // taken must not return before the first one installed the rules.
+        let mut last_stamp = self.last_stamp.lock().unwrap_or_else(|e| e.into_inner());
         let stamp = file_stamp(&self.path);
-        {
-            let mut last = self.last_stamp.lock().unwrap_or_else(|e| e.into_inner());
-            if stamp.is_some() && *last == stamp {
-                return Ok(None);
-            }
-            *last = stamp;
+        if stamp.is_some() && *last_stamp == stamp {
+            return Ok(None);
         }
+        *last_stamp = stamp;
         let text = read_capped(&self.path)?;
         let mut last = self.last_text.lock().unwrap_or_else(|e| e.into_inner());
         if *last == text {

@@ -128,6 +128,20 @@ pub struct ServeConfig {
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub retry_min_per_s: u32,
 
+    /// How long a request the cell answered `421 Misdirected` (its shard is
+    /// moving in a switchover, or the gateway's rules are stale) is held
+    /// for newer rules before it is sent again to the new owner; 0 passes
+    /// the 421 on. Only requests whose body was read in full (up to
+    /// --client-body-buffer-bytes) are held. After the wait: 503
+    /// `shard_moving` with Retry-After.
+    #[arg(long, value_name = "MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub hold_ms: u64,
+
+    /// Most requests held at once (see --hold-ms); one more gets 503
+    /// `shard_moving` at once.
+    #[arg(long, value_name = "N", default_value_t = 4_096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub hold_queue: u32,
+
     /// Request bodies up to this size are read in full before an upstream
     /// connection is taken; larger ones are streamed once this much arrived.
     #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(1..=16 * 1024 * 1024))]
@@ -222,6 +236,8 @@ impl ServeConfig {
             retry_budget_percent: 20,
             retry_min_per_s: 10,
             client_body_buffer_bytes: 64 * 1024,
+            hold_ms: 2_000,
+            hold_queue: 4_096,
             client_body_timeout_ms: 10_000,
             send_timeout_ms: 60_000,
             idle_timeout_ms: 30_000,

@@ -263,6 +263,9 @@ pub struct Control {
     registered: Mutex<std::collections::BTreeMap<(String, String), Vec<String>>>,
     /// Serialises installs (rules changes and registration changes).
     install_lock: Mutex<()>,
+    /// The revision of the generation installed last (held requests wait
+    /// on it).
+    installed: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Control {
@@ -347,6 +350,7 @@ impl Control {
             good_text: Mutex::new(text.clone()),
             registered: Mutex::new(Default::default()),
             install_lock: Mutex::new(()),
+            installed: tokio::sync::watch::Sender::new(0),
             last_text: Mutex::new(text),
             max_rules_bytes: std::sync::atomic::AtomicU64::new(
                 routing_rules::DEFAULT_MAX_DOCUMENT_BYTES,
@@ -558,6 +562,22 @@ impl Control {
             cells,
             loaded_at: SystemTime::now(),
         }));
+        self.installed.send_replace(rev);
+    }
+
+    /// Waits until a generation with a revision above `revision` is
+    /// installed (at most until `until`); returns it.
+    pub async fn newer_than(
+        &self,
+        revision: u64,
+        until: tokio::time::Instant,
+    ) -> Option<Arc<Generation>> {
+        let mut rx = self.installed.subscribe();
+        let newer = tokio::time::timeout_at(until, rx.wait_for(|r| *r > revision)).await;
+        match newer {
+            Ok(Ok(_)) => Some(self.current()),
+            _ => None,
+        }
     }
 
     /// Watches `path` every `interval` until `stop` resolves.

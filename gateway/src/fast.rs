@@ -206,8 +206,14 @@ pub async fn serve_connection(
                 }
             }
         };
-        buf.advance(prepared.head_len);
+        let mut gen = gen;
         let mut keep_alive = prepared.keep_alive && !stopping;
+        let head_len = prepared.head_len;
+        // A request whose body fits the buffer is kept (head and body) so
+        // that a 421 from the cell can be held and sent again (--hold-ms).
+        let replayable = !shared.settings.hold.is_zero()
+            && prepared.out.is_ok()
+            && prepared.body_len <= shared.settings.client_body_buffer;
 
         // 2. Forward, or answer ourselves.
         let outcome = match prepared.out {
@@ -215,7 +221,8 @@ pub async fn serve_connection(
                 // The body (up to the buffer size) arrives before an
                 // upstream connection is taken: a slow client holds nothing
                 // of the cell.
-                let want = prepared.body_len.min(shared.settings.client_body_buffer) as usize;
+                let want =
+                    head_len + prepared.body_len.min(shared.settings.client_body_buffer) as usize;
                 while buf.len() < want {
                     let read = tokio::time::timeout(
                         shared.settings.client_body_timeout,
@@ -239,6 +246,9 @@ pub async fn serve_connection(
                         }
                     }
                 }
+                let replay = replayable
+                    .then(|| Bytes::copy_from_slice(&buf[..head_len + prepared.body_len as usize]));
+                buf.advance(head_len);
                 let body = if prepared.body_len > 0 {
                     ReqBody::Fixed {
                         stream: &mut stream,
@@ -248,11 +258,26 @@ pub async fn serve_connection(
                 } else {
                     ReqBody::Empty
                 };
-                let timer = Some(idle.as_mut());
-                let fwd = shared.forward(&gen, &mut out, body, timer).await;
-                fwd.map(|f| (f, out))
+                let fwd = shared
+                    .forward(&gen, &mut out, body, Some(idle.as_mut()))
+                    .await;
+                match replay {
+                    Some(replay) => {
+                        let again = Replay {
+                            bytes: replay,
+                            head_len,
+                            peer_ip: peer_ip.as_bytes(),
+                        };
+                        hold_misdirected(shared, &mut gen, fwd.map(|f| (f, out)), again, &mut spare)
+                            .await
+                    }
+                    None => fwd.map(|f| (f, out)),
+                }
             }
-            Err(r) => Err(r),
+            Err(r) => {
+                buf.advance(head_len);
+                Err(r)
+            }
         };
         let (fwd, out) = match outcome {
             Ok(x) => x,
@@ -298,6 +323,54 @@ pub async fn serve_connection(
         spare = out.into_wire();
         last_activity = Instant::now();
     }
+}
+
+/// A request kept to be sent again: its head and whole body as received.
+struct Replay<'a> {
+    bytes: Bytes,
+    head_len: usize,
+    peer_ip: &'a [u8],
+}
+
+/// While the cell answers `421 Misdirected` (nothing applied: the user's
+/// shard is moving, or these rules are stale), holds the request for newer
+/// rules and sends it again, routed with them, within `--hold-ms` in all.
+async fn hold_misdirected(
+    shared: &Shared,
+    gen: &mut Arc<crate::control::Generation>,
+    mut outcome: Result<(Forwarded, Outgoing), Refusal>,
+    replay: Replay<'_>,
+    spare: &mut Vec<u8>,
+) -> Result<(Forwarded, Outgoing), Refusal> {
+    let until = tokio::time::Instant::now() + shared.settings.hold;
+    while matches!(&outcome, Ok((f, _)) if f.head.status == 421) {
+        // The 421's connection is dropped with its unread answer.
+        drop(outcome);
+        *gen = shared.hold(gen.table.revision(), until).await?;
+        let Next::Request(p) = prepare(shared, gen, &replay.bytes, replay.peer_ip, spare) else {
+            return Err(Refusal::new(
+                http::StatusCode::BAD_GATEWAY,
+                "replay_failed",
+                "the held request could not be routed again",
+            ));
+        };
+        let mut out = p.out?;
+        // The whole body is in hand: sent as a body read in advance.
+        let body = if p.body_len > 0 {
+            ReqBody::Stream {
+                prefix: replay.bytes.slice(replay.head_len..),
+                rest: None,
+                framing: BodyHead::Length(p.body_len),
+            }
+        } else {
+            ReqBody::Empty
+        };
+        outcome = shared
+            .forward(gen, &mut out, body, None)
+            .await
+            .map(|f| (f, out));
+    }
+    outcome
 }
 
 /// How to answer: the rules the request was routed with, and what the

@@ -62,6 +62,11 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     /// `cellgate_retries_denied_total`: retries the budget refused.
     pub retries_denied: IntCounter,
+    /// `cellgate_held_requests_total{outcome}`: requests answered 421 and
+    /// held for newer rules (released, timeout, overflow).
+    pub held: IntCounterVec,
+    /// `cellgate_hold_seconds`: how long held requests waited.
+    pub hold_seconds: Histogram,
     /// `cellgate_client_errors_total{kind}`: clients that were too slow or
     /// broke the protocol (never counted against a cell).
     pub client_errors: IntCounterVec,
@@ -150,6 +155,23 @@ impl Metrics {
             retries_denied: reg(
                 r,
                 IntCounter::new("cellgate_retries_denied_total", "Retries refused by the retry budget (the request failed instead).")?,
+            )?,
+            held: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("cellgate_held_requests_total", "Requests a cell answered 421 Misdirected (shard moving, or stale rules) that the gateway held for newer rules: released (sent again to the new owner), timeout or overflow (answered 503 shard_moving)."),
+                    &["outcome"],
+                )?,
+            )?,
+            hold_seconds: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "cellgate_hold_seconds",
+                        "Time requests were held for newer rules (see cellgate_held_requests_total).",
+                    )
+                    .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0]),
+                )?,
             )?,
             client_errors: reg(
                 r,

@@ -91,6 +91,8 @@ pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<Runni
             max_head: cfg.max_head_bytes as usize,
             retry_budget_ratio: cfg.retry_budget_percent as f32 / 100.0,
             retry_min_per_s: cfg.retry_min_per_s,
+            hold: Duration::from_millis(cfg.hold_ms),
+            hold_queue: cfg.hold_queue as usize,
         },
     );
     let front = Arc::new(FrontEnd {

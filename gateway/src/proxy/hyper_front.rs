@@ -131,20 +131,24 @@ async fn handle_hyper(
         .iter()
         .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
         .collect();
-    let head = HeadParts {
-        method: parts.method.as_str().as_bytes(),
-        target,
-        headers: headers.iter().copied(),
-        wire: Vec::with_capacity(512),
-        host: if parts.version == Version::HTTP_2 {
-            authority
-        } else {
-            None
-        },
-        body: framing,
-        http11: parts.version == Version::HTTP_11,
+    let build = |gen: &crate::control::Generation| {
+        let head = HeadParts {
+            method: parts.method.as_str().as_bytes(),
+            target,
+            headers: headers.iter().copied(),
+            wire: Vec::with_capacity(512),
+            host: if parts.version == Version::HTTP_2 {
+                authority
+            } else {
+                None
+            },
+            body: framing,
+            http11: parts.version == Version::HTTP_11,
+        };
+        Outgoing::build(shared, gen, head, peer_ip, start)
     };
-    let mut out = match Outgoing::build(shared, &gen, head, peer_ip, start) {
+    let mut gen = gen;
+    let mut out = match build(&gen) {
         Ok(o) => o,
         Err(r) => return refusal_response(&r),
     };
@@ -173,7 +177,42 @@ async fn handle_hyper(
             }
         }
     };
-    let fwd = match shared.forward(&gen, &mut out, body, None).await {
+    // A request read in full is kept, so that a 421 from the cell can be
+    // held for newer rules and sent again (--hold-ms).
+    let replay = match &body {
+        _ if shared.settings.hold.is_zero() => None,
+        ReqBody::Empty => Some(None),
+        ReqBody::Stream {
+            prefix, rest: None, ..
+        } => Some(Some(prefix.clone())),
+        _ => None,
+    };
+    let mut fwd = shared.forward(&gen, &mut out, body, None).await;
+    if let Some(replay) = replay {
+        let until = tokio::time::Instant::now() + shared.settings.hold;
+        while matches!(&fwd, Ok(f) if f.head.status == 421) {
+            // The 421's connection is dropped with its unread answer.
+            drop(fwd);
+            gen = match shared.hold(gen.table.revision(), until).await {
+                Ok(g) => g,
+                Err(r) => return refusal_response(&r),
+            };
+            out = match build(&gen) {
+                Ok(o) => o,
+                Err(r) => return refusal_response(&r),
+            };
+            let body = match &replay {
+                None => ReqBody::Empty,
+                Some(prefix) => ReqBody::Stream {
+                    prefix: prefix.clone(),
+                    rest: None,
+                    framing,
+                },
+            };
+            fwd = shared.forward(&gen, &mut out, body, None).await;
+        }
+    }
+    let fwd = match fwd {
         Ok(f) => f,
         Err(r) => return refusal_response(&r),
     };

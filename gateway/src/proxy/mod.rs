@@ -65,6 +65,10 @@ pub struct ProxySettings {
     pub retry_budget_ratio: f32,
     /// Retries always allowed per second.
     pub retry_min_per_s: u32,
+    /// Longest hold of a request answered 421 (0: none).
+    pub hold: Duration,
+    /// Most requests held at once.
+    pub hold_queue: usize,
 }
 
 /// Generates request ids: a per-process random prefix and a counter.
@@ -117,6 +121,8 @@ pub struct Shared {
     budget: tower::retry::budget::TpsBudget,
     /// xorshift state for jitter.
     rng: AtomicU64,
+    /// Requests held now (see [`Shared::hold`]).
+    held: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -135,7 +141,45 @@ impl Shared {
             ids,
             budget,
             rng: AtomicU64::new(seed),
+            held: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Holds a request its cell answered `421 Misdirected` (not applied:
+    /// the user's shard is moving, or these rules are stale) until rules
+    /// newer than `revision` are installed, at most `until`; then the
+    /// caller routes it again with them. Bounded by `--hold-queue`.
+    pub(crate) async fn hold(
+        &self,
+        revision: u64,
+        until: tokio::time::Instant,
+    ) -> Result<Arc<crate::control::Generation>, Refusal> {
+        let metrics = self.control.metrics();
+        let moving = || {
+            Refusal::busy(
+                "shard_moving",
+                "the user's cell refused the request while its data moves between cells (switchover) or the routing rules change; nothing was applied, retry shortly",
+            )
+        };
+        if self.held.fetch_add(1, Ordering::AcqRel) >= self.settings.hold_queue {
+            self.held.fetch_sub(1, Ordering::AcqRel);
+            metrics.held.with_label_values(&["overflow"]).inc();
+            return Err(moving());
+        }
+        let start = std::time::Instant::now();
+        let newer = self.control.newer_than(revision, until).await;
+        self.held.fetch_sub(1, Ordering::AcqRel);
+        metrics.hold_seconds.observe(start.elapsed().as_secs_f64());
+        match newer {
+            Some(gen) => {
+                metrics.held.with_label_values(&["released"]).inc();
+                Ok(gen)
+            }
+            None => {
+                metrics.held.with_label_values(&["timeout"]).inc();
+                Err(moving())
+            }
+        }
     }
 
     /// A pseudo-random number (jitter; not for secrets).

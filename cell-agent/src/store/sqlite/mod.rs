@@ -430,6 +430,8 @@ impl Store for SqliteStore {
                     "SELECT o.id, o.transfer_id, t.from_user, o.to_user, o.to_cell, o.amount, o.attempts, o.created_ms
                      FROM outbox o JOIN transfers t ON t.id = o.transfer_id
                      WHERE o.delivered_ms IS NULL AND o.failed_ms IS NULL AND o.next_attempt_ms <= ?1
+                       -- a replica's outbox is its primary's to deliver
+                       AND NOT EXISTS (SELECT 1 FROM local WHERE key = 'role' AND value = 'replica')
                      ORDER BY o.id LIMIT ?2",
                 )
                 .map_err(storage)?;
