@@ -93,10 +93,19 @@ pub(crate) async fn claim_first_slots(
         .filter(|r| r.cell == rules.cell() && r.epoch == routing_rules::FIRST_EPOCH)
         .map(|r| (r.from, r.to))
         .collect();
-    let (_, reply) = store
+    let (_, reply) = match store
         .write(crate::store::WriteOp::ClaimSlots { ranges })
         .await
-        .map_err(|e| anyhow::anyhow!("cannot claim this cell's first slots: {e}"))?;
+    {
+        Ok(r) => r,
+        // A replica (the shard was moved to another cell): its slots
+        // come with its primary's journal, never by a claim.
+        Err(e) if e.code == "shard_moved" => {
+            tracing::info!(cell = rules.cell(), "this cell's copy of its shard is a replica: it follows the cell that holds the shard");
+            return Ok(());
+        }
+        Err(e) => anyhow::bail!("cannot claim this cell's first slots: {e}"),
+    };
     if reply["claimed"] == true {
         tracing::info!(cell = rules.cell(), slots = %reply["slots"], revision = table.revision(), "new store: opened the slots the rules give this cell at epoch 1");
     }

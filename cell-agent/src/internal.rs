@@ -105,6 +105,8 @@ async fn journal<S: Store>(
     #[serde(deny_unknown_fields)]
     struct Shipment {
         cell: String,
+        #[serde(default)]
+        timeline: crate::store::sqlite::journal::Timeline,
         batches: Vec<Batch>,
     }
     crate::body::require_json(req.headers())?;
@@ -113,10 +115,12 @@ async fn journal<S: Store>(
     speaks_for(api, &caller, &shipment.cell, "ships the journal of cell")?;
     require_standby_of(api, &shipment.cell)?;
     let replicas = api.replicas.clone();
-    let applied =
-        tokio::task::spawn_blocking(move || replicas.apply(&shipment.cell, &shipment.batches))
-            .await
-            .map_err(|e| DomainError::unavailable(format!("replica task failed: {e}")))?;
+    let cell = shipment.cell.clone();
+    let applied = tokio::task::spawn_blocking(move || {
+        replicas.apply(&shipment.cell, &shipment.timeline, &shipment.batches)
+    })
+    .await
+    .map_err(|e| DomainError::unavailable(format!("replica task failed: {e}")))?;
     match applied {
         Ok(lsn) => Ok((200, json!({"applied": lsn}))),
         Err(ReplicaError::Gap { have, got }) => Err(DomainError::new(
@@ -128,12 +132,22 @@ async fn journal<S: Store>(
             ),
         )
         .with_lsn(have)),
-        Err(e @ ReplicaError::NeedSnapshot { .. }) => {
+        Err(e @ (ReplicaError::NeedSnapshot { .. } | ReplicaError::Diverged { .. })) => {
             Err(DomainError::new(409, "need_snapshot", e.to_string()))
         }
-        Err(e @ ReplicaError::Primary { .. }) => {
+        // The primary under this cell's rules: the sender is a copy that
+        // was failed over (it must stop).
+        Err(e @ ReplicaError::Primary { .. }) if api.rules.table().rules().host_of(&cell) == api.rules.cell() => {
             Err(DomainError::new(409, "is_primary", e.to_string()))
         }
+        // A stale copy that still says primary although the rules give
+        // the shard to the sender (this cell's agent restarted after the
+        // shard was failed over away from it): it must be seeded again.
+        Err(ReplicaError::Primary { .. }) => Err(DomainError::new(
+            409,
+            "needs_failback",
+            format!("this cell's copy of cell {cell}'s shard still holds the tail it had when the shard was failed over away from it: seed it again (cellctl failback) before it can be a standby"),
+        )),
         Err(e) => Err(DomainError::unavailable(format!(
             "cannot apply the journal: {e}"
         ))),
@@ -191,6 +205,13 @@ async fn snapshot<S: Store>(
         ));
     }
     require_standby_of(api, &h.cell)?;
+    if h.cell == api.rules.cell() {
+        // The agent's own file is open under it: never replaced live.
+        return Err(DomainError::conflict(
+            "needs_failback",
+            format!("cell {}'s own copy of its shard is not replaced while its agents run: stop them and seed it again (cellctl failback)", h.cell),
+        ));
+    }
     let end = h.offset.checked_add(data.len() as u64);
     if h.total > MAX_SNAPSHOT_BYTES
         || end.is_none_or(|e| e > h.total)

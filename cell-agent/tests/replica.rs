@@ -235,3 +235,65 @@ async fn a_replica_behind_the_kept_journal_starts_again_from_a_snapshot() {
     assert_eq!(v["batches"], 0);
     assert_eq!(v["snapshot"], false);
 }
+
+/// After a failover, the old primary's copy went on past the point where
+/// the promoted copy's history began (its unacknowledged tail): it must
+/// refuse the new primary's journal (a snapshot brings it back), while a
+/// copy that is merely behind follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_with_a_diverged_tail_refuses_the_new_primary_journal() {
+    use cell_agent::store::sqlite::journal::timeline;
+    use cell_agent::store::sqlite::replica::Replicas;
+    use cell_agent::store::sqlite::shard;
+    let dir = TempDir::new("diverged");
+    let (old, behind, promoted) = (
+        dir.path("cell-a.db"),
+        dir.path("behind/cell-a.replica.db"),
+        dir.path("b/cell-a.replica.db"),
+    );
+    std::fs::create_dir_all(dir.path("behind")).unwrap();
+    std::fs::create_dir_all(dir.path("b")).unwrap();
+    cell_agent::store::sqlite::journal::enable(&old).unwrap();
+    let store = SqliteStore::open(&old, "cell-a").unwrap();
+    store
+        .write(WriteOp::ClaimSlots {
+            ranges: vec![(0, 15)],
+        })
+        .await
+        .unwrap();
+    workload(&store, 1).await;
+    sync(&old, &promoted).unwrap();
+    sync(&old, &behind).unwrap();
+    // The old primary goes on (its tail never reaches the standby) ...
+    workload(&store, 2).await;
+    drop(store);
+    // ... and the standby's copy is promoted (a failover) and takes writes.
+    let since = shard::promote(&promoted, "cell-a", &[(0, 15, 2)]).unwrap();
+    let new = SqliteStore::open(&promoted, "cell-a").unwrap();
+    new.write(WriteOp::Deposit {
+        user: "u1".into(),
+        amount: 5,
+        key: "after-failover".into(),
+        slot: 1,
+        at: Some(SlotStamp { slot: 1, epoch: 2 }),
+    })
+    .await
+    .unwrap();
+    let (tl, batches) = new.journal_after(since - 1, 100).await.unwrap();
+    assert_eq!(tl.since, since);
+    assert!(!tl.id.is_empty());
+    // The old primary, now a replica of the promoted copy: refused.
+    {
+        let c = rusqlite::Connection::open(&old).unwrap();
+        shard::set_role(&c, shard::Role::Replica).unwrap();
+    }
+    let at_old = Replicas::new(dir.0.clone(), ("cell-a".into(), old.clone()));
+    let e = at_old.apply("cell-a", &tl, &batches).unwrap_err();
+    assert!(matches!(e, ReplicaError::Diverged { .. }), "{e}");
+    // A copy that stopped before the branch point follows the new history.
+    let at_behind = Replicas::new(dir.path("behind"), ("cell-z".into(), dir.path("z.db")));
+    let lsn = at_behind.apply("cell-a", &tl, &batches).unwrap();
+    assert_eq!(lsn, batches.last().unwrap().lsn);
+    let c = rusqlite::Connection::open(&behind).unwrap();
+    assert_eq!(timeline(&c).unwrap(), tl);
+}

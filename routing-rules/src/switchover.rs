@@ -72,6 +72,31 @@ pub struct Outcome {
     pub revision: Option<u64>,
 }
 
+/// In the embedded mode (a rules file), where the replication record of
+/// `cell`'s shard is kept for the operators' tools: next to the rules, as
+/// etcd keeps it under `replication/CELL`.
+pub fn record_path(rules: &Path, cell: &str) -> PathBuf {
+    PathBuf::from(format!("{}.replication", rules.display())).join(format!("{cell}.json"))
+}
+
+/// The lock (an advisory file lock next to the rules) that makes "go on
+/// without the standby" (an agent) and "fail over to the standby"
+/// (`cellctl failover`) exclude each other: the agent records degraded only
+/// after checking, under the lock, that its shard has not moved; the
+/// failover checks the record and moves the shard under the same lock.
+pub fn lock_rules(rules: &Path) -> std::io::Result<std::fs::File> {
+    let path = PathBuf::from(format!("{}.lock", rules.display()));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    // fs4 (an flock on Unix): std's File::lock needs Rust 1.89, above
+    // the workspace's MSRV.
+    fs4::FileExt::lock(&f)?;
+    Ok(f)
+}
+
 /// Where the state of a switchover of the rules at `rules` is kept.
 pub fn state_path(rules: &Path) -> PathBuf {
     PathBuf::from(format!("{}.switchover.json", rules.display()))
@@ -349,4 +374,121 @@ pub async fn run(req: &Request, secret: ClusterSecret) -> Result<Outcome> {
             other => bail!("{}: unknown phase {other:?}", state.display()),
         }
     }
+}
+
+/// An unplanned failover's parameters (the embedded mode).
+#[derive(Debug, Clone)]
+pub struct FailoverRequest {
+    /// The rules file.
+    pub rules: PathBuf,
+    /// The cell whose shard's host is lost.
+    pub cell: String,
+    /// Its standby, whose copy is promoted.
+    pub to: String,
+    /// Promote even when the shard's record does not say the standby has
+    /// every acknowledged write (degraded, missing, another standby): the
+    /// writes it lacks are lost.
+    pub force: bool,
+}
+
+/// Fails `cell`'s shard over to its standby: under the rules' lock, checks
+/// that the shard's replication record says the standby is in sync (so it
+/// holds every acknowledged write), promotes the standby's copy at epoch+1
+/// and moves the shard in the rules. The lost host's copy, if it still runs,
+/// can acknowledge nothing more: its standby refuses its journal, and it
+/// may not go on without one while the rules give its shard to another
+/// cell. Safe to run again if cut off.
+pub async fn failover(req: &FailoverRequest, secret: ClusterSecret) -> Result<Outcome> {
+    let rules_path = req.rules.clone();
+    let _lock = tokio::task::spawn_blocking(move || lock_rules(&rules_path))
+        .await?
+        .with_context(|| format!("cannot lock {}", req.rules.display()))?;
+    let state = state_path(&req.rules);
+    if state.exists() {
+        bail!(
+            "a switchover is in progress ({}): finish it with `cellctl switchover` first",
+            state.display()
+        );
+    }
+    let text = std::fs::read_to_string(&req.rules)
+        .with_context(|| format!("cannot read {}", req.rules.display()))?;
+    let rules = crate::parse_rules(&text)
+        .map_err(|e| anyhow::anyhow!("{}: invalid rules: {e}", req.rules.display()))?;
+    let (cell, to) = (req.cell.as_str(), req.to.as_str());
+    if !rules.cells.contains_key(cell) {
+        bail!("cell {cell:?} is not defined in the rules");
+    }
+    if !rules.cells.contains_key(to) {
+        bail!("--to {to:?}: no such cell in the rules");
+    }
+    let from = rules.host_of(cell).to_string();
+    if from == to {
+        bail!("cell {cell}'s shard is already held by {to}: nothing to do");
+    }
+    let standby = rules.standby_of(cell);
+    if standby != Some(to) {
+        bail!(
+            "cell {to} is not the standby of cell {cell}'s shard (its standby: {}): only the standby has a copy of the data",
+            standby.unwrap_or("none")
+        );
+    }
+    let record_file = record_path(&req.rules, cell);
+    let record: Option<serde_json::Value> = std::fs::read_to_string(&record_file)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let problem = match &record {
+        None => Some(format!(
+            "no replication record of cell {cell}'s shard ({}): nothing says {to} has every acknowledged write",
+            record_file.display()
+        )),
+        Some(r) if r["state"] != "in-sync" => Some(format!(
+            "cell {cell}'s shard runs without a synchronous standby since {} (its record: {}): {to} may lack acknowledged writes",
+            r["since_ms"], record_file.display()
+        )),
+        Some(r) if r["standby"] != to => Some(format!(
+            "cell {cell}'s shard was last replicated to {}, not {to}",
+            r["standby"]
+        )),
+        Some(_) => None,
+    };
+    if let Some(p) = problem {
+        if !req.force {
+            bail!(
+                "{p}; refusing to fail over (--force accepts losing the writes the standby lacks)"
+            );
+        }
+        tracing::warn!(problem = %p, "failing over anyway (--force): writes the standby lacks are lost");
+    }
+    let ranges: Vec<(u32, u32, u64)> = edit::shard_ranges(&text, cell)?
+        .into_iter()
+        .map(|(f, t, e)| (f, t, e + 1))
+        .collect();
+    if ranges.is_empty() {
+        bail!("cell {cell} owns no slots: nothing to fail over");
+    }
+    let agents = Agents {
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        secret,
+        rules,
+    };
+    let t0 = Instant::now();
+    let lsn = agents.step(to, cell, "promote", &ranges).await?;
+    tracing::warn!(%cell, host = %to, lsn, "failed over: the standby's copy is the primary");
+    let moved = edit::move_shard(&text, cell, to)?;
+    let (next, revision) = edit::bump_revision(&moved)?;
+    write_atomically(&req.rules, &next)?;
+    Ok(Outcome {
+        plan: Plan {
+            cell: cell.into(),
+            from,
+            to: to.into(),
+            ranges,
+            phase: "done".into(),
+            lsn: Some(lsn),
+            started_ms: unix_ms(),
+        },
+        result: "failed-over",
+        stall_ms: t0.elapsed().as_millis() as u64,
+        revision: Some(revision),
+    })
 }

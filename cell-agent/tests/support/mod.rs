@@ -140,7 +140,10 @@ impl AgentProcess {
         ]);
         let mut child = Command::new(env!("CARGO_BIN_EXE_cell-agent"))
             .args(&full)
-            .env("CELL_AGENT_LOG", "warn")
+            .env(
+                "CELL_AGENT_LOG",
+                std::env::var("TEST_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -278,6 +281,31 @@ pub async fn deposit(
         Some(serde_json::json!({"amount": amount, "idempotency_key": key})),
     )
     .await
+}
+
+/// A deposit whose connection may fail (the agent was killed or frozen).
+#[allow(dead_code)]
+pub async fn try_deposit(
+    client: &HttpClient,
+    addr: SocketAddr,
+    user: &str,
+    amount: i64,
+    key: &str,
+) -> Result<Reply, String> {
+    let body = serde_json::json!({"amount": amount, "idempotency_key": key}).to_string();
+    let req = Request::post(format!("http://{addr}/v1/accounts/{user}/deposit"))
+        .header("x-user-id", user)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Reply {
+        status: parts.status,
+        headers: parts.headers,
+        json: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    })
 }
 
 pub async fn balance(client: &HttpClient, addr: SocketAddr, user: &str) -> i64 {

@@ -218,3 +218,41 @@ pub fn batches_after(conn: &Connection, after: i64, limit: u32) -> rusqlite::Res
 pub fn oldest(conn: &Connection) -> rusqlite::Result<Option<i64>> {
     conn.query_row("SELECT MIN(lsn) FROM journal", [], |r| r.get(0))
 }
+
+/// The history a copy's journal belongs to: a promotion starts a new one
+/// (a random id, and the LSN of its first batch), so a copy that went on
+/// past that LSN on the old history (the unacknowledged tail of a primary
+/// that was failed over) is told apart from one that is merely behind.
+/// Kept in `meta` (journaled: a replica follows its primary's history).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Timeline {
+    /// Its id (empty: the history the shard started with).
+    pub id: String,
+    /// The LSN of its first batch (0 for the first history).
+    pub since: i64,
+}
+
+/// The timeline of the copy open on `conn`.
+pub fn timeline(conn: &Connection) -> rusqlite::Result<Timeline> {
+    use rusqlite::OptionalExtension;
+    let id: Option<String> = conn
+        .prepare_cached("SELECT value FROM meta WHERE key = 'timeline'")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    Ok(Timeline {
+        id: id.unwrap_or_default(),
+        since: super::meta_ms(conn, "timeline_since")?,
+    })
+}
+
+/// Starts a new timeline at `since` (inside a promotion's batch).
+pub(super) fn new_timeline(conn: &Connection, since: i64) -> rusqlite::Result<()> {
+    let mut id = [0u8; 8];
+    let _ = getrandom::fill(&mut id);
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('timeline', ?1), ('timeline_since', ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![hex::encode(id), since.to_string()],
+    )?;
+    Ok(())
+}

@@ -250,9 +250,21 @@ impl SqliteStore {
         &self,
         after: i64,
         limit: u32,
-    ) -> Result<Vec<journal::Batch>, DomainError> {
-        self.with_reader(move |c| journal::batches_after(c, after, limit).map_err(storage))
-            .await
+    ) -> Result<(journal::Timeline, Vec<journal::Batch>), DomainError> {
+        self.with_reader(move |c| {
+            // One read transaction: the batches and the timeline they are on.
+            c.execute_batch("BEGIN").map_err(storage)?;
+            let r = journal::timeline(c)
+                .and_then(|t| Ok((t, journal::batches_after(c, after, limit)?)));
+            let _ = c.execute_batch("COMMIT");
+            r.map_err(storage)
+        })
+        .await
+    }
+
+    /// This copy's role (a replica takes no writes and ships nothing).
+    pub async fn role(&self) -> Result<shard::Role, DomainError> {
+        self.with_reader(|c| shard::role(c).map_err(storage)).await
     }
 
     /// The newest committed batch's LSN.

@@ -42,6 +42,18 @@ pub enum ReplicaError {
         /// The replica file expected.
         path: String,
     },
+    /// The replica went on past the point where the primary's history
+    /// began on another copy (it was the primary, failed over with an
+    /// unacknowledged tail): only a snapshot brings it back.
+    #[error("this copy of cell {cell}'s shard is at LSN {lsn} on another history than its primary's, which began at LSN {since}: it must be seeded again from a snapshot")]
+    Diverged {
+        /// The shard's cell.
+        cell: String,
+        /// The replica's LSN.
+        lsn: i64,
+        /// Where the primary's history began.
+        since: i64,
+    },
     /// This copy of the shard is its primary (promoted by a switchover):
     /// it refuses the journal of the copy it replaced.
     #[error("this copy of cell {cell}'s shard ({path}) is its primary now; it applies no other copy's journal")]
@@ -176,16 +188,22 @@ impl Replicas {
         Ok(lsn)
     }
 
-    /// Applies shipped batches of `cell`'s shard to its replica file (on a
-    /// blocking thread); returns the replica's LSN afterwards.
-    pub fn apply(&self, cell: &str, batches: &[Batch]) -> Result<i64, ReplicaError> {
+    /// Applies shipped batches of `cell`'s shard, on the primary's
+    /// `timeline`, to its replica file (on a blocking thread); returns the
+    /// replica's LSN afterwards.
+    pub fn apply(
+        &self,
+        cell: &str,
+        timeline: &journal::Timeline,
+        batches: &[Batch],
+    ) -> Result<i64, ReplicaError> {
         let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
         let taken = self.open.lock().ok().and_then(|mut m| m.remove(cell));
         let mut conn = match taken {
             Some(c) => c,
             None => open_replica(&self.path(cell), cell)?,
         };
-        let r = apply_shipped(&mut conn, batches);
+        let r = apply_shipped(&mut conn, cell, timeline, batches);
         // A connection that failed is not kept.
         if r.is_ok() || matches!(r, Err(ReplicaError::Gap { .. })) {
             if let Ok(mut m) = self.open.lock() {
@@ -229,10 +247,26 @@ fn open_replica(path: &Path, cell: &str) -> Result<Connection, ReplicaError> {
 }
 
 /// Applies shipped batches in one transaction; the replica's LSN after.
-fn apply_shipped(conn: &mut Connection, batches: &[Batch]) -> Result<i64, ReplicaError> {
+fn apply_shipped(
+    conn: &mut Connection,
+    cell: &str,
+    timeline: &journal::Timeline,
+    batches: &[Batch],
+) -> Result<i64, ReplicaError> {
     // One transaction (one fsync) for the whole shipment; a gap keeps
     // what came before it.
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mine = journal::timeline(&tx)?;
+    let lsn = applied_lsn(&tx)?;
+    // On another history than the primary's, a copy may follow only from
+    // at or before the point where the primary's history began.
+    if mine.id != timeline.id && lsn >= timeline.since && timeline.since > 0 {
+        return Err(ReplicaError::Diverged {
+            cell: cell.to_string(),
+            lsn,
+            since: timeline.since,
+        });
+    }
     let mut gap = None;
     for b in batches {
         match apply_in(&tx, b) {
@@ -409,6 +443,16 @@ pub fn snapshot_to(primary: &Path, dest: &Path) -> Result<i64, ReplicaError> {
     Ok(applied_lsn(&c)?)
 }
 
+/// Why a copy must be seeded again from a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stale {
+    /// Missing, or behind the primary's oldest kept batch.
+    Behind,
+    /// It has writes the primary never had (it was the primary, or went
+    /// on past the start of the primary's history).
+    Tail,
+}
+
 /// Brings the replica file at `replica` up to the primary file at
 /// `primary`: a snapshot when it is missing or behind the primary's
 /// oldest kept batch, then every later batch in order.
@@ -425,12 +469,50 @@ pub fn sync(primary: &Path, replica: &Path) -> Result<SyncReport, ReplicaError> 
         });
     }
     let mut snapshotted = false;
-    let behind = |c: &Connection| -> Result<bool, ReplicaError> {
+    // Why the copy at `replica` cannot just follow the journal: `None` when
+    // it can.
+    let stale = |c: &Connection| -> Result<Option<Stale>, ReplicaError> {
         let have = applied_lsn(c)?;
-        Ok(journal::oldest(&src)?.is_some_and(|oldest| oldest > have + 1))
+        let theirs = journal::timeline(&src)?;
+        if super::shard::role(c)? == super::shard::Role::Primary {
+            return Ok(Some(Stale::Tail));
+        }
+        if theirs.id != journal::timeline(c)?.id && theirs.since > 0 && have >= theirs.since {
+            return Ok(Some(Stale::Tail));
+        }
+        Ok(journal::oldest(&src)?
+            .is_some_and(|oldest| oldest > have + 1)
+            .then_some(Stale::Behind))
     };
-    if !replica.exists() || behind(&super::open(replica, false)?)? {
+    let why = if replica.exists() {
+        let mut c = super::open(replica, false)?;
+        super::migrate(&mut c)?;
+        stale(&c)?
+    } else {
+        Some(Stale::Behind)
+    };
+    if let Some(why) = why {
+        if why == Stale::Tail {
+            // A copy with writes the primary never had (a failed-over
+            // primary's tail): kept aside for inspection, never merged.
+            let aside = format!("{}.discarded-{}", replica.display(), super::unix_ms());
+            for ext in ["", "-wal", "-shm"] {
+                let from = format!("{}{ext}", replica.display());
+                if Path::new(&from).exists() {
+                    std::fs::rename(&from, format!("{aside}{ext}")).map_err(|e| {
+                        ReplicaError::Row {
+                            lsn: 0,
+                            message: format!("cannot move {from} aside: {e}"),
+                        }
+                    })?;
+                }
+            }
+            tracing::warn!(replica = %replica.display(), %aside, "the copy held writes its primary never had; moved aside, seeding it again");
+        }
         snapshot(&src, replica)?;
+        for ext in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{ext}", replica.display()));
+        }
         snapshotted = true;
     }
     let mut dst = super::open(replica, false)?;

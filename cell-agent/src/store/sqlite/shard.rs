@@ -182,6 +182,7 @@ pub fn promote(
     journal::restart(&tx).map_err(storage)?;
     let first = journal::start_batch(&tx).map_err(storage)?;
     let lsn = slots::next_lsn(&tx).map_err(storage)?;
+    journal::new_timeline(&tx, lsn).map_err(storage)?;
     for &(from, to, epoch) in ranges {
         slots::check_range(from, to, epoch)?;
         for slot in from..=to {
@@ -198,6 +199,18 @@ pub fn promote(
     journal::finish_batch(&tx, lsn, first).map_err(storage)?;
     tx.commit().map_err(storage)?;
     Ok(lsn)
+}
+
+/// Makes the copy at `path` a replica at once, outside the writer and
+/// without a journal entry (its shard was failed over to another copy: it
+/// must not take one more write).
+pub fn fence(path: &std::path::Path) -> Result<(), DomainError> {
+    let mut conn = super::open(path, false).map_err(storage)?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(storage)?;
+    set_role(&tx, Role::Replica).map_err(storage)?;
+    tx.commit().map_err(storage)
 }
 
 /// This copy's role and LSN (for the switchover's progress checks).

@@ -177,6 +177,11 @@ enum Command {
     /// When the cell's shard is replicated (a record under replication/CELL),
     /// OTHER must be its standby and the shard recorded in sync; --force
     /// overrides that, accepting that writes the standby lacks are lost.
+    ///
+    /// With --rules FILE (the embedded mode) the failover carries the data:
+    /// the standby's copy of the shard is promoted and the shard moves to it
+    /// (`hosted_by`, epochs +1, next revision), after checking the shard's
+    /// record (RULES.replication/CELL.json) says the standby is in sync.
     Failover {
         /// The cell.
         cell: String,
@@ -187,6 +192,14 @@ enum Command {
         /// lose the writes it lacks) or to a cell that is not the standby.
         #[arg(long)]
         force: bool,
+        /// The rules file the cells follow: fail the shard over with its
+        /// data (promote the standby's copy).
+        #[arg(long, value_name = "FILE")]
+        rules: Option<PathBuf>,
+        /// With --rules: the cluster secret the agents' internal listeners
+        /// check (env CELLGATE_INTERNAL_SECRET_FILE).
+        #[arg(long, value_name = "PATH", env = "CELLGATE_INTERNAL_SECRET_FILE")]
+        internal_secret_file: Option<PathBuf>,
         #[command(flatten)]
         msg: MessageArg,
     },
@@ -495,11 +508,21 @@ fn run(cli: Cli) -> Result<()> {
         Command::Cell { cell, state, msg } => {
             online::run(&target, edit(EditOp::State { cell, state }, msg))
         }
+        #[cfg(feature = "client")]
+        Command::Failover {
+            cell,
+            to,
+            force,
+            rules: Some(rules),
+            internal_secret_file,
+            msg,
+        } => switch::failover(cell, to, force, rules, internal_secret_file, msg.output),
         Command::Failover {
             cell,
             to,
             force,
             msg,
+            ..
         } => online::run(&target, edit(EditOp::Failover { cell, to, force }, msg)),
         Command::Failback { cell, msg } => {
             online::run(&target, edit(EditOp::Failback { cell }, msg))

@@ -35,13 +35,68 @@ pub(crate) struct SwitchoverArgs {
     out: OutputArg,
 }
 
+fn secret(file: Option<&std::path::Path>) -> Result<ClusterSecret> {
+    ClusterSecret::load(file)?.with_context(|| {
+        format!("the agents' cluster secret is needed: --internal-secret-file PATH (or {SECRET_ENV} in the environment)")
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn print(out: &Outcome, output: Output) -> Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string(out)?),
+        Output::Text => {
+            let moved = out.result != "rolled-back";
+            println!(
+                "{}: cell {}'s shard {} {} (slots refused for {} ms; rules revision {})",
+                out.result,
+                out.plan.cell,
+                if moved { "moved to" } else { "stays at" },
+                if moved { &out.plan.to } else { &out.plan.from },
+                out.stall_ms,
+                out.revision.map(|r| r.to_string()).unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `cellctl failover CELL --to OTHER --rules FILE`: the data failover.
+pub(crate) fn failover(
+    cell: String,
+    to: String,
+    force: bool,
+    rules: PathBuf,
+    secret_file: Option<PathBuf>,
+    output: Output,
+) -> Result<()> {
+    let secret = secret(secret_file.as_deref())?;
+    let req = routing_rules::switchover::FailoverRequest {
+        rules,
+        cell,
+        to,
+        force,
+    };
+    let out = runtime()?.block_on(routing_rules::switchover::failover(&req, secret))?;
+    print(&out, output)?;
+    if output == Output::Text {
+        println!(
+            "the old host's copy of the shard keeps its unacknowledged writes, if any; it serves again only after `cellctl failback`"
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn switchover(args: SwitchoverArgs) -> Result<()> {
     let rules = args.rules.clone().context(
         "give --rules FILE: the switchover drives a rules file for now (the etcd flavour comes next)",
     )?;
-    let secret = ClusterSecret::load(args.internal_secret_file.as_deref())?.with_context(|| {
-        format!("the agents' cluster secret is needed: --internal-secret-file PATH (or {SECRET_ENV} in the environment)")
-    })?;
+    let secret = secret(args.internal_secret_file.as_deref())?;
     let req = Request {
         rules,
         cell: args.cell,

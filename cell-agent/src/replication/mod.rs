@@ -21,7 +21,6 @@ use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::auth::ClusterSecret;
@@ -30,6 +29,13 @@ use crate::metrics::AgentMetrics;
 use crate::relay::{addresses, post_signed, Peers};
 use crate::rules::RulesHolder;
 use crate::store::sqlite::{send_replies, unix_ms, Ship, SqliteStore};
+
+mod record;
+mod snapshot;
+
+use record::State;
+pub use record::{read_record, record_path, write_record, Record};
+use snapshot::SNAPSHOT_RETRY;
 
 /// Most batches in one shipment.
 const SHIPMENT: u32 = 64;
@@ -63,58 +69,14 @@ pub struct Shipper {
     pub control_plane: Option<(Vec<String>, String)>,
     /// The shard's database file (snapshots are taken from it).
     pub db: PathBuf,
+    /// In the embedded mode, the rules file: the record is also kept next
+    /// to it, and going on degraded takes its lock
+    /// ([`routing_rules::switchover::lock_rules`]).
+    pub rules_file: Option<PathBuf>,
     /// The control-plane connection, kept between records (dropped after
     /// a failure, so the next record reconnects).
     #[cfg(feature = "etcd")]
     pub etcd: tokio::sync::Mutex<Option<routing_rules::etcd::ControlPlane>>,
-}
-
-/// Bytes of a snapshot per request.
-const SNAPSHOT_CHUNK: usize = 4 * 1024 * 1024;
-
-/// The replication state of a primary's shard, recorded (fsynced) next to
-/// its database before the shard goes on without a synchronous standby.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
-    /// The primary cell.
-    pub cell: String,
-    /// Its standby cell.
-    pub standby: Option<String>,
-    /// `in-sync` or `degraded`.
-    pub state: String,
-    /// Since when (unix ms).
-    pub since_ms: i64,
-    /// The last batch the standby acknowledged.
-    pub acked_lsn: i64,
-    /// When this record was written (unix ms).
-    pub updated_ms: i64,
-}
-
-/// Where the replication record of the shard at `db` lives.
-pub fn record_path(db: &Path) -> PathBuf {
-    PathBuf::from(format!("{}.replication.json", db.display()))
-}
-
-/// Reads a replication record.
-pub fn read_record(path: &Path) -> std::io::Result<Record> {
-    let text = std::fs::read_to_string(path)?;
-    serde_json::from_str(&text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-}
-
-/// Writes a replication record durably (temporary file, fsync, rename).
-pub fn write_record(path: &Path, record: &Record) -> std::io::Result<()> {
-    // Both colours of the cell write it: each through its own temporary.
-    let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, serde_json::to_string_pretty(record)?.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 /// Why a shipment did not reach the standby.
@@ -124,6 +86,8 @@ enum Failure {
     NoStandby(String),
     /// The standby needs a snapshot first.
     NeedSnapshot(String),
+    /// The shard was failed over: another copy is its primary.
+    Fenced(String),
     /// Unreachable or refusing; retry.
     Other(String),
 }
@@ -133,6 +97,7 @@ impl std::fmt::Display for Failure {
         match self {
             Failure::NoStandby(m) => write!(f, "no standby to ship to: {m}"),
             Failure::NeedSnapshot(m) => write!(f, "the standby needs a snapshot: {m}"),
+            Failure::Fenced(m) => write!(f, "the shard was failed over: {m}"),
             Failure::Other(m) => write!(f, "{m}"),
         }
     }
@@ -158,120 +123,28 @@ impl Shipper {
         Ok((standby, addrs))
     }
 
-    /// Sends a consistent snapshot of the shard to the standby, in chunks;
-    /// returns the LSN its replica is at afterwards.
-    async fn send_snapshot(
-        &self,
-        client: &Client<HttpConnector, Full<Bytes>>,
-    ) -> Result<i64, String> {
-        use crate::internal::SNAPSHOT_PATH;
-        let me = self.shard.clone();
-        let (standby, addrs) = self.standby().map_err(|f| f.to_string())?;
-        let addr = addrs[0].clone();
-        // One name per snapshot: both colours of the cell share the file
-        // and may send one at the same time.
-        let mut raw = [0u8; 16];
-        getrandom::fill(&mut raw).map_err(|e| e.to_string())?;
-        let id = hex::encode(raw);
-        let (db, tmp) = (
-            self.db.clone(),
-            PathBuf::from(format!("{}.snapshot-outgoing.{id}", self.db.display())),
-        );
-        let t = tmp.clone();
-        let lsn = tokio::task::spawn_blocking(move || {
-            crate::store::sqlite::replica::snapshot_to(&db, &t).map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())??;
-        let bytes = tokio::fs::read(&tmp).await.map_err(|e| e.to_string());
-        let _ = tokio::fs::remove_file(&tmp).await;
-        let bytes = bytes?;
-        tracing::info!(%standby, lsn, bytes = bytes.len(), "sending a snapshot of the shard to the standby");
-        let total = bytes.len();
-        let mut offset = 0usize;
-        let timeout = self.timeout.max(Duration::from_secs(30));
-        loop {
-            let end = (offset + SNAPSHOT_CHUNK).min(total);
-            let last = end == total;
-            let mut body =
-                serde_json::json!({"cell": me, "id": id, "offset": offset, "total": total, "last": last})
-                    .to_string()
-                    .into_bytes();
-            body.push(b'\n');
-            body.extend_from_slice(&bytes[offset..end]);
-            match post_signed(
-                client,
-                &self.rules,
-                &self.secret,
-                &addr,
-                SNAPSHOT_PATH,
-                &Bytes::from(body),
-                timeout,
-            )
-            .await
-            {
-                Ok((200, v)) if last => {
-                    return v["applied"]
-                        .as_i64()
-                        .ok_or_else(|| format!("no LSN in {v}"))
-                }
-                Ok((200, _)) => offset = end,
-                Ok((status, v)) => return Err(format!("{addr}: {status} {v}")),
-                Err(e) => return Err(format!("{addr}: {e}")),
+    /// The shard was failed over while this copy was cut off: it becomes a
+    /// replica (its writer refuses every write) and the writes held for the
+    /// standby are answered as not acknowledged — their rows are this
+    /// copy's unacknowledged tail, discarded when it is seeded again.
+    async fn fence(&self, pending: &mut VecDeque<Ship>, why: &str) {
+        let db = self.db.clone();
+        let fenced =
+            tokio::task::spawn_blocking(move || crate::store::sqlite::shard::fence(&db)).await;
+        if !matches!(fenced, Ok(Ok(()))) {
+            tracing::error!(?fenced, "cannot mark this copy a replica");
+        }
+        let n = pending.len();
+        for s in pending.drain(..) {
+            for (tx, _) in s.replies {
+                let _ = tx.send(Err(crate::store::DomainError::new(
+                    503,
+                    "shard_failed_over",
+                    "this cell's shard was failed over to its standby while the write waited for it: the write was NOT acknowledged and is not kept; retry (the shard is served by its new cell)",
+                )));
             }
         }
-    }
-
-    /// Records the shard's state durably (on a blocking thread).
-    async fn write_state(&self, degraded: bool, since_ms: i64, acked: i64) -> std::io::Result<()> {
-        let table = self.rules.table();
-        let record = Record {
-            cell: self.shard.clone(),
-            standby: table.rules().standby_of(&self.shard).map(str::to_string),
-            state: if degraded { "degraded" } else { "in-sync" }.to_string(),
-            since_ms,
-            acked_lsn: acked,
-            updated_ms: unix_ms(),
-        };
-        let path = self.record.clone();
-        let file = record.clone();
-        tokio::task::spawn_blocking(move || write_record(&path, &file))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))?;
-        self.record_in_control_plane(&record).await
-    }
-
-    /// Puts the record in etcd too (`replication/<cell>`), when the agent
-    /// follows a control plane.
-    #[cfg(feature = "etcd")]
-    async fn record_in_control_plane(&self, record: &Record) -> std::io::Result<()> {
-        let Some((endpoints, cluster)) = &self.control_plane else {
-            return Ok(());
-        };
-        let mut held = self.etcd.lock().await;
-        let put = async {
-            if held.is_none() {
-                *held = Some(routing_rules::etcd::ControlPlane::connect(endpoints, cluster).await?);
-            }
-            let value = serde_json::to_value(record).unwrap_or_default();
-            match held.as_mut() {
-                Some(cp) => cp.put_replication(&record.cell, &value).await,
-                None => Ok(()),
-            }
-        };
-        let result = match tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), put).await
-        {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(e)) => std::io::Error::other(e.to_string()),
-            Err(_) => std::io::Error::other("etcd did not answer in time"),
-        };
-        *held = None;
-        Err(result)
-    }
-
-    #[cfg(not(feature = "etcd"))]
-    async fn record_in_control_plane(&self, _record: &Record) -> std::io::Result<()> {
-        Ok(())
+        tracing::error!(shard = %self.shard, %why, unacknowledged_batches = n, "the shard was failed over: this copy refuses every write from now on; its unacknowledged tail is discarded when it is seeded again (failback)");
     }
 
     /// Ships batches until the standby has applied `target`; returns the
@@ -289,7 +162,7 @@ impl Shipper {
         while *acked < target {
             let me = self.shard.as_str();
             let (_, addrs) = self.standby()?;
-            let batches = self
+            let (timeline, batches) = self
                 .store
                 .journal_after(*acked, SHIPMENT)
                 .await
@@ -305,7 +178,10 @@ impl Shipper {
                 Some(b) if b.lsn != *acked + 1 => asked = true,
                 Some(_) => {}
             }
-            let body = Bytes::from(serde_json::json!({"cell": me, "batches": batches}).to_string());
+            let body = Bytes::from(
+                serde_json::json!({"cell": me, "timeline": timeline, "batches": batches})
+                    .to_string(),
+            );
             let mut last = String::new();
             let mut moved = false;
             for addr in &addrs {
@@ -330,7 +206,14 @@ impl Shipper {
                         moved = true;
                         break;
                     }
-                    Ok((409, v)) if v["error"] == "need_snapshot" => {
+                    Ok((409, v)) if v["error"] == "is_primary" => {
+                        return Err(Failure::Fenced(
+                            v["message"].as_str().unwrap_or_default().to_string(),
+                        ))
+                    }
+                    Ok((409, v))
+                        if v["error"] == "need_snapshot" || v["error"] == "needs_failback" =>
+                    {
                         return Err(Failure::NeedSnapshot(
                             v["message"].as_str().unwrap_or_default().to_string(),
                         ))
@@ -362,10 +245,40 @@ impl Shipper {
         let mut last_failure = String::new();
         let mut pending: VecDeque<Ship> = VecDeque::new();
         let mut since_ms = unix_ms();
+        let mut next_snapshot = std::time::Instant::now();
         let (mut recorded_acked, mut recorded_at) = (-1i64, std::time::Instant::now());
-        if let Err(e) = self.write_state(false, since_ms, acked).await {
-            tracing::error!(record = %self.record.display(), error = %e, "cannot write the replication record");
+        // In sync only once the standby has confirmed what this copy
+        // holds (a copy promoted by a failover holds writes its new standby
+        // lacks); until then the record says so.
+        let replica = matches!(
+            self.store.role().await,
+            Ok(crate::store::sqlite::shard::Role::Replica)
+        );
+        let probe = async {
+            if replica {
+                return Ok(());
+            }
+            let target = self
+                .store
+                .last_lsn()
+                .await
+                .map_err(|e| Failure::Other(e.to_string()))?;
+            self.ship_until(&client, &mut acked, target).await
+        };
+        let state = match probe.await {
+            Ok(()) => State::InSync,
+            Err(e) => {
+                tracing::warn!(failure = %e, "the standby does not hold this shard's last batch yet");
+                State::CatchingUp
+            }
+        };
+        // A replica's record is its primary's to write.
+        if !replica {
+            if let Err(e) = self.write_state(state, since_ms, acked).await {
+                tracing::error!(record = %self.record.display(), error = %e, "cannot write the replication record");
+            }
         }
+
         loop {
             if pending.is_empty() {
                 tokio::select! {
@@ -404,10 +317,16 @@ impl Shipper {
                     // The acknowledged position, at most once a second.
                     if acked != recorded_acked
                         && (recorded_acked < 0 || recorded_at.elapsed() >= Duration::from_secs(1))
-                        && self.write_state(false, since_ms, acked).await.is_ok()
+                        && self
+                            .write_state(State::InSync, since_ms, acked)
+                            .await
+                            .is_ok()
                     {
                         (recorded_acked, recorded_at) = (acked, std::time::Instant::now());
                     }
+                }
+                Err(Failure::Fenced(why)) => {
+                    self.fence(&mut pending, &why).await;
                 }
                 Err(f) => {
                     let text = f.to_string();
@@ -422,11 +341,21 @@ impl Shipper {
                         || pending
                             .front()
                             .is_some_and(|s| s.committed.elapsed() >= self.timeout);
+                    let mut lock = None;
                     if overdue && !self.degraded.load(Ordering::Acquire) {
+                        match self.may_go_degraded().await {
+                            Ok(l) => lock = Some(l),
+                            Err(why) => {
+                                self.fence(&mut pending, &why).await;
+                                continue;
+                            }
+                        }
+                    }
+                    if let Some(_held) = lock {
                         // Record first: no write is answered without the
                         // standby before the record says so.
                         let now = unix_ms();
-                        match self.write_state(true, now, acked).await {
+                        match self.write_state(State::Degraded, now, acked).await {
                             Ok(()) => {
                                 since_ms = now;
                                 self.degraded.store(true, Ordering::Release);
@@ -441,14 +370,16 @@ impl Shipper {
                         for s in pending.drain(..) {
                             send_replies(s.replies);
                         }
-                        if need_snapshot {
+                        if need_snapshot && std::time::Instant::now() >= next_snapshot {
                             match self.send_snapshot(&client).await {
                                 Ok(lsn) => {
                                     acked = lsn;
                                     tracing::info!(lsn, "the standby installed the snapshot; catching up from there");
                                 }
                                 Err(e) => {
-                                    tracing::warn!(error = %e, "cannot send a snapshot to the standby")
+                                    // A snapshot is big: the next try waits.
+                                    next_snapshot = std::time::Instant::now() + SNAPSHOT_RETRY;
+                                    tracing::warn!(error = %e, retry_s = SNAPSHOT_RETRY.as_secs(), "cannot send a snapshot to the standby")
                                 }
                             }
                         }
@@ -512,6 +443,7 @@ pub(crate) fn start(
         record: record_path(db),
         control_plane,
         db: db.to_path_buf(),
+        rules_file: cfg.rules.clone(),
         #[cfg(feature = "etcd")]
         etcd: tokio::sync::Mutex::new(None),
     };
