@@ -237,15 +237,19 @@ impl Agents {
         action: &str,
         ranges: &[(u32, u32, u64)],
     ) -> Result<i64> {
+        self.step_with(cell, shard, action, serde_json::json!({ "ranges": ranges }))
+            .await
+    }
+
+    async fn step_with(
+        &self,
+        cell: &str,
+        shard: &str,
+        action: &str,
+        body: serde_json::Value,
+    ) -> Result<i64> {
         let path = format!("{}{shard}/{action}", SHARDS_PATH);
-        let (status, v) = self
-            .call(
-                cell,
-                "POST",
-                &path,
-                Some(serde_json::json!({ "ranges": ranges })),
-            )
-            .await?;
+        let (status, v) = self.call(cell, "POST", &path, Some(body)).await?;
         if status != 200 {
             bail!("cell {cell} refused to {action} its copy of {shard}'s shard: {status} {v}");
         }
@@ -472,7 +476,16 @@ pub async fn failover(req: &FailoverRequest, secret: ClusterSecret) -> Result<Ou
         rules,
     };
     let t0 = Instant::now();
-    let lsn = agents.step(to, cell, "promote", &ranges).await?;
+    // The new host's standby is the lost cell: it runs degraded from the
+    // start instead of holding its first writes for the sync timeout.
+    let lsn = agents
+        .step_with(
+            to,
+            cell,
+            "promote",
+            serde_json::json!({ "ranges": ranges, "standby_lost": true }),
+        )
+        .await?;
     tracing::warn!(%cell, host = %to, lsn, "failed over: the standby's copy is the primary");
     let moved = edit::move_shard(&text, cell, to)?;
     let (next, revision) = edit::bump_revision(&moved)?;

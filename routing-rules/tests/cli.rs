@@ -462,3 +462,103 @@ fn switchover_refuses_bad_requests_and_changes_nothing() {
     let help = cellctl(&["switchover", "--help"]);
     assert!(stdout(&help).contains("--catch-up-timeout-ms"));
 }
+
+#[test]
+fn failover_and_failback_with_data_refuse_without_proof_and_change_nothing() {
+    let dir = TempDir::new("failover");
+    let text = "revision = 1\nslots = 4\n[cells.a]\nblue = [\"127.0.0.1:1\"]\nstandby = \"b\"\n[cells.b]\nblue = [\"127.0.0.1:2\"]\ninternal = [\"127.0.0.1:9\"]\n[cells.c]\nblue = [\"127.0.0.1:3\"]\n[[ranges]]\nfrom = 0\nto = 1\ncell = \"a\"\n[[ranges]]\nfrom = 2\nto = 3\ncell = \"b\"\n";
+    let rules = dir.file("rules.toml", text);
+    let secret = dir.file("secret", "0123456789abcdef0123456789abcdef-secret\n");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cellctl"))
+            .args(args)
+            .env_remove("CELLGATE_INTERNAL_SECRET_FILE")
+            .env_remove("CELLGATE_INTERNAL_SECRET")
+            .output()
+            .unwrap()
+    };
+    let s = secret.as_str();
+    let r = rules.as_str();
+    for (args, expect) in [
+        (
+            vec![
+                "failover",
+                "a",
+                "--to",
+                "c",
+                "--rules",
+                r,
+                "--internal-secret-file",
+                s,
+            ],
+            "not the standby",
+        ),
+        (
+            vec![
+                "failover",
+                "a",
+                "--to",
+                "b",
+                "--rules",
+                r,
+                "--internal-secret-file",
+                s,
+            ],
+            "no replication record",
+        ),
+        (
+            vec!["failover", "a", "--to", "b", "--rules", r],
+            "cluster secret",
+        ),
+        (
+            vec!["failback", "a", "--rules", r, "--internal-secret-file", s],
+            "not recorded as its shard's in-sync standby",
+        ),
+    ] {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(expect), "{args:?}: {}", stderr(&o));
+        assert_eq!(std::fs::read_to_string(&rules).unwrap(), text, "{args:?}");
+    }
+    // A degraded record refuses too; --force goes on (and here reaches the
+    // standby's agent, which is not running: nothing is written).
+    std::fs::create_dir_all(format!("{r}.replication")).unwrap();
+    std::fs::write(
+        format!("{r}.replication/a.json"),
+        r#"{"cell":"a","standby":"b","state":"degraded","since_ms":1,"acked_lsn":3,"updated_ms":1}"#,
+    )
+    .unwrap();
+    let o = run(&[
+        "failover",
+        "a",
+        "--to",
+        "b",
+        "--rules",
+        r,
+        "--internal-secret-file",
+        s,
+    ]);
+    assert!(
+        stderr(&o).contains("runs without a synchronous standby"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&[
+        "failover",
+        "a",
+        "--to",
+        "b",
+        "--rules",
+        r,
+        "--internal-secret-file",
+        s,
+        "--force",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no agent of cell b answered"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read_to_string(&rules).unwrap(), text);
+}

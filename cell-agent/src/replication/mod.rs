@@ -250,12 +250,42 @@ impl Shipper {
         // In sync only once the standby has confirmed what this copy
         // holds (a copy promoted by a failover holds writes its new standby
         // lacks); until then the record says so.
+        // Promoted by a failover: the standby is the lost cell; go on
+        // degraded at once (recorded first) rather than hold the first
+        // writes for the sync timeout.
+        if matches!(
+            self.store
+                .flag(crate::store::sqlite::shard::STANDBY_LOST)
+                .await,
+            Ok(true)
+        ) {
+            match self.may_go_degraded().await {
+                Ok(_held) => {
+                    if self
+                        .write_state(State::Degraded, since_ms, acked)
+                        .await
+                        .is_ok()
+                    {
+                        self.degraded.store(true, Ordering::Release);
+                        self.metrics.replication_degraded.set(1);
+                        let _ = self
+                            .store
+                            .clear_flag(crate::store::sqlite::shard::STANDBY_LOST)
+                            .await;
+                        tracing::warn!(shard = %self.shard, "promoted by a failover: this shard runs WITHOUT a synchronous standby (degraded, recorded) until its old host is seeded again");
+                    }
+                }
+                Err(why) => {
+                    tracing::warn!(%why, "promoted by a failover, but the shard is not held here")
+                }
+            }
+        }
         let replica = matches!(
             self.store.role().await,
             Ok(crate::store::sqlite::shard::Role::Replica)
         );
         let probe = async {
-            if replica {
+            if replica || self.degraded.load(Ordering::Acquire) {
                 return Ok(());
             }
             let target = self
@@ -272,8 +302,9 @@ impl Shipper {
                 State::CatchingUp
             }
         };
-        // A replica's record is its primary's to write.
-        if !replica {
+        // A replica's record is its primary's to write; a degraded start
+        // has written its own.
+        if !replica && !self.degraded.load(Ordering::Acquire) {
             if let Err(e) = self.write_state(state, since_ms, acked).await {
                 tracing::error!(record = %self.record.display(), error = %e, "cannot write the replication record");
             }

@@ -9,7 +9,9 @@
 //!   answers its LSN;
 //! - `POST /v1/internal/shards/CELL/promote` `{"ranges": [...]}` — on a
 //!   copy that applied that LSN: opens the ranges at their epochs and makes
-//!   it the primary; answers the LSN its journal goes on from.
+//!   it the primary; answers the LSN its journal goes on from. With
+//!   `"standby_lost": true` (a failover) the copy's shipper starts degraded
+//!   (recorded first) instead of waiting for the lost cell.
 //!
 //! See [`crate::store::sqlite::shard`] for what each step does to the data.
 
@@ -53,12 +55,17 @@ pub fn step(method: &http::Method, path: &str) -> Option<Step> {
     }
 }
 
-fn ranges(req: &Request<Bytes>) -> Result<Vec<EpochRange>, DomainError> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Body {
-        ranges: Vec<EpochRange>,
-    }
+/// A step's body: the ranges at their new epochs, and (a failover's
+/// promotion) whether the shard's standby is known lost.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Body {
+    ranges: Vec<EpochRange>,
+    #[serde(default)]
+    standby_lost: bool,
+}
+
+fn body(req: &Request<Bytes>) -> Result<Body, DomainError> {
     crate::body::require_json(req.headers())?;
     let b: Body = serde_json::from_slice(req.body()).map_err(|e| {
         DomainError::bad_request(format!(
@@ -68,7 +75,7 @@ fn ranges(req: &Request<Bytes>) -> Result<Vec<EpochRange>, DomainError> {
     if b.ranges.is_empty() {
         return Err(DomainError::bad_request("no ranges given"));
     }
-    Ok(b.ranges)
+    Ok(b)
 }
 
 /// Runs one step (the caller is authenticated).
@@ -99,7 +106,7 @@ pub async fn handle<S: Store>(
             ))
         }
         Step::Demote(cell) => {
-            let ranges = ranges(&req)?;
+            let ranges = body(&req)?.ranges;
             api.check_writable()?;
             let store = api.shards.get(&cell)?;
             tracing::warn!(shard = %cell, %caller, ?ranges, "switchover: demoting this copy of the shard (banning its slots)");
@@ -111,7 +118,10 @@ pub async fn handle<S: Store>(
             Ok(r)
         }
         Step::Promote(cell) => {
-            let ranges = ranges(&req)?;
+            let Body {
+                ranges,
+                standby_lost,
+            } = body(&req)?;
             api.check_writable()?;
             let path = api.replicas.path(&cell);
             if !path.is_file() {
@@ -125,9 +135,15 @@ pub async fn handle<S: Store>(
             }
             api.replicas.forget(&cell);
             let c = cell.clone();
-            let lsn = tokio::task::spawn_blocking(move || shard::promote(&path, &c, &ranges))
-                .await
-                .map_err(|e| DomainError::unavailable(format!("task failed: {e}")))??;
+            let lsn = tokio::task::spawn_blocking(move || {
+                let lsn = shard::promote(&path, &c, &ranges)?;
+                if standby_lost {
+                    shard::set_flag(&path, shard::STANDBY_LOST, true)?;
+                }
+                Ok::<_, DomainError>(lsn)
+            })
+            .await
+            .map_err(|e| DomainError::unavailable(format!("task failed: {e}")))??;
             tracing::warn!(shard = %cell, %caller, lsn, "switchover: this copy of the shard is its primary now");
             Ok((200, json!({"role": "primary", "lsn": lsn})))
         }

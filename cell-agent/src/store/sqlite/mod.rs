@@ -267,6 +267,20 @@ impl SqliteStore {
         self.with_reader(|c| shard::role(c).map_err(storage)).await
     }
 
+    /// Whether a flag of this copy is set (see [`shard::STANDBY_LOST`]).
+    pub async fn flag(&self, key: &'static str) -> Result<bool, DomainError> {
+        self.with_reader(move |c| shard::flag(c, key).map_err(storage))
+            .await
+    }
+
+    /// Clears a flag of this copy.
+    pub async fn clear_flag(&self, key: &'static str) -> Result<(), DomainError> {
+        let path = self.inner.path.clone();
+        tokio::task::spawn_blocking(move || shard::set_flag(&path, key, false))
+            .await
+            .map_err(|e| DomainError::unavailable(format!("task failed: {e}")))?
+    }
+
     /// The newest committed batch's LSN.
     pub async fn last_lsn(&self) -> Result<i64, DomainError> {
         self.with_reader(|c| meta_ms(c, "lsn").map_err(storage))

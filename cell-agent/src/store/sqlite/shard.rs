@@ -213,6 +213,34 @@ pub fn fence(path: &std::path::Path) -> Result<(), DomainError> {
     tx.commit().map_err(storage)
 }
 
+/// A flag in `local`: set by a failover's promotion, the copy's shipper
+/// starts degraded (its standby is the lost cell).
+pub const STANDBY_LOST: &str = "standby_lost";
+
+/// Sets or clears a flag of this copy (never journaled).
+pub fn set_flag(path: &std::path::Path, key: &str, on: bool) -> Result<(), DomainError> {
+    let conn = super::open(path, false).map_err(storage)?;
+    if on {
+        conn.execute(
+            "INSERT INTO local (key, value) VALUES (?1, '1') ON CONFLICT (key) DO UPDATE SET value = '1'",
+            [key],
+        )
+    } else {
+        conn.execute("DELETE FROM local WHERE key = ?1", [key])
+    }
+    .map_err(storage)?;
+    Ok(())
+}
+
+/// Whether a flag of this copy is set.
+pub fn flag(conn: &Connection, key: &str) -> rusqlite::Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM local WHERE key = ?1")?
+        .query_row([key], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
 /// This copy's role and LSN (for the switchover's progress checks).
 pub fn state(path: &std::path::Path) -> Result<(Role, i64), DomainError> {
     let conn = super::open(path, true).map_err(storage)?;

@@ -204,9 +204,20 @@ enum Command {
         msg: MessageArg,
     },
     /// Return a failed-over or draining cell to active.
+    ///
+    /// With --rules FILE (the embedded mode): bring a failed-over shard
+    /// home once the cell's own copy is its host's in-sync standby again
+    /// (after `cell-agent replica sync` re-seeded it): a planned switchover
+    /// to the cell itself.
     Failback {
         /// The cell.
         cell: String,
+        /// The rules file the cells follow: move the shard home with its data.
+        #[arg(long, value_name = "FILE")]
+        rules: Option<PathBuf>,
+        /// With --rules: the cluster secret (env CELLGATE_INTERNAL_SECRET_FILE).
+        #[arg(long, value_name = "PATH", env = "CELLGATE_INTERNAL_SECRET_FILE")]
+        internal_secret_file: Option<PathBuf>,
         #[command(flatten)]
         msg: MessageArg,
     },
@@ -524,7 +535,14 @@ fn run(cli: Cli) -> Result<()> {
             msg,
             ..
         } => online::run(&target, edit(EditOp::Failover { cell, to, force }, msg)),
-        Command::Failback { cell, msg } => {
+        #[cfg(feature = "client")]
+        Command::Failback {
+            cell,
+            rules: Some(rules),
+            internal_secret_file,
+            msg,
+        } => switch::failback(cell, rules, internal_secret_file, msg.output),
+        Command::Failback { cell, msg, .. } => {
             online::run(&target, edit(EditOp::Failback { cell }, msg))
         }
         Command::Override(OverrideCommand::Set {

@@ -92,6 +92,42 @@ pub(crate) fn failover(
     Ok(())
 }
 
+/// `cellctl failback CELL --rules FILE`: the shard comes home when the
+/// cell's own copy is its host's in-sync standby again.
+pub(crate) fn failback(
+    cell: String,
+    rules: PathBuf,
+    secret_file: Option<PathBuf>,
+    output: Output,
+) -> Result<()> {
+    let record_file = routing_rules::switchover::record_path(&rules, &cell);
+    let record: Option<serde_json::Value> = std::fs::read_to_string(&record_file)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    match &record {
+        Some(r) if r["state"] == "in-sync" && r["standby"] == cell.as_str() => {}
+        _ => anyhow::bail!(
+            "cell {cell}'s own copy is not recorded as its shard's in-sync standby ({}: {}): re-seed it first (stop its agents, `cell-agent replica sync --from HOST_COPY --to ITS_DB`, start them) and wait until it is",
+            record_file.display(),
+            record.map(|r| r.to_string()).unwrap_or_else(|| "no record".into())
+        ),
+    }
+    let secret = secret(secret_file.as_deref())?;
+    let req = Request {
+        rules,
+        cell: cell.clone(),
+        to: cell,
+        catch_up_timeout: std::time::Duration::from_secs(5),
+    };
+    let out: Outcome = runtime()?.block_on(run(&req, secret))?;
+    print(&out, output)?;
+    if out.result == "switched" {
+        Ok(())
+    } else {
+        Err(Reported.into())
+    }
+}
+
 pub(crate) fn switchover(args: SwitchoverArgs) -> Result<()> {
     let rules = args.rules.clone().context(
         "give --rules FILE: the switchover drives a rules file for now (the etcd flavour comes next)",
