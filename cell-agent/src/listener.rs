@@ -105,7 +105,11 @@ pub async fn serve<H, F>(
     let permits = Arc::new(Semaphore::new(max_connections.max(1)));
     let mut backoff = ACCEPT_BACKOFF_MS;
     let addr = listener.local_addr().ok();
+    // The connections belong to this future: dropped (the agent killed,
+    // see `RunningAgent::kill`), every one of them goes with it.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             _ = stop.changed() => break,
@@ -137,10 +141,11 @@ pub async fn serve<H, F>(
             .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
             .into_owned();
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _ = conn.await;
             drop(permit);
         });
     }
     graceful.shutdown().await;
+    connections.detach_all();
 }

@@ -451,6 +451,20 @@ async fn serve(
 }
 
 impl RunningAgent {
+    /// Stops at once, as if the process were killed: listeners and every
+    /// open connection (no answer is sent for what is in flight) and every
+    /// background task — for drills and the demo's failover.
+    pub fn kill(self) {
+        self.api.ready.store(false, Ordering::Relaxed);
+        self.serve.abort();
+        for t in self.others {
+            t.abort();
+        }
+        for shard in self.api.shards.hosted() {
+            self.api.shards.close(&shard);
+        }
+    }
+
     /// Stops accepting and drains in-flight requests (bounded by the drain
     /// timeout). Returns false when the deadline cut requests off.
     pub async fn shutdown(self) -> bool {

@@ -268,10 +268,6 @@ impl Shipper {
                     {
                         self.degraded.store(true, Ordering::Release);
                         self.metrics.replication_degraded.set(1);
-                        let _ = self
-                            .store
-                            .clear_flag(crate::store::sqlite::shard::STANDBY_LOST)
-                            .await;
                         tracing::warn!(shard = %self.shard, "promoted by a failover: this shard runs WITHOUT a synchronous standby (degraded, recorded) until its old host is seeded again");
                     }
                 }
@@ -293,7 +289,19 @@ impl Shipper {
                 .last_lsn()
                 .await
                 .map_err(|e| Failure::Other(e.to_string()))?;
-            self.ship_until(&client, &mut acked, target).await
+            match self.ship_until(&client, &mut acked, target).await {
+                // A standby without a copy is seeded at once, not at the
+                // first write (which would then run degraded meanwhile).
+                Err(Failure::NeedSnapshot(_)) => {
+                    acked = self.send_snapshot(&client).await.map_err(Failure::Other)?;
+                    tracing::info!(
+                        lsn = acked,
+                        "seeded the standby with a snapshot of the shard"
+                    );
+                    self.ship_until(&client, &mut acked, target).await
+                }
+                r => r,
+            }
         };
         let state = match probe.await {
             Ok(()) => State::InSync,
@@ -338,6 +346,10 @@ impl Shipper {
                 Ok(()) => {
                     last_failure.clear();
                     if self.degraded.swap(false, Ordering::AcqRel) {
+                        let _ = self
+                            .store
+                            .clear_flag(crate::store::sqlite::shard::STANDBY_LOST)
+                            .await;
                         since_ms = unix_ms();
                         recorded_acked = -1;
                         tracing::info!(
@@ -368,7 +380,17 @@ impl Shipper {
                     // A standby that needs a snapshot will not catch up by
                     // the timeout: go on degraded at once, then send it one.
                     let need_snapshot = matches!(f, Failure::NeedSnapshot(_));
+                    // Promoted by a failover (either colour may have done
+                    // it): the standby is the lost cell, no point waiting.
+                    let standby_lost = !self.degraded.load(Ordering::Acquire)
+                        && matches!(
+                            self.store
+                                .flag(crate::store::sqlite::shard::STANDBY_LOST)
+                                .await,
+                            Ok(true)
+                        );
                     let overdue = need_snapshot
+                        || standby_lost
                         || pending
                             .front()
                             .is_some_and(|s| s.committed.elapsed() >= self.timeout);
