@@ -31,6 +31,11 @@ pub struct DrillReport {
     pub failover_command_ms: u64,
     /// Acknowledged writes missing from (or doubled in) the promoted copy.
     pub lost: Vec<String>,
+    /// Money deposited besides the drill's writes (the cross-cell part).
+    pub other_deposits: i64,
+    /// Cross-cell transfers after the failover, to and from a user of the
+    /// moved shard: problems (none when both were credited exactly once).
+    pub cross_cell: Vec<String>,
 }
 
 /// Which phase the writers are in.
@@ -131,6 +136,7 @@ impl Demo {
             let _ = w.await;
         }
 
+        let (other_deposits, cross_cell) = self.cross_cell_after_failover(&users[0]).await?;
         let acked: Vec<(Instant, Instant, String)> =
             shared.acked.lock().map(|a| a.clone()).unwrap_or_default();
         // The first write sent after the kill that was acknowledged.
@@ -163,8 +169,102 @@ impl Demo {
             failover_ms: (first_after - killed).as_millis() as u64,
             failover_command_ms,
             lost,
+            other_deposits,
+            cross_cell,
         })
     }
+
+    /// A user of cell-c pays a user of the moved shard and is paid back:
+    /// the credits go to the cell that holds the shard now (cell-b), each
+    /// exactly once. Returns the money deposited for it and the problems.
+    async fn cross_cell_after_failover(
+        &self,
+        moved_user: &str,
+    ) -> anyhow::Result<(i64, Vec<String>)> {
+        let gw = self.gateway.proxy_addr;
+        let table = self.gateway.control.current().table.clone();
+        let c_user = (0..)
+            .map(|i| format!("drill-c-{i}"))
+            .find(|u| {
+                table
+                    .route(Some(u.as_bytes()), &RouteAttrs::default(), &AllHealthy)
+                    .is_ok_and(|d| table.cell_name(d.home_cell) == "cell-c")
+            })
+            .unwrap_or_default();
+        let client = client();
+        let mut problems = Vec::new();
+        let before = balance(&client, gw, moved_user).await?;
+        let r = post(
+            &client,
+            gw,
+            &format!("/v1/accounts/{c_user}/deposit"),
+            &c_user,
+            json!({"amount": 1_000, "idempotency_key": "drill-c-deposit"}),
+        )
+        .await?;
+        anyhow::ensure!(r.0 == 200, "deposit for {c_user}: {} {}", r.0, r.2);
+        for (from, to, amount, key) in [
+            (c_user.as_str(), moved_user, 300, "drill-x-1"),
+            (moved_user, c_user.as_str(), 5, "drill-x-2"),
+        ] {
+            let r = post(
+                &client,
+                gw,
+                "/v1/transfers",
+                from,
+                json!({"from": from, "to": to, "amount": amount, "idempotency_key": key}),
+            )
+            .await?;
+            if r.0 != 201 || r.2["to_cell"].is_null() {
+                problems.push(format!("transfer {from} -> {to}: {} {}", r.0, r.2));
+            }
+        }
+        // Delivered when both outboxes (the moved shard's copy at cell-b,
+        // and cell-c's) are empty.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let backlog: i64 = ["cell-a.replica.db", "cell-c.db"]
+                .iter()
+                .map(|f| super::smoke::outbox_backlog(&self.data_dir.join(f)))
+                .sum();
+            if backlog == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                problems.push(format!(
+                    "{backlog} cross-cell credits undelivered after 20 s"
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let after = balance(&client, gw, moved_user).await?;
+        if after != before + 300 - 5 {
+            problems.push(format!(
+                "{moved_user}: balance {before} -> {after}, expected +295"
+            ));
+        }
+        Ok((1_000, problems))
+    }
+}
+
+async fn balance(
+    client: &super::HttpClient,
+    gw: std::net::SocketAddr,
+    user: &str,
+) -> anyhow::Result<i64> {
+    let r = super::send(
+        client,
+        http::Method::GET,
+        gw,
+        &format!("/v1/accounts/{user}"),
+        user,
+        None,
+    )
+    .await?;
+    r.2["balance"]
+        .as_i64()
+        .ok_or_else(|| anyhow::anyhow!("balance of {user}: {} {}", r.0, r.2))
 }
 
 /// One user's deposits, each retried with its key until acknowledged.

@@ -418,6 +418,14 @@ async fn drill(demo: &mut Demo, report: &mut SmokeReport) -> anyhow::Result<bool
     for k in d.lost.iter().take(10) {
         println!("  - {k}");
     }
+    println!(
+        "smoke: cross-cell transfers to and from the moved shard after the failover: {}",
+        if d.cross_cell.is_empty() {
+            "each credited once".to_string()
+        } else {
+            d.cross_cell.join("; ")
+        }
+    );
     // The money again, over the copies that are primary now (cell-a's
     // shard is at cell-b).
     let mut total: i128 = 0;
@@ -432,7 +440,7 @@ async fn drill(demo: &mut Demo, report: &mut SmokeReport) -> anyhow::Result<bool
             Err(e) => violations.push(format!("{file}: cannot check: {e}")),
         }
     }
-    let expected = report.total + d.acked as i128;
+    let expected = report.total + d.acked as i128 + d.other_deposits as i128;
     println!("smoke: money after the drill: {expected} expected, {total} found; invariant violations: {}", violations.len());
     for v in violations.iter().take(10) {
         println!("  - {v}");
@@ -440,6 +448,7 @@ async fn drill(demo: &mut Demo, report: &mut SmokeReport) -> anyhow::Result<bool
     report.violations.extend(violations.iter().cloned());
     Ok(d.switchover_failed.is_empty()
         && d.lost.is_empty()
+        && d.cross_cell.is_empty()
         && violations.is_empty()
         && total == expected)
 }

@@ -195,7 +195,7 @@ impl Demo {
     }
 }
 
-fn outbox_backlog(db: &Path) -> i64 {
+pub(super) fn outbox_backlog(db: &Path) -> i64 {
     rusqlite_backlog(db).unwrap_or(i64::MAX / 8)
 }
 
