@@ -25,6 +25,7 @@ pub mod edit;
 pub mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod files;
 pub mod hash;
 pub mod key;
 pub mod model;

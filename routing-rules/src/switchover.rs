@@ -76,7 +76,7 @@ pub struct Outcome {
 /// `cell`'s shard is kept for the operators' tools: next to the rules, as
 /// etcd keeps it under `replication/CELL`.
 pub fn record_path(rules: &Path, cell: &str) -> PathBuf {
-    PathBuf::from(format!("{}.replication", rules.display())).join(format!("{cell}.json"))
+    crate::files::record_path(rules, cell)
 }
 
 /// The lock (an advisory file lock next to the rules) that makes "go on
@@ -85,7 +85,7 @@ pub fn record_path(rules: &Path, cell: &str) -> PathBuf {
 /// after checking, under the lock, that its shard has not moved; the
 /// failover checks the record and moves the shard under the same lock.
 pub fn lock_rules(rules: &Path) -> std::io::Result<std::fs::File> {
-    let path = PathBuf::from(format!("{}.lock", rules.display()));
+    let path = crate::files::lock_path(rules);
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -99,7 +99,7 @@ pub fn lock_rules(rules: &Path) -> std::io::Result<std::fs::File> {
 
 /// Where the state of a switchover of the rules at `rules` is kept.
 pub fn state_path(rules: &Path) -> PathBuf {
-    PathBuf::from(format!("{}.switchover.json", rules.display()))
+    crate::files::switchover_path(rules)
 }
 
 fn write_atomically(path: &Path, text: &str) -> Result<()> {

@@ -520,6 +520,13 @@ fn failover_and_failback_with_data_refuse_without_proof_and_change_nothing() {
         assert!(stderr(&o).contains(expect), "{args:?}: {}", stderr(&o));
         assert_eq!(std::fs::read_to_string(&rules).unwrap(), text, "{args:?}");
     }
+    let o = run(&["replication", "status", "--rules", r]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).contains("no shard replication is recorded"),
+        "{}",
+        stdout(&o)
+    );
     // A degraded record refuses too; --force goes on (and here reaches the
     // standby's agent, which is not running: nothing is written).
     std::fs::create_dir_all(format!("{r}.replication")).unwrap();
@@ -543,6 +550,16 @@ fn failover_and_failback_with_data_refuse_without_proof_and_change_nothing() {
         "{}",
         stderr(&o)
     );
+    let o = run(&["replication", "status", "--rules", r]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).contains("a → standby b: degraded"),
+        "{}",
+        stdout(&o)
+    );
+    let o = run(&["replication", "status", "--rules", r, "-o", "json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["a"]["acked_lsn"], 3);
     let o = run(&[
         "failover",
         "a",

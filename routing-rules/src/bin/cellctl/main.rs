@@ -253,6 +253,10 @@ enum ReplicationCommand {
     /// and the last LSN its standby acknowledged, as its agents recorded
     /// them; exit 1 when a shard is degraded or none is recorded.
     Status {
+        /// Read the records the agents keep next to this rules file (the
+        /// embedded mode) instead of etcd.
+        #[arg(long, value_name = "FILE")]
+        rules: Option<PathBuf>,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -557,7 +561,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status { out } => {
             online::run(&target, OnlineCommand::Status { output: out.output })
         }
-        Command::Replication(ReplicationCommand::Status { out }) => {
+        Command::Replication(ReplicationCommand::Status {
+            rules: Some(rules),
+            out,
+        }) => offline::replication_file(&rules, out.output),
+        Command::Replication(ReplicationCommand::Status { rules: None, out }) => {
             online::run(&target, OnlineCommand::Replication { output: out.output })
         }
         Command::Override(OverrideCommand::Rm { user, msg }) => {

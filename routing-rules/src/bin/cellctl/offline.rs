@@ -223,3 +223,60 @@ pub(crate) fn route(args: RouteArgs, live: Option<(String, u64)>) -> Result<()> 
     }
     Ok(())
 }
+
+/// Prints shard replication records (`where_` names their source); exit 1
+/// unless every recorded shard is in sync.
+pub(crate) fn replication_status(
+    records: &std::collections::BTreeMap<String, serde_json::Value>,
+    output: Output,
+    where_: &str,
+) -> Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(records)?),
+        Output::Text => {
+            if records.is_empty() {
+                println!("no shard replication is recorded in {where_}");
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            for (cell, r) in records {
+                println!(
+                    "{cell} → standby {}: {} for {} s; acknowledged LSN {}; recorded {} s ago",
+                    r["standby"].as_str().unwrap_or("(none)"),
+                    r["state"].as_str().unwrap_or("?"),
+                    (now - r["since_ms"].as_i64().unwrap_or(now)) / 1000,
+                    r["acked_lsn"],
+                    (now - r["updated_ms"].as_i64().unwrap_or(now)) / 1000,
+                );
+            }
+        }
+    }
+    if !records.is_empty() && records.values().all(|r| r["state"] == "in-sync") {
+        Ok(())
+    } else {
+        Err(crate::Reported.into())
+    }
+}
+
+/// `cellctl replication status --rules FILE`: the records the agents keep
+/// next to the rules file (`FILE.replication/CELL.json`).
+pub(crate) fn replication_file(rules: &Path, output: Output) -> Result<()> {
+    let dir = routing_rules::files::records_dir(rules);
+    let mut records = std::collections::BTreeMap::new();
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(cell) = name.strip_suffix(".json") else {
+                continue;
+            };
+            let text = std::fs::read_to_string(e.path())
+                .with_context(|| format!("cannot read {}", e.path().display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a replication record", e.path().display()))?;
+            records.insert(cell.to_string(), v);
+        }
+    }
+    replication_status(&records, output, &dir.display().to_string())
+}

@@ -264,36 +264,11 @@ mod imp {
             }
             OnlineCommand::Replication { output } => {
                 let records = cp.replication().await?;
-                match output {
-                    Output::Json => println!("{}", serde_json::to_string_pretty(&records)?),
-                    Output::Text => {
-                        if records.is_empty() {
-                            println!(
-                                "no shard replication is recorded in cluster {}",
-                                target.cluster
-                            );
-                        }
-                        let now = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_millis() as i64)
-                            .unwrap_or(0);
-                        for (cell, r) in &records {
-                            println!(
-                                "{cell} → standby {}: {} for {} s; acknowledged LSN {}; recorded {} s ago",
-                                r["standby"].as_str().unwrap_or("(none)"),
-                                r["state"].as_str().unwrap_or("?"),
-                                (now - r["since_ms"].as_i64().unwrap_or(now)) / 1000,
-                                r["acked_lsn"],
-                                (now - r["updated_ms"].as_i64().unwrap_or(now)) / 1000,
-                            );
-                        }
-                    }
-                }
-                if !records.is_empty() && records.values().all(|r| r["state"] == "in-sync") {
-                    Ok(())
-                } else {
-                    Err(Reported.into())
-                }
+                crate::offline::replication_status(
+                    &records,
+                    output,
+                    &format!("cluster {}", target.cluster),
+                )
             }
             OnlineCommand::Document => {
                 let (text, rev) = need_current()?;
