@@ -202,6 +202,7 @@ async fn fail_over(c: &Cells, force: bool) -> anyhow::Result<routing_rules::swit
         cell: "cell-a".into(),
         to: "cell-b".into(),
         force,
+        etcd: None,
     };
     let secret = routing_rules::auth::ClusterSecret::from_file(&c.secret).unwrap();
     routing_rules::switchover::failover(&req, secret).await
@@ -249,6 +250,7 @@ async fn killing_the_primary_loses_no_acknowledged_write() {
         cell: "cell-a".into(),
         to: "cell-c".into(),
         force: false,
+        etcd: None,
     };
     let secret = routing_rules::auth::ClusterSecret::from_file(&c.secret).unwrap();
     let e = routing_rules::switchover::failover(&req, secret)
@@ -351,6 +353,7 @@ async fn killing_the_primary_loses_no_acknowledged_write() {
         cell: "cell-a".into(),
         to: "cell-a".into(),
         catch_up_timeout: Duration::from_secs(5),
+        etcd: None,
     };
     let secret = routing_rules::auth::ClusterSecret::from_file(&c.secret).unwrap();
     let out = routing_rules::switchover::run(&req, secret).await.unwrap();

@@ -63,6 +63,7 @@ async fn switchover(rules: &Path, secret: &Path, cell: &str, to: &str) -> (i32, 
         cell: cell.into(),
         to: to.into(),
         catch_up_timeout: Duration::from_secs(5),
+        etcd: None,
     };
     let secret = routing_rules::auth::ClusterSecret::from_file(secret).unwrap();
     match routing_rules::switchover::run(&req, secret).await {
@@ -311,6 +312,7 @@ async fn a_standby_that_does_not_catch_up_rolls_the_switchover_back() {
         cell: "cell-a".into(),
         to: "cell-b".into(),
         catch_up_timeout: Duration::from_millis(300),
+        etcd: None,
     };
     let secret = routing_rules::auth::ClusterSecret::from_file(&p.secret).unwrap();
     let out = routing_rules::switchover::run(&req, secret).await.unwrap();
@@ -391,6 +393,7 @@ async fn a_switchover_cut_off_after_the_ban_is_finished_by_running_it_again() {
         cell: "cell-a".into(),
         to: "cell-b".into(),
         catch_up_timeout: Duration::from_secs(5),
+        etcd: None,
     };
     let out = routing_rules::switchover::run(&req, secret).await.unwrap();
     assert_eq!(out.result, "switched");

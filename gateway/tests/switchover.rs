@@ -119,6 +119,7 @@ async fn switchover(rules: &Path, secret: &Path, to: &str) -> (Instant, Instant)
         cell: "cell-a".into(),
         to: to.into(),
         catch_up_timeout: Duration::from_secs(5),
+        etcd: None,
     };
     let secret = routing_rules::auth::ClusterSecret::from_file(secret).unwrap();
     let t = Instant::now();

@@ -577,5 +577,35 @@ fn failover_and_failback_with_data_refuse_without_proof_and_change_nothing() {
         "{}",
         stderr(&o)
     );
-    assert_eq!(std::fs::read_to_string(&rules).unwrap(), text);
+    // The rules moved first (from then on cell-a may not go on without its
+    // standby); the error says the promotion is what remains to do, and
+    // running the command again retries just that.
+    assert!(
+        stderr(&o).contains("run the same command again"),
+        "{}",
+        stderr(&o)
+    );
+    let moved = std::fs::read_to_string(&rules).unwrap();
+    assert!(moved.contains("hosted_by = \"b\""), "{moved}");
+    let o = run(&[
+        "failover",
+        "a",
+        "--to",
+        "b",
+        "--rules",
+        r,
+        "--internal-secret-file",
+        s,
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no agent of cell b answered"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&rules).unwrap(),
+        moved,
+        "a re-run only retries the promotion"
+    );
 }

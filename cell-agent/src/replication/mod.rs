@@ -73,6 +73,16 @@ pub struct Shipper {
     /// to it, and going on degraded takes its lock
     /// ([`routing_rules::switchover::lock_rules`]).
     pub rules_file: Option<PathBuf>,
+    /// The rules revision [`Shipper::may_go_degraded`] last checked (a
+    /// degraded record in etcd is written only while the rules are still
+    /// at it).
+    pub checked_revision: std::sync::atomic::AtomicU64,
+    /// The standby the last record named, and the journal's history then
+    /// (a promotion starts a new one: the shard's record, maybe written by
+    /// another copy meanwhile, is rewritten at once).
+    pub recorded_standby: tokio::sync::Mutex<(Option<String>, String)>,
+    /// The journal's history of the last shipment.
+    pub shipped_timeline: tokio::sync::Mutex<String>,
     /// The control-plane connection, kept between records (dropped after
     /// a failure, so the next record reconnects).
     #[cfg(feature = "etcd")]
@@ -167,6 +177,7 @@ impl Shipper {
                 .journal_after(*acked, SHIPMENT)
                 .await
                 .map_err(|e| Failure::Other(format!("cannot read the journal: {e}")))?;
+            *self.shipped_timeline.lock().await = timeline.id.clone();
             match batches.first() {
                 None => return Err(Failure::Other(format!("batch {target} is not in the journal"))),
                 Some(b) if *acked > 0 && b.lsn != *acked + 1 && asked => {
@@ -357,9 +368,21 @@ impl Shipper {
                             "the standby caught up: this shard is synchronously replicated again"
                         );
                     }
-                    // The acknowledged position, at most once a second.
-                    if acked != recorded_acked
-                        && (recorded_acked < 0 || recorded_at.elapsed() >= Duration::from_secs(1))
+                    // The acknowledged position, at most once a second —
+                    // at once when the record names another standby (the
+                    // shard moved: the last record may be its old host's).
+                    let standby_now = self
+                        .rules
+                        .table()
+                        .rules()
+                        .standby_of(&self.shard)
+                        .map(str::to_string);
+                    let timeline = self.shipped_timeline.lock().await.clone();
+                    let moved = *self.recorded_standby.lock().await != (standby_now, timeline);
+                    if (moved || acked != recorded_acked)
+                        && (moved
+                            || recorded_acked < 0
+                            || recorded_at.elapsed() >= Duration::from_secs(1))
                         && self
                             .write_state(State::InSync, since_ms, acked)
                             .await
@@ -497,6 +520,9 @@ pub(crate) fn start(
         control_plane,
         db: db.to_path_buf(),
         rules_file: cfg.rules.clone(),
+        checked_revision: std::sync::atomic::AtomicU64::new(0),
+        recorded_standby: tokio::sync::Mutex::new((None, String::new())),
+        shipped_timeline: tokio::sync::Mutex::new(String::new()),
         #[cfg(feature = "etcd")]
         etcd: tokio::sync::Mutex::new(None),
     };

@@ -112,7 +112,10 @@ impl Shipper {
         })
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))?;
-        self.record_in_control_plane(&record).await
+        self.record_in_control_plane(&record).await?;
+        let timeline = self.shipped_timeline.lock().await.clone();
+        *self.recorded_standby.lock().await = (record.standby.clone(), timeline);
+        Ok(())
     }
 
     /// Before going on without the standby: under the rules' lock (embedded
@@ -131,6 +134,8 @@ impl Shipper {
         };
         self.rules.catch_up(self.rules.table().revision() + 1).await;
         let table = self.rules.table();
+        self.checked_revision
+            .store(table.revision(), std::sync::atomic::Ordering::Release);
         let host = table.rules().host_of(&self.shard);
         if host != self.rules.cell() {
             return Err(format!(
@@ -156,6 +161,24 @@ impl Shipper {
             }
             let value = serde_json::to_value(record).unwrap_or_default();
             match held.as_mut() {
+                // Going on without the standby: only while the rules are
+                // still those the shard was found to be held here in (a
+                // failover moves them only if this record is unchanged).
+                Some(cp) if record.state == "degraded" => {
+                    let checked = self
+                        .checked_revision
+                        .load(std::sync::atomic::Ordering::Acquire);
+                    if cp
+                        .put_replication_if_rules(&record.cell, &value, checked)
+                        .await?
+                    {
+                        Ok(())
+                    } else {
+                        Err(routing_rules::etcd::ControlError::BadArgument(format!(
+                            "the rules moved on from revision {checked}: not recording degraded"
+                        )))
+                    }
+                }
                 Some(cp) => cp.put_replication(&record.cell, &value).await,
                 None => Ok(()),
             }

@@ -98,6 +98,7 @@ impl Demo {
             cell: "cell-a".into(),
             to: to.into(),
             catch_up_timeout: Duration::from_secs(5),
+            etcd: None,
         };
         wait_for(100).await?;
         for to in ["cell-b", "cell-a"] {
@@ -126,6 +127,7 @@ impl Demo {
             cell: "cell-a".into(),
             to: "cell-b".into(),
             force: false,
+            etcd: None,
         };
         let t = Instant::now();
         switchover::failover(&req, secret).await?;

@@ -175,6 +175,10 @@ impl Keys {
     pub fn replication_prefix(&self) -> String {
         format!("{}replication/", self.prefix)
     }
+    /// The switchover in progress (`cellctl switchover`), if any.
+    pub fn switchover(&self) -> String {
+        format!("{}switchover", self.prefix)
+    }
 }
 
 /// A connection to the control plane of one cluster.

@@ -523,15 +523,27 @@ fn run(cli: Cli) -> Result<()> {
         Command::Cell { cell, state, msg } => {
             online::run(&target, edit(EditOp::State { cell, state }, msg))
         }
+        // With the data: a rules file, or etcd with the cluster secret.
         #[cfg(feature = "client")]
         Command::Failover {
             cell,
             to,
             force,
-            rules: Some(rules),
+            rules,
             internal_secret_file,
             msg,
-        } => switch::failover(cell, to, force, rules, internal_secret_file, msg.output),
+        } if rules.is_some()
+            || internal_secret_file.is_some()
+            || std::env::var_os(routing_rules::auth::SECRET_ENV).is_some() =>
+        {
+            switch::failover(
+                (cell, to, force),
+                rules,
+                &target,
+                internal_secret_file,
+                msg.output,
+            )
+        }
         Command::Failover {
             cell,
             to,
@@ -542,10 +554,15 @@ fn run(cli: Cli) -> Result<()> {
         #[cfg(feature = "client")]
         Command::Failback {
             cell,
-            rules: Some(rules),
+            rules,
             internal_secret_file,
             msg,
-        } => switch::failback(cell, rules, internal_secret_file, msg.output),
+        } if rules.is_some()
+            || internal_secret_file.is_some()
+            || std::env::var_os(routing_rules::auth::SECRET_ENV).is_some() =>
+        {
+            switch::failback(cell, rules, &target, internal_secret_file, msg.output)
+        }
         Command::Failback { cell, msg, .. } => {
             online::run(&target, edit(EditOp::Failback { cell }, msg))
         }
@@ -592,6 +609,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Rules(RulesCommand::Bump { file, out }) => offline::bump(&file, out),
         Command::Route(args) => offline::route(args, None),
         #[cfg(feature = "client")]
-        Command::Switchover(args) => switch::switchover(args),
+        Command::Switchover(args) => switch::switchover(args, &target),
     }
 }

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use routing_rules::auth::{ClusterSecret, SECRET_ENV};
-use routing_rules::switchover::{run, Outcome, Request};
+use routing_rules::switchover::{run, EtcdTarget, Outcome, Request};
 
-use crate::{Output, OutputArg, Reported};
+use crate::{Output, OutputArg, Reported, Target};
 
 /// Flags of `cellctl switchover`.
 #[derive(Debug, Args)]
@@ -19,7 +19,8 @@ pub(crate) struct SwitchoverArgs {
     /// bring a moved shard home).
     #[arg(long, value_name = "OTHER")]
     to: String,
-    /// The rules file the cells follow (the embedded mode).
+    /// The rules file the cells follow (the embedded mode); without it,
+    /// the etcd control plane of --etcd/--cluster.
     #[arg(long, value_name = "FILE")]
     rules: Option<PathBuf>,
     /// How long the standby may take to apply the ban before the
@@ -66,21 +67,43 @@ fn print(out: &Outcome, output: Output) -> Result<()> {
     Ok(())
 }
 
-/// `cellctl failover CELL --to OTHER --rules FILE`: the data failover.
+/// Where the command goes: the rules file, else etcd (`--etcd`).
+fn place(rules: Option<PathBuf>, target: &Target) -> Result<(PathBuf, Option<EtcdTarget>)> {
+    match (rules, &target.etcd) {
+        (Some(r), _) => Ok((r, None)),
+        (None, Some(list)) => Ok((
+            PathBuf::new(),
+            Some(EtcdTarget {
+                endpoints: list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                cluster: target.cluster.clone(),
+            }),
+        )),
+        (None, None) => anyhow::bail!("give --rules FILE (the embedded mode) or --etcd URL"),
+    }
+}
+
+/// `cellctl failover CELL --to OTHER` with the data (the standby's copy
+/// promoted).
 pub(crate) fn failover(
-    cell: String,
-    to: String,
-    force: bool,
-    rules: PathBuf,
+    (cell, to, force): (String, String, bool),
+    rules: Option<PathBuf>,
+    target: &Target,
     secret_file: Option<PathBuf>,
     output: Output,
 ) -> Result<()> {
     let secret = secret(secret_file.as_deref())?;
+    let (rules, etcd) = place(rules, target)?;
     let req = routing_rules::switchover::FailoverRequest {
         rules,
         cell,
         to,
         force,
+        etcd,
     };
     let out = runtime()?.block_on(routing_rules::switchover::failover(&req, secret))?;
     print(&out, output)?;
@@ -92,34 +115,25 @@ pub(crate) fn failover(
     Ok(())
 }
 
-/// `cellctl failback CELL --rules FILE`: the shard comes home when the
+/// `cellctl failback CELL` with the data: the shard comes home when the
 /// cell's own copy is its host's in-sync standby again.
 pub(crate) fn failback(
     cell: String,
-    rules: PathBuf,
+    rules: Option<PathBuf>,
+    target: &Target,
     secret_file: Option<PathBuf>,
     output: Output,
 ) -> Result<()> {
-    let record_file = routing_rules::switchover::record_path(&rules, &cell);
-    let record: Option<serde_json::Value> = std::fs::read_to_string(&record_file)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok());
-    match &record {
-        Some(r) if r["state"] == "in-sync" && r["standby"] == cell.as_str() => {}
-        _ => anyhow::bail!(
-            "cell {cell}'s own copy is not recorded as its shard's in-sync standby ({}: {}): re-seed it first (stop its agents, `cell-agent replica sync --from HOST_COPY --to ITS_DB`, start them) and wait until it is",
-            record_file.display(),
-            record.map(|r| r.to_string()).unwrap_or_else(|| "no record".into())
-        ),
-    }
     let secret = secret(secret_file.as_deref())?;
+    let (rules, etcd) = place(rules, target)?;
     let req = Request {
         rules,
         cell: cell.clone(),
         to: cell,
         catch_up_timeout: std::time::Duration::from_secs(5),
+        etcd,
     };
-    let out: Outcome = runtime()?.block_on(run(&req, secret))?;
+    let out: Outcome = runtime()?.block_on(routing_rules::switchover::failback(&req, secret))?;
     print(&out, output)?;
     if out.result == "switched" {
         Ok(())
@@ -128,40 +142,18 @@ pub(crate) fn failback(
     }
 }
 
-pub(crate) fn switchover(args: SwitchoverArgs) -> Result<()> {
-    let rules = args.rules.clone().context(
-        "give --rules FILE: the switchover drives a rules file for now (the etcd flavour comes next)",
-    )?;
+pub(crate) fn switchover(args: SwitchoverArgs, target: &Target) -> Result<()> {
     let secret = secret(args.internal_secret_file.as_deref())?;
+    let (rules, etcd) = place(args.rules, target)?;
     let req = Request {
         rules,
         cell: args.cell,
         to: args.to,
         catch_up_timeout: std::time::Duration::from_millis(args.catch_up_timeout_ms),
+        etcd,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let out: Outcome = rt.block_on(run(&req, secret))?;
-    match args.out.output {
-        Output::Json => println!("{}", serde_json::to_string(&out)?),
-        Output::Text => {
-            let switched = out.result == "switched";
-            println!(
-                "{}: cell {}'s shard {} {} (slots banned for {} ms; rules revision {})",
-                out.result,
-                out.plan.cell,
-                if switched { "moved to" } else { "stays at" },
-                if switched {
-                    &out.plan.to
-                } else {
-                    &out.plan.from
-                },
-                out.stall_ms,
-                out.revision.map(|r| r.to_string()).unwrap_or_default()
-            );
-        }
-    }
+    let out: Outcome = runtime()?.block_on(run(&req, secret))?;
+    print(&out, args.out.output)?;
     if out.result == "switched" {
         Ok(())
     } else {

@@ -25,6 +25,13 @@ use serde::{Deserialize, Serialize};
 use crate::auth::ClusterSecret;
 use crate::edit;
 
+mod failover;
+mod plane;
+
+pub use failover::{failover, FailoverRequest};
+pub use plane::EtcdTarget;
+use plane::Plane;
+
 /// The prefix of the agents' shard endpoints (internal listener):
 /// `GET PREFIX/CELL`, `POST PREFIX/CELL/demote`, `POST PREFIX/CELL/promote`.
 pub const SHARDS_PATH: &str = "/v1/internal/shards/";
@@ -102,6 +109,15 @@ pub fn state_path(rules: &Path) -> PathBuf {
     crate::files::switchover_path(rules)
 }
 
+/// Who applies rules changes (etcd history).
+#[cfg(feature = "etcd")]
+pub(crate) fn applied_by() -> String {
+    format!(
+        "cellctl@{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into())
+    )
+}
+
 fn write_atomically(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     {
@@ -117,10 +133,6 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-fn record(state: &Path, plan: &Plan) -> Result<()> {
-    write_atomically(state, &serde_json::to_string_pretty(plan)?)
-}
-
 /// The switchover's parameters.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -132,12 +144,13 @@ pub struct Request {
     pub to: String,
     /// How long the target may take to apply the demotion.
     pub catch_up_timeout: Duration,
+    /// Drive this etcd control plane instead of the rules file.
+    pub etcd: Option<EtcdTarget>,
 }
 
 /// Checks the request against the rules and makes the plan.
 pub fn plan(text: &str, req: &Request) -> Result<Plan> {
-    let rules = crate::parse_rules(text)
-        .map_err(|e| anyhow::anyhow!("{}: invalid rules: {e}", req.rules.display()))?;
+    let rules = crate::parse_rules(text).map_err(|e| anyhow::anyhow!("invalid rules: {e}"))?;
     let (cell, to) = (req.cell.as_str(), req.to.as_str());
     if !rules.cells.contains_key(cell) {
         bail!("cell {cell:?} is not defined in the rules");
@@ -179,6 +192,8 @@ struct Agents {
     client: Client<HttpConnector, Full<Bytes>>,
     secret: ClusterSecret,
     rules: crate::Rules,
+    /// Internal addresses from the control plane's registrations.
+    registered: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl Agents {
@@ -191,14 +206,17 @@ impl Agents {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<(u16, serde_json::Value)> {
-        let addrs = self
+        let mut addrs = self
             .rules
             .cells
             .get(cell)
             .map(|c| c.internal.clone())
             .unwrap_or_default();
         if addrs.is_empty() {
-            bail!("cell {cell} lists no `internal` address in the rules");
+            addrs = self.registered.get(cell).cloned().unwrap_or_default();
+        }
+        if addrs.is_empty() {
+            bail!("cell {cell} lists no `internal` address in the rules and none is registered");
         }
         let body = Bytes::from(body.map(|b| b.to_string()).unwrap_or_default());
         let mut last = String::new();
@@ -258,6 +276,15 @@ impl Agents {
             .with_context(|| format!("cell {cell} answered {action} without an LSN: {v}"))
     }
 
+    async fn role(&self, cell: &str, shard: &str) -> Result<String> {
+        let path = format!("{}{shard}", SHARDS_PATH);
+        let (status, v) = self.call(cell, "GET", &path, None).await?;
+        if status != 200 {
+            bail!("cell {cell} has no copy of {shard}'s shard: {status} {v}");
+        }
+        Ok(v["role"].as_str().unwrap_or("").to_string())
+    }
+
     async fn applied(&self, cell: &str, shard: &str) -> Result<i64> {
         let path = format!("{}{shard}", SHARDS_PATH);
         let (status, v) = self.call(cell, "GET", &path, None).await?;
@@ -271,22 +298,21 @@ impl Agents {
 /// The last phase: the rules give the shard to `host` with every range's
 /// epoch raised by `epochs` (1 after a promotion; 2 after a roll-back,
 /// whose reopening skipped the epoch of the abandoned move), at the next
-/// revision; the record is removed.
-fn finish(
-    req: &Request,
-    state: &Path,
+/// revision; the phase record is removed.
+async fn finish(
+    plane: &mut Plane,
     plan: Plan,
     (host, epochs): (&str, u32),
     result: &'static str,
     t0: Instant,
 ) -> Result<Outcome> {
-    let mut text = std::fs::read_to_string(&req.rules)?;
+    let (mut text, revision) = plane.rules().await?;
     for _ in 0..epochs {
         text = edit::move_shard(&text, &plan.cell, host)?;
     }
-    let (next, revision) = edit::bump_revision(&text)?;
-    write_atomically(&req.rules, &next)?;
-    std::fs::remove_file(state).ok();
+    let message = format!("{result}: cell {}'s shard held by {host}", plan.cell);
+    let revision = plane.write_rules(&text, revision, &message).await?;
+    plane.clear_phase().await?;
     Ok(Outcome {
         plan,
         result,
@@ -297,25 +323,22 @@ fn finish(
 
 /// Runs (or resumes) the switchover.
 pub async fn run(req: &Request, secret: ClusterSecret) -> Result<Outcome> {
-    let state = state_path(&req.rules);
-    let text = std::fs::read_to_string(&req.rules)
-        .with_context(|| format!("cannot read {}", req.rules.display()))?;
-    let mut plan = match std::fs::read_to_string(&state) {
-        Ok(recorded) => {
-            let p: Plan = serde_json::from_str(&recorded)
-                .with_context(|| format!("{} is not a switchover record", state.display()))?;
+    let mut plane = Plane::open(&req.rules, req.etcd.as_ref()).await?;
+    let (text, _) = plane.rules().await?;
+    let mut plan = match plane.phase().await? {
+        Some(p) => {
             if p.cell != req.cell || p.to != req.to {
                 bail!(
-                    "a switchover of cell {} to {} is in progress ({}); run `cellctl switchover {} --to {}` again to finish it first",
-                    p.cell, p.to, state.display(), p.cell, p.to
+                    "a switchover of cell {} to {} is in progress; run `cellctl switchover {} --to {}` again to finish it first",
+                    p.cell, p.to, p.cell, p.to
                 );
             }
             tracing::warn!(phase = %p.phase, "resuming a recorded switchover");
             p
         }
-        Err(_) => {
+        None => {
             let p = plan(&text, req)?;
-            record(&state, &p)?;
+            plane.record_phase(&p).await?;
             p
         }
     };
@@ -323,6 +346,7 @@ pub async fn run(req: &Request, secret: ClusterSecret) -> Result<Outcome> {
         client: Client::builder(TokioExecutor::new()).build_http(),
         secret,
         rules: crate::parse_rules(&text)?,
+        registered: plane.registered().await,
     };
     let t0 = Instant::now();
     loop {
@@ -334,7 +358,7 @@ pub async fn run(req: &Request, secret: ClusterSecret) -> Result<Outcome> {
                 tracing::info!(cell = %plan.cell, host = %plan.from, lsn, "demoted: the slots are banned");
                 plan.lsn = Some(lsn);
                 plan.phase = "catch-up".into();
-                record(&state, &plan)?;
+                plane.record_phase(&plan).await?;
             }
             "catch-up" => {
                 let target = plan.lsn.context("the record has no demotion LSN")?;
@@ -351,7 +375,7 @@ pub async fn run(req: &Request, secret: ClusterSecret) -> Result<Outcome> {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 };
                 plan.phase = if caught_up { "promote" } else { "roll-back" }.into();
-                record(&state, &plan)?;
+                plane.record_phase(&plan).await?;
             }
             "promote" => {
                 let lsn = agents
@@ -359,11 +383,11 @@ pub async fn run(req: &Request, secret: ClusterSecret) -> Result<Outcome> {
                     .await?;
                 tracing::info!(cell = %plan.cell, host = %plan.to, lsn, "promoted");
                 plan.phase = "route".into();
-                record(&state, &plan)?;
+                plane.record_phase(&plan).await?;
             }
             "route" => {
-                let (to, epochs) = (plan.to.clone(), 1);
-                return finish(req, &state, plan, (&to, epochs), "switched", t0);
+                let to = plan.to.clone();
+                return finish(&mut plane, plan, (&to, 1), "switched", t0).await;
             }
             "roll-back" => {
                 // The target never applied the ban: the old host takes the
@@ -373,135 +397,31 @@ pub async fn run(req: &Request, secret: ClusterSecret) -> Result<Outcome> {
                     .step(&plan.from, &plan.cell, "promote", &back)
                     .await?;
                 let from = plan.from.clone();
-                return finish(req, &state, plan, (&from, 2), "rolled-back", t0);
+                return finish(&mut plane, plan, (&from, 2), "rolled-back", t0).await;
             }
-            other => bail!("{}: unknown phase {other:?}", state.display()),
+            other => bail!("unknown switchover phase {other:?}"),
         }
     }
 }
 
-/// An unplanned failover's parameters (the embedded mode).
-#[derive(Debug, Clone)]
-pub struct FailoverRequest {
-    /// The rules file.
-    pub rules: PathBuf,
-    /// The cell whose shard's host is lost.
-    pub cell: String,
-    /// Its standby, whose copy is promoted.
-    pub to: String,
-    /// Promote even when the shard's record does not say the standby has
-    /// every acknowledged write (degraded, missing, another standby): the
-    /// writes it lacks are lost.
-    pub force: bool,
-}
-
-/// Fails `cell`'s shard over to its standby: under the rules' lock, checks
-/// that the shard's replication record says the standby is in sync (so it
-/// holds every acknowledged write), promotes the standby's copy at epoch+1
-/// and moves the shard in the rules. The lost host's copy, if it still runs,
-/// can acknowledge nothing more: its standby refuses its journal, and it
-/// may not go on without one while the rules give its shard to another
-/// cell. Safe to run again if cut off.
-pub async fn failover(req: &FailoverRequest, secret: ClusterSecret) -> Result<Outcome> {
-    let rules_path = req.rules.clone();
-    let _lock = tokio::task::spawn_blocking(move || lock_rules(&rules_path))
-        .await?
-        .with_context(|| format!("cannot lock {}", req.rules.display()))?;
-    let state = state_path(&req.rules);
-    if state.exists() {
-        bail!(
-            "a switchover is in progress ({}): finish it with `cellctl switchover` first",
-            state.display()
-        );
+/// Brings a failed-over shard home (`cellctl failback`): refused until the
+/// shard's record says its home cell's copy — re-seeded after the failover —
+/// is its host's in-sync standby; then a switchover to the home cell.
+pub async fn failback(req: &Request, secret: ClusterSecret) -> Result<Outcome> {
+    let cell = req.cell.as_str();
+    if req.to != req.cell {
+        bail!("a failback brings cell {cell}'s shard to cell {cell} itself");
     }
-    let text = std::fs::read_to_string(&req.rules)
-        .with_context(|| format!("cannot read {}", req.rules.display()))?;
-    let rules = crate::parse_rules(&text)
-        .map_err(|e| anyhow::anyhow!("{}: invalid rules: {e}", req.rules.display()))?;
-    let (cell, to) = (req.cell.as_str(), req.to.as_str());
-    if !rules.cells.contains_key(cell) {
-        bail!("cell {cell:?} is not defined in the rules");
+    let mut plane = Plane::open(&req.rules, req.etcd.as_ref()).await?;
+    let seen = plane.record(cell).await?;
+    match &seen.record {
+        Some(r) if r["state"] == "in-sync" && r["standby"] == cell => {}
+        other => bail!(
+            "cell {cell}'s own copy is not recorded as its shard's in-sync standby ({}: {}): re-seed it first (stop its agents, `cell-agent replica sync --from HOST_COPY --to ITS_DB`, start them) and wait until it is",
+            seen.place,
+            other.as_ref().map(|r| r.to_string()).unwrap_or_else(|| "no record".into())
+        ),
     }
-    if !rules.cells.contains_key(to) {
-        bail!("--to {to:?}: no such cell in the rules");
-    }
-    let from = rules.host_of(cell).to_string();
-    if from == to {
-        bail!("cell {cell}'s shard is already held by {to}: nothing to do");
-    }
-    let standby = rules.standby_of(cell);
-    if standby != Some(to) {
-        bail!(
-            "cell {to} is not the standby of cell {cell}'s shard (its standby: {}): only the standby has a copy of the data",
-            standby.unwrap_or("none")
-        );
-    }
-    let record_file = record_path(&req.rules, cell);
-    let record: Option<serde_json::Value> = std::fs::read_to_string(&record_file)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok());
-    let problem = match &record {
-        None => Some(format!(
-            "no replication record of cell {cell}'s shard ({}): nothing says {to} has every acknowledged write",
-            record_file.display()
-        )),
-        Some(r) if r["state"] != "in-sync" => Some(format!(
-            "cell {cell}'s shard runs without a synchronous standby since {} (its record: {}): {to} may lack acknowledged writes",
-            r["since_ms"], record_file.display()
-        )),
-        Some(r) if r["standby"] != to => Some(format!(
-            "cell {cell}'s shard was last replicated to {}, not {to}",
-            r["standby"]
-        )),
-        Some(_) => None,
-    };
-    if let Some(p) = problem {
-        if !req.force {
-            bail!(
-                "{p}; refusing to fail over (--force accepts losing the writes the standby lacks)"
-            );
-        }
-        tracing::warn!(problem = %p, "failing over anyway (--force): writes the standby lacks are lost");
-    }
-    let ranges: Vec<(u32, u32, u64)> = edit::shard_ranges(&text, cell)?
-        .into_iter()
-        .map(|(f, t, e)| (f, t, e + 1))
-        .collect();
-    if ranges.is_empty() {
-        bail!("cell {cell} owns no slots: nothing to fail over");
-    }
-    let agents = Agents {
-        client: Client::builder(TokioExecutor::new()).build_http(),
-        secret,
-        rules,
-    };
-    let t0 = Instant::now();
-    // The new host's standby is the lost cell: it runs degraded from the
-    // start instead of holding its first writes for the sync timeout.
-    let lsn = agents
-        .step_with(
-            to,
-            cell,
-            "promote",
-            serde_json::json!({ "ranges": ranges, "standby_lost": true }),
-        )
-        .await?;
-    tracing::warn!(%cell, host = %to, lsn, "failed over: the standby's copy is the primary");
-    let moved = edit::move_shard(&text, cell, to)?;
-    let (next, revision) = edit::bump_revision(&moved)?;
-    write_atomically(&req.rules, &next)?;
-    Ok(Outcome {
-        plan: Plan {
-            cell: cell.into(),
-            from,
-            to: to.into(),
-            ranges,
-            phase: "done".into(),
-            lsn: Some(lsn),
-            started_ms: unix_ms(),
-        },
-        result: "failed-over",
-        stall_ms: t0.elapsed().as_millis() as u64,
-        revision: Some(revision),
-    })
+    drop(plane);
+    run(req, secret).await
 }
