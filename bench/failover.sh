@@ -10,11 +10,15 @@
 #
 #   bench/failover.sh                 # 8 s of load, the kill at 3 s
 #   CLIENTS=16 bench/failover.sh
+#   AUTO=1 bench/failover.sh          # no cellctl: the gateway fails over by itself
+#                                     # (--auto-failover, default health settings)
+#   AUTO=1 HEALTH_MS=400 bench/failover.sh   # with faster health checks
 #
 # Loopback only; the clients stop by themselves after DURATION seconds.
 set -euo pipefail
 
 DURATION="${DURATION:-8}"
+AUTO="${AUTO:-0}"
 CLIENTS="${CLIENTS:-8}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=bench/common.sh
@@ -68,8 +72,11 @@ agent() { # cell dir port internal_port
 agent cell-b "$WORK/b" "$B" "$BI"
 agent cell-a "$WORK/a" "$A" "$AI"
 A_PID=${PIDS[-1]}
+AUTO_FLAGS=()
+[[ "$AUTO" == 1 ]] && AUTO_FLAGS=(--auto-failover --internal-secret-file "$WORK/secret" \
+    --health-interval-ms "${HEALTH_MS:-1000}")
 CELLGATE_LOG=error "$BIN/cellgate" serve --rules "$WORK/rules.toml" --reload-interval-ms 50 \
-    --listen "127.0.0.1:$GW" --admin "127.0.0.1:$ADMIN" &
+    --listen "127.0.0.1:$GW" --admin "127.0.0.1:$ADMIN" "${AUTO_FLAGS[@]}" &
 PIDS+=($!)
 wait_port "$GW"
 
@@ -127,11 +134,17 @@ sleep 3
 KILL_AT=$(date +%s.%N)
 kill -9 "$A_PID"
 T0=$(date +%s%N)
-"$BIN/cellctl" failover cell-a --to cell-b --rules "$WORK/rules.toml" --internal-secret-file "$WORK/secret"
-T1=$(date +%s%N)
-wait_for_client
-echo "--- failover"
-echo "kill at $KILL_AT; cellctl failover took $(( (T1 - T0) / 1000000 )) ms"
+if [[ "$AUTO" == 1 ]]; then
+    wait_for_client
+    echo "--- failover (by the gateway: --auto-failover, default health settings)"
+    curl -s "http://127.0.0.1:$ADMIN/metrics" | grep '^cellgate_auto_failovers_total' || true
+else
+    "$BIN/cellctl" failover cell-a --to cell-b --rules "$WORK/rules.toml" --internal-secret-file "$WORK/secret"
+    T1=$(date +%s%N)
+    wait_for_client
+    echo "--- failover"
+    echo "kill at $KILL_AT; cellctl failover took $(( (T1 - T0) / 1000000 )) ms"
+fi
 cat "$WORK/client.txt"
 python3 - "$WORK/acked.txt" "$WORK/b/cell-a.replica.db" <<'PY'
 import sqlite3, sys

@@ -137,6 +137,24 @@ pub struct ServeConfig {
     #[arg(long, value_name = "MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub hold_ms: u64,
 
+    /// Fail a cell's replicated shard over to its standby (with its data,
+    /// as `cellctl failover` does) when the health checks see every
+    /// instance of the cell down for --auto-failover-after-ms more, the
+    /// cell's policy is `auto`, its standby is up and recorded in sync.
+    /// Needs the cells' secret (--internal-secret-file).
+    #[arg(long)]
+    pub auto_failover: bool,
+
+    /// With --auto-failover: how long a cell must stay down after the
+    /// health checks marked it so, ms.
+    #[arg(long, value_name = "MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub auto_failover_after_ms: u64,
+
+    /// With --auto-failover: the cells' shared secret for their internal
+    /// listeners (env CELLGATE_INTERNAL_SECRET_FILE).
+    #[arg(long, value_name = "PATH", env = "CELLGATE_INTERNAL_SECRET_FILE")]
+    pub internal_secret_file: Option<PathBuf>,
+
     /// Most requests held at once (see --hold-ms); one more gets 503
     /// `shard_moving` at once.
     #[arg(long, value_name = "N", default_value_t = 4_096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -238,6 +256,9 @@ impl ServeConfig {
             client_body_buffer_bytes: 64 * 1024,
             hold_ms: 2_000,
             hold_queue: 4_096,
+            auto_failover: false,
+            auto_failover_after_ms: 0,
+            internal_secret_file: None,
             client_body_timeout_ms: 10_000,
             send_timeout_ms: 60_000,
             idle_timeout_ms: 30_000,

@@ -8,6 +8,7 @@
 //! phases of a request.
 
 pub mod admin;
+pub mod auto_failover;
 pub mod config;
 pub mod conn_watch;
 pub mod control;

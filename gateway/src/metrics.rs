@@ -67,6 +67,10 @@ pub struct Metrics {
     pub held: IntCounterVec,
     /// `cellgate_hold_seconds`: how long held requests waited.
     pub hold_seconds: Histogram,
+    /// `cellgate_auto_failovers_total{outcome}`: shards this gateway failed
+    /// over (`ok`), found failed over by another (`done_elsewhere`), or
+    /// could not (`refused`).
+    pub auto_failovers: IntCounterVec,
     /// `cellgate_client_errors_total{kind}`: clients that were too slow or
     /// broke the protocol (never counted against a cell).
     pub client_errors: IntCounterVec,
@@ -171,6 +175,13 @@ impl Metrics {
                         "Time requests were held for newer rules (see cellgate_held_requests_total).",
                     )
                     .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0]),
+                )?,
+            )?,
+            auto_failovers: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("cellgate_auto_failovers_total", "Shards this gateway tried to fail over because every instance of their cell was down (--auto-failover): ok, done_elsewhere (another gateway did), refused (e.g. the standby not recorded in sync)."),
+                    &["outcome"],
                 )?,
             )?,
             client_errors: reg(

@@ -78,6 +78,7 @@ pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<Runni
     );
 
     let (stop, stop_rx) = watch::channel(false);
+    let stop_rx_auto = stop_rx.clone();
     let shared = Shared::new(
         control.clone(),
         ProxySettings {
@@ -117,7 +118,7 @@ pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<Runni
             stop_rx.clone(),
         )?,
     };
-    let tasks = vec![
+    let mut tasks = vec![
         follower,
         tokio::spawn(serve_proxy(
             proxy_listener,
@@ -132,6 +133,13 @@ pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<Runni
             stop_rx,
         )),
     ];
+    if cfg.auto_failover {
+        tasks.push(tokio::spawn(crate::auto_failover::run(
+            control.clone(),
+            auto_failover(&cfg)?,
+            stop_rx_auto,
+        )));
+    }
     Ok(RunningGateway {
         proxy_addr,
         admin_addr,
@@ -140,6 +148,37 @@ pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<Runni
         stop,
         tasks,
         drain_timeout: Duration::from_millis(cfg.drain_timeout_ms),
+    })
+}
+
+/// The `--auto-failover` watcher's settings (its secret is required).
+fn auto_failover(cfg: &ServeConfig) -> anyhow::Result<crate::auto_failover::AutoFailover> {
+    let secret = routing_rules::auth::ClusterSecret::load(cfg.internal_secret_file.as_deref())?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--auto-failover needs the cells' secret: --internal-secret-file PATH (or {} in the environment)",
+                routing_rules::auth::SECRET_ENV
+            )
+        })?;
+    let etcd = match (&cfg.rules, &cfg.etcd) {
+        (Some(_), _) => None,
+        (None, Some(list)) => Some(routing_rules::switchover::EtcdTarget {
+            endpoints: list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
+            cluster: cfg.cluster.clone(),
+        }),
+        (None, None) => None,
+    };
+    Ok(crate::auto_failover::AutoFailover {
+        rules: cfg.rules.clone(),
+        etcd,
+        secret,
+        after: Duration::from_millis(cfg.auto_failover_after_ms),
+        every: Duration::from_millis(cfg.health_interval_ms.clamp(10, 100) / 2),
     })
 }
 

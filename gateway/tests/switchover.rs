@@ -260,3 +260,134 @@ async fn reqwest_text(client: &HttpClient, addr: SocketAddr) -> String {
     use http_body_util::BodyExt;
     String::from_utf8_lossy(&r.into_body().collect().await.unwrap().to_bytes()).into_owned()
 }
+
+/// `--auto-failover`: both of cell-a's agents die; the gateway's health
+/// checks see the cell down, and the gateway fails its shard over to the
+/// standby itself; clients that retry with their keys go on, and every
+/// acknowledged write is in the promoted copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_gateway_fails_a_dead_cells_shard_over_on_its_own() {
+    let dir = TempDir::new("auto-failover");
+    let rules_path = dir.0.join("rules.toml");
+    let secret = dir.0.join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let (db_a, copy_at_b) = (dir.0.join("cell-a.db"), dir.0.join("cell-a.replica.db"));
+    let bind = || async {
+        (
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        )
+    };
+    let (la, lb) = (bind().await, bind().await);
+    let addrs =
+        |l: &(TcpListener, TcpListener)| [l.0.local_addr().unwrap(), l.1.local_addr().unwrap()];
+    let (aa, ab) = (addrs(&la), addrs(&lb));
+    std::fs::write(&rules_path, rules(next_revision(), aa, ab)).unwrap();
+    journal::enable(&db_a).unwrap();
+    drop(SqliteStore::open(&db_a, "cell-a").unwrap());
+    replica::sync(&db_a, &copy_at_b).unwrap();
+    let b = agent("cell-b", &dir.0.join("cell-b.db"), &rules_path, &secret, lb).await;
+    let a = agent("cell-a", &db_a, &rules_path, &secret, la).await;
+    let mut cfg = fast_config(rules_path.clone());
+    cfg.auto_failover = true;
+    cfg.internal_secret_file = Some(secret.clone());
+    let gw = gateway::start(cfg, prometheus::Registry::new())
+        .await
+        .unwrap();
+    let record = routing_rules::files::record_path(&rules_path, "cell-a");
+    wait_until("cell-a's shard in sync", Duration::from_secs(10), || {
+        let in_sync = std::fs::read_to_string(&record).is_ok_and(|t| t.contains("\"in-sync\""));
+        async move { in_sync }
+    })
+    .await;
+
+    let table = RoutingTable::compile(parse_rules(&rules(1, aa, ab)).unwrap(), 1).unwrap();
+    let users: Vec<String> = (0..)
+        .map(|i| format!("auto-{i}"))
+        .filter(|u| {
+            let d = table
+                .route(Some(u.as_bytes()), &RouteAttrs::default(), &AllHealthy)
+                .unwrap();
+            table.cell_name(d.home_cell) == "cell-a"
+        })
+        .take(8)
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<(Instant, Instant, String)>>> = Arc::default();
+    let tasks: Vec<_> = users
+        .iter()
+        .cloned()
+        .map(|user| {
+            let (stop, acked, gw) = (stop.clone(), acked.clone(), gw.proxy_addr);
+            tokio::spawn(async move {
+                let client = client();
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let key = format!("{user}-{n}");
+                    n += 1;
+                    // Retried with the same key until acknowledged.
+                    loop {
+                        let sent = Instant::now();
+                        let req = Request::post(format!("http://{gw}/v1/accounts/{user}/deposit"))
+                            .header("x-user-id", &user)
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from(format!(
+                                r#"{{"amount": 1, "idempotency_key": "{key}"}}"#
+                            ))))
+                            .unwrap();
+                        if matches!(send(&client, req).await, Ok(r) if r.status == StatusCode::OK) {
+                            acked.lock().unwrap().push((sent, Instant::now(), key));
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    let count = || acked.lock().unwrap().len();
+    wait_until("writes at cell-a", Duration::from_secs(20), || {
+        let n = count();
+        async move { n >= 100 }
+    })
+    .await;
+    let killed = Instant::now();
+    a.kill();
+    let n = count();
+    wait_until("writes again, at cell-b", Duration::from_secs(30), || {
+        let m = count();
+        async move { m >= n + 100 }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    let back = acked
+        .iter()
+        .filter(|(sent, _, _)| *sent > killed)
+        .map(|(_, at, _)| *at)
+        .min()
+        .unwrap();
+    eprintln!(
+        "auto-failover: both cell-a agents killed -> first write acknowledged {:?} later",
+        back - killed
+    );
+    let rules_now = std::fs::read_to_string(&rules_path).unwrap();
+    assert!(rules_now.contains("hosted_by = \"cell-b\""), "{rules_now}");
+    let at_b = deposits(&copy_at_b);
+    for (_, _, key) in &acked {
+        assert_eq!(
+            at_b.get(key),
+            Some(&1),
+            "{key} acknowledged but not once at cell-b"
+        );
+    }
+    let metrics = reqwest_text(&client(), gw.admin_addr).await;
+    assert!(
+        metrics.contains("cellgate_auto_failovers_total{outcome=\"ok\"} 1"),
+        "{metrics}"
+    );
+    b.shutdown().await;
+}
