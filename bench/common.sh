@@ -1,4 +1,4 @@
-# Shared by bench/proxy.sh and bench/abuse.sh: the tools they need, free
+# Shared by the bench scripts (proxy, abuse, switchover, failover): the tools they need, free
 # ports, the release build, the six nginx backends, the cellgate rules over
 # them, and wrk's random-user script. The caller sets ROOT, WORK, LOAD_CPU
 # and the PIDS array (its cleanup stops them).
@@ -99,4 +99,51 @@ request = function()
   return wrk.format("GET", "/v1/accounts")
 end
 EOF
+}
+
+# replicated_pair: builds cellgate, cell-agent and cellctl (release) into
+# BIN, writes a secret and the rules of two cells (cell-a journaled, its
+# standby cell-b) to $WORK, and starts both agents (cell-b first); sets
+# A_PID, and GW and ADMIN (free ports for the gateway).
+replicated_pair() {
+    echo "building cellgate, cell-agent and cellctl (release)..." >&2
+    (cd "$ROOT" && cargo build --release -q -p gateway -p cell-agent -p routing-rules)
+    BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+    head -c 48 /dev/urandom | base64 > "$WORK/secret"
+    local A B AI BI
+    A=$(free_port); AI=$(free_port); B=$(free_port); BI=$(free_port)
+    GW=$(free_port); ADMIN=$(free_port)
+    mkdir -p "$WORK/a" "$WORK/b"
+    cat > "$WORK/rules.toml" <<RULES
+revision = 1
+slots = 16384
+[cells.cell-a]
+blue = ["127.0.0.1:$A"]
+internal = ["127.0.0.1:$AI"]
+standby = "cell-b"
+[cells.cell-b]
+blue = ["127.0.0.1:$B"]
+internal = ["127.0.0.1:$BI"]
+[[ranges]]
+from = 0
+to = 8191
+cell = "cell-a"
+[[ranges]]
+from = 8192
+to = 16383
+cell = "cell-b"
+RULES
+    start_agent cell-b "$WORK/b" "$B" "$BI"
+    start_agent cell-a "$WORK/a" "$A" "$AI"
+    A_PID=${PIDS[-1]}
+}
+
+# start_agent CELL DIR PORT INTERNAL_PORT: a journaled agent on the rules.
+start_agent() {
+    CELL_AGENT_LOG=warn "$BIN/cell-agent" serve --cell "$1" --colour blue --db "$2/$1.db" \
+        --replica-dir "$2" --journal --rules "$WORK/rules.toml" --reload-interval-ms 50 \
+        --listen "127.0.0.1:$3" --internal-listen "127.0.0.1:$4" \
+        --internal-secret-file "$WORK/secret" >/dev/null 2>"$2/agent.log" &
+    PIDS+=($!)
+    wait_port "$3"
 }

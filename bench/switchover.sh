@@ -32,44 +32,7 @@ trap cleanup EXIT
 
 need_tools wrk
 
-echo "building cellgate, cell-agent and cellctl (release)..." >&2
-(cd "$ROOT" && cargo build --release -q -p gateway -p cell-agent -p routing-rules)
-BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
-
-head -c 48 /dev/urandom | base64 > "$WORK/secret"
-A=$(free_port); AI=$(free_port); B=$(free_port); BI=$(free_port)
-GW=$(free_port); ADMIN=$(free_port)
-mkdir -p "$WORK/a" "$WORK/b"
-cat > "$WORK/rules.toml" <<EOF
-revision = 1
-slots = 16384
-[cells.cell-a]
-blue = ["127.0.0.1:$A"]
-internal = ["127.0.0.1:$AI"]
-standby = "cell-b"
-[cells.cell-b]
-blue = ["127.0.0.1:$B"]
-internal = ["127.0.0.1:$BI"]
-[[ranges]]
-from = 0
-to = 8191
-cell = "cell-a"
-[[ranges]]
-from = 8192
-to = 16383
-cell = "cell-b"
-EOF
-
-agent() { # cell dir port internal_port
-    CELL_AGENT_LOG=warn "$BIN/cell-agent" serve --cell "$1" --colour blue --db "$2/$1.db" \
-        --replica-dir "$2" --journal --rules "$WORK/rules.toml" --reload-interval-ms 50 \
-        --listen "127.0.0.1:$3" --internal-listen "127.0.0.1:$4" \
-        --internal-secret-file "$WORK/secret" >/dev/null &
-    PIDS+=($!)
-    wait_port "$3"
-}
-agent cell-b "$WORK/b" "$B" "$BI"
-agent cell-a "$WORK/a" "$A" "$AI"
+replicated_pair
 CELLGATE_LOG=warn "$BIN/cellgate" serve --rules "$WORK/rules.toml" --reload-interval-ms 50 \
     --listen "127.0.0.1:$GW" --admin "127.0.0.1:$ADMIN" &
 PIDS+=($!)

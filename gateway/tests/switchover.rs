@@ -128,9 +128,21 @@ async fn switchover(rules: &Path, secret: &Path, to: &str) -> (Instant, Instant)
     (t, Instant::now())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_switchover_under_load_fails_no_client_request_and_loses_no_write() {
-    let dir = TempDir::new("switchover");
+/// cell-a (journaled; its standby cell-b holds a copy seeded from a
+/// snapshot) and cell-b as agents on real listeners, and 40 users of cell-a.
+struct Pair {
+    dir: TempDir,
+    rules_path: std::path::PathBuf,
+    secret: std::path::PathBuf,
+    db_a: std::path::PathBuf,
+    copy_at_b: std::path::PathBuf,
+    a: cell_agent::RunningAgent,
+    b: cell_agent::RunningAgent,
+    users: Vec<String>,
+}
+
+async fn pair(tag: &str) -> Pair {
+    let dir = TempDir::new(tag);
     let rules_path = dir.0.join("rules.toml");
     let secret = dir.0.join("secret");
     std::fs::write(&secret, SECRET).unwrap();
@@ -151,13 +163,9 @@ async fn a_switchover_under_load_fails_no_client_request_and_loses_no_write() {
     replica::sync(&db_a, &copy_at_b).unwrap();
     let b = agent("cell-b", &dir.0.join("cell-b.db"), &rules_path, &secret, lb).await;
     let a = agent("cell-a", &db_a, &rules_path, &secret, la).await;
-    let gw = gateway::start(fast_config(rules_path.clone()), prometheus::Registry::new())
-        .await
-        .unwrap();
-
     let table = RoutingTable::compile(parse_rules(&rules(1, aa, ab)).unwrap(), 1).unwrap();
-    let users: Vec<String> = (0..)
-        .map(|i| format!("sw-{i}"))
+    let users = (0..)
+        .map(|i| format!("{tag}-{i}"))
         .filter(|u| {
             let d = table
                 .route(Some(u.as_bytes()), &RouteAttrs::default(), &AllHealthy)
@@ -166,6 +174,34 @@ async fn a_switchover_under_load_fails_no_client_request_and_loses_no_write() {
         })
         .take(40)
         .collect();
+    Pair {
+        dir,
+        rules_path,
+        secret,
+        db_a,
+        copy_at_b,
+        a,
+        b,
+        users,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_switchover_under_load_fails_no_client_request_and_loses_no_write() {
+    let Pair {
+        dir: _dir,
+        rules_path,
+        secret,
+        db_a,
+        a,
+        b,
+        users,
+        ..
+    } = pair("switchover").await;
+    let gw = gateway::start(fast_config(rules_path.clone()), prometheus::Registry::new())
+        .await
+        .unwrap();
+
     let client = client();
     let seen = Arc::new(Mutex::new(Seen::default()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -267,27 +303,16 @@ async fn reqwest_text(client: &HttpClient, addr: SocketAddr) -> String {
 /// acknowledged write is in the promoted copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_gateway_fails_a_dead_cells_shard_over_on_its_own() {
-    let dir = TempDir::new("auto-failover");
-    let rules_path = dir.0.join("rules.toml");
-    let secret = dir.0.join("secret");
-    std::fs::write(&secret, SECRET).unwrap();
-    let (db_a, copy_at_b) = (dir.0.join("cell-a.db"), dir.0.join("cell-a.replica.db"));
-    let bind = || async {
-        (
-            TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        )
-    };
-    let (la, lb) = (bind().await, bind().await);
-    let addrs =
-        |l: &(TcpListener, TcpListener)| [l.0.local_addr().unwrap(), l.1.local_addr().unwrap()];
-    let (aa, ab) = (addrs(&la), addrs(&lb));
-    std::fs::write(&rules_path, rules(next_revision(), aa, ab)).unwrap();
-    journal::enable(&db_a).unwrap();
-    drop(SqliteStore::open(&db_a, "cell-a").unwrap());
-    replica::sync(&db_a, &copy_at_b).unwrap();
-    let b = agent("cell-b", &dir.0.join("cell-b.db"), &rules_path, &secret, lb).await;
-    let a = agent("cell-a", &db_a, &rules_path, &secret, la).await;
+    let Pair {
+        dir: _dir,
+        rules_path,
+        secret,
+        copy_at_b,
+        a,
+        b,
+        users,
+        ..
+    } = pair("auto-failover").await;
     let mut cfg = fast_config(rules_path.clone());
     cfg.auto_failover = true;
     cfg.internal_secret_file = Some(secret.clone());
@@ -301,20 +326,9 @@ async fn the_gateway_fails_a_dead_cells_shard_over_on_its_own() {
     })
     .await;
 
-    let table = RoutingTable::compile(parse_rules(&rules(1, aa, ab)).unwrap(), 1).unwrap();
-    let users: Vec<String> = (0..)
-        .map(|i| format!("auto-{i}"))
-        .filter(|u| {
-            let d = table
-                .route(Some(u.as_bytes()), &RouteAttrs::default(), &AllHealthy)
-                .unwrap();
-            table.cell_name(d.home_cell) == "cell-a"
-        })
-        .take(8)
-        .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Arc<Mutex<Vec<(Instant, Instant, String)>>> = Arc::default();
-    let tasks: Vec<_> = users
+    let tasks: Vec<_> = users[..8]
         .iter()
         .cloned()
         .map(|user| {

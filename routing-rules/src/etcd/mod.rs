@@ -285,6 +285,19 @@ impl ControlPlane {
         applied_by: &str,
         message: &str,
     ) -> Result<u64, ControlError> {
+        self.apply_when(document, expected, Vec::new(), (applied_by, message))
+            .await
+    }
+
+    /// [`Self::apply`] under extra conditions of the transaction; a conflict
+    /// names the revision found.
+    pub(crate) async fn apply_when(
+        &mut self,
+        document: &str,
+        expected: u64,
+        extra: Vec<Compare>,
+        (applied_by, message): (&str, &str),
+    ) -> Result<u64, ControlError> {
         parse_rules(document).map_err(ControlError::Invalid)?;
         let next = expected + 1;
         let entry = HistoryEntry {
@@ -301,8 +314,10 @@ impl ControlPlane {
         } else {
             Compare::value(self.keys.revision(), CompareOp::Equal, expected.to_string())
         };
+        let mut when = vec![guard];
+        when.extend(extra);
         let txn = Txn::new()
-            .when(vec![guard])
+            .when(when)
             .and_then(vec![
                 TxnOp::put(self.keys.rules(), document, None),
                 TxnOp::put(self.keys.revision(), next.to_string(), None),

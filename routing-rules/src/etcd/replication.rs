@@ -79,37 +79,19 @@ impl ControlPlane {
         applied_by: &str,
         message: &str,
     ) -> Result<u64, ControlError> {
-        parse_rules(document).map_err(ControlError::Invalid)?;
-        let next = expected + 1;
-        let entry = HistoryEntry {
-            revision: next,
-            applied_by: applied_by.to_string(),
-            applied_at_ms: now_ms(),
-            message: message.to_string(),
-            document: document.to_string(),
-        };
-        let history =
-            serde_json::to_string(&entry).map_err(|e| ControlError::BadArgument(e.to_string()))?;
-        let txn = Txn::new()
-            .when(vec![
-                Compare::value(self.keys.revision(), CompareOp::Equal, expected.to_string()),
-                Compare::mod_revision(self.keys.replication(cell), CompareOp::Equal, record_mod),
-            ])
-            .and_then(vec![
-                TxnOp::put(self.keys.rules(), document, None),
-                TxnOp::put(self.keys.revision(), next.to_string(), None),
-                TxnOp::put(self.keys.history(next), history, None),
-            ]);
-        let resp = self.client.txn(txn).await.map_err(|e| self.err(e))?;
-        if resp.succeeded() {
-            return Ok(next);
-        }
-        Err(ControlError::BadArgument(format!(
-            "the rules (revision {expected}) or cell {cell}'s replication record changed meanwhile; nothing was applied: look again and retry"
-        )))
+        let unchanged =
+            Compare::mod_revision(self.keys.replication(cell), CompareOp::Equal, record_mod);
+        self.apply_when(document, expected, vec![unchanged], (applied_by, message))
+            .await
+            .map_err(|e| match e {
+                ControlError::Conflict { .. } => ControlError::BadArgument(format!(
+                    "the rules (revision {expected}) or cell {cell}'s replication record changed meanwhile; nothing was applied: look again and retry"
+                )),
+                other => other,
+            })
     }
 
-    /// A key's value and the etcd revision it was written at.
+    /// A key's value.
     pub async fn get_raw(&mut self, key: &str) -> Result<Option<Vec<u8>>, ControlError> {
         let resp = self.client.get(key, None).await.map_err(|e| self.err(e))?;
         Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))

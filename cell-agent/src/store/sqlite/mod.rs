@@ -145,8 +145,14 @@ impl SyncLink {
             replies,
         };
         if let Err(e) = self.ship.send(ship) {
-            // The shipper has stopped (the agent is stopping).
-            send_replies(e.0.replies);
+            // The shipper has stopped (the agent is stopping or was
+            // killed): the standby may never get the batch, so nothing in
+            // it is acknowledged.
+            for (tx, _) in e.0.replies {
+                let _ = tx.send(Err(DomainError::unavailable(
+                    "the write could not be replicated to the standby (the agent is stopping): it was NOT acknowledged; retry with the same key",
+                )));
+            }
         }
     }
 }
