@@ -62,46 +62,35 @@ async fn cells(tag: &str) -> Cells {
     // cell-b first: cell-a starts with rules naming its standby's
     // internal address (its shipper starts with the agent).
     let b = AgentProcess::start(&args(&dir, "cell-b", &rules, &secret, false), "127.0.0.1:0");
-    let text = with_internal(
-        &support::rules(
-            &[
-                ("cell-a", "127.0.0.1:9".into(), "127.0.0.1:10".into()),
-                ("cell-b", b.addr.to_string(), "127.0.0.1:12".into()),
-                ("cell-c", "127.0.0.1:13".into(), "127.0.0.1:14".into()),
-            ],
-            None,
-        )
-        .replacen(
-            "[cells.cell-a]\n",
-            "[cells.cell-a]\nstandby = \"cell-b\"\n",
-            1,
-        ),
-        &[("cell-b", b.internal.unwrap())],
-    );
-    std::fs::write(&rules, &text).unwrap();
+    // (support::rules gives each document the next revision.)
+    let publish = |internal: &[(&str, std::net::SocketAddr)]| {
+        let text = with_internal(
+            &support::rules(
+                &[
+                    ("cell-a", "127.0.0.1:9".into(), "127.0.0.1:10".into()),
+                    ("cell-b", b.addr.to_string(), "127.0.0.1:12".into()),
+                    ("cell-c", "127.0.0.1:13".into(), "127.0.0.1:14".into()),
+                ],
+                None,
+            )
+            .replacen(
+                "[cells.cell-a]\n",
+                "[cells.cell-a]\nstandby = \"cell-b\"\n",
+                1,
+            ),
+            internal,
+        );
+        std::fs::write(&rules, &text).unwrap();
+        text
+    };
+    publish(&[("cell-b", b.internal.unwrap())]);
     let a = AgentProcess::start(&args(&dir, "cell-a", &rules, &secret, true), "127.0.0.1:0");
     // Then cell-a's internal address too (cell-b ships to it once it holds
     // cell-a's shard).
-    let text = with_internal(
-        &support::rules(
-            &[
-                ("cell-a", "127.0.0.1:9".into(), "127.0.0.1:10".into()),
-                ("cell-b", b.addr.to_string(), "127.0.0.1:12".into()),
-                ("cell-c", "127.0.0.1:13".into(), "127.0.0.1:14".into()),
-            ],
-            None,
-        )
-        .replacen(
-            "[cells.cell-a]\n",
-            "[cells.cell-a]\nstandby = \"cell-b\"\n",
-            1,
-        ),
-        &[
-            ("cell-a", a.internal.unwrap()),
-            ("cell-b", b.internal.unwrap()),
-        ],
-    );
-    std::fs::write(&rules, &text).unwrap();
+    let text = publish(&[
+        ("cell-a", a.internal.unwrap()),
+        ("cell-b", b.internal.unwrap()),
+    ]);
     let client = client();
     let seed_user = users_in(&text, "cell-a", 1).remove(0);
     let record = routing_rules::switchover::record_path(&rules, "cell-a");
@@ -139,19 +128,6 @@ fn now_ms() -> u128 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis()
-}
-
-/// Deposit keys in a shard file, with their count.
-fn deposits(db: &Path) -> BTreeMap<String, i64> {
-    let c = rusqlite::Connection::open(db).unwrap();
-    c.busy_timeout(Duration::from_secs(5)).unwrap();
-    let mut s = c
-        .prepare("SELECT ref, COUNT(*) FROM ledger WHERE kind = 'deposit' GROUP BY ref")
-        .unwrap();
-    s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
 }
 
 /// Users writing to `addr` without pause until `stop`; every 200 is
@@ -209,7 +185,7 @@ async fn fail_over(c: &Cells, force: bool) -> anyhow::Result<routing_rules::swit
 }
 
 fn assert_all_at_b(c: &Cells, acked: &[String]) {
-    let at_b = deposits(&c.dir.path("cell-a.replica.db"));
+    let at_b = deposit_keys(&c.dir.path("cell-a.replica.db"));
     for key in acked {
         assert_eq!(
             at_b.get(key),
@@ -358,7 +334,7 @@ async fn killing_the_primary_loses_no_acknowledged_write() {
     let secret = routing_rules::auth::ClusterSecret::from_file(&c.secret).unwrap();
     let out = routing_rules::switchover::run(&req, secret).await.unwrap();
     assert_eq!(out.result, "switched");
-    let at_b_copy = deposits(&c.dir.path("cell-a.replica.db"));
+    let at_b_copy = deposit_keys(&c.dir.path("cell-a.replica.db"));
     wait_until(
         "cell-a serves its users again",
         Duration::from_secs(10),
@@ -368,7 +344,7 @@ async fn killing_the_primary_loses_no_acknowledged_write() {
         },
     )
     .await;
-    let at_a = deposits(&c.dir.path("cell-a.db"));
+    let at_a = deposit_keys(&c.dir.path("cell-a.db"));
     for (key, n) in &at_b_copy {
         assert_eq!((key, at_a.get(key)), (key, Some(n)));
     }

@@ -22,18 +22,11 @@ async fn agent(
     listeners: (TcpListener, TcpListener),
     journal: bool,
 ) -> cell_agent::RunningAgent {
-    let mut cfg = config(cell, "blue", &dir.path(&format!("{cell}.db")), rules);
-    cfg.internal_secret_file = Some(secret_file(dir));
-    cfg.journal = journal;
-    cfg.sync_timeout_ms = 1_000;
-    cell_agent::start_bound(
-        cfg,
-        listeners.0,
-        Some(listeners.1),
-        prometheus::Registry::new(),
-    )
+    agent_on(dir, cell, rules, listeners, |cfg| {
+        cfg.journal = journal;
+        cfg.sync_timeout_ms = 1_000;
+    })
     .await
-    .unwrap()
 }
 
 async fn bind() -> (TcpListener, TcpListener) {

@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -28,31 +27,11 @@ async fn agent(
     rules: &Path,
     listeners: (TcpListener, TcpListener),
 ) -> cell_agent::RunningAgent {
-    let mut cfg = config(cell, "blue", &dir.path(&format!("{cell}.db")), rules);
-    cfg.internal_secret_file = Some(secret_file(dir));
-    cfg.journal = true;
-    cfg.reload_interval_ms = 20;
-    cell_agent::start_bound(
-        cfg,
-        listeners.0,
-        Some(listeners.1),
-        prometheus::Registry::new(),
-    )
+    agent_on(dir, cell, rules, listeners, |cfg| {
+        cfg.journal = true;
+        cfg.reload_interval_ms = 20;
+    })
     .await
-    .unwrap()
-}
-
-/// Ledger references (idempotency keys of deposits) in a shard file.
-fn refs(db: &Path) -> BTreeMap<String, i64> {
-    let c = rusqlite::Connection::open(db).unwrap();
-    c.busy_timeout(Duration::from_secs(5)).unwrap();
-    let mut s = c
-        .prepare("SELECT ref, COUNT(*) FROM ledger WHERE kind = 'deposit' GROUP BY ref")
-        .unwrap();
-    s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
 }
 
 /// Runs the switchover driver (what `cellctl switchover --rules` runs):
@@ -251,7 +230,7 @@ async fn a_shard_switches_over_and_back_under_writes_without_losing_one() {
     // Every acknowledged deposit is in the shard's primary (A's file)
     // exactly once, and in B's copy once it applied A's last batches.
     let acked = acked.lock().unwrap().clone();
-    let at_a = refs(&db_a);
+    let at_a = deposit_keys(&db_a);
     for key in &acked {
         assert_eq!(
             at_a.get(key),
@@ -266,7 +245,7 @@ async fn a_shard_switches_over_and_back_under_writes_without_losing_one() {
     );
     wait_until("cell-b's copy caught up", Duration::from_secs(10), || {
         let (copy, db_a) = (copy_at_b.clone(), db_a.clone());
-        async move { refs(&copy) == refs(&db_a) }
+        async move { deposit_keys(&copy) == deposit_keys(&db_a) }
     })
     .await;
     assert!(check(&db_a).ok(), "{:?}", check(&db_a).violations);

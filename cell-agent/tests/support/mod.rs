@@ -378,3 +378,40 @@ pub fn check(db: &Path) -> cell_agent::check::CheckReport {
     assert!(r.ok(), "invariants violated: {:#?}", r.violations);
     r
 }
+
+/// Deposit idempotency keys in a shard file, with how often each is there.
+#[allow(dead_code)]
+pub fn deposit_keys(db: &Path) -> std::collections::BTreeMap<String, i64> {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut s = c
+        .prepare("SELECT ref, COUNT(*) FROM ledger WHERE kind = 'deposit' GROUP BY ref")
+        .unwrap();
+    s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// An in-process agent of `cell` (blue, `DIR/CELL.db`) on pre-bound
+/// listeners (public, internal), with the test secret.
+#[allow(dead_code)]
+pub async fn agent_on(
+    dir: &TempDir,
+    cell: &str,
+    rules: &Path,
+    listeners: (tokio::net::TcpListener, tokio::net::TcpListener),
+    tune: impl FnOnce(&mut cell_agent::AgentConfig),
+) -> cell_agent::RunningAgent {
+    let mut cfg = config(cell, "blue", &dir.path(&format!("{cell}.db")), rules);
+    cfg.internal_secret_file = Some(secret_file(dir));
+    tune(&mut cfg);
+    cell_agent::start_bound(
+        cfg,
+        listeners.0,
+        Some(listeners.1),
+        prometheus::Registry::new(),
+    )
+    .await
+    .unwrap()
+}
