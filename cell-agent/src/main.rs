@@ -302,7 +302,24 @@ fn main() -> ExitCode {
                     }
                 }
                 Err(e) => {
-                    eprintln!("cell-agent: cannot check {}: {e}", db.display());
+                    let why = match &e {
+                        rusqlite::Error::InvalidPath(_) => "no such file".to_string(),
+                        rusqlite::Error::SqliteFailure(f, _)
+                            if f.code == rusqlite::ErrorCode::NotADatabase =>
+                        {
+                            "not a SQLite database".to_string()
+                        }
+                        rusqlite::Error::SqliteFailure(_, Some(m))
+                            if m.starts_with("no such table") =>
+                        {
+                            format!("not a cell database ({m})")
+                        }
+                        other => other.to_string(),
+                    };
+                    eprintln!(
+                        "cell-agent: cannot check {}: {why} (give the cell's database, the --db of `cell-agent serve`)",
+                        db.display()
+                    );
                     ExitCode::from(1)
                 }
             }

@@ -64,13 +64,13 @@ pub struct AgentConfig {
     pub lease_ttl_s: i64,
     /// Listen address (port 0 picks a free port; the address is logged and
     /// printed on stdout as `listening on ADDR`).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8181")]
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8181", value_parser = routing_rules::net::parse_listen)]
     pub listen: SocketAddr,
     /// Internal (cell-to-cell) listen address, for credits from other
     /// cells; never exposed through a gateway. List it under the cell's
     /// `internal` addresses in the rules (or let registrations carry it).
     /// Prints `internal listening on ADDR` on stdout.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = routing_rules::net::parse_listen)]
     pub internal_listen: Option<SocketAddr>,
     /// File holding the cluster's shared secret (at least 32 bytes) that
     /// signs cell-to-cell calls. Env CELLGATE_INTERNAL_SECRET may hold the

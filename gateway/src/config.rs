@@ -39,11 +39,11 @@ pub struct ServeConfig {
     pub gateway_id: Option<String>,
 
     /// Address of the proxy listener (HTTP/1.1, and HTTP/2 with prior knowledge).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080", value_parser = routing_rules::net::parse_listen)]
     pub listen: SocketAddr,
 
     /// Address of the admin listener (/metrics, /admin/*, /healthz, /readyz).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090", value_parser = routing_rules::net::parse_listen)]
     pub admin: SocketAddr,
 
     /// Bearer token required on /metrics and /admin/* (env CELLGATE_ADMIN_TOKEN).

@@ -29,6 +29,8 @@ pub mod files;
 pub mod hash;
 pub mod key;
 pub mod model;
+#[cfg(feature = "client")]
+pub mod net;
 pub mod rebalance;
 pub mod revision;
 #[cfg(feature = "client")]

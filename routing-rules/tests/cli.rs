@@ -609,3 +609,25 @@ fn failover_and_failback_with_data_refuse_without_proof_and_change_nothing() {
         "a re-run only retries the promotion"
     );
 }
+
+#[test]
+fn a_closed_pipe_ends_cellctl_quietly() {
+    use std::io::{BufRead, BufReader};
+    let keys: Vec<String> = (0..20_000).map(|i| format!("user-{i}")).collect();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cellctl"))
+        .args(["route", "--rules", &example("cells.toml")])
+        .args(&keys)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read one line, as `| head -1` does, and close the pipe.
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!line.is_empty());
+    assert_ne!(out.status.code(), Some(101), "panicked: {}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}

@@ -44,10 +44,10 @@ pub struct DemoConfig {
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// Gateway proxy address (port 0 = a free port).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0", value_parser = routing_rules::net::parse_listen)]
     pub listen: SocketAddr,
     /// Gateway admin address (port 0 = a free port).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0", value_parser = routing_rules::net::parse_listen)]
     pub admin: SocketAddr,
     /// Run a bounded workload through the gateway, check every cell, print a
     /// summary and exit 0 (all checks pass) or 1.

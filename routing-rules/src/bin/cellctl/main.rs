@@ -442,6 +442,19 @@ impl std::fmt::Display for Reported {
 impl std::error::Error for Reported {}
 
 fn main() -> ExitCode {
+    // `cellctl route ... | head`: a closed pipe ends the program quietly, as
+    // with any Unix tool (Rust ignores SIGPIPE, so the next print fails).
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let closed_pipe = info
+            .payload()
+            .downcast_ref::<String>()
+            .is_some_and(|m| m.contains("failed printing to stdout") && m.contains("Broken pipe"));
+        if closed_pipe {
+            std::process::exit(0);
+        }
+        default_hook(info);
+    }));
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
