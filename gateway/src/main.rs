@@ -28,9 +28,11 @@ struct Cli {
 enum Command {
     /// Run the gateway: proxy listener + admin listener, rules file watched.
     Serve(Box<ServeConfig>),
-    /// Run everything on this machine (no etcd): a gateway and 3 cells x 2
-    /// colours of cell agents with their own SQLite files, until Ctrl-C.
-    /// With --smoke, run a bounded workload, check it, and exit 0 or 1.
+    /// Run everything on this machine: a gateway and 3 cells x 2 colours of
+    /// cell agents with their own SQLite files, each cell's shard
+    /// replicated to its standby, until Ctrl-C; the rules in a file, or in
+    /// etcd with --etcd. With --smoke, run a bounded workload and a
+    /// switchover/failover drill, check them, and exit 0 or 1.
     Demo(gateway::demo::DemoConfig),
 }
 

@@ -13,8 +13,9 @@ pub const DURATION_BUCKETS: [f64; 14] = [
     0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
-/// Status classes used as `code_class` label values, indexed by status/100.
-pub const CODE_CLASSES: [&str; 6] = ["0xx", "1xx", "2xx", "3xx", "4xx", "5xx"];
+/// Status classes used as `code_class` label values, indexed by
+/// status/100 − 1 (HTTP statuses start at 100: there is no "0xx").
+pub const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// Kinds of upstream error (`kind` label of `cellgate_upstream_errors_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,7 +279,7 @@ impl Metrics {
 /// Metric handles bound to one (cell, colour).
 #[derive(Clone, Debug)]
 pub struct BoundMetrics {
-    requests: [IntCounter; 6],
+    requests: [IntCounter; 5],
     duration: Histogram,
 }
 
@@ -286,7 +287,7 @@ impl BoundMetrics {
     /// Records one finished request.
     #[inline]
     pub fn observe(&self, status: u16, seconds: f64) {
-        let class = (status / 100).min(5) as usize;
+        let class = (status / 100).clamp(1, 5) as usize - 1;
         self.requests[class].inc();
         self.duration.observe(seconds);
     }

@@ -280,6 +280,9 @@ async fn a_switchover_under_load_fails_no_client_request_and_loses_no_write() {
         metrics.contains("cellgate_held_requests_total{outcome=\"released\"}"),
         "{metrics}"
     );
+    // Every status class counted is a real one (no "0xx" series).
+    assert!(metrics.contains("code_class=\"2xx\""), "{metrics}");
+    assert!(!metrics.contains("code_class=\"0xx\""), "{metrics}");
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -1,4 +1,4 @@
-//! `cellgate demo`: the whole system on one machine, no etcd — one gateway
+//! `cellgate demo`: the whole system on one machine (etcd optional) — one gateway
 //! and 3 cells × 2 colours of cell agents on free loopback ports, each cell
 //! with its own SQLite file, routed by the example rules. With `--smoke` it
 //! also runs a bounded workload through the gateway and checks that every
