@@ -423,6 +423,19 @@ impl RulesDiff {
 
     /// A human summary, one change per line.
     pub fn summary(&self) -> String {
+        self.summary_limited(None)
+    }
+
+    /// [`Self::summary`] listing at most `limit` moved ranges, epoch
+    /// changes and warnings each (a rebalance moves hundreds of ranges),
+    /// with how many more there are.
+    pub fn summary_limited(&self, limit: Option<usize>) -> String {
+        let shown = |n: usize| limit.map_or(n, |l| n.min(l));
+        let more = |s: &mut String, n: usize, what: &str| {
+            if let Some(l) = limit.filter(|l| n > *l) {
+                let _ = writeln!(s, "  … and {} more {what} (-v lists them all)", n - l);
+            }
+        };
         let mut s = String::new();
         if self.is_empty() {
             s.push_str("no changes\n");
@@ -446,7 +459,7 @@ impl RulesDiff {
                 pct(self.users_moved_fraction)
             );
         }
-        for m in &self.moves {
+        for m in self.moves.iter().take(shown(self.moves.len())) {
             let range = if m.from == m.to {
                 format!("slot {}", m.from)
             } else {
@@ -459,6 +472,7 @@ impl RulesDiff {
                 m.to_cell
             );
         }
+        more(&mut s, self.moves.len(), "moved ranges");
         for (cell, c) in &self.cells {
             if c.gained > 0 || c.lost > 0 {
                 let _ = writeln!(
@@ -468,7 +482,7 @@ impl RulesDiff {
                 );
             }
         }
-        for e in &self.epochs {
+        for e in self.epochs.iter().take(shown(self.epochs.len())) {
             let _ = writeln!(
                 s,
                 "epochs: slots {}-{} {} → {}",
@@ -479,9 +493,11 @@ impl RulesDiff {
                 e.after
             );
         }
-        for w in &self.warnings {
+        more(&mut s, self.epochs.len(), "epoch changes");
+        for w in self.warnings.iter().take(shown(self.warnings.len())) {
             let _ = writeln!(s, "warning: {w}");
         }
+        more(&mut s, self.warnings.len(), "warnings");
         for p in &self.pins {
             let _ = writeln!(
                 s,

@@ -309,6 +309,33 @@ fn rebalance_writes_a_valid_document_and_prints_its_diff() {
     assert_eq!(v["cells"]["cell-d"]["gained"].as_u64(), Some(moved));
     let written = std::fs::read_to_string(&out).unwrap();
     assert!(written.starts_with("# Fixture for the pinned rebalance test"));
+    // In text, a summary: the first few ranges and how many more; -v all.
+    let text_out = dir.path("text.toml");
+    let args = |verbose: bool| {
+        let mut a = vec![
+            "rules",
+            "rebalance",
+            &input,
+            "--add-cell",
+            "cell-d",
+            "--out",
+        ];
+        a.push(text_out.to_str().unwrap());
+        if verbose {
+            a.push("-v");
+        }
+        cellctl(&a)
+    };
+    let brief = stdout(&args(false));
+    let full = stdout(&args(true));
+    let ranges = |t: &str| t.lines().filter(|l| l.starts_with("  slot")).count();
+    assert_eq!(ranges(&brief), 5, "{brief}");
+    assert!(
+        brief.contains("more moved ranges (-v lists them all)"),
+        "{brief}"
+    );
+    assert!(ranges(&full) > 5, "{full}");
+    assert!(!full.contains("-v lists them all"), "{full}");
     let o = cellctl(&["rules", "validate", out.to_str().unwrap()]);
     assert!(o.status.success());
     // Removing cell-d again returns its slots; an unknown cell changes nothing.

@@ -269,6 +269,12 @@ async fn a_follower_resumes_after_a_disconnect_and_rereads_after_a_compaction() 
 #[tokio::test]
 async fn replication_status_reads_the_recorded_states() {
     let e = Etcd::start();
+    // A cluster without rules (e.g. a mistyped --cluster): said, named, exit 1.
+    let o = cellctl_in(&e, "nosuch", &["status"]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("cluster nosuch: no rules in etcd"), "{out}");
+    assert!(!out.contains("every gateway runs"), "{out}");
     let mut c = cp(&e, "repl").await;
     // Nothing recorded: said, exit 1.
     let o = cellctl_in(&e, "repl", &["replication", "status"]);

@@ -112,9 +112,15 @@ impl ClusterStatus {
             s,
             "{}",
             if self.all_current() {
-                "every gateway runs the latest revision"
+                format!(
+                    "cluster {}: every gateway runs the latest revision",
+                    self.cluster
+                )
             } else {
-                "NOT every gateway runs the latest revision yet"
+                format!(
+                    "cluster {}: NOT every gateway runs the latest revision yet",
+                    self.cluster
+                )
             }
         );
         s

@@ -388,6 +388,10 @@ enum RulesCommand {
         /// Where to write the new document (written atomically).
         #[arg(long, value_name = "NEW")]
         out: PathBuf,
+        /// List every moved range, epoch change and warning (by default the
+        /// first few of each and a count; `-o json` has them all).
+        #[arg(short = 'v', long)]
+        verbose: bool,
         #[command(flatten)]
         output: OutputArg,
     },
@@ -618,7 +622,8 @@ fn run(cli: Cli) -> Result<()> {
             remove,
             out,
             output,
-        }) => offline::rebalance_file(&file, add, remove, &out, output),
+            verbose,
+        }) => offline::rebalance_file(&file, add, remove, &out, output, verbose),
         Command::Rules(RulesCommand::Bump { file, out }) => offline::bump(&file, out),
         Command::Route(args) => offline::route(args, None),
         #[cfg(feature = "client")]

@@ -81,6 +81,7 @@ pub(crate) fn rebalance_file(
     remove: Vec<String>,
     out: &Path,
     output: OutputArg,
+    verbose: bool,
 ) -> Result<()> {
     let (text, rules) = load(file, output.output)?;
     let plan = RebalancePlan { add, remove };
@@ -102,7 +103,7 @@ pub(crate) fn rebalance_file(
         Output::Json => println!("{}", serde_json::to_string_pretty(&d)?),
         Output::Text => {
             println!("wrote {}", out.display());
-            print!("{}", d.summary());
+            print!("{}", d.summary_limited((!verbose).then_some(5)));
         }
     }
     Ok(())

@@ -250,6 +250,18 @@ mod imp {
             }
             OnlineCommand::Status { output } => {
                 let mut status = cp.status().await?;
+                if status.revision == 0 {
+                    // A wrong --cluster, or nothing applied yet: never "all
+                    // current".
+                    match output {
+                        Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+                        Output::Text => println!(
+                            "cluster {}: no rules in etcd (a wrong --cluster? apply some with `cellctl --cluster {} rules apply FILE`)",
+                            target.cluster, target.cluster
+                        ),
+                    }
+                    return Err(Reported.into());
+                }
                 let token = std::env::var("CELLGATE_ADMIN_TOKEN").ok();
                 status.add_health(token.as_deref()).await;
                 match output {
