@@ -220,7 +220,7 @@ fn slots(command: SlotsCommand) -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("cell-agent: {e:#}");
+                    eprintln!("cell-agent: {}", routing_rules::error::report(&e));
                     ExitCode::from(1)
                 }
             };
@@ -244,7 +244,7 @@ fn slots(command: SlotsCommand) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("cell-agent: {e:#}");
+            eprintln!("cell-agent: {}", routing_rules::error::report(&e));
             ExitCode::from(1)
         }
     }
@@ -264,7 +264,7 @@ fn main() -> ExitCode {
         Command::Serve(cfg) => match serve(*cfg) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("cell-agent: {e:#}");
+                eprintln!("cell-agent: {}", routing_rules::error::report(&e));
                 ExitCode::from(1)
             }
         },

@@ -61,7 +61,7 @@ fn main() -> ExitCode {
             match result {
                 Ok(code) => ExitCode::from(code),
                 Err(e) => {
-                    eprintln!("cellgate demo: {e:#}");
+                    eprintln!("cellgate demo: {}", routing_rules::error::report(&e));
                     ExitCode::from(1)
                 }
             }
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         Command::Serve(cfg) => match serve(*cfg) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("cellgate: {e:#}");
+                eprintln!("cellgate: {}", routing_rules::error::report(&e));
                 ExitCode::from(1)
             }
         },

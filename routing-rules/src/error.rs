@@ -170,3 +170,34 @@ pub enum ValidationError {
     #[error("cells: at least one cell must be defined")]
     NoCells,
 }
+
+/// An error and its causes as one line for people: `{:#}` of an error
+/// whose message already includes its cause (thiserror's `{source}`)
+/// says the same thing twice or three times; here a cause already said is
+/// left out.
+pub fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod report_tests {
+    #[test]
+    fn a_cause_already_said_is_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = anyhow::Error::new(io).context("cannot read x.toml: No such file");
+        assert_eq!(super::report(&e), "cannot read x.toml: No such file");
+        let e = anyhow::anyhow!("disk full").context("cannot write y");
+        assert_eq!(super::report(&e), "cannot write y: disk full");
+    }
+}

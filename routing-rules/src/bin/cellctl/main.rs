@@ -464,7 +464,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if e.downcast_ref::<Reported>().is_none() {
-                eprintln!("cellctl: {e:#}");
+                eprintln!("cellctl: {}", routing_rules::error::report(&e));
             }
             ExitCode::from(1)
         }
