@@ -113,6 +113,15 @@ async fn cellctl_online_commands() {
     );
     assert_eq!(v[0]["revision"], 3);
     assert!(cellctl(&e, &["failback", "cell-c"]).status.success());
+    // A no-op makes no revision: failback of an active cell, "no changes".
+    let before = cellctl(&e, &["rules", "history", "-o", "json"]).stdout;
+    let o = cellctl(&e, &["failback", "cell-c"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("no changes"));
+    assert_eq!(
+        cellctl(&e, &["rules", "history", "-o", "json"]).stdout,
+        before
+    );
     assert!(
         cellctl(&e, &["override", "set", "alice", "--cell", "cell-a"])
             .status

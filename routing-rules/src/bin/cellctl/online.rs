@@ -72,6 +72,21 @@ mod imp {
             ))
         };
         let expected = expect.unwrap_or(current_rev);
+        // Nothing would change (a failback of an active cell, a document
+        // equal to the live one): no new revision, nothing written.
+        // (A stale --expect-revision is still a conflict.)
+        if d.as_ref().is_some_and(|d| d.is_empty()) && expected == current_rev {
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"applied": false, "no_changes": true, "revision": current_rev})
+                ),
+                Output::Text => {
+                    println!("no changes (the live rules stay at revision {current_rev})")
+                }
+            }
+            return Ok(());
+        }
         if dry_run {
             match output {
                 Output::Json => println!(
