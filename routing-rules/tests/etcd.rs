@@ -372,3 +372,20 @@ async fn a_replicated_cell_fails_over_only_to_its_in_sync_standby() {
 async fn revision_of(c: &mut ControlPlane) -> u64 {
     c.get().await.unwrap().unwrap().revision
 }
+
+#[test]
+fn an_unreachable_etcd_is_one_line_that_says_what_to_do() {
+    let o = Command::new(env!("CARGO_BIN_EXE_cellctl"))
+        .args(["--etcd", "http://127.0.0.1:1", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.len() < 300, "{err}");
+    assert!(
+        err.contains("cannot reach etcd at http://127.0.0.1:1 (connection refused)"),
+        "{err}"
+    );
+    assert!(err.contains("--etcd"), "{err}");
+}

@@ -27,12 +27,13 @@ use crate::validate::parse_rules;
 #[derive(Debug, Error)]
 pub enum ControlError {
     /// etcd could not be reached or answered an error.
-    #[error("etcd ({endpoints}): {source}")]
+    #[error("{}", etcd_message(.endpoints, .error))]
     Etcd {
         /// The endpoints tried.
         endpoints: String,
-        /// The client error.
-        source: etcd_client::Error,
+        /// The client error (summarised in the message, not chained: its
+        /// text is a long transport dump).
+        error: etcd_client::Error,
     },
     /// Someone else applied a revision first.
     #[error("conflict: expected revision {expected} but the cluster is at revision {current}; nothing was written (re-read the rules and try again)")]
@@ -59,6 +60,36 @@ pub enum ControlError {
     /// A bad argument (cluster name, ...).
     #[error("{0}")]
     BadArgument(String),
+}
+
+/// One line for an etcd client error: what failed, where, what to do.
+fn etcd_message(endpoints: &str, e: &etcd_client::Error) -> String {
+    let text = e.to_string();
+    let unreachable = [
+        "Connection refused",
+        "tcp connect error",
+        "timed out",
+        "dns error",
+        "unavailable",
+    ]
+    .iter()
+    .any(|m| text.contains(m));
+    if unreachable {
+        let why = if text.contains("Connection refused") {
+            "connection refused"
+        } else if text.contains("timed out") {
+            "timed out"
+        } else if text.contains("dns error") {
+            "the host name does not resolve"
+        } else {
+            "unavailable"
+        };
+        return format!(
+            "cannot reach etcd at {endpoints} ({why}): is it running, and are --etcd (CELLGATE_ETCD) and --cluster right?"
+        );
+    }
+    let short: String = text.chars().take(200).collect();
+    format!("etcd at {endpoints} answered an error: {short}")
 }
 
 /// The rules as stored.
@@ -217,9 +248,9 @@ impl ControlPlane {
             .with_timeout(std::time::Duration::from_secs(5));
         let client = Client::connect(endpoints, Some(opts))
             .await
-            .map_err(|source| ControlError::Etcd {
+            .map_err(|error| ControlError::Etcd {
                 endpoints: joined.clone(),
-                source,
+                error,
             })?;
         Ok(ControlPlane {
             client,
@@ -238,10 +269,10 @@ impl ControlPlane {
         &mut self.client
     }
 
-    fn err(&self, source: etcd_client::Error) -> ControlError {
+    fn err(&self, error: etcd_client::Error) -> ControlError {
         ControlError::Etcd {
             endpoints: self.endpoints.clone(),
-            source,
+            error,
         }
     }
 
