@@ -88,6 +88,16 @@ async fn the_demo_smoke_workload_passes_through_etcd() {
     }
     let report = demo.smoke(20).await.unwrap();
     assert!(report.ok(), "{report:#?}");
+    // The banner points at the control plane, not at the file.
+    let banner = demo.banner();
+    assert!(
+        banner.contains(&format!(
+            "cellctl --etcd {} --cluster demo status",
+            etcd.url
+        )),
+        "{banner}"
+    );
+    assert!(!banner.contains("Edit "), "{banner}");
     let mut cp =
         routing_rules::etcd::ControlPlane::connect(std::slice::from_ref(&etcd.url), "demo")
             .await

@@ -83,6 +83,8 @@ pub struct Demo {
     pub secret_path: PathBuf,
     /// The rules come from the file (not etcd).
     pub file_mode: bool,
+    /// The etcd endpoints, when the rules live there.
+    pub etcd: Option<String>,
 }
 
 impl std::fmt::Debug for Demo {
@@ -221,6 +223,7 @@ impl Demo {
             temporary,
             secret_path,
             file_mode: file.is_some(),
+            etcd: cfg.etcd.clone(),
         })
     }
 
@@ -283,9 +286,14 @@ impl Demo {
                 "\nEvery cell's shard is replicated synchronously to its standby (a -> b, b -> c, c -> a). Move one with its data:\n\n  cellctl switchover cell-a --to cell-b --rules {rules} --internal-secret-file {secret}\n  cellctl switchover cell-a --to cell-a --rules {rules} --internal-secret-file {secret}\n  cellctl failover cell-a --to cell-b --rules {rules} --internal-secret-file {secret}   # as if cell-a were lost\n"
             ));
         }
-        s.push_str(&format!(
-            "\nEdit {rules} to change splits or move slots: the gateway and the cells reload it.\nPress Ctrl-C to stop everything.\n"
-        ));
+        match &self.etcd {
+            None => s.push_str(&format!(
+                "\nEdit {rules} to change splits or move slots: the gateway and the cells reload it.\nPress Ctrl-C to stop everything.\n"
+            )),
+            Some(url) => s.push_str(&format!(
+                "\nThe rules live in etcd, cluster {DEMO_CLUSTER} ({rules} is only their first version):\n\n  cellctl --etcd {url} --cluster {DEMO_CLUSTER} status\n  cellctl --etcd {url} --cluster {DEMO_CLUSTER} rules get\n  cellctl --etcd {url} --cluster {DEMO_CLUSTER} split cell-a --green 25\n  cellctl --etcd {url} --cluster {DEMO_CLUSTER} replication status\n\nPress Ctrl-C to stop everything.\n"
+            )),
+        }
         s
     }
 
