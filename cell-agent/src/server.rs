@@ -287,6 +287,9 @@ pub async fn start_bound(
         secret: secret.clone(),
         metrics: metrics.clone(),
     };
+    // The own shard's shipper, prune and relay: the same as a hosted one's.
+    let shard_tasks =
+        hosted.shard_tasks((&cfg.cell, &cfg.db, &store), wake.clone(), stop_rx.clone());
     let api = Arc::new(Api {
         shards: crate::shards::Shards::new(
             &cfg.cell,
@@ -311,40 +314,11 @@ pub async fn start_bound(
         &peers,
         &stop_rx,
     )?;
-    others.extend(crate::replication::start(
-        &cfg,
-        (&cfg.cell, &cfg.db, &store),
-        (&rules, &peers),
-        secret.as_ref(),
-        &metrics,
+    others.extend(shard_tasks);
+    others.push(tokio::spawn(rules.clone().watch(
+        Duration::from_millis(cfg.reload_interval_ms),
         stop_rx.clone(),
-    ));
-    others.extend([
-        tokio::spawn(rules.clone().watch(
-            Duration::from_millis(cfg.reload_interval_ms),
-            stop_rx.clone(),
-        )),
-        tokio::spawn(crate::prune::run(
-            store.clone(),
-            cfg.idempotency_retention,
-            Duration::from_millis(cfg.prune_interval_ms),
-            metrics.clone(),
-            stop_rx.clone(),
-        )),
-        tokio::spawn(crate::relay::run(
-            store,
-            crate::relay::Relay {
-                shard: cfg.cell.clone(),
-                rules: rules.clone(),
-                metrics,
-                wake,
-                writes_allowed: api.writes_allowed.clone(),
-                secret: secret.clone(),
-                peers,
-            },
-            stop_rx.clone(),
-        )),
-    ]);
+    )));
     let identity = (
         HeaderValue::from_str(&cfg.cell)
             .map_err(|_| anyhow::anyhow!("--cell: not a valid header value"))?,

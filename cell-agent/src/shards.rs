@@ -118,35 +118,55 @@ impl HostedOpener {
         let store = SqliteStore::open_gated(&path, shard, self.limits, self.writes_allowed.clone())
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let (stop, stop_rx) = watch::channel(false);
-        let cfg = &self.cfg;
-        crate::replication::start(
-            cfg,
+        // Its tasks end with the stop channel (the handles are not kept).
+        let _ = self.shard_tasks(
             (shard, &path, &store),
+            Arc::new(tokio::sync::Notify::new()),
+            stop_rx,
+        );
+        Ok((store, stop))
+    }
+
+    /// The background tasks of a shard this agent holds (its own, or one
+    /// moved here): its shipper to its standby (when replicated), the prune
+    /// of its old records, and its outbox relay (woken by `wake`).
+    pub(crate) fn shard_tasks(
+        &self,
+        (shard, path, store): (&str, &std::path::Path, &SqliteStore),
+        wake: Arc<tokio::sync::Notify>,
+        stop: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let cfg = &self.cfg;
+        let mut tasks: Vec<_> = crate::replication::start(
+            cfg,
+            (shard, path, store),
             (&self.rules, &self.peers),
             self.secret.as_ref(),
             &self.metrics,
-            stop_rx.clone(),
-        );
-        tokio::spawn(crate::prune::run(
+            stop.clone(),
+        )
+        .into_iter()
+        .collect();
+        tasks.push(tokio::spawn(crate::prune::run(
             store.clone(),
             cfg.idempotency_retention,
             Duration::from_millis(cfg.prune_interval_ms),
             self.metrics.clone(),
-            stop_rx.clone(),
-        ));
-        tokio::spawn(crate::relay::run(
+            stop.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::relay::run(
             store.clone(),
             crate::relay::Relay {
                 shard: shard.to_string(),
                 rules: self.rules.clone(),
                 metrics: self.metrics.clone(),
-                wake: Arc::new(tokio::sync::Notify::new()),
+                wake,
                 writes_allowed: self.writes_allowed.clone(),
                 secret: self.secret.clone(),
                 peers: self.peers.clone(),
             },
-            stop_rx,
-        ));
-        Ok((store, stop))
+            stop,
+        )));
+        tasks
     }
 }

@@ -65,7 +65,7 @@ pub async fn failover(req: &FailoverRequest, secret: ClusterSecret) -> Result<Ou
         // The rules moved already: a failover cut off before the promotion
         // (or one that is done) — promote if that has not happened.
         let ranges: Vec<(u32, u32, u64)> = edit::shard_ranges(&text, cell)?;
-        if agents.role(to, cell).await? == "primary" {
+        if agents.copy(to, cell).await?.0 == "primary" {
             bail!("cell {cell}'s shard is already held by {to}: nothing to do");
         }
         let lsn = promote_at(&agents, to, cell, &ranges, promote).await?;

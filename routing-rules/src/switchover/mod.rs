@@ -276,22 +276,17 @@ impl Agents {
             .with_context(|| format!("cell {cell} answered {action} without an LSN: {v}"))
     }
 
-    async fn role(&self, cell: &str, shard: &str) -> Result<String> {
+    /// `cell`'s copy of `shard`'s shard: its role and LSN.
+    async fn copy(&self, cell: &str, shard: &str) -> Result<(String, i64)> {
         let path = format!("{}{shard}", SHARDS_PATH);
         let (status, v) = self.call(cell, "GET", &path, None).await?;
         if status != 200 {
             bail!("cell {cell} has no copy of {shard}'s shard: {status} {v}");
         }
-        Ok(v["role"].as_str().unwrap_or("").to_string())
-    }
-
-    async fn applied(&self, cell: &str, shard: &str) -> Result<i64> {
-        let path = format!("{}{shard}", SHARDS_PATH);
-        let (status, v) = self.call(cell, "GET", &path, None).await?;
-        if status != 200 {
-            bail!("cell {cell} has no copy of {shard}'s shard: {status} {v}");
-        }
-        Ok(v["lsn"].as_i64().unwrap_or(0))
+        Ok((
+            v["role"].as_str().unwrap_or("").to_string(),
+            v["lsn"].as_i64().unwrap_or(0),
+        ))
     }
 }
 
@@ -364,7 +359,7 @@ pub async fn run(req: &Request, secret: ClusterSecret) -> Result<Outcome> {
                 let target = plan.lsn.context("the record has no demotion LSN")?;
                 let deadline = Instant::now() + req.catch_up_timeout;
                 let caught_up = loop {
-                    match agents.applied(&plan.to, &plan.cell).await {
+                    match agents.copy(&plan.to, &plan.cell).await.map(|(_, lsn)| lsn) {
                         Ok(lsn) if lsn >= target => break true,
                         Ok(_) | Err(_) if Instant::now() >= deadline => break false,
                         Ok(_) => {}
