@@ -28,11 +28,14 @@ use crate::internal::JOURNAL_PATH;
 use crate::metrics::AgentMetrics;
 use crate::relay::{addresses, post_signed, Peers};
 use crate::rules::RulesHolder;
+use crate::store::sqlite::journal::{Batch, Timeline};
 use crate::store::sqlite::{send_replies, unix_ms, Ship, SqliteStore};
 
+mod outgoing;
 mod record;
 mod snapshot;
 
+use outgoing::{in_memory, Outgoing};
 use record::State;
 pub use record::{read_record, record_path, write_record, Record};
 use snapshot::SNAPSHOT_RETRY;
@@ -158,12 +161,15 @@ impl Shipper {
     }
 
     /// Ships batches until the standby has applied `target`; returns the
-    /// standby's LSN.
+    /// standby's LSN. Batches this process's writer handed over with their
+    /// rows (`pending`) go as they are; others (the other colour's, or
+    /// after a gap) are read from the journal.
     async fn ship_until(
         &self,
         client: &Client<HttpConnector, Full<Bytes>>,
         acked: &mut i64,
         target: i64,
+        pending: &VecDeque<Ship>,
     ) -> Result<(), Failure> {
         // Whether the standby has told its position since the journal was
         // found not to follow `acked` (after a switchover the journal
@@ -172,11 +178,18 @@ impl Shipper {
         while *acked < target {
             let me = self.shard.as_str();
             let (_, addrs) = self.standby()?;
-            let (timeline, batches) = self
-                .store
-                .journal_after(*acked, SHIPMENT)
-                .await
-                .map_err(|e| Failure::Other(format!("cannot read the journal: {e}")))?;
+            let read;
+            let (timeline, batches): (&Timeline, Vec<&Batch>) = match in_memory(pending, *acked) {
+                Some(found) => found,
+                None => {
+                    read = self
+                        .store
+                        .journal_after(*acked, SHIPMENT)
+                        .await
+                        .map_err(|e| Failure::Other(format!("cannot read the journal: {e}")))?;
+                    (&read.0, read.1.iter().collect())
+                }
+            };
             *self.shipped_timeline.lock().await = timeline.id.clone();
             match batches.first() {
                 None => return Err(Failure::Other(format!("batch {target} is not in the journal"))),
@@ -190,8 +203,12 @@ impl Shipper {
                 Some(_) => {}
             }
             let body = Bytes::from(
-                serde_json::json!({"cell": me, "timeline": timeline, "batches": batches})
-                    .to_string(),
+                serde_json::to_vec(&Outgoing {
+                    cell: me,
+                    timeline,
+                    batches: &batches,
+                })
+                .map_err(|e| Failure::Other(format!("cannot encode the shipment: {e}")))?,
             );
             let mut last = String::new();
             let mut moved = false;
@@ -300,7 +317,10 @@ impl Shipper {
                 .last_lsn()
                 .await
                 .map_err(|e| Failure::Other(e.to_string()))?;
-            match self.ship_until(&client, &mut acked, target).await {
+            match self
+                .ship_until(&client, &mut acked, target, &VecDeque::new())
+                .await
+            {
                 // A standby without a copy is seeded at once, not at the
                 // first write (which would then run degraded meanwhile).
                 Err(Failure::NeedSnapshot(_)) => {
@@ -309,7 +329,8 @@ impl Shipper {
                         lsn = acked,
                         "seeded the standby with a snapshot of the shard"
                     );
-                    self.ship_until(&client, &mut acked, target).await
+                    self.ship_until(&client, &mut acked, target, &VecDeque::new())
+                        .await
                 }
                 r => r,
             }
@@ -340,7 +361,7 @@ impl Shipper {
                 pending.push_back(s);
             }
             let target = pending.back().map_or(acked, |s| s.lsn);
-            let result = self.ship_until(&client, &mut acked, target).await;
+            let result = self.ship_until(&client, &mut acked, target, &pending).await;
             // Answer what the standby has.
             while pending.front().is_some_and(|s| s.lsn <= acked) {
                 if let Some(s) = pending.pop_front() {

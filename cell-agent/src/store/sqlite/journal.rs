@@ -214,6 +214,34 @@ pub fn batches_after(conn: &Connection, after: i64, limit: u32) -> rusqlite::Res
     Ok(out)
 }
 
+/// A batch as its writer wrote it, and the timeline it is on.
+pub type Written = (Timeline, Batch);
+
+/// Batch `lsn`, whose rows start at id `first_id`, read back inside the
+/// writer's transaction (before its commit) so the shipper can send it
+/// without reading the journal again; with the timeline it is on.
+pub(super) fn written_batch(
+    conn: &Connection,
+    lsn: i64,
+    first_id: i64,
+) -> rusqlite::Result<Written> {
+    let mut s =
+        conn.prepare_cached("SELECT tbl, op, row FROM journal_rows WHERE id >= ?1 ORDER BY id")?;
+    let rows = s.query_map([first_id], |r| {
+        let json: String = r.get(2)?;
+        let row = serde_json::value::RawValue::from_string(json).map_err(|_| {
+            rusqlite::Error::InvalidColumnType(2, "row".into(), rusqlite::types::Type::Text)
+        })?;
+        Ok(RowChange {
+            table: r.get(0)?,
+            upsert: r.get::<_, String>(1)? == "upsert",
+            row,
+        })
+    })?;
+    let rows = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok((timeline(conn)?, Batch { lsn, rows }))
+}
+
 /// The oldest batch still in the journal (`None` when empty).
 pub fn oldest(conn: &Connection) -> rusqlite::Result<Option<i64>> {
     conn.query_row("SELECT MIN(lsn) FROM journal", [], |r| r.get(0))

@@ -114,6 +114,10 @@ pub struct Ship {
     pub lsn: i64,
     /// When it committed.
     pub committed: Instant,
+    /// Its rows as the journal holds them, and the timeline it is on (read
+    /// back in its own transaction, so the shipper need not read the
+    /// journal for it); `None` when they could not be.
+    pub written: Option<journal::Written>,
     /// Its writes' answers, held.
     pub replies: Vec<HeldReply>,
 }
@@ -134,7 +138,7 @@ pub struct SyncLink {
 
 impl SyncLink {
     /// Hands batch `lsn` and its answers to the shipper.
-    fn hand_over(&self, lsn: i64, mut replies: Vec<HeldReply>) {
+    fn hand_over(&self, lsn: i64, written: Option<journal::Written>, mut replies: Vec<HeldReply>) {
         let now_ok = self.degraded.load(Ordering::Acquire);
         if now_ok {
             send_replies(std::mem::take(&mut replies));
@@ -142,6 +146,7 @@ impl SyncLink {
         let ship = Ship {
             lsn,
             committed: Instant::now(),
+            written,
             replies,
         };
         if let Err(e) = self.ship.send(ship) {
@@ -356,11 +361,12 @@ fn writer_loop(
         if batch.is_empty() {
             continue;
         }
-        let (results, lsn) = run_batch(&mut conn, &batch, &cell);
+        let link = sync.get();
+        let (results, lsn, written) = run_batch(&mut conn, &batch, &cell, link.is_some());
         let replies: Vec<HeldReply> = batch.into_iter().map(|j| j.reply).zip(results).collect();
         // RPO 0: nobody is answered before the standby has the batch.
-        match (lsn, sync.get()) {
-            (Some(lsn), Some(link)) => link.hand_over(lsn, replies),
+        match (lsn, link) {
+            (Some(lsn), Some(link)) => link.hand_over(lsn, written, replies),
             _ => send_replies(replies),
         }
     }
@@ -368,32 +374,40 @@ fn writer_loop(
 
 /// Runs a batch in one transaction: each write's result, and the batch's
 /// LSN when it committed.
-fn run_batch(
-    conn: &mut Connection,
-    batch: &[Job],
-    cell: &str,
-) -> (Vec<Result<Reply, DomainError>>, Option<i64>) {
+fn run_batch(conn: &mut Connection, batch: &[Job], cell: &str, read_back: bool) -> BatchResults {
     let conn: &Connection = conn;
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let err = storage(e);
-        return (batch.iter().map(|_| Err(err.clone())).collect(), None);
+        return (batch.iter().map(|_| Err(err.clone())).collect(), None, None);
     }
-    match run_ops(conn, batch, cell).and_then(|r| conn.execute_batch("COMMIT").map(|()| r)) {
-        Ok((results, lsn)) => (results, lsn),
+    match run_ops(conn, batch, cell, read_back)
+        .and_then(|r| conn.execute_batch("COMMIT").map(|()| r))
+    {
+        Ok(r) => r,
         Err(e) => {
             let _ = conn.execute_batch("ROLLBACK");
             let err = storage(e);
-            (batch.iter().map(|_| Err(err.clone())).collect(), None)
+            (batch.iter().map(|_| Err(err.clone())).collect(), None, None)
         }
     }
 }
 
 /// The batch's writes, each in its own savepoint, and its journal entry
 /// (inside the caller's transaction). `Err` rolls the whole batch back.
-/// No LSN when nothing could be written (this copy is a replica).
-type BatchResults = (Vec<Result<Reply, DomainError>>, Option<i64>);
+/// No LSN when nothing could be written (this copy is a replica). With
+/// `read_back`, the batch's journal rows too (for the shipper).
+type BatchResults = (
+    Vec<Result<Reply, DomainError>>,
+    Option<i64>,
+    Option<journal::Written>,
+);
 
-fn run_ops(conn: &Connection, batch: &[Job], cell: &str) -> rusqlite::Result<BatchResults> {
+fn run_ops(
+    conn: &Connection,
+    batch: &[Job],
+    cell: &str,
+    read_back: bool,
+) -> rusqlite::Result<BatchResults> {
     if shard::role(conn)? == shard::Role::Replica {
         // Checked in the batch's own transaction: the other colour may
         // have demoted the file since this process last wrote.
@@ -404,7 +418,7 @@ fn run_ops(conn: &Connection, batch: &[Job], cell: &str) -> rusqlite::Result<Bat
                 _ => Err(shard::refused(cell)),
             })
             .collect();
-        return Ok((results, None));
+        return Ok((results, None, None));
     }
     let first_row = journal::start_batch(conn)?;
     let lsn = slots::next_lsn(conn)?;
@@ -420,7 +434,12 @@ fn run_ops(conn: &Connection, batch: &[Job], cell: &str) -> rusqlite::Result<Bat
         results.push(r);
     }
     journal::finish_batch(conn, lsn, first_row)?;
-    Ok((results, Some(lsn)))
+    let written = if read_back {
+        Some(journal::written_batch(conn, lsn, first_row)?)
+    } else {
+        None
+    };
+    Ok((results, Some(lsn), written))
 }
 
 impl Store for SqliteStore {

@@ -219,9 +219,8 @@ pub fn recorded_cell(conn: &Connection) -> rusqlite::Result<Option<String>> {
 pub fn meta_ms(conn: &Connection, key: &str) -> rusqlite::Result<i64> {
     use rusqlite::OptionalExtension;
     Ok(conn
-        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
-            r.get::<_, String>(0)
-        })
+        .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+        .query_row([key], |r| r.get::<_, String>(0))
         .optional()?
         .and_then(|v| v.parse().ok())
         .unwrap_or(0))

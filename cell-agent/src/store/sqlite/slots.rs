@@ -266,11 +266,10 @@ pub fn list(conn: &Connection) -> rusqlite::Result<Vec<Value>> {
 
 /// Raises the store's journal position for a new batch and returns it.
 pub(super) fn next_lsn(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row(
+    conn.prepare_cached(
         "INSERT INTO meta (key, value) VALUES ('lsn', '1')
          ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1
          RETURNING CAST(value AS INTEGER)",
-        [],
-        |r| r.get(0),
-    )
+    )?
+    .query_row([], |r| r.get(0))
 }
