@@ -1,7 +1,7 @@
 # Targets shared by developers and CI (.ci/run calls `make test`).
 CARGO ?= cargo
 
-.PHONY: test deps lint unit e2e demo bench fuzz vectors
+.PHONY: test deps lint unit e2e demo bench fuzz vectors install
 
 ## test: install what a fresh machine lacks, then lint, run every test, and
 ## run the demo's end-to-end smoke workload.
@@ -24,6 +24,15 @@ e2e:
 ## demo: run the demo until Ctrl-C.
 demo:
 	$(CARGO) run -q --release -p gateway --bin cellgate -- demo
+
+## install: put cellgate, cell-agent and cellctl on PATH (~/.cargo/bin, or
+## PREFIX/bin with PREFIX=DIR). One build of each, etcd support included; no
+## system protoc needed (scripts/protoc runs the vendored one).
+PREFIX ?=
+install:
+	$(CARGO) install --locked --path gateway $(if $(PREFIX),--root $(PREFIX))
+	$(CARGO) install --locked --path cell-agent $(if $(PREFIX),--root $(PREFIX))
+	$(CARGO) install --locked --path routing-rules $(if $(PREFIX),--root $(PREFIX))
 
 ## bench: criterion benches of the rule engine (figures: docs/benchmarks.md).
 bench:

@@ -7,8 +7,8 @@ need=()
 command -v cargo >/dev/null || { echo "install-deps: cargo (rustup) is required" >&2; exit 1; }
 command -v make >/dev/null || need+=(make)
 command -v cc >/dev/null || need+=(gcc)
-# The etcd control plane: etcd-client's build needs protoc; its tests start a real etcd.
-command -v protoc >/dev/null || need+=(protobuf-compiler)
+# The etcd control plane's tests start a real etcd (the build needs no protoc:
+# scripts/protoc runs the one vendored in the crate protoc-bin-vendored).
 command -v etcd >/dev/null || need+=(etcd-server)
 
 if ((${#need[@]})); then

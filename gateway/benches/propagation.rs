@@ -2,7 +2,7 @@
 //! swap in etcd, as `cellctl rules apply` does) to every one of 3 gateways
 //! serving the new revision. Real etcd on loopback, gateways in this process.
 //!
-//!   cargo bench -p gateway --features etcd --bench propagation
+//!   cargo bench -p gateway --bench propagation
 //!
 //! Needs Debian's etcd-server. Figures: docs/benchmarks.md.
 

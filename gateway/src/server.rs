@@ -224,7 +224,7 @@ async fn load_rules(
     #[cfg(not(feature = "etcd"))]
     {
         let _ = (metrics, upstream, health);
-        anyhow::bail!("--etcd: this cellgate was built without etcd support; build it with `--features etcd` (needs protoc)")
+        anyhow::bail!("--etcd: this cellgate was built without etcd support; build it with the default features (etcd is on unless `--no-default-features`)")
     }
 }
 

@@ -58,8 +58,7 @@ pub struct DemoConfig {
     pub smoke_users: u32,
     /// Put the rules and the registrations in etcd (cluster `demo`) instead
     /// of a file: the rules are applied there, agents register under leases
-    /// and self-fence, the gateway follows etcd. Needs a build with
-    /// `--features etcd`.
+    /// and self-fence, the gateway follows etcd.
     #[arg(long, value_name = "URL[,URL...]")]
     pub etcd: Option<String>,
 }
@@ -347,7 +346,7 @@ async fn publish_to_etcd(url: &str, text: &str) -> anyhow::Result<()> {
 
 #[cfg(not(feature = "etcd"))]
 async fn publish_to_etcd(_url: &str, _text: &str) -> anyhow::Result<()> {
-    anyhow::bail!("--etcd: this cellgate was built without etcd support; build it with `--features etcd` (needs protoc)")
+    anyhow::bail!("--etcd: this cellgate was built without etcd support; build it with the default features (etcd is on unless `--no-default-features`)")
 }
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;

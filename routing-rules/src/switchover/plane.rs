@@ -49,7 +49,9 @@ impl Plane {
                 Ok(Plane::Etcd(Box::new(cp)))
             }
             #[cfg(not(feature = "etcd"))]
-            Some(_) => bail!("this build has no etcd support (build with --features etcd)"),
+            Some(_) => {
+                bail!("this build has no etcd support (it was built with --no-default-features)")
+            }
         }
     }
 

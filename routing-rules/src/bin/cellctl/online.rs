@@ -8,7 +8,7 @@ use crate::{OnlineCommand, Target};
 #[cfg(not(feature = "etcd"))]
 pub(crate) fn run(_target: &Target, _cmd: OnlineCommand) -> Result<()> {
     anyhow::bail!(
-        "this cellctl was built without etcd support; build it with `cargo build -p routing-rules --features etcd` (needs protoc: apt-get install protobuf-compiler)"
+        "this cellctl was built without etcd support; build it with the default features (`cargo build -p routing-rules`; etcd is on unless --no-default-features)"
     )
 }
 
