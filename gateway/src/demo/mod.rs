@@ -7,12 +7,14 @@
 
 mod drill;
 mod smoke;
+mod start;
+
 pub use drill::DrillReport;
 pub use smoke::{check_served_by, SmokeReport};
+pub use start::demo_rules;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,11 +23,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use routing_rules::{parse_rules, Colour};
+use routing_rules::Colour;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
-
-use crate::config::ServeConfig;
 
 /// The example rules the demo routes by (addresses are replaced).
 pub const DEMO_RULES: &str = include_str!("../../../examples/cells.toml");
@@ -94,138 +93,7 @@ impl std::fmt::Debug for Demo {
     }
 }
 
-/// Writes a fresh random cluster secret for cell-to-cell calls (mode
-/// 0600 where the platform has modes).
-fn write_secret(path: &Path) -> anyhow::Result<()> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes)
-        .map_err(|e| anyhow::anyhow!("no randomness for the secret: {e}"))?;
-    let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::write(path, text)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
-    Ok(())
-}
-
-/// The example rules with the instance (and internal) addresses replaced.
-pub fn demo_rules(
-    addrs: &BTreeMap<(String, Colour), SocketAddr>,
-    internal: &BTreeMap<String, Vec<SocketAddr>>,
-) -> anyhow::Result<String> {
-    let mut doc: toml_edit::DocumentMut = DEMO_RULES.parse()?;
-    for ((cell, colour), addr) in addrs {
-        let mut arr = toml_edit::Array::new();
-        arr.push(addr.to_string());
-        doc["cells"][cell.as_str()][colour.as_str()] = toml_edit::value(arr);
-    }
-    for (cell, list) in internal {
-        let arr: toml_edit::Array = list.iter().map(|a| a.to_string()).collect();
-        doc["cells"][cell.as_str()]["internal"] = toml_edit::value(arr);
-    }
-    let text = doc.to_string();
-    parse_rules(&text).map_err(|e| anyhow::anyhow!("demo rules: {e}"))?;
-    Ok(text)
-}
-
 impl Demo {
-    /// Starts everything. Must run inside a tokio runtime.
-    pub async fn start(cfg: &DemoConfig) -> anyhow::Result<Demo> {
-        let (data_dir, temporary) = match &cfg.data_dir {
-            Some(d) => (d.clone(), false),
-            None => {
-                let nanos = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos())
-                    .unwrap_or(0);
-                (
-                    std::env::temp_dir()
-                        .join(format!("cellgate-demo-{}-{nanos}", std::process::id())),
-                    true,
-                )
-            }
-        };
-        std::fs::create_dir_all(&data_dir)
-            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", data_dir.display()))?;
-        // Bind every agent first, so the rules can name the real addresses.
-        let mut listeners = Vec::new();
-        let mut addrs = BTreeMap::new();
-        let mut internal_addrs: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::new();
-        for cell in DEMO_CELLS {
-            for colour in Colour::ALL {
-                let l = TcpListener::bind("127.0.0.1:0").await?;
-                let internal = TcpListener::bind("127.0.0.1:0").await?;
-                addrs.insert((cell.to_string(), colour), l.local_addr()?);
-                internal_addrs
-                    .entry(cell.to_string())
-                    .or_default()
-                    .push(internal.local_addr()?);
-                listeners.push((cell, colour, l, internal));
-            }
-        }
-        let secret_path = data_dir.join("internal-secret");
-        write_secret(&secret_path)?;
-        let rules_path = data_dir.join("rules.toml");
-        let text = demo_rules(&addrs, &internal_addrs)?;
-        std::fs::write(&rules_path, &text)?;
-        if let Some(url) = &cfg.etcd {
-            publish_to_etcd(url, &text).await?;
-        }
-        let file = cfg.etcd.is_none().then(|| rules_path.clone());
-        let mut agents = Vec::new();
-        for (cell, colour, listener, internal) in listeners {
-            let mut agent_cfg = cell_agent::AgentConfig::new(
-                cell,
-                colour,
-                data_dir.join(format!("{cell}.db")),
-                file.clone(),
-            );
-            agent_cfg.etcd = cfg.etcd.clone();
-            agent_cfg.cluster = DEMO_CLUSTER.into();
-            agent_cfg.listen = listener.local_addr()?;
-            agent_cfg.internal_secret_file = Some(secret_path.clone());
-            agent_cfg.drain_timeout_ms = 5_000;
-            // Every cell's shard is replicated to its standby (the first
-            // cell of its failover list).
-            agent_cfg.journal = true;
-            let agent = cell_agent::start_bound(
-                agent_cfg,
-                listener,
-                Some(internal),
-                prometheus::Registry::new(),
-            )
-            .await?;
-            agents.push((cell.to_string(), colour, agent));
-        }
-        let mut gw_cfg = ServeConfig::for_tests(rules_path.clone());
-        if let Some(url) = &cfg.etcd {
-            gw_cfg.rules = None;
-            gw_cfg.etcd = Some(url.clone());
-            gw_cfg.cluster = DEMO_CLUSTER.into();
-            gw_cfg.state_dir = Some(data_dir.join("gateway-state"));
-        }
-        gw_cfg.listen = cfg.listen;
-        gw_cfg.admin = cfg.admin;
-        gw_cfg.health_interval_ms = 500;
-        let gateway = crate::start(gw_cfg, prometheus::Registry::new()).await?;
-        if file.is_some() {
-            wait_replicated(&rules_path).await?;
-        }
-        Ok(Demo {
-            gateway,
-            agents,
-            data_dir,
-            rules_path,
-            temporary,
-            secret_path,
-            file_mode: file.is_some(),
-            etcd: cfg.etcd.clone(),
-        })
-    }
-
     /// Deposits [`SEED_AMOUNT`] for each of [`SEEDED_USERS`] through the gateway.
     pub async fn seed(&self) -> anyhow::Result<()> {
         let client = client();
@@ -306,47 +174,6 @@ impl Demo {
             let _ = std::fs::remove_dir_all(&self.data_dir);
         }
     }
-}
-
-/// Waits until every demo cell's shard is recorded in sync with its
-/// standby (each primary seeds its standby with a snapshot at start).
-async fn wait_replicated(rules: &Path) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    for cell in DEMO_CELLS {
-        let record = routing_rules::switchover::record_path(rules, cell);
-        loop {
-            let in_sync = std::fs::read_to_string(&record)
-                .ok()
-                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-                .is_some_and(|r| r["state"] == "in-sync");
-            if in_sync {
-                break;
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "cell {cell}'s shard was not replicated to its standby within 30 s ({})",
-                record.display()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    Ok(())
-}
-
-/// Applies the demo's rules in etcd (as the next revision of cluster `demo`).
-#[cfg(feature = "etcd")]
-async fn publish_to_etcd(url: &str, text: &str) -> anyhow::Result<()> {
-    let endpoints = routing_rules::etcd::parse_endpoints(url);
-    let mut cp = routing_rules::etcd::ControlPlane::connect(&endpoints, DEMO_CLUSTER).await?;
-    let current = cp.get().await?.map(|s| s.revision).unwrap_or(0);
-    cp.apply(text, current, "cellgate-demo", "demo start")
-        .await?;
-    Ok(())
-}
-
-#[cfg(not(feature = "etcd"))]
-async fn publish_to_etcd(_url: &str, _text: &str) -> anyhow::Result<()> {
-    anyhow::bail!("--etcd: this cellgate was built without etcd support; build it with the default features (etcd is on unless `--no-default-features`)")
 }
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -463,7 +290,10 @@ async fn drill(demo: &mut Demo, report: &mut SmokeReport) -> anyhow::Result<bool
 /// Runs `cellgate demo`. Returns the process exit code.
 pub async fn run(cfg: DemoConfig) -> anyhow::Result<u8> {
     let mut demo = Demo::start(&cfg).await?;
-    demo.seed().await?;
+    if let Err(e) = demo.seed().await {
+        demo.stop().await;
+        return Err(e);
+    }
     if cfg.smoke {
         let mut report = demo.smoke(cfg.smoke_users).await?;
         println!(
