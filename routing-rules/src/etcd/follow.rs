@@ -3,7 +3,8 @@
 
 use super::*;
 
-/// Pause before reconnecting after an etcd failure, ms.
+/// First pause before reconnecting after an etcd failure, ms (then
+/// doubling, with jitter, up to [`super::MAX_RETRY`]: see [`Backoff`]).
 pub const RETRY_MS: u64 = 200;
 
 /// Follows the rules of `cluster`: calls `on_rules` with the current
@@ -22,6 +23,7 @@ pub async fn follow_rules(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut resume_from: i64 = 0;
+    let mut backoff = Backoff::new("rules");
     loop {
         if *stop.borrow() {
             return;
@@ -34,6 +36,7 @@ pub async fn follow_rules(
                 on_rules(s);
             }
             on_connected(true);
+            backoff.ok();
             let start = if resume_from > seen {
                 resume_from
             } else {
@@ -86,14 +89,13 @@ pub async fn follow_rules(
             Ok(()) => return,
             Err(e) => {
                 on_connected(false);
-                tracing_warn(&format!(
-                    "etcd rules session ended ({e}); keeping the last good rules, reconnecting"
-                ));
+                if !backoff
+                    .pause(&format!("{e}; keeping the last good rules"), &mut stop)
+                    .await
+                {
+                    return;
+                }
             }
-        }
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tokio::time::sleep(std::time::Duration::from_millis(RETRY_MS)) => {}
         }
     }
 }
@@ -111,6 +113,7 @@ pub async fn keep_registered(
     on_lease: impl Fn(bool) + Send,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let mut backoff = Backoff::new(format!("registration of {key}"));
     loop {
         if *stop.borrow() {
             return;
@@ -141,6 +144,7 @@ pub async fn keep_registered(
                 .await
                 .map_err(|e| cp.err(e))?;
             on_lease(true);
+            backoff.ok();
             // Renew well inside the TTL, and give the lease up (fence)
             // before the server could expire it: if no renewal has been
             // acknowledged for 2/3 of the TTL, this session is over.
@@ -188,12 +192,10 @@ pub async fn keep_registered(
             Ok(()) => return,
             Err(e) => {
                 on_lease(false);
-                tracing_warn(&format!("etcd registration of {key} lost ({e}); retrying"));
+                if !backoff.pause(&e.to_string(), &mut stop).await {
+                    return;
+                }
             }
-        }
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tokio::time::sleep(std::time::Duration::from_millis(RETRY_MS)) => {}
         }
     }
 }
@@ -215,6 +217,7 @@ pub async fn follow_instances(
     mut on_change: impl FnMut(Registered) + Send,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let mut backoff = Backoff::new("instances");
     loop {
         if *stop.borrow() {
             return;
@@ -257,6 +260,7 @@ pub async fn follow_instances(
                 r
             };
             on_change(snapshot(&by_key));
+            backoff.ok();
             let mut events = cp
                 .client()
                 .watch(
@@ -300,15 +304,11 @@ pub async fn follow_instances(
         };
         match session.await {
             Ok(()) => return,
-            Err(e) => tracing_warn(&format!("etcd instances session ended ({e}); reconnecting")),
-        }
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tokio::time::sleep(std::time::Duration::from_millis(RETRY_MS)) => {}
+            Err(e) => {
+                if !backoff.pause(&e.to_string(), &mut stop).await {
+                    return;
+                }
+            }
         }
     }
-}
-
-fn tracing_warn(msg: &str) {
-    tracing::warn!("{msg}");
 }

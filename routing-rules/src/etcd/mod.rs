@@ -422,10 +422,12 @@ fn parse_revision(key: &str, bytes: &[u8]) -> Result<u64, ControlError> {
         })
 }
 
+mod backoff;
 mod follow;
 mod replication;
 mod status;
 pub mod testing;
 
+pub use backoff::{Backoff, Note, MAX_RETRY, SUMMARY_EVERY};
 pub use follow::*;
 pub use status::*;
