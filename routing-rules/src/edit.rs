@@ -8,7 +8,7 @@ use thiserror::Error;
 use toml_edit::{value, Array, DocumentMut, InlineTable, Item};
 
 use crate::error::RulesError;
-use crate::model::{CellState, Colour, BASIS_POINTS};
+use crate::model::{CellState, Colour};
 use crate::validate::parse_rules;
 
 /// Why an edit cannot be made. Nothing is changed.
@@ -71,47 +71,32 @@ pub fn bump_revision(text: &str) -> Result<(String, u64), EditError> {
     Ok((finish(d)?, next))
 }
 
-/// Parses a percentage such as `5`, `0.5` or `12.34` into basis points.
+/// Parses a percentage such as `5`, `0.5`, `12.34` or `10%` into basis
+/// points (see [`crate::model::parse_percent`]).
 pub fn percent_to_bp(s: &str) -> Result<u32, EditError> {
-    let bad = || {
+    crate::model::parse_percent(s).ok_or_else(|| {
         EditError::BadArgument(format!(
-            "--green {s:?}: give a percentage from 0 to 100 with at most two decimals"
+            "--green {s:?}: give a percentage from 0 to 100 with at most two decimals, e.g. 10% or 0.5%"
         ))
-    };
-    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    if int.is_empty()
-        || frac.len() > 2
-        || !int.chars().all(|c| c.is_ascii_digit())
-        || !frac.chars().all(|c| c.is_ascii_digit())
-    {
-        return Err(bad());
-    }
-    let whole: u32 = int.parse().map_err(|_| bad())?;
-    let frac_bp: u32 = format!("{frac:0<2}").parse().map_err(|_| bad())?;
-    let bp = whole
-        .checked_mul(100)
-        .and_then(|w| w.checked_add(frac_bp))
-        .ok_or_else(bad)?;
-    if bp > BASIS_POINTS {
-        return Err(bad());
-    }
-    Ok(bp)
+    })
 }
 
-/// Sets a cell's green share (basis points), keeping its seed.
+/// Sets a cell's green share (basis points; written as a percentage,
+/// `green = "10%"`), keeping its seed.
 pub fn set_split(text: &str, cell: &str, green_bp: u32) -> Result<String, EditError> {
     let mut d = doc(text)?;
     let t = cell_table(&mut d, cell)?;
+    let share = crate::model::format_percent(green_bp);
     match t.get_mut("split") {
         Some(Item::Value(toml_edit::Value::InlineTable(it))) => {
-            it.insert("green", (green_bp as i64).into());
+            it.insert("green", share.as_str().into());
         }
         Some(Item::Table(tb)) => {
-            tb.insert("green", value(green_bp as i64));
+            tb.insert("green", value(share.as_str()));
         }
         _ => {
             let mut it = InlineTable::new();
-            it.insert("green", (green_bp as i64).into());
+            it.insert("green", share.as_str().into());
             t.insert("split", Item::Value(toml_edit::Value::InlineTable(it)));
         }
     }
@@ -275,9 +260,34 @@ mod tests {
         assert_eq!(percent_to_bp("0.5").unwrap(), 50);
         assert_eq!(percent_to_bp("12.34").unwrap(), 1234);
         assert_eq!(percent_to_bp("100").unwrap(), 10_000);
-        for bad in ["101", "-1", "1.234", "", "x", "1e2", ".5"] {
+        assert_eq!(percent_to_bp("10%").unwrap(), 1000);
+        assert_eq!(percent_to_bp("0.5%").unwrap(), 50);
+        for bad in [
+            "101", "-1", "1.234", "", "x", "1e2", ".5", "%", "10%%", "1000",
+        ] {
             assert!(percent_to_bp(bad).is_err(), "{bad}");
         }
+        for bp in [0, 1, 10, 50, 99, 100, 1000, 1234, 2500, 9999, 10_000] {
+            let text = crate::model::format_percent(bp);
+            assert_eq!(crate::model::parse_percent(&text), Some(bp), "{text}");
+        }
+        assert_eq!(crate::model::format_percent(50), "0.5%");
+        assert_eq!(crate::model::format_percent(1234), "12.34%");
+        assert_eq!(crate::model::format_percent(1), "0.01%");
+    }
+
+    #[test]
+    fn a_split_is_written_as_a_percentage_and_the_old_form_still_read() {
+        let t = set_split(DOC, "cell-a", 50).unwrap();
+        assert!(
+            t.contains(r#"split = { green = "0.5%", seed = 11 }"#),
+            "{t}"
+        );
+        assert_eq!(parse_rules(&t).unwrap().cells["cell-a"].split.green, 50);
+        let old = DOC.replace(r#"green = "10%""#, "green = 1000");
+        assert_eq!(parse_rules(&old).unwrap().cells["cell-a"].split.green, 1000);
+        let t = set_split(&old, "cell-a", 2500).unwrap();
+        assert!(t.contains(r#"green = "25%""#), "{t}");
     }
 
     #[test]

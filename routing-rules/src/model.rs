@@ -15,6 +15,38 @@ pub const DEFAULT_SLOTS: u32 = 100;
 pub const MAX_SLOTS: u32 = 65_536;
 /// Basis points in 100 %: splits are given in 0..=`BASIS_POINTS`.
 pub const BASIS_POINTS: u32 = 10_000;
+/// Parses a share written for people — `"10%"`, `"0.5%"`, `"12.34%"`
+/// (the `%` may be left out: `"10"`) — into basis points (0..=10000). At
+/// most two decimals; `None` when it is not such a percentage.
+pub fn parse_percent(s: &str) -> Option<u32> {
+    let s = s.trim();
+    let s = s.strip_suffix('%').unwrap_or(s).trim_end();
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    if int.is_empty()
+        || int.len() > 3
+        || frac.len() > 2
+        || !int.chars().all(|c| c.is_ascii_digit())
+        || !frac.chars().all(|c| c.is_ascii_digit())
+    {
+        return None;
+    }
+    let whole: u32 = int.parse().ok()?;
+    let frac_bp: u32 = format!("{frac:0<2}").parse().ok()?;
+    let bp = whole.checked_mul(100)?.checked_add(frac_bp)?;
+    (bp <= BASIS_POINTS).then_some(bp)
+}
+
+/// A share in basis points as people write it: `1000` → `"10%"`, `50` →
+/// `"0.5%"`, `1234` → `"12.34%"` (what [`parse_percent`] reads back).
+pub fn format_percent(bp: u32) -> String {
+    let (whole, frac) = (bp / 100, bp % 100);
+    match frac {
+        0 => format!("{whole}%"),
+        f if f % 10 == 0 => format!("{whole}.{}%", f / 10),
+        f => format!("{whole}.{f:02}%"),
+    }
+}
+
 /// Longest routing key (bytes) accepted; longer keys are malformed.
 pub const MAX_KEY_LEN: usize = 256;
 /// Default header carrying the routing key.
@@ -218,7 +250,9 @@ pub enum HashAlgorithm {
 /// Sticky blue/green split of one cell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Default)]
 pub struct Split {
-    /// Green share in basis points (0..=10000); the rest goes to blue.
+    /// Green share in basis points (0..=10000); the rest goes to blue. The
+    /// rules file writes it as a percentage (`green = "10%"`); a bare
+    /// integer is read as basis points (the older form).
     pub green: u32,
     /// Seed of the colour bucket hash; changing it reshuffles users.
     pub seed: u64,

@@ -417,13 +417,27 @@ fn check(mut doc: FileDoc) -> Result<(Rules, Option<u64>), RulesError> {
                 format!("{weight} is out of range (1..=1000)"),
             );
         }
-        let green = fc.split.green;
-        if !(0..=BASIS_POINTS as i64).contains(&green) {
-            c.errors.push(ValidationError::SplitOutOfRange {
-                cell: name.clone(),
-                value: green,
-            });
-        }
+        let green = match &fc.split.green {
+            file::FileShare::BasisPoints(bp) => {
+                if !(0..=BASIS_POINTS as i64).contains(bp) {
+                    c.errors.push(ValidationError::SplitOutOfRange {
+                        cell: name.clone(),
+                        value: *bp,
+                    });
+                }
+                *bp
+            }
+            file::FileShare::Text(t) => match crate::model::parse_percent(t) {
+                Some(bp) if t.trim_end().ends_with('%') => bp as i64,
+                _ => {
+                    c.bad(
+                        format!("cells.{name}.split.green"),
+                        format!("{t:?} is not a share such as \"10%\" or \"0.5%\" (0% to 100%, at most two decimals, with the % sign)"),
+                    );
+                    0
+                }
+            },
+        };
         let green = green.clamp(0, BASIS_POINTS as i64) as u32;
         for (colour, list, share) in [
             (Colour::Blue, &fc.blue, BASIS_POINTS - green),

@@ -77,8 +77,16 @@ fn broken_documents_get_precise_errors_and_exit_1() {
             "\"cell-b\" fails over to itself",
         ),
         (
-            base.replace("green = 1000", "green = 12000"),
+            base.replace("green = \"10%\"", "green = 12000"),
             "cells.cell-a.split.green: 12000 basis points",
+        ),
+        (
+            base.replace("green = \"10%\"", "green = \"10\""),
+            "cells.cell-a.split.green: \"10\" is not a share such as \"10%\"",
+        ),
+        (
+            base.replace("green = \"10%\"", "green = \"100.5%\""),
+            "cells.cell-a.split.green: \"100.5%\" is not a share",
         ),
         (
             base.replace("18202", "18101"),
@@ -225,7 +233,7 @@ fn diff_reports_moves_and_fractions() {
         &base
             .replace("to = 33", "to = 23")
             .replace("from = 34", "from = 24")
-            .replace("green = 1000", "green = 2000"),
+            .replace("green = \"10%\"", "green = \"20%\""),
     );
     let o = cellctl(&["rules", "diff", "-o", "json", &example("cells.toml"), &new]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -27,10 +27,10 @@ async fn apply_get_conflict_history_rollback() {
     let stored = c.get().await.unwrap().unwrap();
     assert_eq!(stored.document, DOC, "stored verbatim");
     assert_eq!(stored.revision, 1);
-    let v2 = DOC.replace("green = 1000", "green = 2000");
+    let v2 = DOC.replace("green = \"10%\"", "green = \"20%\"");
     assert_eq!(c.apply(&v2, 1, "bob@host", "more green").await.unwrap(), 2);
     // A second engineer still at revision 1: conflict, nothing written.
-    let v3 = DOC.replace("green = 1000", "green = 3000");
+    let v3 = DOC.replace("green = \"10%\"", "green = \"30%\"");
     match c.apply(&v3, 1, "carl@host", "stale").await {
         Err(ControlError::Conflict {
             expected: 1,
@@ -245,19 +245,34 @@ async fn a_follower_resumes_after_a_disconnect_and_rereads_after_a_compaction() 
         }
     };
     wait_for(&mut seen_rx, 1).await;
-    c.apply(&DOC.replace("green = 1000", "green = 1100"), 1, "t", "2")
-        .await
-        .unwrap();
+    c.apply(
+        &DOC.replace("green = \"10%\"", "green = \"11%\""),
+        1,
+        "t",
+        "2",
+    )
+    .await
+    .unwrap();
     wait_for(&mut seen_rx, 2).await;
     // Cut the follower off; meanwhile two changes land and etcd compacts
     // its history past the revision the follower would resume from.
     proxy.cut();
-    c.apply(&DOC.replace("green = 1000", "green = 1200"), 2, "t", "3")
-        .await
-        .unwrap();
-    c.apply(&DOC.replace("green = 1000", "green = 1300"), 3, "t", "4")
-        .await
-        .unwrap();
+    c.apply(
+        &DOC.replace("green = \"10%\"", "green = \"12%\""),
+        2,
+        "t",
+        "3",
+    )
+    .await
+    .unwrap();
+    c.apply(
+        &DOC.replace("green = \"10%\"", "green = \"13%\""),
+        3,
+        "t",
+        "4",
+    )
+    .await
+    .unwrap();
     let head = c
         .client()
         .get("x", None)

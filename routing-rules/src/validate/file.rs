@@ -103,9 +103,24 @@ pub(super) struct FileCell {
 #[serde(deny_unknown_fields)]
 pub(super) struct FileSplit {
     #[serde(default)]
-    pub(super) green: i64,
+    pub(super) green: FileShare,
     #[serde(default)]
     pub(super) seed: u64,
+}
+
+/// A share as the file gives it: `"10%"` (the form people write), or a
+/// bare integer in basis points (the older form, still read).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum FileShare {
+    BasisPoints(i64),
+    Text(String),
+}
+
+impl Default for FileShare {
+    fn default() -> Self {
+        FileShare::BasisPoints(0)
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -157,7 +157,9 @@ enum Command {
     Split {
         /// The cell.
         cell: String,
-        /// Green share in percent, 0..=100, up to two decimals (e.g. 0.5, 5, 25).
+        /// Green share: a percentage from 0 to 100, up to two decimals, the
+        /// `%` optional (e.g. 0.5%, 5%, 25) — the same unit as the rules
+        /// file's `split.green = "25%"`.
         #[arg(long, value_name = "PERCENT")]
         green: String,
         #[command(flatten)]

@@ -50,9 +50,9 @@ pub(crate) fn validate(file: &Path, out: OutputArg) -> Result<()> {
             for (cell, n) in per_cell {
                 let c = &rules.cells[cell];
                 println!(
-                    "  {cell}: {n} slots, {}, green {} bp, blue {} / green {} instances",
+                    "  {cell}: {n} slots, {}, green {}, blue {} / green {} instances",
                     c.state,
-                    c.split.green,
+                    routing_rules::model::format_percent(c.split.green),
                     c.blue.len(),
                     c.green.len()
                 );
