@@ -90,7 +90,7 @@ pub(crate) fn tasks(
             };
             let h = holder.clone();
             match tokio::task::spawn_blocking(move || h.apply(text, rev)).await {
-                Ok(Ok(Some(rev))) => tracing::info!(revision = rev, "rules applied from etcd"),
+                Ok(Ok(Some(rev))) => tracing::debug!(revision = rev, "rules applied from etcd"),
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "rules in etcd rejected; keeping the current rules")

@@ -129,6 +129,22 @@ impl RulesHolder {
         }))
     }
 
+    /// Swaps in `table`, logging what changed (revision, slots moved,
+    /// splits and states).
+    fn install(&self, table: RoutingTable) {
+        let before = self.table.load();
+        let changes = routing_rules::diff(before.rules(), table.rules()).brief();
+        tracing::info!(
+            source = %self.path.display(),
+            revision = table.revision(),
+            previous = before.revision(),
+            %changes,
+            "rules installed"
+        );
+        drop(before);
+        self.table.store(Arc::new(table));
+    }
+
     /// Applies `text` as `revision` (from the control plane) when newer.
     pub fn apply(&self, text: String, revision: u64) -> Result<Option<u64>, RulesLoadError> {
         if revision <= self.table.load().revision() {
@@ -138,7 +154,7 @@ impl RulesHolder {
         let doc = next_document(None, &text)
             .map_err(|e| RulesLoadError::Invalid(self.path.clone(), e))?;
         let table = compile(&self.path, doc, &self.cell, revision)?;
-        self.table.store(Arc::new(table));
+        self.install(table);
         *self.last_text.lock().unwrap_or_else(|e| e.into_inner()) = text;
         Ok(Some(revision))
     }
@@ -227,7 +243,7 @@ impl RulesHolder {
             .map_err(|e| RulesLoadError::Invalid(self.path.clone(), e))?;
         let rev = doc.revision;
         let table = compile(&self.path, doc, &self.cell, rev)?;
-        self.table.store(Arc::new(table));
+        self.install(table);
         *last = text;
         Ok(Some(rev))
     }
@@ -304,7 +320,7 @@ impl RulesHolder {
                 _ = stop.changed() => return,
             }
             match self.reload_async().await {
-                Ok(Some(rev)) => tracing::info!(revision = rev, "rules reloaded"),
+                Ok(Some(rev)) => tracing::debug!(revision = rev, "rules reloaded"),
                 Ok(None) => {}
                 Err(e) => tracing::error!(error = %e, "rules rejected; keeping the current rules"),
             }

@@ -159,6 +159,15 @@ pub struct ServeConfig {
     /// `shard_moving` at once.
     #[arg(long, value_name = "N", default_value_t = 4_096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub hold_queue: u32,
+    /// Write an access log: one JSON line per request (time, request id,
+    /// method, path, status, cell, colour, slot, upstream, attempts,
+    /// duration, hashed user id) to PATH (appended) or `-` (stdout).
+    /// Off by default.
+    #[arg(long, value_name = "PATH|-")]
+    pub access_log: Option<crate::access_log::Target>,
+    /// Log the user id itself in the access log, not only its hash.
+    #[arg(long, requires = "access_log")]
+    pub access_log_user_ids: bool,
 
     /// Request bodies up to this size are read in full before an upstream
     /// connection is taken; larger ones are streamed once this much arrived.
@@ -256,6 +265,8 @@ impl ServeConfig {
             client_body_buffer_bytes: 64 * 1024,
             hold_ms: 2_000,
             hold_queue: 4_096,
+            access_log: None,
+            access_log_user_ids: false,
             auto_failover: false,
             auto_failover_after_ms: 0,
             internal_secret_file: None,

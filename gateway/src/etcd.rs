@@ -213,7 +213,7 @@ fn adopt(control: &Control, label: &Path, src: &EtcdSource, text: String, revisi
     match control.apply_text(label, text.clone(), revision) {
         Ok(rev) => {
             control.metrics().rules_from_saved_state.set(0);
-            tracing::info!(revision = rev, "rules applied from etcd");
+            tracing::debug!(revision = rev, "rules applied from etcd");
             if let Some(dir) = &src.state_dir {
                 if let Err(e) = save_state(dir, &text, rev) {
                     tracing::warn!(dir = %dir.display(), error = %e, "cannot save the rules to the state dir");

@@ -7,6 +7,7 @@
 //! everything unusual go through hyper + tower. See docs/gateway.md for the
 //! phases of a request.
 
+pub mod access_log;
 pub mod admin;
 pub mod auto_failover;
 pub mod config;

@@ -77,6 +77,9 @@ pub struct Metrics {
     pub client_errors: IntCounterVec,
     /// `cellgate_ejections_total{cell}`: instances passively ejected.
     pub ejections: IntCounterVec,
+    /// `cellgate_access_log_dropped_total`: access-log lines dropped
+    /// because the writer fell behind.
+    pub access_log_dropped: IntCounter,
     /// `cellgate_rules_revision`.
     pub rules_revision: IntGauge,
     /// `cellgate_rules_reloads_total{result}` (`ok` / `error`).
@@ -190,6 +193,13 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new("cellgate_client_errors_total", "Client connections ended for the client's own fault: body_timeout, send_timeout, idle_timeout, header_timeout, bad_request."),
                     &["kind"],
+                )?,
+            )?,
+            access_log_dropped: reg(
+                r,
+                IntCounter::new(
+                    "cellgate_access_log_dropped_total",
+                    "Access-log lines dropped because the log writer fell behind (the queue of 16384 lines was full).",
                 )?,
             )?,
             ejections: reg(

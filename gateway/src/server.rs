@@ -77,6 +77,14 @@ pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<Runni
         "cellgate serving"
     );
 
+    let access_log = match &cfg.access_log {
+        Some(target) => Some(Arc::new(crate::access_log::AccessLog::open(
+            target,
+            cfg.access_log_user_ids,
+            control.metrics().access_log_dropped.clone(),
+        )?)),
+        None => None,
+    };
     let (stop, stop_rx) = watch::channel(false);
     let stop_rx_auto = stop_rx.clone();
     let shared = Shared::new(
@@ -94,6 +102,7 @@ pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<Runni
             retry_min_per_s: cfg.retry_min_per_s,
             hold: Duration::from_millis(cfg.hold_ms),
             hold_queue: cfg.hold_queue as usize,
+            access_log,
         },
     );
     let front = Arc::new(FrontEnd {

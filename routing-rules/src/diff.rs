@@ -2,11 +2,12 @@
 //! replays a diff onto `a` to get `b` exactly.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use serde::Serialize;
 
 use crate::model::*;
+
+mod render;
 
 /// A value before and after.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -419,174 +420,5 @@ impl RulesDiff {
         r.slots = self.slots.after;
         r.table = Rules::table_from_slot_parts(&owners, &pins, &epochs);
         r
-    }
-
-    /// A human summary, one change per line.
-    pub fn summary(&self) -> String {
-        self.summary_limited(None)
-    }
-
-    /// [`Self::summary`] listing at most `limit` moved ranges, epoch
-    /// changes and warnings each (a rebalance moves hundreds of ranges),
-    /// with how many more there are.
-    pub fn summary_limited(&self, limit: Option<usize>) -> String {
-        let shown = |n: usize| limit.map_or(n, |l| n.min(l));
-        let more = |s: &mut String, n: usize, what: &str| {
-            if let Some(l) = limit.filter(|l| n > *l) {
-                let _ = writeln!(s, "  … and {} more {what} (-v lists them all)", n - l);
-            }
-        };
-        let mut s = String::new();
-        if self.is_empty() {
-            s.push_str("no changes\n");
-            return s;
-        }
-        let pct = |f: f64| format!("{:.2}%", f * 100.0);
-        if self.rehash {
-            let _ = writeln!(
-                s,
-                "hash or slot count changed ({} → {} slots): every key is re-hashed; about {} of users change home cell",
-                self.slots.before,
-                self.slots.after,
-                pct(self.users_moved_fraction)
-            );
-        } else {
-            let _ = writeln!(
-                s,
-                "slots moved: {} of {} ({} of users)",
-                self.slots_moved,
-                self.slots.after,
-                pct(self.users_moved_fraction)
-            );
-        }
-        for m in self.moves.iter().take(shown(self.moves.len())) {
-            let range = if m.from == m.to {
-                format!("slot {}", m.from)
-            } else {
-                format!("slots {}-{}", m.from, m.to)
-            };
-            let _ = writeln!(
-                s,
-                "  {range}: {} → {}",
-                m.from_cell.as_deref().unwrap_or("(new)"),
-                m.to_cell
-            );
-        }
-        more(&mut s, self.moves.len(), "moved ranges");
-        for (cell, c) in &self.cells {
-            if c.gained > 0 || c.lost > 0 {
-                let _ = writeln!(
-                    s,
-                    "  cell {cell}: {} → {} slots (+{} −{})",
-                    c.slots_before, c.slots_after, c.gained, c.lost
-                );
-            }
-        }
-        for e in self.epochs.iter().take(shown(self.epochs.len())) {
-            let _ = writeln!(
-                s,
-                "epochs: slots {}-{} {} → {}",
-                e.from,
-                e.to,
-                e.before
-                    .map_or_else(|| "(new)".to_string(), |b| b.to_string()),
-                e.after
-            );
-        }
-        more(&mut s, self.epochs.len(), "epoch changes");
-        for w in self.warnings.iter().take(shown(self.warnings.len())) {
-            let _ = writeln!(s, "warning: {w}");
-        }
-        more(&mut s, self.warnings.len(), "warnings");
-        for p in &self.pins {
-            let _ = writeln!(
-                s,
-                "pins: slots {}-{} {}",
-                p.from,
-                p.to,
-                if p.pinned { "pinned" } else { "unpinned" }
-            );
-        }
-        for name in self.cells_added.keys() {
-            let _ = writeln!(s, "cell added: {name}");
-        }
-        for name in &self.cells_removed {
-            let _ = writeln!(s, "cell removed: {name}");
-        }
-        for m in &self.cells_changed {
-            let mut what = Vec::new();
-            if let Some(st) = &m.state {
-                what.push(format!("state {} → {}", st.before, st.after));
-            }
-            if let Some(sp) = &m.split {
-                what.push(format!(
-                    "green {} → {} bp{} ({} of its users switch colour)",
-                    sp.before.green,
-                    sp.after.green,
-                    if sp.before.seed != sp.after.seed {
-                        ", seed changed"
-                    } else {
-                        ""
-                    },
-                    pct(sp.users_switching_fraction)
-                ));
-            }
-            let (b, a) = (&m.before, &m.after);
-            if b.failover != a.failover {
-                what.push(format!("failover {:?} → {:?}", b.failover, a.failover));
-            }
-            if b.failover_policy != a.failover_policy {
-                what.push(format!(
-                    "failover_policy {} → {}",
-                    b.failover_policy.as_str(),
-                    a.failover_policy.as_str()
-                ));
-            }
-            if b.blue != a.blue || b.green != a.green {
-                what.push("instances changed".to_string());
-            }
-            if b.internal != a.internal {
-                what.push("internal addresses changed".to_string());
-            }
-            if b.standby() != a.standby() {
-                what.push(format!(
-                    "standby {} → {}",
-                    b.standby().unwrap_or("(none)"),
-                    a.standby().unwrap_or("(none)")
-                ));
-            }
-            if b.hosted_by != a.hosted_by {
-                what.push(format!(
-                    "shard hosted by {} → {}",
-                    b.hosted_by.as_deref().unwrap_or(&m.name),
-                    a.hosted_by.as_deref().unwrap_or(&m.name)
-                ));
-            }
-            if b.registered != a.registered {
-                what.push(format!("registered {} → {}", b.registered, a.registered));
-            }
-            if b.weight != a.weight {
-                what.push(format!("weight {} → {}", b.weight, a.weight));
-            }
-            let _ = writeln!(s, "cell {}: {}", m.name, what.join("; "));
-        }
-        let _ = writeln!(
-            s,
-            "overrides: +{} −{} ~{}",
-            self.overrides_added.len(),
-            self.overrides_removed.len(),
-            self.overrides_changed.len()
-        );
-        for (what, changed) in [
-            ("key", self.key.is_some()),
-            ("on_missing", self.on_missing.is_some()),
-            ("hash", self.hash.is_some()),
-            ("tester", self.tester.is_some()),
-        ] {
-            if changed {
-                let _ = writeln!(s, "{what} changed");
-            }
-        }
-        s
     }
 }

@@ -222,6 +222,8 @@ impl Shared {
             } else {
                 Instant::now()
             };
+            out.attempts += 1;
+            out.upstream = Some(instance.address.clone());
             let exchange = self.exchange(gen, out, &decision, &mut conn, &mut body, &uploading);
             let result = match timer.as_mut() {
                 Some(t) => {

@@ -21,6 +21,7 @@ use super::{
     forwarded_response_headers, stamps, BodyHead, Forwarded, HeadParts, Outgoing, ProxyBody,
     Refusal, ReqBody, Shared,
 };
+use crate::access_log::Entry;
 use crate::conn_watch::ConnWatch;
 use crate::control::{Control, InflightGuard};
 use crate::h1::{BodyDecoder, Framing};
@@ -85,7 +86,20 @@ impl tower::Service<Request<Incoming>> for ProxyService {
             w.request_started();
         }
         Box::pin(async move {
-            let mut resp = handle_hyper(&shared, req, &peer_ip).await;
+            let mut access = shared.settings.access_log.as_ref().map(|_| {
+                Entry::new(
+                    req.method().as_str().as_bytes(),
+                    req.uri().path(),
+                    Instant::now(),
+                )
+            });
+            let mut resp = handle_hyper(&shared, req, &peer_ip, &mut access).await;
+            if let (Some(log), Some(mut e)) = (&shared.settings.access_log, access) {
+                if e.status() == 0 {
+                    e.answered(resp.status().as_u16());
+                }
+                log.write(&e);
+            }
             if let Some(w) = watch {
                 match resp.body_mut() {
                     Either::Left(body) => {
@@ -100,15 +114,27 @@ impl tower::Service<Request<Incoming>> for ProxyService {
     }
 }
 
+/// Notes a refusal in the access-log entry, and answers it.
+fn refuse(access: &mut Option<Entry>, r: &Refusal) -> Response<ProxyBody> {
+    if let Some(e) = access.as_mut() {
+        e.refused(r);
+    }
+    refusal_response(r)
+}
+
 async fn handle_hyper(
     shared: &Shared,
     req: Request<Incoming>,
     peer_ip: &[u8],
+    access: &mut Option<Entry>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let gen = shared.control.current();
     if let Some(r) = unforwardable(&req) {
         shared.control.metrics().client_error("bad_request");
+        if let Some(e) = access.as_mut() {
+            e.refused(&r);
+        }
         return closing(&r);
     }
     let (parts, body) = req.into_parts();
@@ -150,8 +176,11 @@ async fn handle_hyper(
     let mut gen = gen;
     let mut out = match build(&gen) {
         Ok(o) => o,
-        Err(r) => return refusal_response(&r),
+        Err(r) => return refuse(access, &r),
     };
+    if let Some(e) = access.as_mut() {
+        e.routed(&gen, &out);
+    }
     let body = if empty {
         ReqBody::Empty
     } else {
@@ -172,6 +201,9 @@ async fn handle_hyper(
             Err(r) => {
                 if r.status == StatusCode::REQUEST_TIMEOUT {
                     shared.control.metrics().client_error("body_timeout");
+                }
+                if let Some(e) = access.as_mut() {
+                    e.refused(&r);
                 }
                 return closing(&r);
             }
@@ -195,11 +227,11 @@ async fn handle_hyper(
             drop(fwd);
             gen = match shared.hold(gen.table.revision(), until).await {
                 Ok(g) => g,
-                Err(r) => return refusal_response(&r),
+                Err(r) => return refuse(access, &r),
             };
             out = match build(&gen) {
                 Ok(o) => o,
-                Err(r) => return refusal_response(&r),
+                Err(r) => return refuse(access, &r),
             };
             let body = match &replay {
                 None => ReqBody::Empty,
@@ -212,10 +244,16 @@ async fn handle_hyper(
             fwd = shared.forward(&gen, &mut out, body, None).await;
         }
     }
+    if let Some(e) = access.as_mut() {
+        e.attempted(&out);
+    }
     let fwd = match fwd {
         Ok(f) => f,
-        Err(r) => return refusal_response(&r),
+        Err(r) => return refuse(access, &r),
     };
+    if let Some(e) = access.as_mut() {
+        e.decided(&gen, &fwd.decision);
+    }
     let Forwarded {
         mut conn,
         head,

@@ -69,6 +69,8 @@ pub struct ProxySettings {
     pub hold: Duration,
     /// Most requests held at once.
     pub hold_queue: usize,
+    /// The access log, when on.
+    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 /// Generates request ids: a per-process random prefix and a counter.

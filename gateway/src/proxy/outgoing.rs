@@ -137,6 +137,10 @@ pub struct Outgoing {
     pub decision: RouteDecision,
     /// When the request arrived.
     pub start: Instant,
+    /// Upstream attempts made (by [`Shared::forward`]).
+    pub(super) attempts: u32,
+    /// The instance of the last attempt.
+    pub(super) upstream: Option<Arc<str>>,
 }
 
 /// How a request body is framed on the way upstream.
@@ -316,7 +320,24 @@ impl Outgoing {
             idempotent: is_idempotent(parts.method),
             decision,
             start,
+            attempts: 0,
+            upstream: None,
         })
+    }
+
+    /// Upstream attempts made so far.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// The instance (`host:port`) of the last attempt.
+    pub fn upstream(&self) -> Option<&str> {
+        self.upstream.as_deref()
+    }
+
+    /// The routing key (the user id), when the request had one.
+    pub fn key(&self) -> Option<&[u8]> {
+        self.key.as_deref()
     }
 
     /// The request id (the client's, or generated).
