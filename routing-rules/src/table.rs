@@ -99,6 +99,9 @@ pub enum CellReason {
     Failover,
     /// The key was missing or malformed and the policy names a default cell.
     DefaultCell,
+    /// The home cell's shard was moved with its data (`hosted_by`: a
+    /// switchover, or a failover that carried the data): its host serves.
+    Hosted,
 }
 
 impl CellReason {
@@ -109,6 +112,7 @@ impl CellReason {
             CellReason::Override => "override",
             CellReason::Failover => "failover",
             CellReason::DefaultCell => "default-cell",
+            CellReason::Hosted => "hosted",
         }
     }
 }
@@ -437,7 +441,9 @@ impl RoutingTable {
             },
         };
         let (serving, moved) = self.serving_cell(home, health);
-        let reason = if moved {
+        let reason = if moved && self.cells[home as usize].hosted_by.is_some() {
+            CellReason::Hosted
+        } else if moved {
             CellReason::Failover
         } else if slot.is_none() {
             CellReason::DefaultCell

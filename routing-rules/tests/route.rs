@@ -129,6 +129,22 @@ fn manual_policy_does_not_fail_over_on_health() {
 }
 
 #[test]
+fn a_shard_moved_with_its_data_is_served_by_its_host_as_hosted_not_failover() {
+    let t = table(&DOC.replace(
+        "[cells.b]\nfailover = [\"c\"]",
+        "[cells.b]\nhosted_by = \"a\"\nfailover = [\"c\"]",
+    ));
+    let h = StaticHealth::from_table(&t);
+    let kb = key_in(&t, "b");
+    let r = route(&t, &kb, &h);
+    assert_eq!(
+        (r.0.as_str(), r.1.as_str(), r.3),
+        ("b", "a", CellReason::Hosted)
+    );
+    assert_eq!(r.3.as_str(), "hosted");
+}
+
+#[test]
 fn colour_with_no_healthy_instance_gives_users_to_the_other() {
     let t = table(DOC);
     let mut h = StaticHealth::from_table(&t);
