@@ -388,19 +388,5 @@ fn reconcile(dbs: &[PathBuf], json: bool) -> ExitCode {
 }
 
 fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let agent = cell_agent::start(cfg, prometheus::Registry::new()).await?;
-        println!("listening on {}", agent.addr);
-        if let Some(internal) = agent.internal_addr {
-            println!("internal listening on {internal}");
-        }
-        cell_agent::server::wait_for_signal().await;
-        tracing::info!("shutting down: draining in-flight requests");
-        let clean = agent.shutdown().await;
-        tracing::info!(clean, "stopped");
-        Ok(())
-    })
+    cell_agent::server::serve_until_signal(cfg)
 }

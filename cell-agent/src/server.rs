@@ -477,3 +477,24 @@ pub async fn wait_for_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
+
+/// `cell-agent serve`: starts the agent on its own runtime, prints
+/// `listening on ADDR` (and `internal listening on ADDR`) on stdout, and
+/// serves until SIGTERM or SIGINT, then drains.
+pub fn serve_until_signal(cfg: AgentConfig) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let agent = start(cfg, prometheus::Registry::new()).await?;
+        println!("listening on {}", agent.addr);
+        if let Some(internal) = agent.internal_addr {
+            println!("internal listening on {internal}");
+        }
+        wait_for_signal().await;
+        tracing::info!("shutting down: draining in-flight requests");
+        let clean = agent.shutdown().await;
+        tracing::info!(clean, "stopped");
+        Ok(())
+    })
+}

@@ -34,6 +34,10 @@ enum Command {
     /// etcd with --etcd. With --smoke, run a bounded workload and a
     /// switchover/failover drill, check them, and exit 0 or 1.
     Demo(gateway::demo::DemoConfig),
+    /// `cell-agent serve`, built into this binary: what `cellgate demo
+    /// --processes` runs each agent as.
+    #[command(name = "cell-agent", hide = true)]
+    CellAgent(Box<cell_agent::AgentConfig>),
 }
 
 fn main() -> ExitCode {
@@ -41,7 +45,7 @@ fn main() -> ExitCode {
     // The demo prints its own guide; keep its logs to warnings by default.
     let default_level = match cli.command {
         Command::Demo(_) => "warn",
-        Command::Serve(_) => "info",
+        Command::Serve(_) | Command::CellAgent(_) => "info",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -66,6 +70,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::CellAgent(cfg) => match cell_agent::server::serve_until_signal(*cfg) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cellgate cell-agent: {}", routing_rules::error::report(&e));
+                ExitCode::from(1)
+            }
+        },
         Command::Serve(cfg) => match serve(*cfg) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

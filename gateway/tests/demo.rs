@@ -12,6 +12,7 @@ async fn the_demo_smoke_workload_passes() {
         smoke: true,
         smoke_users: 30,
         etcd: None,
+        processes: false,
     };
     let demo = Demo::start(&cfg).await.unwrap();
     demo.seed().await.unwrap();
@@ -75,6 +76,7 @@ async fn the_demo_smoke_workload_passes_through_etcd() {
         smoke: true,
         smoke_users: 20,
         etcd: Some(etcd.url.clone()),
+        processes: false,
     };
     // The start returns once every agent holds its lease and takes
     // writes: the first deposit must not be refused as `fenced`.
@@ -125,6 +127,7 @@ async fn a_failed_start_leaves_nothing_behind() {
         smoke: false,
         smoke_users: 2,
         etcd: None,
+        processes: false,
     };
     let err = Demo::start(&cfg).await.unwrap_err();
     assert!(

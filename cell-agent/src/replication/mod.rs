@@ -350,8 +350,12 @@ impl Shipper {
             }
         }
 
+        // Set once a snapshot is installed: the next round ships up to the
+        // last committed batch without waiting for a new write, so a
+        // standby seeded while no writes come is recorded in sync at once.
+        let mut recheck = false;
         loop {
-            if pending.is_empty() {
+            if pending.is_empty() && !recheck {
                 tokio::select! {
                     s = rx.recv() => match s { Some(s) => pending.push_back(s), None => return },
                     _ = stop.changed() => return,
@@ -360,7 +364,10 @@ impl Shipper {
             while let Ok(s) = rx.try_recv() {
                 pending.push_back(s);
             }
-            let target = pending.back().map_or(acked, |s| s.lsn);
+            let mut target = pending.back().map_or(acked, |s| s.lsn);
+            if std::mem::take(&mut recheck) {
+                target = target.max(self.store.last_lsn().await.unwrap_or(acked));
+            }
             let result = self.ship_until(&client, &mut acked, target, &pending).await;
             // Answer what the standby has.
             while pending.front().is_some_and(|s| s.lsn <= acked) {
@@ -471,6 +478,7 @@ impl Shipper {
                             match self.send_snapshot(&client).await {
                                 Ok(lsn) => {
                                     acked = lsn;
+                                    recheck = true;
                                     tracing::info!(lsn, "the standby installed the snapshot; catching up from there");
                                 }
                                 Err(e) => {

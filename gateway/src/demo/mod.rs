@@ -6,6 +6,7 @@
 //! hold, and that no money went missing.
 
 mod drill;
+mod processes;
 mod smoke;
 mod start;
 
@@ -60,6 +61,11 @@ pub struct DemoConfig {
     /// and self-fence, the gateway follows etcd.
     #[arg(long, value_name = "URL[,URL...]")]
     pub etcd: Option<String>,
+    /// Run every cell agent as its own process (with a pid file under
+    /// DATA/pids), so that an agent can be stopped and started again by
+    /// hand; the gateway stays in this process. Not with --smoke or --etcd.
+    #[arg(long, conflicts_with_all = ["smoke", "etcd"])]
+    pub processes: bool,
 }
 
 /// The cluster name the demo uses in etcd.
@@ -96,19 +102,7 @@ impl std::fmt::Debug for Demo {
 impl Demo {
     /// Deposits [`SEED_AMOUNT`] for each of [`SEEDED_USERS`] through the gateway.
     pub async fn seed(&self) -> anyhow::Result<()> {
-        let client = client();
-        for user in SEEDED_USERS {
-            let r = post(
-                &client,
-                self.gateway.proxy_addr,
-                &format!("/v1/accounts/{user}/deposit"),
-                user,
-                json!({"amount": SEED_AMOUNT, "idempotency_key": format!("seed-{user}")}),
-            )
-            .await?;
-            anyhow::ensure!(r.0 == 200, "seeding {user}: {} {}", r.0, r.2);
-        }
-        Ok(())
+        seed_through(self.gateway.proxy_addr).await
     }
 
     /// What to paste into a shell.
@@ -174,6 +168,24 @@ impl Demo {
             let _ = std::fs::remove_dir_all(&self.data_dir);
         }
     }
+}
+
+/// Deposits [`SEED_AMOUNT`] for each of [`SEEDED_USERS`] through the
+/// gateway at `gw`.
+async fn seed_through(gw: SocketAddr) -> anyhow::Result<()> {
+    let client = client();
+    for user in SEEDED_USERS {
+        let r = post(
+            &client,
+            gw,
+            &format!("/v1/accounts/{user}/deposit"),
+            user,
+            json!({"amount": SEED_AMOUNT, "idempotency_key": format!("seed-{user}")}),
+        )
+        .await?;
+        anyhow::ensure!(r.0 == 200, "seeding {user}: {} {}", r.0, r.2);
+    }
+    Ok(())
 }
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -289,6 +301,9 @@ async fn drill(demo: &mut Demo, report: &mut SmokeReport) -> anyhow::Result<bool
 
 /// Runs `cellgate demo`. Returns the process exit code.
 pub async fn run(cfg: DemoConfig) -> anyhow::Result<u8> {
+    if cfg.processes {
+        return processes::run(&cfg).await;
+    }
     let mut demo = Demo::start(&cfg).await?;
     if let Err(e) = demo.seed().await {
         demo.stop().await;

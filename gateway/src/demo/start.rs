@@ -18,6 +18,24 @@ use crate::config::ServeConfig;
 /// How long a start waits for everything to be ready.
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
+/// The demo's data directory: `--data-dir`, or a fresh temporary one
+/// (true: remove it at the end).
+pub(super) fn data_dir_for(cfg: &DemoConfig) -> (PathBuf, bool) {
+    match &cfg.data_dir {
+        Some(d) => (d.clone(), false),
+        None => {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            (
+                std::env::temp_dir().join(format!("cellgate-demo-{}-{nanos}", std::process::id())),
+                true,
+            )
+        }
+    }
+}
+
 /// What a start has created so far, undone when it fails.
 #[derive(Default)]
 pub(super) struct Started {
@@ -43,7 +61,7 @@ impl Started {
 
 /// Writes a fresh random cluster secret for cell-to-cell calls (mode
 /// 0600 where the platform has modes).
-fn write_secret(path: &Path) -> anyhow::Result<()> {
+pub(super) fn write_secret(path: &Path) -> anyhow::Result<()> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes)
         .map_err(|e| anyhow::anyhow!("no randomness for the secret: {e}"))?;
@@ -96,20 +114,7 @@ impl Demo {
     }
 
     async fn start_into(cfg: &DemoConfig, started: &mut Started) -> anyhow::Result<Demo> {
-        let (data_dir, temporary) = match &cfg.data_dir {
-            Some(d) => (d.clone(), false),
-            None => {
-                let nanos = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos())
-                    .unwrap_or(0);
-                (
-                    std::env::temp_dir()
-                        .join(format!("cellgate-demo-{}-{nanos}", std::process::id())),
-                    true,
-                )
-            }
-        };
+        let (data_dir, temporary) = data_dir_for(cfg);
         if !data_dir.exists() {
             std::fs::create_dir_all(&data_dir)
                 .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", data_dir.display()))?;
@@ -177,7 +182,12 @@ impl Demo {
         let gateway = started
             .gateway
             .insert(crate::start(gw_cfg, prometheus::Registry::new()).await?);
-        wait_ready(&started.agents, gateway).await?;
+        let agents: Vec<(String, Colour, SocketAddr)> = started
+            .agents
+            .iter()
+            .map(|(cell, colour, a)| (cell.clone(), *colour, a.addr))
+            .collect();
+        wait_ready(&agents, gateway).await?;
         if file.is_some() {
             wait_replicated(&rules_path).await?;
         }
@@ -198,15 +208,15 @@ impl Demo {
 /// etcd it holds its lease and has the rules) and the gateway's health
 /// checks see every instance up — so the first write through the gateway
 /// is not refused as `fenced` or routed around a cell that is starting.
-async fn wait_ready(
-    agents: &[(String, Colour, cell_agent::RunningAgent)],
+pub(super) async fn wait_ready(
+    agents: &[(String, Colour, SocketAddr)],
     gateway: &crate::RunningGateway,
 ) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + READY_WITHIN;
     let client = client();
-    for (cell, colour, agent) in agents {
+    for (cell, colour, addr) in agents {
         loop {
-            let req = http::Request::get(format!("http://{}/readyz", agent.addr))
+            let req = http::Request::get(format!("http://{addr}/readyz"))
                 .body(http_body_util::Full::new(bytes::Bytes::new()))?;
             let last = match tokio::time::timeout(Duration::from_secs(2), client.request(req)).await
             {
@@ -224,7 +234,7 @@ async fn wait_ready(
                 tokio::time::Instant::now() < deadline,
                 "the {cell} {} agent at {} was not ready to take writes within {} s (last /readyz: {last})",
                 colour.as_str(),
-                agent.addr,
+                addr,
                 READY_WITHIN.as_secs()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -259,7 +269,7 @@ async fn wait_ready(
 
 /// Waits until every demo cell's shard is recorded in sync with its
 /// standby (each primary seeds its standby with a snapshot at start).
-async fn wait_replicated(rules: &Path) -> anyhow::Result<()> {
+pub(super) async fn wait_replicated(rules: &Path) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     for cell in DEMO_CELLS {
         let record = routing_rules::switchover::record_path(rules, cell);
