@@ -448,8 +448,13 @@ impl RunningAgent {
             self.api.shards.close(&shard);
         }
         let clean = tokio::time::timeout(self.drain, self.serve).await.is_ok();
-        for t in self.others {
+        for t in &self.others {
             t.abort();
+        }
+        // Returns once the background tasks are gone (an aborted task ends
+        // at its next await), or after 2 s each at most.
+        for t in self.others {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
         }
         clean
     }

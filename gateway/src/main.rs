@@ -42,9 +42,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo prints its own guide; keep its logs to warnings by default.
+    // The demo prints its own guide; keep its logs to warnings by default,
+    // but say what each rules change changed (the gateway's reload line).
     let default_level = match cli.command {
-        Command::Demo(_) => "warn",
+        Command::Demo(_) => "warn,gateway::control=info",
         Command::Serve(_) | Command::CellAgent(_) => "info",
     };
     tracing_subscriber::fmt()

@@ -78,10 +78,21 @@ fn stopping_both_agents_of_a_cell_fails_it_over_and_ctrl_c_stops_every_process()
         .args(["demo", "--processes", "--data-dir"])
         .arg(&dir)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut out = BufReader::new(demo.stdout.take().unwrap());
+    // Its log, line by line, to a channel.
+    let (log_tx, log_rx) = std::sync::mpsc::channel::<String>();
+    let err = demo.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("demo: {line}");
+            if log_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     let mut demo = Running(demo);
     let mut banner = String::new();
     while !banner.contains("Press Ctrl-C") {
@@ -116,6 +127,23 @@ fn stopping_both_agents_of_a_cell_fails_it_over_and_ctrl_c_stops_every_process()
         "{body}"
     );
     assert!(banner.contains("kill $(cat "), "{banner}");
+
+    // A rules change is logged with what it changed.
+    let rules = dir.join("rules.toml");
+    let text = std::fs::read_to_string(&rules).unwrap();
+    let (text, _) =
+        routing_rules::edit::bump_revision(&text.replace(r#"green = "50%""#, r#"green = "25%""#))
+            .unwrap();
+    std::fs::write(&rules, text).unwrap();
+    let line = loop {
+        let line = log_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a 'rules installed' log line");
+        if line.contains("rules installed") {
+            break line;
+        }
+    };
+    assert!(line.contains("cell-b: green 50% → 25%"), "{line}");
 
     // The tour: stop both of cell-a's agents.
     for pid in &pids[..2] {

@@ -149,7 +149,7 @@ impl Demo {
         }
         match &self.etcd {
             None => s.push_str(&format!(
-                "\nEdit {rules} to change splits or move slots: the gateway and the cells reload it.\nPress Ctrl-C to stop everything.\n"
+                "\nEdit {rules} (and raise its revision: cellctl rules bump FILE) to change splits or move slots: the gateway and the cells reload it, and the gateway logs what changed (\"rules installed ... changes=...\").\nPress Ctrl-C to stop everything.\n"
             )),
             Some(url) => s.push_str(&format!(
                 "\nThe rules live in etcd, cluster {DEMO_CLUSTER} ({rules} is only their first version):\n\n  cellctl --etcd {url} --cluster {DEMO_CLUSTER} status\n  cellctl --etcd {url} --cluster {DEMO_CLUSTER} rules get\n  cellctl --etcd {url} --cluster {DEMO_CLUSTER} split cell-a --green 25\n  cellctl --etcd {url} --cluster {DEMO_CLUSTER} replication status\n\nPress Ctrl-C to stop everything.\n"
@@ -165,7 +165,7 @@ impl Demo {
             agent.shutdown().await;
         }
         if self.temporary {
-            let _ = std::fs::remove_dir_all(&self.data_dir);
+            start::remove_dir(&self.data_dir).await;
         }
     }
 }

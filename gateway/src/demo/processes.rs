@@ -52,7 +52,7 @@ impl Processes {
             let _ = std::fs::remove_file(&a.pid_file);
         }
         if let Some(dir) = self.created_dir.or(self.temporary) {
-            let _ = std::fs::remove_dir_all(dir);
+            super::start::remove_dir(&dir).await;
         }
     }
 }

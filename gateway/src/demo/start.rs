@@ -54,8 +54,21 @@ impl Started {
             agent.shutdown().await;
         }
         if let Some(dir) = self.created_dir {
-            let _ = std::fs::remove_dir_all(dir);
+            remove_dir(&dir).await;
         }
+    }
+}
+
+/// Removes `dir`, trying again for up to 2 s while files still appear in
+/// it (an agent's blocking work — closing its database, a last record —
+/// may finish just after its shutdown returned).
+pub(super) async fn remove_dir(dir: &Path) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while std::fs::remove_dir_all(dir).is_err()
+        && dir.exists()
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
