@@ -40,20 +40,18 @@ fn addr(l: &TcpListener) -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-/// Whether the replica file holds the deposit with idempotency key `key`.
-fn replica_has(replica: &Path, key: &str) -> bool {
-    let c = rusqlite::Connection::open(replica).unwrap();
-    c.busy_timeout(Duration::from_secs(5)).unwrap();
-    c.query_row("SELECT COUNT(*) FROM ledger WHERE ref = ?1", [key], |r| {
-        r.get::<_, i64>(0)
-    })
-    .unwrap()
-        == 1
+/// cell-a replicated to cell-b: the rules (written), both agents'
+/// listeners, cell-a's journaling file and its replica seeded from it.
+struct Pair {
+    rules_path: std::path::PathBuf,
+    text: String,
+    la: (TcpListener, TcpListener),
+    lb: (TcpListener, TcpListener),
+    db_a: std::path::PathBuf,
+    replica_a: std::path::PathBuf,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_write_is_acknowledged_only_once_the_standby_holds_it() {
-    let dir = TempDir::new("sync");
+async fn replicated_pair(dir: &TempDir) -> Pair {
     let rules_path = dir.path("rules.toml");
     let (la, lb) = (bind().await, bind().await);
     let text = with_internal(
@@ -71,6 +69,38 @@ async fn a_write_is_acknowledged_only_once_the_standby_holds_it() {
     journal::enable(&db_a).unwrap();
     drop(cell_agent::store::sqlite::SqliteStore::open(&db_a, "cell-a").unwrap());
     replica::sync(&db_a, &replica_a).unwrap();
+    Pair {
+        rules_path,
+        text,
+        la,
+        lb,
+        db_a,
+        replica_a,
+    }
+}
+
+/// Whether the replica file holds the deposit with idempotency key `key`.
+fn replica_has(replica: &Path, key: &str) -> bool {
+    let c = rusqlite::Connection::open(replica).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    c.query_row("SELECT COUNT(*) FROM ledger WHERE ref = ?1", [key], |r| {
+        r.get::<_, i64>(0)
+    })
+    .unwrap()
+        == 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_is_acknowledged_only_once_the_standby_holds_it() {
+    let dir = TempDir::new("sync");
+    let Pair {
+        rules_path,
+        text,
+        la,
+        lb,
+        db_a,
+        replica_a,
+    } = replicated_pair(&dir).await;
     let lb_internal = addr(&lb.1);
     let b = agent(&dir, "cell-b", &rules_path, lb, false).await;
     let a = agent(&dir, "cell-a", &rules_path, la, true).await;
@@ -236,21 +266,14 @@ async fn a_write_is_acknowledged_only_once_the_standby_holds_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batches_handed_over_with_their_rows_reach_the_replica_whole_and_in_order() {
     let dir = TempDir::new("sync-rows");
-    let rules_path = dir.path("rules.toml");
-    let (la, lb) = (bind().await, bind().await);
-    let text = with_internal(
-        &placeholder_rules().replacen(
-            "[cells.cell-a]\n",
-            "[cells.cell-a]\nstandby = \"cell-b\"\n",
-            1,
-        ),
-        &[("cell-a", addr(&la.1)), ("cell-b", addr(&lb.1))],
-    );
-    std::fs::write(&rules_path, &text).unwrap();
-    let (db_a, replica_a) = (dir.path("cell-a.db"), dir.path("cell-a.replica.db"));
-    journal::enable(&db_a).unwrap();
-    drop(cell_agent::store::sqlite::SqliteStore::open(&db_a, "cell-a").unwrap());
-    replica::sync(&db_a, &replica_a).unwrap();
+    let Pair {
+        rules_path,
+        text,
+        la,
+        lb,
+        db_a,
+        replica_a,
+    } = replicated_pair(&dir).await;
     let b = agent(&dir, "cell-b", &rules_path, lb, false).await;
     let a = agent(&dir, "cell-a", &rules_path, la, true).await;
     let client = client();

@@ -15,9 +15,10 @@ use routing_rules::Colour;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use super::start::{data_dir_for, demo_rules, wait_ready, wait_replicated, write_secret};
+use super::start::{
+    data_dir_for, demo_rules, gateway_config, start_gateway, wait_replicated, write_secret,
+};
 use super::{seed_through, DemoConfig, DEMO_CELLS};
-use crate::config::ServeConfig;
 
 /// How long an agent process may take to say where it listens.
 const SPAWN_WITHIN: Duration = Duration::from_secs(30);
@@ -230,19 +231,13 @@ async fn start(cfg: &DemoConfig, started: &mut Processes) -> anyhow::Result<Path
         let agent = spawn_agent(&dir, who, addr, int).await?;
         started.agents.push(agent);
     }
-    let mut gw_cfg = ServeConfig::for_tests(rules_path.clone());
-    gw_cfg.listen = cfg.listen;
-    gw_cfg.admin = cfg.admin;
-    gw_cfg.health_interval_ms = 500;
-    let gateway = started
-        .gateway
-        .insert(crate::start(gw_cfg, prometheus::Registry::new()).await?);
     let agents: Vec<(String, Colour, SocketAddr)> = started
         .agents
         .iter()
         .map(|a| (a.cell.to_string(), a.colour, a.addr))
         .collect();
-    wait_ready(&agents, gateway).await?;
+    let gw_cfg = gateway_config(cfg, rules_path.clone());
+    let gateway = start_gateway(&mut started.gateway, gw_cfg, &agents).await?;
     wait_replicated(&rules_path).await?;
     seed_through(gateway.proxy_addr).await?;
     Ok(dir)

@@ -182,25 +182,19 @@ impl Demo {
             .await?;
             started.agents.push((cell.to_string(), colour, agent));
         }
-        let mut gw_cfg = ServeConfig::for_tests(rules_path.clone());
+        let mut gw_cfg = gateway_config(cfg, rules_path.clone());
         if let Some(url) = &cfg.etcd {
             gw_cfg.rules = None;
             gw_cfg.etcd = Some(url.clone());
             gw_cfg.cluster = DEMO_CLUSTER.into();
             gw_cfg.state_dir = Some(data_dir.join("gateway-state"));
         }
-        gw_cfg.listen = cfg.listen;
-        gw_cfg.admin = cfg.admin;
-        gw_cfg.health_interval_ms = 500;
-        let gateway = started
-            .gateway
-            .insert(crate::start(gw_cfg, prometheus::Registry::new()).await?);
         let agents: Vec<(String, Colour, SocketAddr)> = started
             .agents
             .iter()
             .map(|(cell, colour, a)| (cell.clone(), *colour, a.addr))
             .collect();
-        wait_ready(&agents, gateway).await?;
+        start_gateway(&mut started.gateway, gw_cfg, &agents).await?;
         if file.is_some() {
             wait_replicated(&rules_path).await?;
         }
@@ -217,11 +211,33 @@ impl Demo {
     }
 }
 
+/// The demo gateway's settings: `cfg`'s addresses, the rules in `rules`,
+/// health checked every 500 ms.
+pub(super) fn gateway_config(cfg: &DemoConfig, rules: PathBuf) -> ServeConfig {
+    let mut gw_cfg = ServeConfig::for_tests(rules);
+    gw_cfg.listen = cfg.listen;
+    gw_cfg.admin = cfg.admin;
+    gw_cfg.health_interval_ms = 500;
+    gw_cfg
+}
+
+/// Starts the gateway into `slot` (so a failed start can stop it) and waits
+/// until it and `agents` can take writes ([`wait_ready`]).
+pub(super) async fn start_gateway<'a>(
+    slot: &'a mut Option<crate::RunningGateway>,
+    gw_cfg: ServeConfig,
+    agents: &[(String, Colour, SocketAddr)],
+) -> anyhow::Result<&'a crate::RunningGateway> {
+    let gateway = slot.insert(crate::start(gw_cfg, prometheus::Registry::new()).await?);
+    wait_ready(agents, gateway).await?;
+    Ok(gateway)
+}
+
 /// Waits until every agent answers `/readyz` 200 (it can take writes: under
 /// etcd it holds its lease and has the rules) and the gateway's health
 /// checks see every instance up — so the first write through the gateway
 /// is not refused as `fenced` or routed around a cell that is starting.
-pub(super) async fn wait_ready(
+async fn wait_ready(
     agents: &[(String, Colour, SocketAddr)],
     gateway: &crate::RunningGateway,
 ) -> anyhow::Result<()> {

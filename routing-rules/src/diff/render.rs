@@ -73,6 +73,20 @@ impl CellModified {
 }
 
 impl RulesDiff {
+    /// The document-wide policies that changed (`key`, `on_missing`,
+    /// `hash`, `tester`).
+    fn policies_changed(&self) -> Vec<&'static str> {
+        [
+            ("key", self.key.is_some()),
+            ("on_missing", self.on_missing.is_some()),
+            ("hash", self.hash.is_some()),
+            ("tester", self.tester.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(what, changed)| changed.then_some(what))
+        .collect()
+    }
+
     /// A human summary, one change per line.
     pub fn summary(&self) -> String {
         self.summary_limited(None)
@@ -175,15 +189,8 @@ impl RulesDiff {
             self.overrides_removed.len(),
             self.overrides_changed.len()
         );
-        for (what, changed) in [
-            ("key", self.key.is_some()),
-            ("on_missing", self.on_missing.is_some()),
-            ("hash", self.hash.is_some()),
-            ("tester", self.tester.is_some()),
-        ] {
-            if changed {
-                let _ = writeln!(s, "{what} changed");
-            }
+        for what in self.policies_changed() {
+            let _ = writeln!(s, "{what} changed");
         }
         s
     }
@@ -239,15 +246,8 @@ impl RulesDiff {
         if a + r + c > 0 {
             parts.push(format!("overrides +{a} −{r} ~{c}"));
         }
-        for (what, changed) in [
-            ("key", self.key.is_some()),
-            ("on_missing", self.on_missing.is_some()),
-            ("hash", self.hash.is_some()),
-            ("tester", self.tester.is_some()),
-        ] {
-            if changed {
-                parts.push(format!("{what} changed"));
-            }
+        for what in self.policies_changed() {
+            parts.push(format!("{what} changed"));
         }
         if !self.pins.is_empty() {
             parts.push(format!("pins changed on {} ranges", self.pins.len()));
