@@ -260,60 +260,6 @@ async fn a_write_is_acknowledged_only_once_the_standby_holds_it() {
     assert!(cell_agent::check::check(&replica_a).unwrap().ok());
 }
 
-/// The primary's batches, handed to the shipper with their rows by its
-/// writer, arrive whole and in order: every acknowledged write is in the
-/// replica when its answer arrives, and the files agree afterwards.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn batches_handed_over_with_their_rows_reach_the_replica_whole_and_in_order() {
-    let dir = TempDir::new("sync-rows");
-    let Pair {
-        rules_path,
-        text,
-        la,
-        lb,
-        db_a,
-        replica_a,
-    } = replicated_pair(&dir).await;
-    let b = agent(&dir, "cell-b", &rules_path, lb, false).await;
-    let a = agent(&dir, "cell-a", &rules_path, la, true).await;
-    let client = client();
-    let mut tasks = Vec::new();
-    for u in users_in(&text, "cell-a", 30) {
-        let (client, replica_a) = (client.clone(), replica_a.clone());
-        let addr = a.addr;
-        tasks.push(tokio::spawn(async move {
-            for i in 0..3 {
-                let key = format!("{u}-{i}");
-                let r = deposit(&client, addr, &u, 7, &key).await;
-                assert_eq!(r.status, 200, "{}", r.json);
-                assert!(
-                    replica_has(&replica_a, &key),
-                    "{key} acknowledged before the standby had it"
-                );
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let (code, out) = status(&db_a);
-    assert_eq!((code, out["state"].as_str()), (0, Some("in-sync")), "{out}");
-    a.shutdown().await;
-    b.shutdown().await;
-    let total = |p: &Path| -> (i64, i64) {
-        let c = rusqlite::Connection::open(p).unwrap();
-        c.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(amount), 0) FROM ledger",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap()
-    };
-    assert_eq!(total(&db_a), total(&replica_a));
-    assert_eq!(total(&replica_a).0, 90);
-    assert!(cell_agent::check::check(&replica_a).unwrap().ok());
-}
-
 async fn reqwest_metrics(client: &HttpClient, addr: SocketAddr) -> String {
     use http_body_util::BodyExt;
     let resp = client
