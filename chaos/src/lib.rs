@@ -10,3 +10,4 @@
 
 pub mod fault_proxy;
 pub mod offline;
+pub mod workload;
