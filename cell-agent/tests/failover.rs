@@ -280,6 +280,31 @@ async fn killing_the_primary_loses_no_acknowledged_write() {
         let r = deposit(&client, c.b.addr, user, 1, &format!("while-stale-{i}")).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.json);
     }
+    // ...nor the shard's record, which is its host's (cell-b's) to write:
+    // the stale primary's shipper once rewrote it as `catching-up` before
+    // it found the shard failed over and fenced its copy.
+    let db = c.dir.path("cell-a.db");
+    wait_until(
+        "the stale cell-a copy fenced",
+        Duration::from_secs(20),
+        || {
+            let db = db.clone();
+            async move {
+                rusqlite::Connection::open_with_flags(
+                    &db,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )
+                .ok()
+                .and_then(|conn| cell_agent::store::sqlite::shard::role(&conn).ok())
+                    == Some(cell_agent::store::sqlite::shard::Role::Replica)
+            }
+        },
+    )
+    .await;
+    let record = routing_rules::switchover::record_path(&c.rules, "cell-a");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    assert_eq!(r["state"], "degraded", "{r}");
     // Failback: stop cell-a, seed its file from cell-b's copy (its tail
     // moved aside), start it: it catches up as cell-b's standby.
     drop(a);
@@ -305,7 +330,6 @@ async fn killing_the_primary_loses_no_acknowledged_write() {
         });
     assert!(aside, "the old file is kept aside");
     let a = c.a.restart();
-    let record = routing_rules::switchover::record_path(&c.rules, "cell-a");
     wait_until(
         "cell-a in sync as cell-b's standby",
         Duration::from_secs(20),

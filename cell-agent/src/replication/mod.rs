@@ -44,6 +44,10 @@ use snapshot::SNAPSHOT_RETRY;
 const SHIPMENT: u32 = 64;
 /// Pause between attempts on a failing standby, ms.
 const RETRY_MS: u64 = 50;
+/// The least time a shipment is given, even when the oldest waiting write
+/// is already past its sync timeout (so a standby that answers can still
+/// take it before the shard goes on degraded).
+const MIN_TRY: Duration = Duration::from_millis(50);
 
 /// What the shipper needs.
 pub struct Shipper {
@@ -86,6 +90,8 @@ pub struct Shipper {
     pub recorded_standby: tokio::sync::Mutex<(Option<String>, String)>,
     /// The journal's history of the last shipment.
     pub shipped_timeline: tokio::sync::Mutex<String>,
+    /// The standby address that last acknowledged a shipment (tried first).
+    pub last_good: std::sync::Mutex<Option<String>>,
     /// The control-plane connection, kept between records (dropped after
     /// a failure, so the next record reconnects).
     #[cfg(feature = "etcd")]
@@ -175,6 +181,15 @@ impl Shipper {
         // found not to follow `acked` (after a switchover the journal
         // restarts past what this shipper last saw acknowledged).
         let mut asked = false;
+        // The whole call gets no more than the oldest waiting write has
+        // left of its sync timeout: an address that holds the connection
+        // without answering must not make a write wait the timeout once per
+        // address or per shipment.
+        let now = std::time::Instant::now();
+        let deadline = pending
+            .front()
+            .map_or(now + self.timeout, |s| s.committed + self.timeout)
+            .max(now + MIN_TRY);
         while *acked < target {
             let me = self.shard.as_str();
             let (_, addrs) = self.standby()?;
@@ -212,7 +227,25 @@ impl Shipper {
             );
             let mut last = String::new();
             let mut moved = false;
-            for addr in &addrs {
+            // The address that answered last first (a standby instance that
+            // hangs costs one shipment, not every one); each address gets
+            // an equal share of the time left.
+            let mut addrs = addrs;
+            if let Some(good) = self.last_good.lock().ok().and_then(|g| g.clone()) {
+                if let Some(i) = addrs.iter().position(|a| *a == good) {
+                    addrs[..=i].rotate_right(1);
+                }
+            }
+            let n = addrs.len();
+            for (k, addr) in addrs.iter().enumerate() {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    last = format!(
+                        "{addr}: not tried, the sync timeout ran out on the addresses before it"
+                    );
+                    break;
+                }
+                let share = (left / (n - k) as u32).max(MIN_TRY.min(left));
                 match post_signed(
                     client,
                     &self.rules,
@@ -220,13 +253,16 @@ impl Shipper {
                     addr,
                     JOURNAL_PATH,
                     &body,
-                    self.timeout,
+                    share,
                 )
                 .await
                 {
                     Ok((200, v)) => {
                         *acked = v["applied"].as_i64().unwrap_or(*acked);
                         moved = true;
+                        if let Ok(mut g) = self.last_good.lock() {
+                            *g = Some(addr.clone());
+                        }
                         break;
                     }
                     Ok((409, v)) if v["error"] == "journal_gap" => {
@@ -552,6 +588,7 @@ pub(crate) fn start(
         checked_revision: std::sync::atomic::AtomicU64::new(0),
         recorded_standby: tokio::sync::Mutex::new((None, String::new())),
         shipped_timeline: tokio::sync::Mutex::new(String::new()),
+        last_good: std::sync::Mutex::new(None),
         #[cfg(feature = "etcd")]
         etcd: tokio::sync::Mutex::new(None),
     };

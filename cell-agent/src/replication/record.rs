@@ -86,6 +86,17 @@ impl Shipper {
         acked: i64,
     ) -> std::io::Result<()> {
         let table = self.rules.table();
+        // Only the shard's host (under the rules) speaks for it: a lost
+        // primary started again after a failover must not overwrite the
+        // record its successor keeps.
+        let host = table.rules().host_of(&self.shard);
+        if host != self.rules.cell() {
+            return Err(std::io::Error::other(format!(
+                "rules revision {} give cell {}'s shard to cell {host}, not this cell: its record is its host's to write",
+                table.revision(),
+                self.shard
+            )));
+        }
         let record = Record {
             cell: self.shard.clone(),
             standby: table.rules().standby_of(&self.shard).map(str::to_string),
