@@ -1,13 +1,18 @@
 //! `cellchaos`: failover drills for cellgate, and the evidence they leave.
 //!
-//! This first part is the offline checker ([`offline`]): the invariants a
-//! stopped topology's SQLite files must hold after any drill — every shard
-//! and replica sound on its own, exactly one primary copy per cell, every
-//! cross-cell credit matched with its debit, replicas never ahead of their
-//! primary. [`fault_proxy`] is the TCP proxy a drill puts on a link to slow,
-//! cut or reset it without root. The drill runner (recording client,
-//! faults on a timeline, RTO/RPO report) builds on both.
+//! A drill ([`drill`]) starts a [`scenario`]'s [`topology`] as real
+//! processes, runs the recording client ([`workload`]) and the faults on a
+//! timeline at once (links faulted through a [`fault_proxy`], processes
+//! killed, frozen, restarted; operator switchovers, failovers, splits),
+//! undoes every fault, and checks: no acknowledged write lost, doubled or
+//! reordered, money conserved, the [`offline`] invariants of the files, the
+//! shards back in sync — then writes report.md, report.json and
+//! timeline.svg with the RTO of every affected cell.
 
+pub mod drill;
 pub mod fault_proxy;
+pub mod http;
 pub mod offline;
+pub mod scenario;
+pub mod topology;
 pub mod workload;

@@ -23,13 +23,15 @@ async fn acknowledged_writes_survive_a_switchover_and_a_missing_one_is_named() {
     };
     let demo = Demo::start(&cfg).await.unwrap();
     let w = Workload {
-        gateway: demo.gateway.proxy_addr,
-        clients: 4,
-        duration: Duration::from_millis(1500),
-        users: 40,
-        seed: 7,
         max_writes: 2_000,
         retry_for: Duration::from_secs(5),
+        ..Workload::deposits(
+            demo.gateway.proxy_addr,
+            4,
+            Duration::from_millis(1500),
+            40,
+            7,
+        )
     };
     // Move cell-a's shard to cell-b and back while the clients write (a
     // fault timeline: at 400 ms).
@@ -51,7 +53,7 @@ async fn acknowledged_writes_survive_a_switchover_and_a_missing_one_is_named() {
             assert_eq!(out.result, "switched", "to {to}");
         }
     });
-    let writes = run(&w).await;
+    let writes = run(&w).await.ops;
     moves.await.unwrap();
     demo.stop().await;
 

@@ -78,7 +78,7 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Command::Serve(cfg) => match serve(*cfg) {
+        Command::Serve(cfg) => match gateway::server::serve_until_signal(*cfg) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("cellgate: {}", routing_rules::error::report(&e));
@@ -86,28 +86,4 @@ fn main() -> ExitCode {
             }
         },
     }
-}
-
-fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
-    cfg.validate()?;
-    let runtime = match cfg.workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?,
-        Some(n) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build()?,
-        None => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?,
-    };
-    runtime.block_on(async move {
-        let gw = gateway::start(cfg, prometheus::Registry::new()).await?;
-        gateway::server::wait_for_signal().await;
-        tracing::info!("shutting down: draining in-flight requests");
-        let clean = gw.shutdown().await;
-        tracing::info!(clean, "stopped");
-        Ok(())
-    })
 }

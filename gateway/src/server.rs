@@ -444,3 +444,31 @@ impl RunningGateway {
 }
 
 pub use cell_agent::server::wait_for_signal;
+
+/// `cellgate serve`: runs the gateway on its own runtime (`--workers`
+/// threads) until SIGTERM or Ctrl-C, then drains. Says where it listens on
+/// stdout (`listening on ADDR`, `admin listening on ADDR`) once both
+/// listeners are bound, so a launcher can pass port 0.
+pub fn serve_until_signal(cfg: ServeConfig) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let mut builder = match cfg.workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = builder.enable_all().build()?;
+    runtime.block_on(async move {
+        let gw = start(cfg, Registry::new()).await?;
+        println!("listening on {}", gw.proxy_addr);
+        println!("admin listening on {}", gw.admin_addr);
+        wait_for_signal().await;
+        tracing::info!("shutting down: draining in-flight requests");
+        let clean = gw.shutdown().await;
+        tracing::info!(clean, "stopped");
+        Ok(())
+    })
+}

@@ -118,6 +118,28 @@ pub(crate) fn applied_by() -> String {
     )
 }
 
+/// Edits the rules file under [`lock_rules`] (so the edit never races a
+/// switchover or failover): `edit` gets the current text, the revision is
+/// raised, the file replaced atomically. Returns the new revision, or
+/// `None` when the edit changed nothing (nothing written).
+pub fn edit_rules_file(
+    rules: &Path,
+    edit: impl FnOnce(&str) -> Result<String>,
+) -> Result<Option<u64>> {
+    let _lock = lock_rules(rules).with_context(|| format!("cannot lock {}", rules.display()))?;
+    let text = std::fs::read_to_string(rules)
+        .with_context(|| format!("cannot read {}", rules.display()))?;
+    let edited = edit(&text)?;
+    if edited == text {
+        return Ok(None);
+    }
+    let (bumped, revision) = edit::bump_revision(&edited)?;
+    crate::parse_rules(&bumped)
+        .map_err(|e| anyhow::anyhow!("the edit gives invalid rules: {e}"))?;
+    write_atomically(rules, &bumped)?;
+    Ok(Some(revision))
+}
+
 fn write_atomically(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     {

@@ -1,0 +1,250 @@
+//! `cellchaos drill`: starts a scenario's topology, runs the recording
+//! workload and the fault timeline at once, undoes every fault, stops
+//! everything, checks the files and writes the report (report.md,
+//! report.json, timeline.svg).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::sync::Mutex;
+
+use crate::scenario::Scenario;
+use crate::topology::Topology;
+use crate::workload::{Live, Workload};
+
+pub mod report;
+mod svg;
+mod timeline;
+
+pub use report::Report;
+
+/// How to run a drill.
+#[derive(Debug, Clone)]
+pub struct Drill {
+    /// The scenario (with `--seed`/`--duration` applied).
+    pub scenario: Scenario,
+    /// Where the report and the topology's files go.
+    pub report_dir: PathBuf,
+    /// The command that replays this drill (printed in the report).
+    pub replay: String,
+}
+
+/// One health probe of the gateway: when, and what it said (revision and
+/// per cell: instances up, serving cell, failed over).
+#[derive(Debug, Clone)]
+pub(crate) struct Probe {
+    pub at_ms: u64,
+    pub digest: String,
+}
+
+/// The gateway's `/admin/health` without the parts that change by
+/// themselves (in-flight counts).
+fn digest(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let mut s = format!("r{}", v["revision"]);
+    for (name, c) in v["cells"].as_object()? {
+        s.push_str(&format!(
+            " {name}:{}{}>{}{}",
+            u8::from(c["up"]["blue"] == true),
+            u8::from(c["up"]["green"] == true),
+            c["serving_cell"].as_str().unwrap_or("?"),
+            if c["failed_over"] == true { "!" } else { "" }
+        ));
+    }
+    Some(s)
+}
+
+/// Every shard's replication state as recorded (in-sync, degraded, ...).
+fn replication_states(records: &[(String, PathBuf)]) -> String {
+    records
+        .iter()
+        .map(|(cell, path)| {
+            let state = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|r| r["state"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "none".into());
+            format!(" {cell}={state}")
+        })
+        .collect()
+}
+
+/// Probes the gateway's health and the shards' replication records every
+/// 100 ms until `stop`.
+async fn probe(
+    admin: std::net::SocketAddr,
+    records: Vec<(String, PathBuf)>,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+) -> Vec<Probe> {
+    let client = crate::http::client();
+    let url = format!("http://{admin}/admin/health");
+    let mut out = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let mut digest = match crate::http::get(&client, &url).await {
+            Some((200, body)) => digest(&body).unwrap_or_else(|| "unreadable".into()),
+            _ => "gateway-down".into(),
+        };
+        digest.push_str(&replication_states(&records));
+        out.push(Probe {
+            at_ms: start.elapsed().as_millis() as u64,
+            digest,
+        });
+    }
+    out
+}
+
+/// Aborts the workload when more than `max` of one second's attempts
+/// failed (at least 20 attempts); the reason is returned.
+async fn watch_errors(live: Arc<Live>, max: f64, stop: Arc<AtomicBool>) -> Option<String> {
+    let (mut ok0, mut bad0) = (0, 0);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut second = 0;
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        second += 1;
+        let (ok, bad) = (
+            live.ok.load(Ordering::Relaxed),
+            live.failed.load(Ordering::Relaxed),
+        );
+        let (d_ok, d_bad) = (ok - ok0, bad - bad0);
+        (ok0, bad0) = (ok, bad);
+        let n = d_ok + d_bad;
+        if n >= 20 && d_bad as f64 / n as f64 > max {
+            stop.store(true, Ordering::Relaxed);
+            return Some(format!(
+                "stopped early in second {second}: {d_bad} of {n} attempts failed ({:.1} % > stop.max_error_ratio {:.1} %)",
+                100.0 * d_bad as f64 / n as f64,
+                100.0 * max
+            ));
+        }
+    }
+    None
+}
+
+/// Each user's home cell under the rules the drill started with.
+fn home_cells(rules: &Path, users: usize) -> Result<HashMap<String, String>> {
+    let text = std::fs::read_to_string(rules)?;
+    let r = routing_rules::parse_rules(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let owners = r.slot_owners();
+    let mut out = HashMap::new();
+    for u in 0..users {
+        let user = format!("chaos-user-{u}");
+        let slot = routing_rules::hash::slot_of(r.hash, user.as_bytes(), r.slots)
+            .map_err(|e| anyhow::anyhow!("{user}: {e:?}"))?;
+        out.insert(user, owners[slot as usize].to_string());
+    }
+    Ok(out)
+}
+
+impl Drill {
+    /// Runs the drill. `Err`: it could not run (exit 2); otherwise the
+    /// report (already written to the report directory).
+    pub async fn run(&self) -> Result<Report> {
+        let s = &self.scenario;
+        std::fs::create_dir_all(&self.report_dir)
+            .with_context(|| format!("cannot create {}", self.report_dir.display()))?;
+        let data = self.report_dir.join("data");
+        anyhow::ensure!(
+            !data.exists(),
+            "{} exists (a drill's files): remove it or choose another --report-dir",
+            data.display()
+        );
+        tracing::info!(scenario = %s.name, dir = %data.display(), "starting the topology");
+        let topo = Topology::start(s, &data).await?;
+        let homes = home_cells(&topo.rules, s.workload.users)?;
+        let (gateway, admin) = (topo.gateway(), topo.admin);
+        let records: Vec<(String, PathBuf)> = topo
+            .cells
+            .iter()
+            .map(|c| {
+                (
+                    c.clone(),
+                    routing_rules::switchover::record_path(&topo.rules, c),
+                )
+            })
+            .collect();
+        let topo = Arc::new(Mutex::new(topo));
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let live = Arc::new(Live::default());
+        let w = Workload {
+            gateway,
+            clients: s.workload.clients,
+            duration: s.duration,
+            users: s.workload.users,
+            seed: s.seed,
+            max_writes: s.workload.max_ops,
+            retry_for: s.workload.retry_for,
+            rate: s.workload.rate,
+            mix: (s.workload.mix.deposit, s.workload.mix.read),
+            stop: stop.clone(),
+            live: live.clone(),
+        };
+        tracing::info!(
+            duration_ms = s.duration.as_millis() as u64,
+            steps = s.steps.len(),
+            "running the workload and the timeline"
+        );
+        let start = Instant::now();
+        let probe_stop = Arc::new(AtomicBool::new(false));
+        let probes = tokio::spawn(probe(admin, records, start, probe_stop.clone()));
+        let watcher = s
+            .max_error_ratio
+            .map(|max| tokio::spawn(watch_errors(live.clone(), max, stop.clone())));
+        let timeline = tokio::spawn(timeline::run(
+            s.steps.clone(),
+            topo.clone(),
+            start,
+            stop.clone(),
+        ));
+        let recording = crate::workload::run_from(&w, start).await;
+        stop.store(true, Ordering::Relaxed);
+        let events = timeline.await.context("the timeline task failed")?;
+        let aborted = match watcher {
+            Some(t) => t.await.ok().flatten(),
+            None => None,
+        };
+        // Every fault undone, whatever happened; then the shards must be
+        // back in sync with their standbys.
+        let mut topo = Arc::try_unwrap(topo)
+            .map_err(|_| anyhow::anyhow!("the timeline still holds the topology"))?
+            .into_inner();
+        let healed = topo.heal().await.map_err(|e| format!("{e:#}"));
+        let in_sync = match healed {
+            Ok(()) => topo
+                .wait_in_sync(tokio::time::Instant::now() + Duration::from_secs(20))
+                .await
+                .map_err(|e| format!("{e:#}")),
+            Err(e) => Err(format!("a process did not start again: {e}")),
+        };
+        probe_stop.store(true, Ordering::Relaxed);
+        let probes = probes.await.unwrap_or_default();
+        tracing::info!("stopping the topology");
+        topo.stop().await;
+        let rpo =
+            crate::workload::verify(&data, &recording.ops).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let offline = crate::offline::check_dir(&data).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let report = Report::build(report::Inputs {
+            drill: self,
+            recording: &recording,
+            events: &events,
+            probes: &probes,
+            homes: &homes,
+            rpo,
+            offline,
+            in_sync,
+            aborted,
+            data_dir: &data,
+        });
+        report.write(&self.report_dir)?;
+        Ok(report)
+    }
+}

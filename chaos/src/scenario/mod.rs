@@ -1,0 +1,593 @@
+//! A drill's scenario: the topology, the workload, the steps on a timeline
+//! (faults and operator actions) and the bounds it must meet — a TOML file
+//! documented key by key in docs/drills.md. Parsing checks everything a
+//! drill needs before anything starts: a bad scenario is one precise error.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+mod step;
+use step::{step, StepFile};
+
+/// Scenario files built into `cellchaos` (`cellchaos list`).
+pub const BUILT_IN: [(&str, &str); 8] = [
+    (
+        "switchover",
+        include_str!("../../scenarios/switchover.toml"),
+    ),
+    ("cell-loss", include_str!("../../scenarios/cell-loss.toml")),
+    (
+        "colour-kill",
+        include_str!("../../scenarios/colour-kill.toml"),
+    ),
+    (
+        "agent-freeze",
+        include_str!("../../scenarios/agent-freeze.toml"),
+    ),
+    (
+        "gateway-restart",
+        include_str!("../../scenarios/gateway-restart.toml"),
+    ),
+    (
+        "standby-lost",
+        include_str!("../../scenarios/standby-lost.toml"),
+    ),
+    (
+        "replication-link",
+        include_str!("../../scenarios/replication-link.toml"),
+    ),
+    (
+        "rules-flapping",
+        include_str!("../../scenarios/rules-flapping.toml"),
+    ),
+];
+
+/// A scenario as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    name: String,
+    #[serde(default)]
+    description: String,
+    duration: String,
+    #[serde(default = "default_seed")]
+    seed: u64,
+    #[serde(default)]
+    expect: Expect,
+    #[serde(default)]
+    expect_reason: Option<String>,
+    #[serde(default)]
+    topology: Topology,
+    #[serde(default)]
+    workload: WorkloadFile,
+    #[serde(default, rename = "step")]
+    steps: Vec<StepFile>,
+    #[serde(default)]
+    bounds: BoundsFile,
+    #[serde(default)]
+    stop: StopFile,
+}
+
+fn default_seed() -> u64 {
+    1
+}
+
+/// What the scenario is expected to show.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Expect {
+    /// Every invariant and bound holds.
+    #[default]
+    Pass,
+    /// A known gap: the drill runs and reports what it measured, and is
+    /// listed as expected to fail (with `expect_reason`).
+    Fail,
+}
+
+/// The topology a drill starts: one gateway and `cells` cells × blue and
+/// green agents, each cell's shard replicated to its standby (the next
+/// cell), the rules in a file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    /// Cells (2..=6), named `cell-a`, `cell-b`, ...
+    #[serde(default = "default_cells")]
+    pub cells: usize,
+    /// Slots of the slot table.
+    #[serde(default = "default_slots")]
+    pub slots: u32,
+    /// The gateway's health-check interval, ms.
+    #[serde(default = "default_health_ms")]
+    pub health_interval_ms: u64,
+    /// The gateway fails a cell over by itself when every instance is down
+    /// (`--auto-failover`), after this long down, ms (`None`: off).
+    #[serde(default)]
+    pub auto_failover_after_ms: Option<u64>,
+    /// The agents' `--sync-timeout-ms` (how long a write waits for its
+    /// standby before the shard goes on degraded).
+    #[serde(default = "default_sync_timeout")]
+    pub sync_timeout_ms: u64,
+}
+
+fn default_cells() -> usize {
+    3
+}
+fn default_slots() -> u32 {
+    90
+}
+fn default_health_ms() -> u64 {
+    250
+}
+fn default_sync_timeout() -> u64 {
+    1_000
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology {
+            cells: default_cells(),
+            slots: default_slots(),
+            health_interval_ms: default_health_ms(),
+            auto_failover_after_ms: None,
+            sync_timeout_ms: default_sync_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkloadFile {
+    clients: Option<usize>,
+    rate: Option<u32>,
+    users: Option<usize>,
+    max_ops: Option<u64>,
+    retry_for: Option<String>,
+    mix: Option<Mix>,
+}
+
+/// The share of each operation (weights, any scale).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Mix {
+    /// Deposits (a write with its own idempotency key).
+    #[serde(default)]
+    pub deposit: u32,
+    /// Balance reads.
+    #[serde(default)]
+    pub read: u32,
+}
+
+/// The drill's clients.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadSpec {
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Operations per second over all clients (0: as fast as they go).
+    pub rate: u32,
+    /// Distinct users.
+    pub users: usize,
+    /// Most operations in all.
+    pub max_ops: u64,
+    /// How long one operation is retried with the same key.
+    #[serde(with = "ms")]
+    pub retry_for: Duration,
+    /// The op mix.
+    pub mix: Mix,
+}
+
+/// A process a step acts on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    /// One agent: cell and colour (`cell-a/blue`).
+    Agent(String, routing_rules::Colour),
+    /// Both agents of a cell (`cell-a`).
+    Cell(String),
+    /// The gateway.
+    Gateway,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Agent(c, col) => write!(f, "{c}/{}", col.as_str()),
+            Target::Cell(c) => f.write_str(c),
+            Target::Gateway => f.write_str("gateway"),
+        }
+    }
+}
+
+/// A link a fault proxy is put on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Link {
+    /// Gateway → one agent's public listener (`gateway->cell-a/blue`).
+    GatewayToAgent(String, routing_rules::Colour),
+    /// Every internal call into a cell's internal listeners — from its
+    /// primary's shipper and from other cells' transfer relays
+    /// (`cell-a->cell-b`: cell-a's journal to its standby cell-b).
+    Internal {
+        /// The cell whose shard ships (named for the report).
+        from: String,
+        /// The cell whose internal listeners the proxy fronts.
+        to: String,
+    },
+}
+
+impl std::fmt::Display for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Link::GatewayToAgent(c, col) => write!(f, "gateway->{c}/{}", col.as_str()),
+            Link::Internal { from, to } => write!(f, "{from}->{to}"),
+        }
+    }
+}
+
+/// A fault on a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkFault {
+    /// Every chunk delayed this long each way.
+    Latency(#[serde(with = "ms")] Duration),
+    /// Held open, nothing forwarded.
+    Blackhole,
+    /// Connections reset.
+    Reset,
+}
+
+/// What a step does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "action")]
+pub enum Action {
+    /// SIGKILL; with `for`, started again (same addresses) when it ends.
+    Kill {
+        /// The processes.
+        target: Target,
+    },
+    /// SIGSTOP, SIGCONT when `for` ends (or at the drill's end).
+    Freeze {
+        /// The processes.
+        target: Target,
+    },
+    /// SIGTERM (a clean drain), then started again at once.
+    Restart {
+        /// The processes.
+        target: Target,
+    },
+    /// A fault on a link; back to passing when `for` ends.
+    Link {
+        /// The link.
+        link: Link,
+        /// The fault.
+        fault: LinkFault,
+    },
+    /// `cellctl switchover CELL --to TO`.
+    Switchover {
+        /// The cell whose shard moves.
+        cell: String,
+        /// Where to.
+        to: String,
+    },
+    /// `cellctl failover CELL --to TO` (the primary is lost).
+    Failover {
+        /// The lost cell.
+        cell: String,
+        /// Its standby.
+        to: String,
+    },
+    /// `cellctl split CELL --green SHARE`.
+    Split {
+        /// The cell.
+        cell: String,
+        /// Green's share, basis points.
+        green_bp: u32,
+    },
+}
+
+impl Action {
+    /// The cells whose users this step may hurt (RTO is measured for
+    /// them): a process's own cell and the cell it is the standby of (the
+    /// previous one in the ring), every cell for the gateway; a link's
+    /// shipping cell; an operator action's cell.
+    pub fn affected(&self, cells: &[String]) -> Vec<String> {
+        let with_primary = |c: &String| {
+            let i = cells.iter().position(|x| x == c).unwrap_or(0);
+            let prev = &cells[(i + cells.len() - 1) % cells.len()];
+            if prev == c {
+                vec![c.clone()]
+            } else {
+                vec![c.clone(), prev.clone()]
+            }
+        };
+        match self {
+            Action::Kill { target } | Action::Freeze { target } | Action::Restart { target } => {
+                match target {
+                    Target::Agent(c, _) | Target::Cell(c) => with_primary(c),
+                    Target::Gateway => cells.to_vec(),
+                }
+            }
+            Action::Link {
+                link: Link::GatewayToAgent(c, _),
+                ..
+            } => vec![c.clone()],
+            Action::Link {
+                link: Link::Internal { from, .. },
+                ..
+            } => vec![from.clone()],
+            Action::Switchover { cell, .. }
+            | Action::Failover { cell, .. }
+            | Action::Split { cell, .. } => vec![cell.clone()],
+        }
+    }
+
+    /// One line for logs and the report.
+    pub fn describe(&self) -> String {
+        match self {
+            Action::Kill { target } => format!("kill -9 {target}"),
+            Action::Freeze { target } => format!("freeze (SIGSTOP) {target}"),
+            Action::Restart { target } => format!("restart {target}"),
+            Action::Link { link, fault } => match fault {
+                LinkFault::Latency(d) => format!("link {link}: +{} ms each way", d.as_millis()),
+                LinkFault::Blackhole => format!("link {link}: blackhole"),
+                LinkFault::Reset => format!("link {link}: reset"),
+            },
+            Action::Switchover { cell, to } => format!("cellctl switchover {cell} --to {to}"),
+            Action::Failover { cell, to } => format!("cellctl failover {cell} --to {to}"),
+            Action::Split { cell, green_bp } => format!(
+                "cellctl split {cell} --green {}",
+                routing_rules::model::format_percent(*green_bp)
+            ),
+        }
+    }
+}
+
+/// One step on the timeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    /// When, from the workload's start.
+    #[serde(with = "ms")]
+    pub at: Duration,
+    /// How long the fault lasts (`None`: it stays until the drill ends, or
+    /// the step is an instant action).
+    #[serde(with = "opt_ms")]
+    pub for_: Option<Duration>,
+    /// What it does.
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BoundsFile {
+    max_rto: Option<String>,
+    max_stall: Option<String>,
+    max_failed: Option<u64>,
+    rpo: Option<u64>,
+}
+
+/// What the drill must show.
+#[derive(Debug, Clone, Serialize)]
+pub struct Bounds {
+    /// Longest time any affected cell's users may go without an
+    /// acknowledgement during a step.
+    #[serde(with = "opt_ms")]
+    pub max_rto: Option<Duration>,
+    /// Longest p99 stall (send to acknowledgement, retries included) of
+    /// an affected cell's operations in a step's window.
+    #[serde(with = "opt_ms")]
+    pub max_stall: Option<Duration>,
+    /// Operations given up after their retries.
+    pub max_failed: Option<u64>,
+    /// Acknowledged writes that may be lost (default 0).
+    pub rpo: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StopFile {
+    max_error_ratio: Option<f64>,
+}
+
+/// A parsed, checked scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct Scenario {
+    /// Its name.
+    pub name: String,
+    /// One line.
+    pub description: String,
+    /// How long the clients start new operations.
+    #[serde(with = "ms")]
+    pub duration: Duration,
+    /// The seed of the workload (same seed, same operations).
+    pub seed: u64,
+    /// Expected outcome.
+    pub expect: Expect,
+    /// Why it is expected to fail.
+    pub expect_reason: Option<String>,
+    /// The processes.
+    pub topology: Topology,
+    /// The clients.
+    pub workload: WorkloadSpec,
+    /// The timeline, in order of `at`.
+    pub steps: Vec<Step>,
+    /// The bounds.
+    pub bounds: Bounds,
+    /// Abort when more than this share of one second's attempts fail.
+    pub max_error_ratio: Option<f64>,
+}
+
+/// Cell names of a topology: `cell-a`, `cell-b`, ...
+pub fn cell_names(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("cell-{}", (b'a' + i as u8) as char))
+        .collect()
+}
+
+fn duration(what: &str, s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("{what} = {s:?}: not a duration ({e}); write e.g. \"5s\" or \"250ms\"")
+    })
+}
+
+impl Scenario {
+    /// Parses and checks a scenario file's text.
+    pub fn parse(text: &str) -> Result<Scenario, String> {
+        let f: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        if f.name.trim().is_empty() {
+            return Err("name: must not be empty".into());
+        }
+        let duration_ = duration("duration", &f.duration)?;
+        if duration_.is_zero() || duration_ > Duration::from_secs(3600) {
+            return Err(format!(
+                "duration = {:?}: must be more than 0 and at most 1h",
+                f.duration
+            ));
+        }
+        if !(2..=6).contains(&f.topology.cells) {
+            return Err(format!(
+                "topology.cells = {}: must be 2..=6",
+                f.topology.cells
+            ));
+        }
+        if f.topology.slots < f.topology.cells as u32 || f.topology.slots > 100_000 {
+            return Err(format!(
+                "topology.slots = {}: must be at least the number of cells and at most 100000",
+                f.topology.slots
+            ));
+        }
+        if !(20..=10_000).contains(&f.topology.health_interval_ms) {
+            return Err(format!(
+                "topology.health_interval_ms = {}: must be 20..=10000",
+                f.topology.health_interval_ms
+            ));
+        }
+        let cells = cell_names(f.topology.cells);
+        let w = &f.workload;
+        let mix = w.mix.unwrap_or(Mix {
+            deposit: 9,
+            read: 1,
+        });
+        if mix.deposit + mix.read == 0 {
+            return Err("workload.mix: every weight is 0".into());
+        }
+        let workload = WorkloadSpec {
+            clients: w.clients.unwrap_or(8),
+            rate: w.rate.unwrap_or(300),
+            users: w.users.unwrap_or(200),
+            max_ops: w.max_ops.unwrap_or(100_000),
+            retry_for: match &w.retry_for {
+                Some(s) => duration("workload.retry_for", s)?,
+                None => Duration::from_secs(10),
+            },
+            mix,
+        };
+        if !(1..=256).contains(&workload.clients) {
+            return Err(format!(
+                "workload.clients = {}: must be 1..=256",
+                workload.clients
+            ));
+        }
+        if workload.users == 0 || workload.max_ops == 0 {
+            return Err("workload.users and workload.max_ops must be at least 1".into());
+        }
+        let mut steps = Vec::new();
+        for (i, s) in f.steps.iter().enumerate() {
+            let expanded =
+                step(s, &cells).map_err(|e| format!("step {} ({}): {e}", i + 1, s.action))?;
+            for st in &expanded {
+                if st.at + st.for_.unwrap_or_default() > duration_ {
+                    return Err(format!(
+                        "step {} ({}): at {} ms{} ends after the drill's duration ({} ms)",
+                        i + 1,
+                        s.action,
+                        st.at.as_millis(),
+                        st.for_
+                            .map(|d| format!(" for {} ms", d.as_millis()))
+                            .unwrap_or_default(),
+                        duration_.as_millis()
+                    ));
+                }
+            }
+            steps.extend(expanded);
+        }
+        steps.sort_by_key(|s| s.at);
+        let bounds = Bounds {
+            max_rto: match &f.bounds.max_rto {
+                Some(s) => Some(duration("bounds.max_rto", s)?),
+                None => None,
+            },
+            max_stall: match &f.bounds.max_stall {
+                Some(s) => Some(duration("bounds.max_stall", s)?),
+                None => None,
+            },
+            max_failed: f.bounds.max_failed,
+            rpo: f.bounds.rpo.unwrap_or(0),
+        };
+        if let Some(r) = f.stop.max_error_ratio {
+            if !(0.0..=1.0).contains(&r) || r.is_nan() {
+                return Err(format!("stop.max_error_ratio = {r}: must be 0..=1"));
+            }
+        }
+        if f.expect == Expect::Fail && f.expect_reason.is_none() {
+            return Err("expect = \"fail\" needs expect_reason (what is known to fail)".into());
+        }
+        Ok(Scenario {
+            name: f.name,
+            description: f.description,
+            duration: duration_,
+            seed: f.seed,
+            expect: f.expect,
+            expect_reason: f.expect_reason,
+            topology: f.topology,
+            workload,
+            steps,
+            bounds,
+            max_error_ratio: f.stop.max_error_ratio,
+        })
+    }
+
+    /// The cells' names.
+    pub fn cells(&self) -> Vec<String> {
+        cell_names(self.topology.cells)
+    }
+
+    /// Sets another duration (`--duration`): steps that would end after it
+    /// are an error.
+    pub fn with_duration(mut self, d: Duration) -> Result<Scenario, String> {
+        if let Some(s) = self
+            .steps
+            .iter()
+            .find(|s| s.at + s.for_.unwrap_or_default() > d)
+        {
+            return Err(format!(
+                "--duration {} ms: the step \"{}\" at {} ms ends after it",
+                d.as_millis(),
+                s.action.describe(),
+                s.at.as_millis()
+            ));
+        }
+        self.duration = d;
+        Ok(self)
+    }
+}
+
+mod ms {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+}
+
+mod opt_ms {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&(d.as_millis() as u64)),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

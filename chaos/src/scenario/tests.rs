@@ -1,0 +1,61 @@
+use super::*;
+
+#[test]
+fn every_built_in_scenario_parses() {
+    for (name, text) in BUILT_IN {
+        let s = Scenario::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(s.name, name);
+    }
+}
+
+#[test]
+fn bad_scenarios_get_precise_errors() {
+    let base = "name = \"x\"\nduration = \"5s\"\n";
+    let cases = [
+        ("", "missing field `name`"),
+        ("name = \"x\"\nduration = \"five\"\n", "duration = \"five\": not a duration"),
+        (&format!("{base}[topology]\ncells = 9\n"), "topology.cells = 9"),
+        (&format!("{base}[[step]]\nat = \"1s\"\naction = \"kill\"\ntarget = \"cell-z\"\n"), "step 1 (kill): target = \"cell-z\": no such cell"),
+        (&format!("{base}[[step]]\nat = \"1s\"\naction = \"kill\"\ntarget = \"cell-a/red\"\n"), "the colour is blue or green"),
+        (&format!("{base}[[step]]\nat = \"4s\"\nfor = \"2s\"\naction = \"kill\"\ntarget = \"cell-a\"\n"), "ends after the drill's duration"),
+        (&format!("{base}[[step]]\nat = \"1s\"\naction = \"freeze\"\ntarget = \"cell-a\"\n"), "needs for"),
+        (&format!("{base}[[step]]\nat = \"1s\"\naction = \"link\"\nlink = \"cell-a->cell-a\"\nfault = \"reset\"\n"), "no link to itself"),
+        (&format!("{base}[[step]]\nat = \"1s\"\naction = \"link\"\nlink = \"gateway->cell-a/blue\"\nfault = \"slow\"\n"), "one of latency, blackhole, reset"),
+        (&format!("{base}[[step]]\nat = \"1s\"\naction = \"switchover\"\ncell = \"cell-a\"\nto = \"cell-b\"\ntarget = \"gateway\"\n"), "target does not apply"),
+        (&format!("{base}[[step]]\nat = \"1s\"\naction = \"explode\"\n"), "action = \"explode\""),
+        (&format!("{base}[[step]]\nat = \"1s\"\naction = \"split\"\ncell = \"cell-a\"\ngreen = \"200%\"\n"), "green = \"200%\""),
+        (&format!("{base}bogus = 1\n"), "unknown field `bogus`"),
+        (&format!("{base}expect = \"fail\"\n"), "needs expect_reason"),
+    ];
+    for (text, want) in cases {
+        let e = Scenario::parse(text).unwrap_err();
+        assert!(e.contains(want), "{text:?}: {e}");
+    }
+}
+
+#[test]
+fn split_steps_repeat_and_duration_is_checked() {
+    let s = Scenario::parse(
+        "name = \"x\"\nduration = \"5s\"\n[[step]]\nat = \"1s\"\nevery = \"1s\"\ntimes = 3\naction = \"split\"\ncell = \"cell-b\"\ngreen = \"0%,50%\"\n",
+    )
+    .unwrap();
+    let shares: Vec<_> = s
+        .steps
+        .iter()
+        .map(|s| (s.at.as_millis(), s.action.clone()))
+        .collect();
+    assert_eq!(shares.len(), 3);
+    assert_eq!(shares[2].0, 3000);
+    assert_eq!(
+        shares[1].1,
+        Action::Split {
+            cell: "cell-b".into(),
+            green_bp: 5000
+        }
+    );
+    assert!(s.clone().with_duration(Duration::from_secs(2)).is_err());
+    assert_eq!(
+        s.with_duration(Duration::from_secs(4)).unwrap().duration,
+        Duration::from_secs(4)
+    );
+}

@@ -1,0 +1,456 @@
+//! The recording client of a drill: clients that write (deposits, each
+//! with its own idempotency key) and read balances through the gateway,
+//! retry an operation with the same key on timeouts, 5xx, 421 and
+//! connection errors, as a real client does — and record every attempt and
+//! every operation's outcome, so the drill can prove afterwards that no
+//! acknowledged write was lost, applied twice or applied out of order
+//! ([`verify`]). Same seed, same operations (users, kinds, amounts, keys).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde::Serialize;
+
+use crate::http::HttpClient;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// The gateway's proxy address (loopback).
+    pub gateway: SocketAddr,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// How long clients start new operations.
+    pub duration: Duration,
+    /// Distinct users written to (`chaos-user-N`).
+    pub users: usize,
+    /// Seed of users, operations, amounts and keys.
+    pub seed: u64,
+    /// Most operations in all (the run is bounded in count and time).
+    pub max_writes: u64,
+    /// How long one operation is retried (same key) before it is given up.
+    pub retry_for: Duration,
+    /// Operations started per second over all clients (0: each client
+    /// starts its next one as soon as the last ended).
+    pub rate: u32,
+    /// Weights of deposits and balance reads.
+    pub mix: (u32, u32),
+    /// Set to stop early (clients stop starting operations and retrying).
+    pub stop: Arc<AtomicBool>,
+    /// Attempts so far, for a watcher of the error rate.
+    pub live: Arc<Live>,
+}
+
+/// Attempts so far: answered 2xx, and not.
+#[derive(Debug, Default)]
+pub struct Live {
+    /// 2xx (and 404 reads).
+    pub ok: AtomicU64,
+    /// Everything else.
+    pub failed: AtomicU64,
+}
+
+impl Workload {
+    /// Deposits only, unpaced.
+    pub fn deposits(
+        gateway: SocketAddr,
+        clients: usize,
+        duration: Duration,
+        users: usize,
+        seed: u64,
+    ) -> Workload {
+        Workload {
+            gateway,
+            clients,
+            duration,
+            users,
+            seed,
+            max_writes: 100_000,
+            retry_for: Duration::from_secs(10),
+            rate: 0,
+            mix: (1, 0),
+            stop: Arc::default(),
+            live: Arc::default(),
+        }
+    }
+}
+
+/// What an operation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OpKind {
+    /// `POST /v1/accounts/USER/deposit` with its own idempotency key.
+    Deposit,
+    /// `GET /v1/accounts/USER` (200, or 404 before the first deposit).
+    Read,
+}
+
+/// One operation and what became of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Write {
+    /// What it is.
+    pub kind: OpKind,
+    /// The client that made it.
+    pub client: usize,
+    /// The user.
+    pub user: String,
+    /// Its idempotency key (kept across retries; empty for reads).
+    pub key: String,
+    /// Minor units (0 for reads).
+    pub amount: i64,
+    /// When it was due: the paced schedule's time for it (a client held up
+    /// by a slow operation sends its next ones late; their wait counts, so
+    /// a stall is not hidden by the client's own back-pressure), ms since
+    /// the run began. Unpaced: when it was sent.
+    pub due_ms: u64,
+    /// When it was first sent, ms since the run began.
+    pub sent_ms: u64,
+    /// When it was acknowledged, ms since the run began.
+    pub acked_ms: Option<u64>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last status seen (`None`: no answer).
+    pub last_status: Option<u16>,
+    /// The cell that acknowledged it (its `x-cell` header).
+    pub cell: Option<String>,
+}
+
+/// How one attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Outcome {
+    /// 2xx (and 404 on a read: the user has no account yet).
+    #[serde(rename = "2xx")]
+    Ok,
+    /// Any other 4xx but 421.
+    #[serde(rename = "4xx")]
+    Client,
+    /// 421: the cell said the user is not its (shard moving, stale rules).
+    #[serde(rename = "421")]
+    Misdirected,
+    /// 5xx.
+    #[serde(rename = "5xx")]
+    Server,
+    /// No answer: timeout, reset, refused.
+    #[serde(rename = "timeout")]
+    Timeout,
+}
+
+impl Outcome {
+    /// Every outcome, in report order.
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Ok,
+        Outcome::Client,
+        Outcome::Misdirected,
+        Outcome::Server,
+        Outcome::Timeout,
+    ];
+
+    /// Its label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "2xx",
+            Outcome::Client => "4xx",
+            Outcome::Misdirected => "421",
+            Outcome::Server => "5xx",
+            Outcome::Timeout => "timeout",
+        }
+    }
+}
+
+/// One attempt (every try of every operation).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Attempt {
+    /// When it ended, ms since the run began.
+    pub at_ms: u64,
+    /// How long it took, ms.
+    pub latency_ms: u64,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+/// Everything a run did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Recording {
+    /// Every operation started, in the order they were due.
+    pub ops: Vec<Write>,
+    /// Every attempt, per client in time order.
+    pub attempts: Vec<Attempt>,
+}
+
+/// xorshift64*: replayable without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// One attempt: the status and the serving cell, or `None` (no answer).
+async fn attempt(client: &HttpClient, gw: SocketAddr, w: &Write) -> Option<(u16, Option<String>)> {
+    let builder = match w.kind {
+        OpKind::Deposit => {
+            http::Request::post(format!("http://{gw}/v1/accounts/{}/deposit", w.user))
+                .header("content-type", "application/json")
+        }
+        OpKind::Read => http::Request::get(format!("http://{gw}/v1/accounts/{}", w.user)),
+    };
+    let body = match w.kind {
+        OpKind::Deposit => {
+            serde_json::json!({"amount": w.amount, "idempotency_key": w.key}).to_string()
+        }
+        OpKind::Read => String::new(),
+    };
+    let req = builder
+        .header("x-user-id", &w.user)
+        .body(Full::new(Bytes::from(body)))
+        .ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(2), client.request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let status = resp.status().as_u16();
+    let cell = resp
+        .headers()
+        .get("x-cell")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    tokio::time::timeout(Duration::from_secs(2), resp.into_body().collect())
+        .await
+        .ok()?
+        .ok()?;
+    Some((status, cell))
+}
+
+fn classify(kind: OpKind, status: Option<u16>) -> Outcome {
+    match status {
+        None => Outcome::Timeout,
+        Some(404) if kind == OpKind::Read => Outcome::Ok,
+        Some(s) if (200..300).contains(&s) => Outcome::Ok,
+        Some(421) => Outcome::Misdirected,
+        Some(s) if (400..500).contains(&s) => Outcome::Client,
+        Some(_) => Outcome::Server,
+    }
+}
+
+/// The operations of one client, from the seed: the same seed gives the
+/// same users, kinds, amounts and keys in the same order.
+pub struct OpGen {
+    rng: Rng,
+    seed: u64,
+    client: usize,
+    users: u64,
+    mix: (u32, u32),
+    next: u64,
+}
+
+impl OpGen {
+    /// Client `client`'s operations under `w`'s seed, users and mix.
+    pub fn new(w: &Workload, client: usize) -> OpGen {
+        OpGen {
+            rng: Rng(w.seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(client as u64 + 1)) | 1),
+            seed: w.seed,
+            client,
+            users: w.users.max(1) as u64,
+            mix: w.mix,
+            next: 0,
+        }
+    }
+
+    /// The next operation (not sent yet: times, attempts and outcome empty).
+    pub fn next_op(&mut self) -> Write {
+        let i = self.next;
+        self.next += 1;
+        let user = format!("chaos-user-{}", self.rng.next() % self.users);
+        let amount = 1 + (self.rng.next() % 1000) as i64;
+        let total = (self.mix.0 + self.mix.1).max(1) as u64;
+        let kind = if self.rng.next() % total < self.mix.0 as u64 {
+            OpKind::Deposit
+        } else {
+            OpKind::Read
+        };
+        Write {
+            kind,
+            client: self.client,
+            user,
+            key: match kind {
+                OpKind::Deposit => format!("chaos-{}-{}-{i}", self.seed, self.client),
+                OpKind::Read => String::new(),
+            },
+            amount: if kind == OpKind::Deposit { amount } else { 0 },
+            due_ms: 0,
+            sent_ms: 0,
+            acked_ms: None,
+            attempts: 0,
+            last_status: None,
+            cell: None,
+        }
+    }
+}
+
+/// Most operations of one paced client in flight at once (beyond it, the
+/// next ones wait: they are sent late, and their lateness counts).
+const IN_FLIGHT_PER_CLIENT: usize = 256;
+
+/// Sends `op` until it is acknowledged, refused, or given up; records
+/// every attempt.
+async fn perform(
+    client: HttpClient,
+    w: Arc<Workload>,
+    mut op: Write,
+    start: Instant,
+) -> (Write, Vec<Attempt>) {
+    let mut attempts = Vec::new();
+    op.sent_ms = start.elapsed().as_millis() as u64;
+    let give_up = Instant::now() + w.retry_for;
+    loop {
+        op.attempts += 1;
+        let began = Instant::now();
+        let got = attempt(&client, w.gateway, &op).await;
+        op.last_status = got.as_ref().map(|g| g.0);
+        let outcome = classify(op.kind, op.last_status);
+        match outcome {
+            Outcome::Ok => &w.live.ok,
+            _ => &w.live.failed,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        attempts.push(Attempt {
+            at_ms: start.elapsed().as_millis() as u64,
+            latency_ms: began.elapsed().as_millis() as u64,
+            outcome,
+        });
+        match (outcome, got) {
+            (Outcome::Ok, Some((_, cell))) => {
+                op.acked_ms = Some(start.elapsed().as_millis() as u64);
+                op.cell = cell;
+                break;
+            }
+            // Not retryable: a refusal of the request itself.
+            (Outcome::Client, Some((s, _))) if s != 408 && s != 429 => break,
+            _ if Instant::now() >= give_up || w.stop.load(Ordering::Relaxed) => break,
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    (op, attempts)
+}
+
+/// One client's run. Paced (`rate` > 0): open loop — each operation is
+/// sent at its due time whatever became of the earlier ones (up to
+/// [`IN_FLIGHT_PER_CLIENT`] at once), so a stalled cell does not slow
+/// down the load on the others. Unpaced: one operation after another.
+async fn client_run(w: Arc<Workload>, c: usize, start: Instant) -> (Vec<Write>, Vec<Attempt>) {
+    let client = crate::http::client();
+    let mut ops_gen = OpGen::new(&w, c);
+    let per_client = w.max_writes.div_ceil(w.clients.max(1) as u64);
+    let interval = (w.rate > 0).then(|| Duration::from_secs_f64(w.clients as f64 / w.rate as f64));
+    let (mut ops, mut attempts) = (Vec::new(), Vec::new());
+    let mut in_flight = tokio::task::JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_PER_CLIENT));
+    for i in 0..per_client {
+        let mut op = ops_gen.next_op();
+        match interval {
+            Some(iv) => {
+                let due = start + iv.mul_f64(i as f64 + c as f64 / w.clients as f64);
+                tokio::time::sleep_until(due.into()).await;
+                op.due_ms = due.saturating_duration_since(start).as_millis() as u64;
+            }
+            None => op.due_ms = start.elapsed().as_millis() as u64,
+        }
+        if start.elapsed() >= w.duration || w.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        if interval.is_some() {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let (client, w) = (client.clone(), w.clone());
+            in_flight.spawn(async move {
+                let done = perform(client, w, op, start).await;
+                drop(permit);
+                done
+            });
+        } else {
+            let (op, a) = perform(client.clone(), w.clone(), op, start).await;
+            ops.push(op);
+            attempts.extend(a);
+        }
+    }
+    while let Some(done) = in_flight.join_next().await {
+        if let Ok((op, a)) = done {
+            ops.push(op);
+            attempts.extend(a);
+        }
+    }
+    (ops, attempts)
+}
+
+/// Runs the workload: every operation it started and every attempt.
+pub async fn run(w: &Workload) -> Recording {
+    run_from(w, Instant::now()).await
+}
+
+/// [`run`], with times counted from `start` (shared with a fault
+/// timeline).
+pub async fn run_from(w: &Workload, start: Instant) -> Recording {
+    let shared = Arc::new(w.clone());
+    let tasks: Vec<_> = (0..w.clients)
+        .map(|c| tokio::spawn(client_run(shared.clone(), c, start)))
+        .collect();
+    let mut all = Recording::default();
+    for t in tasks {
+        if let Ok((ops, attempts)) = t.await {
+            all.ops.extend(ops);
+            all.attempts.extend(attempts);
+        }
+    }
+    all.ops.sort_by_key(|o| (o.due_ms, o.client));
+    all.attempts.sort_by_key(|a| a.at_ms);
+    all
+}
+
+mod verify;
+pub use verify::{verify, RpoReport};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_seed_gives_the_same_operations() {
+        let w = |seed| Workload {
+            mix: (3, 1),
+            ..Workload::deposits(
+                "127.0.0.1:1".parse().unwrap(),
+                4,
+                Duration::from_secs(1),
+                50,
+                seed,
+            )
+        };
+        let ops = |seed, client| {
+            let mut g = OpGen::new(&w(seed), client);
+            (0..200)
+                .map(|_| {
+                    let o = g.next_op();
+                    (o.kind, o.user, o.amount, o.key)
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ops(7, 1), ops(7, 1));
+        assert_ne!(ops(7, 1), ops(8, 1));
+        assert_ne!(ops(7, 1), ops(7, 2));
+        let reads = ops(7, 1).iter().filter(|o| o.0 == OpKind::Read).count();
+        assert!(
+            (20..90).contains(&reads),
+            "{reads} reads of 200 at a 3:1 mix"
+        );
+    }
+}

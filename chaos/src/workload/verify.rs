@@ -1,0 +1,183 @@
+//! The RPO check of a drill: the recorded writes against the ledgers of
+//! the current primary copies.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::{OpKind, Write};
+
+/// What the files say about the recorded writes.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct RpoReport {
+    /// Writes made.
+    pub writes: usize,
+    /// Writes acknowledged.
+    pub acked: usize,
+    /// Acknowledged writes found in no primary copy (RPO broken).
+    pub lost: Vec<String>,
+    /// Writes applied more than once (counted over the primary copies).
+    pub doubled: Vec<String>,
+    /// Writes never acknowledged but applied (allowed: the client gave up
+    /// after the cell had applied it).
+    pub applied_unacked: usize,
+    /// Writes of one user applied before a write whose acknowledgement
+    /// the client had seen before sending them (`KEY after KEY`).
+    pub out_of_order: Vec<String>,
+    /// Minor units of the applied deposits, and of the deposits the client
+    /// knows of that were applied (equal when no money appeared from
+    /// nowhere).
+    pub applied_total: i128,
+    /// See `applied_total`.
+    pub expected_total: i128,
+}
+
+impl RpoReport {
+    /// True when nothing acknowledged was lost, nothing was doubled or
+    /// reordered, and the applied money is the money written.
+    pub fn ok(&self) -> bool {
+        self.lost.is_empty()
+            && self.doubled.is_empty()
+            && self.out_of_order.is_empty()
+            && self.applied_total == self.expected_total
+    }
+}
+
+/// Where a write was applied: its (first) ledger id, how many times.
+#[derive(Default, Clone, Copy)]
+struct Applied {
+    id: i64,
+    times: i64,
+}
+
+fn cannot(path: &Path, e: rusqlite::Error) -> crate::offline::CannotCheck {
+    crate::offline::CannotCheck(format!("{}: {e}", path.display()))
+}
+
+/// Checks `writes` against the ledgers of the current primary copies under
+/// `dir` (see [`crate::offline::check_dir`] for which copies those are):
+/// every acknowledged write is there exactly once, none is there twice, a
+/// user's writes are applied in the order the client saw them
+/// acknowledged, and the money applied is the money written.
+pub fn verify(dir: &Path, writes: &[Write]) -> Result<RpoReport, crate::offline::CannotCheck> {
+    let offline = crate::offline::check_dir(dir)?;
+    let mut applied: HashMap<String, Applied> = HashMap::new();
+    let mut applied_total: i128 = 0;
+    for copy in offline.copies.iter().filter(|c| c.role == "primary") {
+        let conn = rusqlite::Connection::open_with_flags(
+            &copy.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .map_err(|e| cannot(&copy.path, e))?;
+        let mut s = conn
+            .prepare("SELECT ref, MIN(id), COUNT(*), SUM(amount) FROM ledger WHERE ref LIKE 'chaos-%' AND kind = 'deposit' GROUP BY ref")
+            .map_err(|e| cannot(&copy.path, e))?;
+        let rows = s
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| cannot(&copy.path, e))?;
+        for (key, id, n, sum) in rows {
+            applied_total += sum as i128;
+            let a = applied.entry(key).or_default();
+            a.id = id;
+            a.times += n;
+        }
+    }
+    let mut r = RpoReport {
+        writes: writes.iter().filter(|w| w.kind == OpKind::Deposit).count(),
+        applied_total,
+        ..Default::default()
+    };
+    let mut by_user: HashMap<&str, Vec<(&Write, i64)>> = HashMap::new();
+    for w in writes.iter().filter(|w| w.kind == OpKind::Deposit) {
+        let a = applied.get(&w.key).copied().unwrap_or_default();
+        if a.times > 0 {
+            r.expected_total += w.amount as i128;
+        }
+        if w.acked_ms.is_some() {
+            r.acked += 1;
+            if a.times == 0 {
+                r.lost.push(w.key.clone());
+            } else {
+                by_user.entry(&w.user).or_default().push((w, a.id));
+            }
+        } else if a.times > 0 {
+            r.applied_unacked += 1;
+        }
+        if a.times > 1 {
+            r.doubled.push(w.key.clone());
+        }
+    }
+    for list in by_user.values_mut() {
+        r.out_of_order.extend(out_of_order(list));
+    }
+    r.out_of_order.sort();
+    Ok(r)
+}
+
+/// The writes of one user (with their ledger ids) applied before a write
+/// the client had seen acknowledged before it sent them.
+fn out_of_order(list: &mut [(&Write, i64)]) -> Vec<String> {
+    let mut by_ack: Vec<(u64, i64, &str)> = list
+        .iter()
+        .map(|(w, id)| (w.acked_ms.unwrap_or(u64::MAX), *id, w.key.as_str()))
+        .collect();
+    by_ack.sort();
+    list.sort_by_key(|(w, _)| w.sent_ms);
+    let mut out = Vec::new();
+    let (mut next, mut max_before): (usize, Option<(i64, &str)>) = (0, None);
+    for (w, id) in list.iter() {
+        while next < by_ack.len() && by_ack[next].0 < w.sent_ms {
+            if max_before.is_none_or(|(m, _)| by_ack[next].1 > m) {
+                max_before = Some((by_ack[next].1, by_ack[next].2));
+            }
+            next += 1;
+        }
+        if let Some((m, k)) = max_before {
+            if m > *id {
+                out.push(format!("{} after {k}", w.key));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(key: &str, sent: u64, acked: u64) -> Write {
+        Write {
+            kind: OpKind::Deposit,
+            client: 0,
+            user: "u".into(),
+            key: key.into(),
+            amount: 1,
+            due_ms: sent,
+            sent_ms: sent,
+            acked_ms: Some(acked),
+            attempts: 1,
+            last_status: Some(200),
+            cell: None,
+        }
+    }
+
+    #[test]
+    fn a_write_applied_before_one_acknowledged_earlier_is_out_of_order() {
+        let (a, b, c) = (w("a", 0, 10), w("b", 20, 30), w("c", 5, 40));
+        // a acked before b was sent, yet b has the smaller id.
+        let mut list = vec![(&a, 5), (&b, 3), (&c, 4)];
+        assert_eq!(out_of_order(&mut list), vec!["b after a".to_string()]);
+        // c overlapped a: any order is fine.
+        let mut list = vec![(&a, 5), (&b, 6), (&c, 1)];
+        assert!(out_of_order(&mut list).is_empty());
+    }
+}

@@ -1,0 +1,162 @@
+//! `cellchaos drill` end to end, through the real binary: every built-in
+//! scenario runs on its own topology of real processes (a gateway, 3 cells
+//! x blue and green agents, SQLite files, shards replicated to their
+//! standbys), its faults applied and undone, and its report checked; a
+//! scenario whose bound is not met exits 1; a bad scenario exits 2 and
+//! changes nothing.
+
+use std::path::Path;
+use std::process::Command;
+
+use chaos::scenario::{Expect, Scenario, BUILT_IN};
+
+fn drill(args: &[&str], report_dir: &Path) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cellchaos"))
+        .arg("drill")
+        .args(args)
+        .arg("--report-dir")
+        .arg(report_dir)
+        .env("CELLGATE_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// One drill at a time: they measure time, on a small machine.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn report(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn every_built_in_scenario_runs_checks_and_reports() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut problems = Vec::new();
+    for (name, text) in BUILT_IN {
+        let s = Scenario::parse(text).unwrap();
+        let dir = tmp.path().join(name);
+        let (code, out, err) = drill(&[name], &dir);
+        let want = match s.expect {
+            Expect::Pass => 0,
+            Expect::Fail => 1,
+        };
+        if code != want {
+            problems.push(format!(
+                "{name}: exit {code}, expected {want}\n{out}\n{}",
+                err.lines().rev().take(15).collect::<Vec<_>>().join("\n")
+            ));
+            continue;
+        }
+        let r = report(&dir);
+        // Whatever else happens in a drill, no acknowledged write is lost,
+        // doubled or reordered, and no money appears or vanishes.
+        for check in ["lost", "doubled", "out_of_order"] {
+            if r["rpo"][check].as_array().is_none_or(|v| !v.is_empty()) {
+                problems.push(format!("{name}: {check} = {}", r["rpo"][check]));
+            }
+        }
+        if r["balances_total"] != r["rpo"]["applied_total"]
+            || r["rpo"]["applied_total"] != r["rpo"]["expected_total"]
+        {
+            problems.push(format!("{name}: money not conserved: {}", r["rpo"]));
+        }
+        if r["acked"].as_u64().unwrap_or(0) < 1_000 {
+            problems.push(format!("{name}: only {} acknowledged", r["acked"]));
+        }
+        // Every step ran, and every affected cell's recovery was measured.
+        let steps = r["steps"].as_array().unwrap();
+        if steps.len() != s.steps.len() {
+            problems.push(format!(
+                "{name}: {} steps reported of {}",
+                steps.len(),
+                s.steps.len()
+            ));
+        }
+        for st in steps {
+            if st["result"].as_str().unwrap_or("").contains("failed") {
+                problems.push(format!("{name}: step {} {}", st["action"], st["result"]));
+            }
+            if st["cells"]
+                .as_array()
+                .is_none_or(|c| c.is_empty() || c.iter().any(|c| c["rto_ms"].is_null()))
+            {
+                problems.push(format!(
+                    "{name}: step {} without a recovery: {}",
+                    st["action"], st["cells"]
+                ));
+            }
+        }
+        let svg = std::fs::read_to_string(dir.join("timeline.svg")).unwrap();
+        let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+        if !svg.starts_with("<svg") || !md.contains(&format!("# Drill `{name}`")) {
+            problems.push(format!("{name}: report.md or timeline.svg missing"));
+        }
+        if !md.contains(&format!("cellchaos drill {name} --seed {}", s.seed)) {
+            problems.push(format!("{name}: no replay command in report.md"));
+        }
+        // Everything was stopped: no pid file left.
+        let pids: Vec<_> = std::fs::read_dir(dir.join("data/pids"))
+            .unwrap()
+            .flatten()
+            .collect();
+        if !pids.is_empty() {
+            problems.push(format!("{name}: {} pid files left", pids.len()));
+        }
+        eprintln!("{name}: exit {code}\n{out}");
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+}
+
+#[test]
+fn a_bound_not_met_fails_the_drill_and_a_bad_scenario_runs_nothing() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    // The gateway is down for 500 ms: a 1 ms recovery bound cannot hold.
+    let file = tmp.path().join("strict.toml");
+    std::fs::write(
+        &file,
+        "name = \"strict\"\nduration = \"3s\"\n[topology]\ncells = 2\n[[step]]\nat = \"1s\"\nfor = \"500ms\"\naction = \"kill\"\ntarget = \"gateway\"\n[bounds]\nmax_rto = \"1ms\"\n",
+    )
+    .unwrap();
+    let dir = tmp.path().join("strict");
+    let (code, out, err) = drill(&[file.to_str().unwrap(), "--seed", "9"], &dir);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains("bound not met: max_rto cell-a"), "{out}");
+    let r = report(&dir);
+    assert_eq!(r["passed"], false);
+    assert_eq!(r["seed"], 9);
+    assert!(r["rpo"]["lost"].as_array().unwrap().is_empty(), "{r}");
+
+    // A bad scenario: exit 2, one precise error, nothing started or written.
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"bad\"\nduration = \"3s\"\n[[step]]\nat = \"1s\"\naction = \"kill\"\ntarget = \"cell-q\"\n",
+    )
+    .unwrap();
+    let dir = tmp.path().join("bad");
+    let (code, _, err) = drill(&[bad.to_str().unwrap()], &dir);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("step 1 (kill): target = \"cell-q\": no such cell"),
+        "{err}"
+    );
+    assert!(!dir.exists());
+    let (code, _, err) = drill(&["no-such-scenario"], &dir);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("not a built-in scenario (switchover, cell-loss"),
+        "{err}"
+    );
+    // --duration shorter than a step: refused.
+    let (code, _, err) = drill(&["switchover", "--duration", "3s"], &dir);
+    assert_eq!(code, 2);
+    assert!(err.contains("ends after it"), "{err}");
+    assert!(!dir.exists());
+}
