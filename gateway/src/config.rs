@@ -130,7 +130,7 @@ pub struct ServeConfig {
 
     /// How long a request the cell answered `421 Misdirected` (its shard is
     /// moving in a switchover, or the gateway's rules are stale) is held
-    /// for newer rules before it is sent again to the new owner; 0 passes
+    /// for newer rules (or a health change) before it is routed again; 0 passes
     /// the 421 on. Only requests whose body was read in full (up to
     /// --client-body-buffer-bytes) are held. After the wait: 503
     /// `shard_moving` with Retry-After.

@@ -400,16 +400,23 @@ impl Control {
     }
 
     /// Waits until a generation with a revision above `revision` is
-    /// installed (at most until `until`); returns it.
+    /// installed, or any instance's health changes (at most until
+    /// `until`); returns the generation to route with then.
     pub async fn newer_than(
         &self,
         revision: u64,
         until: tokio::time::Instant,
     ) -> Option<Arc<Generation>> {
-        let mut rx = self.installed.subscribe();
-        let newer = tokio::time::timeout_at(until, rx.wait_for(|r| *r > revision)).await;
-        match newer {
-            Ok(Ok(_)) => Some(self.current()),
+        let mut rules = self.installed.subscribe();
+        let mut health = self.health.changed.subscribe();
+        let changed = async {
+            tokio::select! {
+                r = rules.wait_for(|r| *r > revision) => r.is_ok(),
+                r = health.changed() => r.is_ok(),
+            }
+        };
+        match tokio::time::timeout_at(until, changed).await {
+            Ok(true) => Some(self.current()),
             _ => None,
         }
     }

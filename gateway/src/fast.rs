@@ -364,7 +364,8 @@ struct Replay<'a> {
 
 /// While the cell answers `421 Misdirected` (nothing applied: the user's
 /// shard is moving, or these rules are stale), holds the request for newer
-/// rules and sends it again, routed with them, within `--hold-ms` in all.
+/// rules or a health change and sends it again, routed anew, within
+/// `--hold-ms` in all.
 async fn hold_misdirected(
     shared: &Shared,
     gen: &mut Arc<crate::control::Generation>,

@@ -26,6 +26,10 @@ pub struct HealthSettings {
     pub rise: u32,
     /// Failures to go down.
     pub fall: u32,
+    /// Counts every up/down transition of any instance: requests held for
+    /// a moving shard are routed again when health changes, not only when
+    /// newer rules arrive (a cell coming back up after a failback).
+    pub changed: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// One check: GET `path` on a new connection; true on 2xx within `timeout`.
@@ -64,12 +68,14 @@ pub async fn run_checks(instance: Weak<Instance>, settings: Arc<HealthSettings>)
             rises = rises.saturating_add(1);
             if !inst.active_up() && rises >= settings.rise && inst.set_active_up(true) {
                 tracing::info!(cell = %inst.cell, colour = %inst.colour, instance = %inst.address, "instance is up (active checks pass)");
+                settings.changed.send_modify(|n| *n += 1);
             }
         } else {
             rises = 0;
             falls = falls.saturating_add(1);
             if inst.active_up() && falls >= settings.fall && inst.set_active_up(false) {
                 tracing::warn!(cell = %inst.cell, colour = %inst.colour, instance = %inst.address, failures = falls, "instance is down (active checks fail)");
+                settings.changed.send_modify(|n| *n += 1);
             }
         }
         inst.refresh_gauge(now_ms());

@@ -57,6 +57,7 @@ pub async fn start(cfg: ServeConfig, registry: Registry) -> anyhow::Result<Runni
         timeout: Duration::from_millis(cfg.health_timeout_ms),
         rise: cfg.health_rise,
         fall: cfg.health_fall,
+        changed: Arc::new(tokio::sync::watch::Sender::new(0)),
     };
     let (control, source) = load_rules(&cfg, metrics, upstream, health).await?;
     let proxy_listener = TcpListener::bind(cfg.listen)

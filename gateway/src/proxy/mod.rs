@@ -149,8 +149,9 @@ impl Shared {
 
     /// Holds a request its cell answered `421 Misdirected` (not applied:
     /// the user's shard is moving, or these rules are stale) until rules
-    /// newer than `revision` are installed, at most `until`; then the
-    /// caller routes it again with them. Bounded by `--hold-queue`.
+    /// newer than `revision` are installed or an instance's health
+    /// changes, at most `until`; then the caller routes it again. Bounded
+    /// by `--hold-queue`.
     pub(crate) async fn hold(
         &self,
         revision: u64,

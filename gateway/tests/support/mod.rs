@@ -27,6 +27,8 @@ pub const NORMAL: u8 = 0;
 pub const FAIL_500: u8 = 1;
 /// Close the connection without answering (after reading the request).
 pub const RESET: u8 = 2;
+/// Answer 421 Misdirected (this user's data is not here).
+pub const MISDIRECTED: u8 = 3;
 
 /// A real HTTP backend standing in for one instance of a (cell, colour).
 pub struct Backend {
@@ -134,8 +136,10 @@ impl Backend {
                             resp.headers_mut().insert("x-cell", cell.parse().unwrap());
                             resp.headers_mut()
                                 .insert("x-colour", colour.parse().unwrap());
-                            if mode.load(Ordering::Relaxed) == FAIL_500 {
-                                *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                            match mode.load(Ordering::Relaxed) {
+                                FAIL_500 => *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR,
+                                MISDIRECTED => *resp.status_mut() = StatusCode::MISDIRECTED_REQUEST,
+                                _ => {}
                             }
                             Ok(resp)
                         }
