@@ -154,6 +154,7 @@ async fn apply(action: &Action, topo: &Mutex<Topology>) -> anyhow::Result<String
             let out = routing_rules::switchover::failover(&req, secret).await?;
             return Ok(out.result.to_string());
         }
+        Action::Failback { cell } => return failback(cell, t).await,
         Action::Split { cell, green_bp } => {
             let rules = t.rules.clone();
             drop(t);
@@ -168,6 +169,68 @@ async fn apply(action: &Action, topo: &Mutex<Topology>) -> anyhow::Result<String
         }
     }
     Ok("ok".into())
+}
+
+/// The failback runbook (docs/operations.md): stop the cell's agents,
+/// seed its copy from the host's, start them, wait until the copy is
+/// recorded as the host's in-sync standby, `cellctl failback`.
+async fn failback(
+    cell: &str,
+    mut t: tokio::sync::MutexGuard<'_, Topology>,
+) -> anyhow::Result<String> {
+    let target = crate::scenario::Target::Cell(cell.to_string());
+    for p in t.procs_mut(&target) {
+        p.stop().await;
+    }
+    let (from, to) = (
+        t.dir.join(format!("{cell}.replica.db")),
+        t.dir.join(format!("{cell}.db")),
+    );
+    let seeded =
+        tokio::task::spawn_blocking(move || cell_agent::store::sqlite::replica::sync(&from, &to))
+            .await?;
+    let restarted = async {
+        for p in t.procs_mut(&target) {
+            p.start().await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    seeded.map_err(|e| anyhow::anyhow!("cannot seed {cell}'s copy from its host's: {e}"))?;
+    restarted?;
+    let record = routing_rules::switchover::record_path(&t.rules, cell);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r: Option<serde_json::Value> = std::fs::read_to_string(&record)
+            .ok()
+            .and_then(|x| serde_json::from_str(&x).ok());
+        if r.as_ref()
+            .is_some_and(|r| r["state"] == "in-sync" && r["standby"] == cell)
+        {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{cell}'s copy was not the in-sync standby of its shard's host within 20 s ({})",
+            r.map(|r| r.to_string())
+                .unwrap_or_else(|| "no record".into())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secret = routing_rules::auth::ClusterSecret::from_file(&t.secret)?;
+    let req = routing_rules::switchover::Request {
+        rules: t.rules.clone(),
+        cell: cell.to_string(),
+        to: cell.to_string(),
+        catch_up_timeout: Duration::from_secs(5),
+        etcd: None,
+    };
+    drop(t);
+    let out = routing_rules::switchover::failback(&req, secret).await?;
+    Ok(format!(
+        "{} (writes stalled {} ms)",
+        out.result, out.stall_ms
+    ))
 }
 
 /// Ends a step's fault (`for` is over).
@@ -188,6 +251,7 @@ async fn undo(action: &Action, topo: &Mutex<Topology>) -> anyhow::Result<()> {
         Action::Restart { .. }
         | Action::Switchover { .. }
         | Action::Failover { .. }
+        | Action::Failback { .. }
         | Action::Split { .. } => {}
     }
     Ok(())

@@ -275,6 +275,14 @@ pub enum Action {
         /// Its standby.
         to: String,
     },
+    /// The failback runbook after a failover: stop the cell's agents, seed
+    /// its copy again from its shard's host (`cell-agent replica sync`),
+    /// start them, wait until the copy is the host's in-sync standby, then
+    /// `cellctl failback CELL`.
+    Failback {
+        /// The cell whose shard comes home.
+        cell: String,
+    },
     /// `cellctl split CELL --green SHARE`.
     Split {
         /// The cell.
@@ -316,6 +324,7 @@ impl Action {
             } => vec![from.clone()],
             Action::Switchover { cell, .. }
             | Action::Failover { cell, .. }
+            | Action::Failback { cell }
             | Action::Split { cell, .. } => vec![cell.clone()],
         }
     }
@@ -333,6 +342,7 @@ impl Action {
             },
             Action::Switchover { cell, to } => format!("cellctl switchover {cell} --to {to}"),
             Action::Failover { cell, to } => format!("cellctl failover {cell} --to {to}"),
+            Action::Failback { cell } => format!("failback {cell} (re-seed, cellctl failback)"),
             Action::Split { cell, green_bp } => format!(
                 "cellctl split {cell} --green {}",
                 routing_rules::model::format_percent(*green_bp)

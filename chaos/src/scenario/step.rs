@@ -166,6 +166,19 @@ pub(super) fn step(s: &StepFile, cells: &[String]) -> Result<Vec<Step>, String> 
                 Action::Failover { cell: c, to }
             }
         }
+        "failback" => {
+            unused(&[
+                ("target", s.target.is_some()),
+                ("link", s.link.is_some()),
+                ("fault", s.fault.is_some()),
+                ("green", s.green.is_some()),
+                ("to", s.to.is_some()),
+                ("for", for_.is_some()),
+            ])?;
+            Action::Failback {
+                cell: cell(cells, "cell", required(&s.cell, "cell")?)?,
+            }
+        }
         "split" => {
             unused(&[
                 ("target", s.target.is_some()),
@@ -202,7 +215,7 @@ pub(super) fn step(s: &StepFile, cells: &[String]) -> Result<Vec<Step>, String> 
         }
         other => {
             return Err(format!(
-            "action = {other:?}: one of kill, freeze, restart, link, switchover, failover, split"
+            "action = {other:?}: one of kill, freeze, restart, link, switchover, failover, failback, split"
         ))
         }
     };
