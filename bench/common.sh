@@ -27,7 +27,7 @@ wait_port() { # port
 # build_cellgate: the release build; sets CELLGATE.
 build_cellgate() {
     echo "building cellgate (release)..." >&2
-    (cd "$ROOT" && cargo build --release -q -p gateway)
+    (cd "$ROOT" && cargo build --release -q -p cellgate)
     CELLGATE="${CARGO_TARGET_DIR:-$ROOT/target}/release/cellgate"
 }
 
@@ -107,7 +107,7 @@ EOF
 # A_PID, and GW and ADMIN (free ports for the gateway).
 replicated_pair() {
     echo "building cellgate, cell-agent and cellctl (release)..." >&2
-    (cd "$ROOT" && cargo build --release -q -p gateway -p cell-agent -p routing-rules)
+    (cd "$ROOT" && cargo build --release -q -p cellgate -p cell-agent -p routing-rules)
     BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
     head -c 48 /dev/urandom | base64 > "$WORK/secret"
     local A B AI BI

@@ -16,7 +16,7 @@ OUT="${OUT:-docs/img/dashboard.png}"
 for tool in prometheus chromium; do
     command -v "$tool" >/dev/null || { echo "dashboard-screenshot: needs $tool (apt-get install -y $tool)" >&2; exit 2; }
 done
-cargo build -q --release --locked -p gateway --bin cellgate -p routing-rules --bin cellctl
+cargo build -q --release --locked -p cellgate --bin cellgate -p routing-rules --bin cellctl
 BIN="$CARGO_TARGET_DIR/release"
 work=$(mktemp -d)
 pids=()

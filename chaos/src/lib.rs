@@ -8,7 +8,12 @@
 //! reordered, money conserved, the [`offline`] invariants of the files, the
 //! shards back in sync — then writes report.md, report.json and
 //! timeline.svg with the RTO of every affected cell.
+//!
+//! [`demo`] is `cellgate demo`: the whole system on one machine, its smoke
+//! workload and its drill (the `cellgate` binary links it; the gateway
+//! library does not).
 
+pub mod demo;
 pub mod drill;
 pub mod fault_proxy;
 pub mod http;

@@ -49,6 +49,41 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// A process of this binary run with `args` (its first one the hidden
+    /// subcommand), ready once a stdout line starts with `ready_line`; not
+    /// started yet ([`Proc::start`]).
+    pub(crate) fn new(
+        name: String,
+        cell: Option<String>,
+        args: Vec<String>,
+        ready_line: &'static str,
+        (pid_file, log): (PathBuf, PathBuf),
+        addr: SocketAddr,
+    ) -> Proc {
+        Proc {
+            name,
+            cell,
+            args,
+            child: None,
+            ready_line,
+            pid_file,
+            log,
+            addr,
+            frozen: false,
+        }
+    }
+
+    /// The command line that starts it (this binary and its arguments).
+    pub fn command_line(&self) -> String {
+        let exe = std::env::current_exe()
+            .map(|e| e.display().to_string())
+            .unwrap_or_else(|_| "cellchaos".into());
+        std::iter::once(exe)
+            .chain(self.args.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// Its pid while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(|c| c.id())
@@ -351,17 +386,17 @@ impl Topology {
             .iter()
             .map(|s| s.to_string())
             .collect();
-            procs.push(Proc {
+            procs.push(Proc::new(
                 name,
-                cell: Some(c.clone()),
+                Some(c.clone()),
                 args,
-                child: None,
-                ready_line: "internal listening on ",
-                pid_file: dir.join("pids").join(format!("{file}.pid")),
-                log: dir.join("logs").join(format!("{file}.log")),
+                "internal listening on ",
+                (
+                    dir.join("pids").join(format!("{file}.pid")),
+                    dir.join("logs").join(format!("{file}.log")),
+                ),
                 addr,
-                frozen: false,
-            });
+            ));
         }
         let (gw, admin) = (free_port()?, free_port()?);
         let mut gw_args: Vec<String> = [
@@ -393,17 +428,17 @@ impl Topology {
                 ms.to_string(),
             ]);
         }
-        procs.push(Proc {
-            name: "gateway".into(),
-            cell: None,
-            args: gw_args,
-            child: None,
-            ready_line: "admin listening on ",
-            pid_file: dir.join("pids").join("gateway.pid"),
-            log: dir.join("logs").join("gateway.log"),
-            addr: gw,
-            frozen: false,
-        });
+        procs.push(Proc::new(
+            "gateway".into(),
+            None,
+            gw_args,
+            "admin listening on ",
+            (
+                dir.join("pids").join("gateway.pid"),
+                dir.join("logs").join("gateway.log"),
+            ),
+            gw,
+        ));
         let mut t = Topology {
             dir: dir.to_path_buf(),
             rules,
@@ -554,8 +589,9 @@ impl Topology {
     }
 }
 
-/// Writes a fresh random cluster secret (mode 0600).
-fn write_secret(path: &Path) -> Result<()> {
+/// Writes a fresh random cluster secret for cell-to-cell calls (mode
+/// 0600).
+pub(crate) fn write_secret(path: &Path) -> Result<()> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes)
         .map_err(|e| anyhow::anyhow!("no randomness for the secret: {e}"))?;

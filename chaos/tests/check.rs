@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use gateway::demo::{Demo, DemoConfig};
+use chaos::demo::{Demo, DemoConfig};
 
 fn cellchaos(dir: &Path) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_cellchaos"))

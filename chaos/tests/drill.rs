@@ -33,6 +33,20 @@ fn report(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
 }
 
+/// Every invariant held; only bounds were missed.
+fn only_bounds_missed(r: &serde_json::Value) -> bool {
+    let empty = |v: &serde_json::Value| v.as_array().is_some_and(|a| a.is_empty());
+    empty(&r["rpo"]["lost"])
+        && empty(&r["rpo"]["doubled"])
+        && empty(&r["rpo"]["out_of_order"])
+        && empty(&r["offline_violations"])
+        && r["in_sync_after"].get("Err").is_none()
+        && r["aborted"].is_null()
+        && r["bounds"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|b| b["ok"] == false))
+}
+
 #[test]
 fn every_built_in_scenario_runs_checks_and_reports() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -40,12 +54,20 @@ fn every_built_in_scenario_runs_checks_and_reports() {
     let mut problems = Vec::new();
     for (name, text) in BUILT_IN {
         let s = Scenario::parse(text).unwrap();
-        let dir = tmp.path().join(name);
-        let (code, out, err) = drill(&[name], &dir);
+        let mut dir = tmp.path().join(name);
+        let (mut code, mut out, mut err) = drill(&[name], &dir);
         let want = match s.expect {
             Expect::Pass => 0,
             Expect::Fail => 1,
         };
+        // A bound is a timing on a shared 2-core machine: one that was
+        // missed while every invariant held gets one more run (and must
+        // be met then). Invariants get no second chance.
+        if code == 1 && want == 0 && only_bounds_missed(&report(&dir)) {
+            eprintln!("{name}: a bound was missed, running it again\n{out}");
+            dir = tmp.path().join(format!("{name}-again"));
+            (code, out, err) = drill(&[name], &dir);
+        }
         if code != want {
             problems.push(format!(
                 "{name}: exit {code}, expected {want}\n{out}\n{}",

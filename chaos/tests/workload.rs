@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
+use chaos::demo::{Demo, DemoConfig};
 use chaos::workload::{run, verify, Workload};
-use gateway::demo::{Demo, DemoConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_a_switchover_and_a_missing_one_is_named() {

@@ -13,7 +13,6 @@ pub mod auto_failover;
 pub mod config;
 pub mod conn_watch;
 pub mod control;
-pub mod demo;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod fast;

@@ -444,7 +444,7 @@ impl RunningGateway {
     }
 }
 
-pub use cell_agent::server::wait_for_signal;
+pub use routing_rules::signal::wait_for_signal;
 
 /// `cellgate serve`: runs the gateway on its own runtime (`--workers`
 /// threads) until SIGTERM or Ctrl-C, then drains. Says where it listens on

@@ -34,6 +34,8 @@ pub mod net;
 pub mod rebalance;
 pub mod revision;
 #[cfg(feature = "client")]
+pub mod signal;
+#[cfg(feature = "client")]
 pub mod switchover;
 pub mod table;
 pub mod validate;

@@ -8,37 +8,26 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
 
 use routing_rules::Colour;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 use super::start::{
     data_dir_for, demo_rules, gateway_config, start_gateway, wait_replicated, write_secret,
 };
 use super::{seed_through, DemoConfig, DEMO_CELLS};
 
-/// How long an agent process may take to say where it listens.
-const SPAWN_WITHIN: Duration = Duration::from_secs(30);
-
 /// One agent process.
 struct AgentProcess {
     cell: &'static str,
     colour: Colour,
-    child: Child,
-    addr: SocketAddr,
-    pid_file: PathBuf,
-    /// The command that starts it again on the same addresses.
-    restart: String,
+    proc: crate::topology::Proc,
 }
 
 /// What the demo started (stopped again on failure and at the end).
 #[derive(Default)]
 struct Processes {
     agents: Vec<AgentProcess>,
-    gateway: Option<crate::RunningGateway>,
+    gateway: Option<gateway::RunningGateway>,
     created_dir: Option<PathBuf>,
     temporary: Option<PathBuf>,
 }
@@ -49,30 +38,12 @@ impl Processes {
             g.shutdown().await;
         }
         for mut a in self.agents {
-            stop_child(&mut a.child).await;
-            let _ = std::fs::remove_file(&a.pid_file);
+            a.proc.stop().await;
         }
         if let Some(dir) = self.created_dir.or(self.temporary) {
             super::start::remove_dir(&dir).await;
         }
     }
-}
-
-/// SIGTERM (the agent drains), then SIGKILL after 5 s.
-async fn stop_child(child: &mut Child) {
-    if let Some(pid) = child.id() {
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .await;
-        if tokio::time::timeout(Duration::from_secs(5), child.wait())
-            .await
-            .is_ok()
-        {
-            return;
-        }
-    }
-    let _ = child.kill().await;
 }
 
 /// The arguments of `cell-agent serve` for one agent of the demo.
@@ -103,69 +74,32 @@ fn agent_args(dir: &Path, cell: &str, colour: Colour, listen: &str, internal: &s
     .collect()
 }
 
-/// Starts one agent process on `addr` and `internal` and waits until it
-/// says it listens.
+/// Starts one agent process on `addr` and `internal` (this binary's
+/// hidden `cell-agent` subcommand, with a log and a pid file) and waits
+/// until it says it listens.
 async fn spawn_agent(
     dir: &Path,
     (cell, colour): (&'static str, Colour),
     addr: SocketAddr,
     internal: SocketAddr,
 ) -> anyhow::Result<AgentProcess> {
-    let exe = std::env::current_exe()?;
-    let logs = dir.join("logs");
+    let (logs, pids) = (dir.join("logs"), dir.join("pids"));
     std::fs::create_dir_all(&logs)?;
-    let log_path = logs.join(format!("{cell}-{}.log", colour.as_str()));
-    let log = std::fs::File::create(&log_path)?;
-    let args = agent_args(dir, cell, colour, &addr.to_string(), &internal.to_string());
-    let mut child = Command::new(&exe)
-        .args(&args)
-        .env(
-            "CELLGATE_LOG",
-            std::env::var("CELLGATE_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", exe.display()))?;
-    let stdout = child.stdout.take().expect("piped");
-    let mut lines = BufReader::new(stdout).lines();
-    let listening = async {
-        while let Some(line) = lines.next_line().await? {
-            if line.starts_with("internal listening on ") {
-                return Ok(());
-            }
-        }
-        anyhow::bail!("it exited")
-    };
-    if !matches!(
-        tokio::time::timeout(SPAWN_WITHIN, listening).await,
-        Ok(Ok(()))
-    ) {
-        let _ = child.kill().await;
-        anyhow::bail!(
-            "the {cell} {} agent did not start on {addr} (see {})",
-            colour.as_str(),
-            log_path.display()
-        );
-    }
-    let pids = dir.join("pids");
     std::fs::create_dir_all(&pids)?;
-    let pid_file = pids.join(format!("{cell}-{}.pid", colour.as_str()));
-    std::fs::write(&pid_file, format!("{}\n", child.id().unwrap_or(0)))?;
-    let restart = std::iter::once(exe.display().to_string())
-        .chain(args)
-        .collect::<Vec<_>>()
-        .join(" ");
-    Ok(AgentProcess {
-        cell,
-        colour,
-        child,
+    let file = format!("{cell}-{}", colour.as_str());
+    let mut proc = crate::topology::Proc::new(
+        format!("the {cell} {} agent", colour.as_str()),
+        Some(cell.to_string()),
+        agent_args(dir, cell, colour, &addr.to_string(), &internal.to_string()),
+        "internal listening on ",
+        (
+            pids.join(format!("{file}.pid")),
+            logs.join(format!("{file}.log")),
+        ),
         addr,
-        pid_file,
-        restart,
-    })
+    );
+    proc.start().await?;
+    Ok(AgentProcess { cell, colour, proc })
 }
 
 /// Runs `cellgate demo --processes` until Ctrl-C.
@@ -186,7 +120,7 @@ pub async fn run(cfg: &DemoConfig) -> anyhow::Result<u8> {
     // It started: an explicit --data-dir is kept at the end (a temporary
     // one is removed).
     started.created_dir = None;
-    crate::server::wait_for_signal().await;
+    routing_rules::signal::wait_for_signal().await;
     println!("stopping...");
     started.stop().await;
     Ok(0)
@@ -234,7 +168,7 @@ async fn start(cfg: &DemoConfig, started: &mut Processes) -> anyhow::Result<Path
     let agents: Vec<(String, Colour, SocketAddr)> = started
         .agents
         .iter()
-        .map(|a| (a.cell.to_string(), a.colour, a.addr))
+        .map(|a| (a.cell.to_string(), a.colour, a.proc.addr))
         .collect();
     let gw_cfg = gateway_config(cfg, rules_path.clone());
     let gateway = start_gateway(&mut started.gateway, gw_cfg, &agents).await?;
@@ -257,16 +191,16 @@ fn banner(dir: &Path, p: &Processes) -> String {
             "  {:<7} {:<5}  http://{}  pid {}  ({})\n",
             a.cell,
             a.colour.as_str(),
-            a.addr,
-            a.child.id().unwrap_or(0),
-            a.pid_file.display()
+            a.proc.addr,
+            a.proc.pid().unwrap_or(0),
+            a.proc.pid_file.display()
         ));
     }
     let pids = |cell: &str| {
         p.agents
             .iter()
             .filter(|a| a.cell == cell)
-            .map(|a| a.pid_file.display().to_string())
+            .map(|a| a.proc.pid_file.display().to_string())
             .collect::<Vec<_>>()
             .join(" ")
     };
@@ -277,7 +211,7 @@ fn banner(dir: &Path, p: &Processes) -> String {
         secret = dir.join("internal-secret").display(),
     ));
     for a in p.agents.iter().filter(|a| a.cell == "cell-a") {
-        s.push_str(&format!("  {} &\n", a.restart));
+        s.push_str(&format!("  {} &\n", a.proc.command_line()));
     }
     s.push_str(&format!(
         "\nAgent logs: {}\nPress Ctrl-C to stop everything.\n",

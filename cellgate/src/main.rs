@@ -1,4 +1,7 @@
-//! `cellgate`: the edge gateway of a unitized (multi-cell) deployment.
+//! `cellgate`: the edge gateway of a unitized (multi-cell) deployment, and
+//! (feature `demo`, on by default) the whole system on one machine. The
+//! gateway itself is the `gateway` library; the demo lives in `chaos`
+//! (see docs/architecture.md, "Crates").
 
 use std::process::ExitCode;
 
@@ -33,9 +36,11 @@ enum Command {
     /// replicated to its standby, until Ctrl-C; the rules in a file, or in
     /// etcd with --etcd. With --smoke, run a bounded workload and a
     /// switchover/failover drill, check them, and exit 0 or 1.
-    Demo(gateway::demo::DemoConfig),
+    #[cfg(feature = "demo")]
+    Demo(chaos::demo::DemoConfig),
     /// `cell-agent serve`, built into this binary: what `cellgate demo
     /// --processes` runs each agent as.
+    #[cfg(feature = "demo")]
     #[command(name = "cell-agent", hide = true)]
     CellAgent(Box<cell_agent::AgentConfig>),
 }
@@ -45,8 +50,9 @@ fn main() -> ExitCode {
     // The demo prints its own guide; keep its logs to warnings by default,
     // but say what each rules change changed (the gateway's reload line).
     let default_level = match cli.command {
+        #[cfg(feature = "demo")]
         Command::Demo(_) => "warn,gateway::control=info",
-        Command::Serve(_) | Command::CellAgent(_) => "info",
+        _ => "info",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -57,12 +63,13 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
+        #[cfg(feature = "demo")]
         Command::Demo(cfg) => {
             let result = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(gateway::demo::run(cfg)));
+                .and_then(|rt| rt.block_on(chaos::demo::run(cfg)));
             match result {
                 Ok(code) => ExitCode::from(code),
                 Err(e) => {
@@ -71,6 +78,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        #[cfg(feature = "demo")]
         Command::CellAgent(cfg) => match cell_agent::server::serve_until_signal(*cfg) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

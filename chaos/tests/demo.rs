@@ -1,6 +1,6 @@
 //! `cellgate demo`: the whole system in one process, and its smoke checks.
 
-use gateway::demo::{check_served_by, Demo, DemoConfig, SmokeReport};
+use chaos::demo::{check_served_by, Demo, DemoConfig, SmokeReport};
 use routing_rules::{parse_rules, RoutingTable};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,7 +37,7 @@ async fn the_demo_smoke_workload_passes() {
 
 #[test]
 fn the_smoke_checks_catch_a_wrong_cell_and_missing_money() {
-    let t = RoutingTable::compile(parse_rules(gateway::demo::DEMO_RULES).unwrap(), 0).unwrap();
+    let t = RoutingTable::compile(parse_rules(chaos::demo::DEMO_RULES).unwrap(), 0).unwrap();
     // alice's home is cell-c (docs/hash.md: slot 89).
     assert!(check_served_by(&t, "alice", "cell-c").is_ok());
     let err = check_served_by(&t, "alice", "cell-a").unwrap_err();

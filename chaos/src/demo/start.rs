@@ -13,7 +13,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 
 use super::{client, Demo, DemoConfig, DEMO_CELLS, DEMO_CLUSTER, DEMO_RULES};
-use crate::config::ServeConfig;
+use gateway::ServeConfig;
 
 /// How long a start waits for everything to be ready.
 const READY_WITHIN: Duration = Duration::from_secs(30);
@@ -40,7 +40,7 @@ pub(super) fn data_dir_for(cfg: &DemoConfig) -> (PathBuf, bool) {
 #[derive(Default)]
 pub(super) struct Started {
     agents: Vec<(String, Colour, cell_agent::RunningAgent)>,
-    gateway: Option<crate::RunningGateway>,
+    gateway: Option<gateway::RunningGateway>,
     /// The data directory, when this start created it.
     created_dir: Option<PathBuf>,
 }
@@ -72,22 +72,7 @@ pub(super) async fn remove_dir(dir: &Path) {
     }
 }
 
-/// Writes a fresh random cluster secret for cell-to-cell calls (mode
-/// 0600 where the platform has modes).
-pub(super) fn write_secret(path: &Path) -> anyhow::Result<()> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes)
-        .map_err(|e| anyhow::anyhow!("no randomness for the secret: {e}"))?;
-    let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::write(path, text)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
-    Ok(())
-}
+pub(super) use crate::topology::write_secret;
 
 /// The example rules with the instance (and internal) addresses replaced.
 pub fn demo_rules(
@@ -224,11 +209,11 @@ pub(super) fn gateway_config(cfg: &DemoConfig, rules: PathBuf) -> ServeConfig {
 /// Starts the gateway into `slot` (so a failed start can stop it) and waits
 /// until it and `agents` can take writes ([`wait_ready`]).
 pub(super) async fn start_gateway<'a>(
-    slot: &'a mut Option<crate::RunningGateway>,
+    slot: &'a mut Option<gateway::RunningGateway>,
     gw_cfg: ServeConfig,
     agents: &[(String, Colour, SocketAddr)],
-) -> anyhow::Result<&'a crate::RunningGateway> {
-    let gateway = slot.insert(crate::start(gw_cfg, prometheus::Registry::new()).await?);
+) -> anyhow::Result<&'a gateway::RunningGateway> {
+    let gateway = slot.insert(gateway::start(gw_cfg, prometheus::Registry::new()).await?);
     wait_ready(agents, gateway).await?;
     Ok(gateway)
 }
@@ -239,7 +224,7 @@ pub(super) async fn start_gateway<'a>(
 /// is not refused as `fenced` or routed around a cell that is starting.
 async fn wait_ready(
     agents: &[(String, Colour, SocketAddr)],
-    gateway: &crate::RunningGateway,
+    gateway: &gateway::RunningGateway,
 ) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + READY_WITHIN;
     let client = client();
@@ -271,7 +256,7 @@ async fn wait_ready(
     }
     loop {
         let gen = gateway.control.current();
-        let now = crate::upstream::now_ms();
+        let now = gateway::upstream::now_ms();
         let down: Vec<String> = (0..gen.table.cells().len())
             .flat_map(|idx| Colour::ALL.into_iter().map(move |c| (idx, c)))
             .filter(|&(idx, c)| !gen.group(idx as routing_rules::CellIdx, c).any_up(now))

@@ -74,7 +74,7 @@ pub const DEMO_CLUSTER: &str = "demo";
 /// A running demo.
 pub struct Demo {
     /// The gateway.
-    pub gateway: crate::RunningGateway,
+    pub gateway: gateway::RunningGateway,
     /// The agents, `(cell, colour, agent)`.
     pub agents: Vec<(String, Colour, cell_agent::RunningAgent)>,
     /// Data directory.
@@ -343,7 +343,7 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<u8> {
         return Ok(if ok { 0 } else { 1 });
     }
     println!("{}", demo.banner());
-    crate::server::wait_for_signal().await;
+    routing_rules::signal::wait_for_signal().await;
     println!("stopping...");
     demo.stop().await;
     Ok(0)
