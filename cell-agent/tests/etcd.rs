@@ -136,9 +136,14 @@ async fn rules_from_etcd_registration_and_self_fencing() {
         StatusCode::MISDIRECTED_REQUEST
     );
 
-    // etcd goes away: within the lease TTL the agent fences itself —
-    // writes are refused, reads go on.
+    // etcd goes away: writes stay open while the lease could still be
+    // valid at etcd (2/3 of the TTL after the last renewal: ≥ 1 s here),
+    // then, within the lease TTL, the agent fences itself — writes are
+    // refused, reads go on.
     etcd.kill();
+    let lost = std::time::Instant::now();
+    let r = deposit(&client, agent.addr, &user, 5, "just-after-etcd-died").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
     wait_until("the agent to fence itself", Duration::from_secs(10), || {
         let (client, user) = (client.clone(), user.clone());
         async move {
@@ -149,6 +154,11 @@ async fn rules_from_etcd_registration_and_self_fencing() {
         }
     })
     .await;
+    let fenced_after = lost.elapsed();
+    assert!(
+        fenced_after >= Duration::from_millis(800) && fenced_after <= Duration::from_secs(3),
+        "fenced {fenced_after:?} after etcd died (the lease could lapse 1.33 s after its last renewal)"
+    );
     // (Writes made before the fence, while the lease was still valid, count.)
     let fenced_balance = balance(&client, agent.addr, &user).await;
     let r = deposit(&client, agent.addr, &user, 5, "refused").await;

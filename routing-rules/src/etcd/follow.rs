@@ -102,8 +102,12 @@ pub async fn follow_rules(
 
 /// Keeps `key` registered with the latest value of `value` under a lease of
 /// `ttl_s` seconds, re-granting after a loss, until `stop` flips.
-/// `on_lease` reports whether the lease is held (false as soon as a
-/// keep-alive fails or the lease expires) — cell agents fence themselves on it.
+/// `on_lease` reports whether the lease is held — cell agents fence
+/// themselves on it. When the connection to etcd fails, the lease is still
+/// reported held until it could lapse at etcd (2/3 of the TTL after the last
+/// acknowledged renewal; a renewal is acknowledged after etcd restarted the
+/// lease's clock), so a short etcd outage does not stop writes; false at once
+/// when etcd says the lease expired.
 pub async fn keep_registered(
     endpoints: Vec<String>,
     cluster: String,
@@ -114,87 +118,159 @@ pub async fn keep_registered(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(format!("registration of {key}"));
+    let ttl = std::time::Duration::from_secs(ttl_s as u64);
+    // After a failed session: when the old lease could lapse at etcd.
+    let mut fence_at: Option<tokio::time::Instant> = None;
+    // The last acknowledged renewal of any session.
+    let mut last_ack: Option<tokio::time::Instant> = None;
     loop {
         if *stop.borrow() {
             return;
         }
-        let session = async {
-            let mut cp = ControlPlane::connect(&endpoints, &cluster).await?;
-            let lease = cp
-                .client()
-                .lease_grant(ttl_s, None)
-                .await
-                .map_err(|e| cp.err(e))?
-                .id();
-            let (mut keeper, mut acks) = cp
-                .client()
-                .lease_keep_alive(lease)
-                .await
-                .map_err(|e| cp.err(e))?;
-            let put = |v: String| {
-                etcd_client::TxnOp::put(
-                    key.clone(),
-                    v,
-                    Some(etcd_client::PutOptions::new().with_lease(lease)),
-                )
-            };
-            let current = value.borrow_and_update().clone();
-            cp.client()
-                .txn(Txn::new().and_then(vec![put(current)]))
-                .await
-                .map_err(|e| cp.err(e))?;
-            on_lease(true);
-            backoff.ok();
-            // Renew well inside the TTL, and give the lease up (fence)
-            // before the server could expire it: if no renewal has been
-            // acknowledged for 2/3 of the TTL, this session is over.
-            let ttl = std::time::Duration::from_secs(ttl_s as u64);
-            let mut tick =
-                tokio::time::interval((ttl / 6).max(std::time::Duration::from_millis(50)));
-            let mut last_ack = tokio::time::Instant::now();
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => {
-                        let _ = cp.client().lease_revoke(lease).await;
-                        return Ok::<(), ControlError>(());
-                    }
-                    _ = tick.tick() => {
-                        if last_ack.elapsed() >= ttl * 2 / 3 {
-                            return Err(ControlError::NotFound("the lease was not renewed in time".into()));
+        let granted = std::sync::atomic::AtomicBool::new(false);
+        let result = {
+            let session = session(
+                (&endpoints, &cluster, &key),
+                &mut value,
+                ttl,
+                (&on_lease, &granted, &mut last_ack),
+                &mut stop,
+            );
+            tokio::pin!(session);
+            match fence_at.take() {
+                Some(at) => tokio::select! {
+                    r = &mut session => r,
+                    _ = tokio::time::sleep_until(at) => {
+                        if !granted.load(std::sync::atomic::Ordering::Acquire) {
+                            on_lease(false);
                         }
-                        let renewed = tokio::time::timeout(ttl / 6, keeper.keep_alive()).await;
-                        match renewed {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => return Err(cp.err(e)),
-                            Err(_) => return Err(ControlError::NotFound("lease keep-alive timed out".into())),
-                        }
+                        session.await
                     }
-                    ack = acks.message() => {
-                        match ack.map_err(|e| cp.err(e))? {
-                            Some(a) if a.ttl() > 0 => {
-                                last_ack = tokio::time::Instant::now();
-                                on_lease(true);
-                            }
-                            _ => return Err(ControlError::NotFound("the lease expired".into())),
-                        }
-                    }
-                    changed = value.changed() => {
-                        if changed.is_err() {
-                            return Ok(());
-                        }
-                        let v = value.borrow_and_update().clone();
-                        cp.client().txn(Txn::new().and_then(vec![put(v)])).await.map_err(|e| cp.err(e))?;
-                    }
-                }
+                },
+                None => session.await,
             }
         };
-        match session.await {
+        let e = match result {
             Ok(()) => return,
-            Err(e) => {
-                on_lease(false);
-                if !backoff.pause(&e.to_string(), &mut stop).await {
-                    return;
+            Err(e) => e,
+        };
+        if granted.load(std::sync::atomic::Ordering::Acquire) {
+            backoff.ok();
+        }
+        let expired = matches!(&e, ControlError::NotFound(m) if m == "the lease expired");
+        let now = tokio::time::Instant::now();
+        fence_at = last_ack
+            .map(|t| t + ttl * 2 / 3)
+            .filter(|at| *at > now && !expired);
+        match fence_at {
+            None => on_lease(false),
+            // Said once, when a session that held the lease fails.
+            Some(at) if granted.load(std::sync::atomic::Ordering::Acquire) => tracing::warn!(
+                error = %e,
+                writes_for_ms = (at - now).as_millis() as u64,
+                "lost the control plane: writes stay open until the lease could lapse"
+            ),
+            Some(_) => {}
+        }
+        let why = e.to_string();
+        let pause = backoff.pause(&why, &mut stop);
+        tokio::pin!(pause);
+        let go_on = match fence_at {
+            Some(at) => tokio::select! {
+                c = &mut pause => c,
+                _ = tokio::time::sleep_until(at) => {
+                    on_lease(false);
+                    fence_at = None;
+                    pause.await
                 }
+            },
+            None => pause.await,
+        };
+        if !go_on {
+            return;
+        }
+    }
+}
+
+/// One registration session: grants a lease, registers `key` under it,
+/// renews it until an error (or `stop`: `Ok`). Records when a renewal was
+/// last acknowledged, and that a lease was granted.
+async fn session(
+    (endpoints, cluster, key): (&[String], &str, &str),
+    value: &mut tokio::sync::watch::Receiver<String>,
+    ttl: std::time::Duration,
+    (on_lease, granted, last_ack_out): (
+        &(impl Fn(bool) + Send),
+        &std::sync::atomic::AtomicBool,
+        &mut Option<tokio::time::Instant>,
+    ),
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ControlError> {
+    let mut cp = ControlPlane::connect(endpoints, cluster).await?;
+    let lease = cp
+        .client()
+        .lease_grant(ttl.as_secs() as i64, None)
+        .await
+        .map_err(|e| cp.err(e))?
+        .id();
+    let (mut keeper, mut acks) = cp
+        .client()
+        .lease_keep_alive(lease)
+        .await
+        .map_err(|e| cp.err(e))?;
+    let put = |v: String| {
+        etcd_client::TxnOp::put(
+            key.to_string(),
+            v,
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+    };
+    let current = value.borrow_and_update().clone();
+    cp.client()
+        .txn(Txn::new().and_then(vec![put(current)]))
+        .await
+        .map_err(|e| cp.err(e))?;
+    let mut last_ack = tokio::time::Instant::now();
+    *last_ack_out = Some(last_ack);
+    granted.store(true, std::sync::atomic::Ordering::Release);
+    on_lease(true);
+    // Renew well inside the TTL, and give the lease up (fence) before the
+    // server could expire it: if no renewal has been acknowledged for 2/3
+    // of the TTL, this session is over.
+    let mut tick = tokio::time::interval((ttl / 6).max(std::time::Duration::from_millis(50)));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => {
+                let _ = cp.client().lease_revoke(lease).await;
+                return Ok(());
+            }
+            _ = tick.tick() => {
+                if last_ack.elapsed() >= ttl * 2 / 3 {
+                    return Err(ControlError::NotFound("the lease was not renewed in time".into()));
+                }
+                let renewed = tokio::time::timeout(ttl / 6, keeper.keep_alive()).await;
+                match renewed {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(cp.err(e)),
+                    Err(_) => return Err(ControlError::NotFound("lease keep-alive timed out".into())),
+                }
+            }
+            ack = acks.message() => {
+                match ack.map_err(|e| cp.err(e))? {
+                    Some(a) if a.ttl() > 0 => {
+                        last_ack = tokio::time::Instant::now();
+                        *last_ack_out = Some(last_ack);
+                        on_lease(true);
+                    }
+                    _ => return Err(ControlError::NotFound("the lease expired".into())),
+                }
+            }
+            changed = value.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let v = value.borrow_and_update().clone();
+                cp.client().txn(Txn::new().and_then(vec![put(v)])).await.map_err(|e| cp.err(e))?;
             }
         }
     }
