@@ -58,26 +58,11 @@ fn digest(body: &[u8]) -> Option<String> {
     Some(s)
 }
 
-/// Every shard's replication state as recorded (in-sync, degraded, ...).
-fn replication_states(records: &[(String, PathBuf)]) -> String {
-    records
-        .iter()
-        .map(|(cell, path)| {
-            let state = std::fs::read_to_string(path)
-                .ok()
-                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-                .and_then(|r| r["state"].as_str().map(str::to_string))
-                .unwrap_or_else(|| "none".into());
-            format!(" {cell}={state}")
-        })
-        .collect()
-}
-
 /// Probes the gateway's health and the shards' replication records every
 /// 100 ms until `stop`.
 async fn probe(
     admin: std::net::SocketAddr,
-    records: Vec<(String, PathBuf)>,
+    (cells, mut records): (Vec<String>, crate::topology::Records),
     start: Instant,
     stop: Arc<AtomicBool>,
 ) -> Vec<Probe> {
@@ -85,13 +70,25 @@ async fn probe(
     let url = format!("http://{admin}/admin/health");
     let mut out = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut known = vec![String::from("unknown"); cells.len()];
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
         let mut digest = match crate::http::get(&client, &url).await {
             Some((200, body)) => digest(&body).unwrap_or_else(|| "unreadable".into()),
             _ => "gateway-down".into(),
         };
-        digest.push_str(&replication_states(&records));
+        for (c, last) in cells.iter().zip(known.iter_mut()) {
+            // A record that cannot be read now (etcd down) is not a
+            // change: the last one read stands.
+            if let Some(state) = records
+                .get(c)
+                .await
+                .and_then(|r| r["state"].as_str().map(str::to_string))
+            {
+                *last = state;
+            }
+            digest.push_str(&format!(" {c}={last}"));
+        }
         out.push(Probe {
             at_ms: start.elapsed().as_millis() as u64,
             digest,
@@ -161,16 +158,7 @@ impl Drill {
         let topo = Topology::start(s, &data).await?;
         let homes = home_cells(&topo.rules, s.workload.users)?;
         let (gateway, admin) = (topo.gateway(), topo.admin);
-        let records: Vec<(String, PathBuf)> = topo
-            .cells
-            .iter()
-            .map(|c| {
-                (
-                    c.clone(),
-                    routing_rules::switchover::record_path(&topo.rules, c),
-                )
-            })
-            .collect();
+        let records = (topo.cells.clone(), topo.records());
         let topo = Arc::new(Mutex::new(topo));
 
         let stop = Arc::new(AtomicBool::new(false));

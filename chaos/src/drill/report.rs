@@ -14,7 +14,7 @@ use super::timeline::Event;
 use super::{Drill, Probe};
 use crate::offline::OfflineReport;
 use crate::scenario::Expect;
-use crate::workload::{Outcome, Recording, RpoReport};
+use crate::workload::{OpKind, Outcome, Recording, RpoReport};
 
 /// What [`Report::build`] reads.
 pub(crate) struct Inputs<'a> {
@@ -35,7 +35,8 @@ pub(crate) struct Inputs<'a> {
 pub struct CellImpact {
     /// The cell.
     pub cell: String,
-    /// The longest time this cell's users went without an acknowledgement,
+    /// The longest time this cell's users went without an acknowledged
+    /// write (any acknowledgement when the workload has no writes),
     /// from the fault to the end of the step's window (the fault's end +
     /// 3 s, or the next step), ms: the recovery time (`None`: nothing acknowledged in the
     /// window).
@@ -179,8 +180,11 @@ fn impact(inp: &Inputs, (from, until): (u64, u64), cell: &str) -> CellImpact {
         .collect();
     // RTO: the longest time, from the fault to the end of its window,
     // that the cell's users went without an acknowledgement.
+    // Writes, when there are any: reads may go on while writes stop.
+    let writes = ops.iter().any(|o| o.kind == OpKind::Deposit);
     let mut acks: Vec<u64> = ops
         .iter()
+        .filter(|o| !writes || o.kind == OpKind::Deposit)
         .filter_map(|o| o.acked_ms)
         .filter(|&a| a >= from && a <= until)
         .collect();

@@ -132,7 +132,7 @@ async fn apply(action: &Action, topo: &Mutex<Topology>) -> anyhow::Result<String
                 cell: cell.clone(),
                 to: to.clone(),
                 catch_up_timeout: Duration::from_secs(5),
-                etcd: None,
+                etcd: t.etcd.clone(),
             };
             drop(t);
             let out = routing_rules::switchover::run(&req, secret).await?;
@@ -148,7 +148,7 @@ async fn apply(action: &Action, topo: &Mutex<Topology>) -> anyhow::Result<String
                 cell: cell.clone(),
                 to: to.clone(),
                 force: false,
-                etcd: None,
+                etcd: t.etcd.clone(),
             };
             drop(t);
             let out = routing_rules::switchover::failover(&req, secret).await?;
@@ -156,12 +156,13 @@ async fn apply(action: &Action, topo: &Mutex<Topology>) -> anyhow::Result<String
         }
         Action::Failback { cell } => return failback(cell, t).await,
         Action::Split { cell, green_bp } => {
-            let rules = t.rules.clone();
+            let (rules, etcd) = (t.rules.clone(), t.etcd.clone());
             drop(t);
-            let rev = routing_rules::switchover::edit_rules_file(&rules, |text| {
+            let rev = crate::topology::control::edit_rules(&rules, etcd.as_ref(), |text| {
                 routing_rules::edit::set_split(text, cell, *green_bp)
                     .map_err(|e| anyhow::anyhow!("{e}"))
-            })?;
+            })
+            .await?;
             return Ok(match rev {
                 Some(r) => format!("revision {r}"),
                 None => "no change".into(),
@@ -198,12 +199,10 @@ async fn failback(
     .await;
     seeded.map_err(|e| anyhow::anyhow!("cannot seed {cell}'s copy from its host's: {e}"))?;
     restarted?;
-    let record = routing_rules::switchover::record_path(&t.rules, cell);
+    let mut records = t.records();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let r: Option<serde_json::Value> = std::fs::read_to_string(&record)
-            .ok()
-            .and_then(|x| serde_json::from_str(&x).ok());
+        let r = records.get(cell).await;
         if r.as_ref()
             .is_some_and(|r| r["state"] == "in-sync" && r["standby"] == cell)
         {
@@ -223,7 +222,7 @@ async fn failback(
         cell: cell.to_string(),
         to: cell.to_string(),
         catch_up_timeout: Duration::from_secs(5),
-        etcd: None,
+        etcd: t.etcd.clone(),
     };
     drop(t);
     let out = routing_rules::switchover::failback(&req, secret).await?;

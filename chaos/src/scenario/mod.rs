@@ -11,7 +11,7 @@ mod step;
 use step::{step, StepFile};
 
 /// Scenario files built into `cellchaos` (`cellchaos list`).
-pub const BUILT_IN: [(&str, &str); 8] = [
+pub const BUILT_IN: [(&str, &str); 9] = [
     (
         "switchover",
         include_str!("../../scenarios/switchover.toml"),
@@ -41,6 +41,7 @@ pub const BUILT_IN: [(&str, &str); 8] = [
         "rules-flapping",
         include_str!("../../scenarios/rules-flapping.toml"),
     ),
+    ("etcd-loss", include_str!("../../scenarios/etcd-loss.toml")),
 ];
 
 /// A scenario as written.
@@ -85,12 +86,26 @@ pub enum Expect {
     Fail,
 }
 
+/// Where the rules (and the shards' replication records) live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ControlPlane {
+    /// A rules file every process follows.
+    #[default]
+    File,
+    /// An etcd the drill starts (Debian's `etcd`), a target of steps.
+    Etcd,
+}
+
 /// The topology a drill starts: one gateway and `cells` cells × blue and
 /// green agents, each cell's shard replicated to its standby (the next
-/// cell), the rules in a file.
+/// cell), the rules in a file or in etcd.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Topology {
+    /// The control plane.
+    #[serde(default)]
+    pub control_plane: ControlPlane,
     /// Cells (2..=6), named `cell-a`, `cell-b`, ...
     #[serde(default = "default_cells")]
     pub cells: usize,
@@ -126,6 +141,7 @@ fn default_sync_timeout() -> u64 {
 impl Default for Topology {
     fn default() -> Self {
         Topology {
+            control_plane: ControlPlane::File,
             cells: default_cells(),
             slots: default_slots(),
             health_interval_ms: default_health_ms(),
@@ -186,6 +202,8 @@ pub enum Target {
     Cell(String),
     /// The gateway.
     Gateway,
+    /// The etcd of the control plane.
+    Etcd,
 }
 
 impl std::fmt::Display for Target {
@@ -194,6 +212,7 @@ impl std::fmt::Display for Target {
             Target::Agent(c, col) => write!(f, "{c}/{}", col.as_str()),
             Target::Cell(c) => f.write_str(c),
             Target::Gateway => f.write_str("gateway"),
+            Target::Etcd => f.write_str("etcd"),
         }
     }
 }
@@ -311,7 +330,7 @@ impl Action {
             Action::Kill { target } | Action::Freeze { target } | Action::Restart { target } => {
                 match target {
                     Target::Agent(c, _) | Target::Cell(c) => with_primary(c),
-                    Target::Gateway => cells.to_vec(),
+                    Target::Gateway | Target::Etcd => cells.to_vec(),
                 }
             }
             Action::Link {
@@ -520,6 +539,25 @@ impl Scenario {
             steps.extend(expanded);
         }
         steps.sort_by_key(|s| s.at);
+        if f.topology.control_plane != ControlPlane::Etcd {
+            if let Some(s) = steps.iter().find(|s| {
+                matches!(
+                    &s.action,
+                    Action::Kill {
+                        target: Target::Etcd
+                    } | Action::Freeze {
+                        target: Target::Etcd
+                    } | Action::Restart {
+                        target: Target::Etcd
+                    }
+                )
+            }) {
+                return Err(format!(
+                    "the step \"{}\" targets etcd, but the topology's control plane is the rules file: set topology.control_plane = \"etcd\"",
+                    s.action.describe()
+                ));
+            }
+        }
         let bounds = Bounds {
             max_rto: match &f.bounds.max_rto {
                 Some(s) => Some(duration("bounds.max_rto", s)?),

@@ -51,9 +51,11 @@ fn agent(cells: &[String], what: &str, s: &str) -> Result<(String, routing_rules
 fn target(cells: &[String], s: &Option<String>) -> Result<Target, String> {
     let s = s
         .as_deref()
-        .ok_or("needs target (\"gateway\", \"CELL\" or \"CELL/COLOUR\")")?;
+        .ok_or("needs target (\"gateway\", \"etcd\", \"CELL\" or \"CELL/COLOUR\")")?;
     if s == "gateway" {
         Ok(Target::Gateway)
+    } else if s == "etcd" {
+        Ok(Target::Etcd)
     } else if s.contains('/') {
         let (c, col) = agent(cells, "target", s)?;
         Ok(Target::Agent(c, col))

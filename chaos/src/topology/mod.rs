@@ -13,196 +13,27 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use routing_rules::Colour;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 use crate::fault_proxy::{Fault, FaultProxy};
-use crate::scenario::{Link, Scenario, Target};
+use crate::scenario::{ControlPlane, Link, Scenario, Target};
+use routing_rules::switchover::EtcdTarget;
+
+pub mod control;
+mod process;
+mod setup;
+
+pub use control::Records;
+pub use process::Proc;
+pub use setup::drill_rules;
+pub(crate) use setup::{free_port, write_secret};
 
 /// How long a process may take to say where it listens, and the whole
 /// topology to be ready.
-const START_WITHIN: Duration = Duration::from_secs(30);
-
-/// One process of the topology.
-pub struct Proc {
-    /// `cell-a/blue` or `gateway`.
-    pub name: String,
-    /// Its cell (`None`: the gateway).
-    pub cell: Option<String>,
-    args: Vec<String>,
-    child: Option<Child>,
-    /// The line on stdout that says it is listening.
-    ready_line: &'static str,
-    /// Where its pid is written (for anyone who wants to fault it by hand).
-    pub pid_file: PathBuf,
-    /// Its log (stderr).
-    pub log: PathBuf,
-    /// Its public address (proxy listener for the gateway).
-    pub addr: SocketAddr,
-    /// Frozen with SIGSTOP.
-    pub frozen: bool,
-}
-
-impl Proc {
-    /// A process of this binary run with `args` (its first one the hidden
-    /// subcommand), ready once a stdout line starts with `ready_line`; not
-    /// started yet ([`Proc::start`]).
-    pub(crate) fn new(
-        name: String,
-        cell: Option<String>,
-        args: Vec<String>,
-        ready_line: &'static str,
-        (pid_file, log): (PathBuf, PathBuf),
-        addr: SocketAddr,
-    ) -> Proc {
-        Proc {
-            name,
-            cell,
-            args,
-            child: None,
-            ready_line,
-            pid_file,
-            log,
-            addr,
-            frozen: false,
-        }
-    }
-
-    /// The command line that starts it (this binary and its arguments).
-    pub fn command_line(&self) -> String {
-        let exe = std::env::current_exe()
-            .map(|e| e.display().to_string())
-            .unwrap_or_else(|_| "cellchaos".into());
-        std::iter::once(exe)
-            .chain(self.args.iter().cloned())
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-
-    /// Its pid while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(|c| c.id())
-    }
-
-    /// True while started (not killed or stopped).
-    pub fn running(&self) -> bool {
-        self.child.is_some()
-    }
-
-    async fn spawn(&mut self) -> Result<()> {
-        let exe = std::env::current_exe()?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .with_context(|| format!("cannot open {}", self.log.display()))?;
-        let mut child = Command::new(&exe)
-            .args(&self.args)
-            .env(
-                "CELLGATE_LOG",
-                std::env::var("CELLGATE_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {}", exe.display()))?;
-        let stdout = child.stdout.take().expect("piped");
-        let mut lines = BufReader::new(stdout).lines();
-        let ready_line = self.ready_line;
-        let listening = async {
-            while let Some(line) = lines.next_line().await? {
-                if line.starts_with(ready_line) {
-                    return Ok(lines);
-                }
-            }
-            bail!("it exited")
-        };
-        match tokio::time::timeout(START_WITHIN, listening).await {
-            Ok(Ok(mut rest)) => {
-                // Keep reading stdout so the process never blocks on it.
-                tokio::spawn(async move { while let Ok(Some(_)) = rest.next_line().await {} });
-            }
-            _ => {
-                let _ = child.kill().await;
-                bail!(
-                    "{} did not start on {} within {} s (see {})",
-                    self.name,
-                    self.addr,
-                    START_WITHIN.as_secs(),
-                    self.log.display()
-                );
-            }
-        }
-        std::fs::write(&self.pid_file, format!("{}\n", child.id().unwrap_or(0)))?;
-        self.child = Some(child);
-        self.frozen = false;
-        Ok(())
-    }
-
-    async fn signal(&self, sig: &str) {
-        if let Some(pid) = self.pid() {
-            let _ = Command::new("kill")
-                .args([sig, &pid.to_string()])
-                .status()
-                .await;
-        }
-    }
-
-    /// SIGKILL; waits until it is gone.
-    pub async fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill().await;
-            let _ = std::fs::remove_file(&self.pid_file);
-        }
-        self.frozen = false;
-    }
-
-    /// SIGSTOP.
-    pub async fn freeze(&mut self) {
-        if self.running() && !self.frozen {
-            self.signal("-STOP").await;
-            self.frozen = true;
-        }
-    }
-
-    /// SIGCONT.
-    pub async fn thaw(&mut self) {
-        if self.frozen {
-            self.signal("-CONT").await;
-            self.frozen = false;
-        }
-    }
-
-    /// SIGTERM (a clean drain), SIGKILL after 5 s.
-    pub async fn stop(&mut self) {
-        self.thaw().await;
-        self.signal("-TERM").await;
-        if let Some(mut c) = self.child.take() {
-            if tokio::time::timeout(Duration::from_secs(5), c.wait())
-                .await
-                .is_err()
-            {
-                let _ = c.kill().await;
-            }
-            let _ = std::fs::remove_file(&self.pid_file);
-        }
-    }
-
-    /// Starts it again on the same addresses (after a kill or stop).
-    pub async fn start(&mut self) -> Result<()> {
-        if self.running() {
-            return Ok(());
-        }
-        self.spawn().await
-    }
-}
+pub(crate) const START_WITHIN: Duration = Duration::from_secs(30);
 
 /// A started topology.
 pub struct Topology {
@@ -220,77 +51,8 @@ pub struct Topology {
     pub admin: SocketAddr,
     /// Fault proxies by link (as the scenario names it).
     pub proxies: BTreeMap<String, Vec<FaultProxy>>,
-}
-
-/// A free loopback port below the kernel's ephemeral range: a process
-/// that is killed and started again must find its port still free, and
-/// the drill's own outgoing connections (thousands of them) take their
-/// local ports from the ephemeral range only.
-fn free_port() -> Result<SocketAddr> {
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|t| {
-            t.split_whitespace()
-                .next()
-                .and_then(|p| p.parse::<u16>().ok())
-        })
-        .unwrap_or(32_768);
-    let (from, to) = (10_000u16, low.max(10_001));
-    for _ in 0..200 {
-        let mut b = [0u8; 2];
-        getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-        let port = from + u16::from_le_bytes(b) % (to - from);
-        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            return Ok(l.local_addr()?);
-        }
-    }
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-/// The rules of a drill topology: even slot ranges, each cell failing over
-/// to the next ones in a ring (the next is its standby), green at 50 %.
-pub fn drill_rules(
-    cells: &[String],
-    slots: u32,
-    public: &BTreeMap<(String, Colour), SocketAddr>,
-    internal: &BTreeMap<String, Vec<SocketAddr>>,
-) -> String {
-    let mut s = format!(
-        "# written by cellchaos drill\nrevision = 1\nhash = \"xxh64\"\nslots = {slots}\n\n[key]\nsource = \"header\"\nname = \"x-user-id\"\non_missing = \"reject\"\n"
-    );
-    let n = cells.len();
-    let list = |v: &[SocketAddr]| {
-        v.iter()
-            .map(|a| format!("\"{a}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    for (i, c) in cells.iter().enumerate() {
-        let failover: Vec<String> = (1..n)
-            .map(|k| format!("\"{}\"", cells[(i + k) % n]))
-            .collect();
-        s.push_str(&format!(
-            "\n[cells.{c}]\nfailover_policy = \"auto\"\nfailover = [{}]\nblue = [{}]\ngreen = [{}]\ninternal = [{}]\nsplit = {{ green = \"50%\", seed = {} }}\n",
-            failover.join(", "),
-            list(&[public[&(c.clone(), Colour::Blue)]]),
-            list(&[public[&(c.clone(), Colour::Green)]]),
-            list(&internal[c]),
-            i + 1
-        ));
-    }
-    let per = slots / n as u32;
-    for (i, c) in cells.iter().enumerate() {
-        let from = per * i as u32;
-        let to = if i + 1 == n {
-            slots - 1
-        } else {
-            per * (i as u32 + 1) - 1
-        };
-        s.push_str(&format!(
-            "\n[[ranges]]\nfrom = {from}\nto = {to}\ncell = \"{c}\"\n"
-        ));
-    }
-    s
+    /// The etcd every process follows (`None`: the rules file).
+    pub etcd: Option<EtcdTarget>,
 }
 
 /// The links the scenario's steps fault.
@@ -358,6 +120,62 @@ impl Topology {
 
         let path = |p: PathBuf| p.display().to_string();
         let mut procs = Vec::new();
+        // The control plane: the rules file, or an etcd started first.
+        let etcd = match s.topology.control_plane {
+            ControlPlane::File => None,
+            ControlPlane::Etcd => {
+                let (client, peer) = (free_port()?, free_port()?);
+                let (url, peer_url) = (format!("http://{client}"), format!("http://{peer}"));
+                let args: Vec<String> = [
+                    "--name",
+                    "drill",
+                    "--data-dir",
+                    &path(dir.join("etcd")),
+                    "--listen-client-urls",
+                    &url,
+                    "--advertise-client-urls",
+                    &url,
+                    "--listen-peer-urls",
+                    &peer_url,
+                    "--initial-advertise-peer-urls",
+                    &peer_url,
+                    "--initial-cluster",
+                    &format!("drill={peer_url}"),
+                    "--log-level",
+                    "warn",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                procs.push(
+                    Proc::new(
+                        "etcd".into(),
+                        None,
+                        args,
+                        "",
+                        (
+                            dir.join("pids").join("etcd.pid"),
+                            dir.join("logs").join("etcd.log"),
+                        ),
+                        client,
+                    )
+                    .with_program(PathBuf::from("etcd"), process::Ready::EtcdHealth(client)),
+                );
+                Some(EtcdTarget {
+                    endpoints: vec![url],
+                    cluster: control::CLUSTER.into(),
+                })
+            }
+        };
+        let follow: Vec<String> = match &etcd {
+            None => vec!["--rules".into(), path(rules.clone())],
+            Some(t) => vec![
+                "--etcd".into(),
+                t.endpoints.join(","),
+                "--cluster".into(),
+                t.cluster.clone(),
+            ],
+        };
         for (c, colour, addr, int) in agents {
             let name = format!("{c}/{}", colour.as_str());
             let file = format!("{c}-{}", colour.as_str());
@@ -369,8 +187,6 @@ impl Topology {
                 colour.as_str(),
                 "--db",
                 &path(dir.join(format!("{c}.db"))),
-                "--rules",
-                &path(rules.clone()),
                 "--listen",
                 &addr.to_string(),
                 "--internal-listen",
@@ -385,6 +201,7 @@ impl Topology {
             ]
             .iter()
             .map(|s| s.to_string())
+            .chain(follow.clone())
             .collect();
             procs.push(Proc::new(
                 name,
@@ -401,8 +218,6 @@ impl Topology {
         let (gw, admin) = (free_port()?, free_port()?);
         let mut gw_args: Vec<String> = [
             "gateway",
-            "--rules",
-            &path(rules.clone()),
             "--listen",
             &gw.to_string(),
             "--admin",
@@ -420,7 +235,11 @@ impl Topology {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(follow.clone())
         .collect();
+        if etcd.is_some() {
+            gw_args.extend(["--state-dir".into(), path(dir.join("gateway-state"))]);
+        }
         if let Some(ms) = s.topology.auto_failover_after_ms {
             gw_args.extend([
                 "--auto-failover".into(),
@@ -447,31 +266,47 @@ impl Topology {
             procs,
             admin,
             proxies,
+            etcd,
         };
-        if let Err(e) = t.start_all().await {
+        if let Err(e) = t.start_all(&text).await {
             t.stop().await;
             return Err(e);
         }
         Ok(t)
     }
 
-    async fn start_all(&mut self) -> Result<()> {
+    async fn start_all(&mut self, rules: &str) -> Result<()> {
         for p in &mut self.procs {
             p.start().await?;
+            if p.name == "etcd" {
+                if let Some(t) = &self.etcd {
+                    control::publish(t, rules).await?;
+                }
+            }
         }
         self.wait_ready().await
     }
 
     /// The gateway's proxy address.
     pub fn gateway(&self) -> SocketAddr {
-        self.procs.last().expect("a gateway").addr
+        self.procs
+            .iter()
+            .find(|p| p.name == "gateway")
+            .expect("a gateway")
+            .addr
+    }
+
+    /// A reader of the shards' replication records.
+    pub fn records(&self) -> Records {
+        Records::new(&self.rules, self.etcd.clone())
     }
 
     /// The processes a target names.
     pub fn procs_mut(&mut self, target: &Target) -> impl Iterator<Item = &mut Proc> {
         let target = target.clone();
         self.procs.iter_mut().filter(move |p| match &target {
-            Target::Gateway => p.cell.is_none(),
+            Target::Gateway => p.name == "gateway",
+            Target::Etcd => p.name == "etcd",
             Target::Cell(c) => p.cell.as_deref() == Some(c.as_str()),
             Target::Agent(c, col) => p.name == format!("{c}/{}", col.as_str()),
         })
@@ -530,14 +365,14 @@ impl Topology {
     }
 
     /// Waits until every cell's shard is recorded in sync with its standby
-    /// (false at `deadline`).
+    /// (an error at `deadline`).
     pub async fn wait_in_sync(&self, deadline: tokio::time::Instant) -> Result<()> {
+        let mut records = self.records();
         for c in &self.cells {
-            let record = routing_rules::switchover::record_path(&self.rules, c);
             loop {
-                let state = std::fs::read_to_string(&record)
-                    .ok()
-                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                let record = records.get(c).await;
+                let state = record
+                    .as_ref()
                     .map(|r| r["state"].as_str().unwrap_or("").to_string());
                 if state.as_deref() == Some("in-sync") {
                     break;
@@ -546,7 +381,12 @@ impl Topology {
                     bail!(
                         "cell {c}'s shard is not recorded in sync with its standby (state {}; {})",
                         state.unwrap_or_else(|| "none".into()),
-                        record.display()
+                        match &self.etcd {
+                            None => routing_rules::switchover::record_path(&self.rules, c)
+                                .display()
+                                .to_string(),
+                            Some(t) => format!("etcd cluster {}", t.cluster),
+                        }
                     );
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -587,20 +427,4 @@ impl Topology {
             p.stop().await;
         }
     }
-}
-
-/// Writes a fresh random cluster secret for cell-to-cell calls (mode
-/// 0600).
-pub(crate) fn write_secret(path: &Path) -> Result<()> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes)
-        .map_err(|e| anyhow::anyhow!("no randomness for the secret: {e}"))?;
-    let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
-    Ok(())
 }

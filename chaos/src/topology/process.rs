@@ -1,0 +1,234 @@
+//! One process of a drill topology: this binary (or etcd) started with
+//! its arguments, its log and pid file, killed, frozen, continued, stopped
+//! and started again on the same addresses.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use super::START_WITHIN;
+
+/// One process of the topology.
+pub struct Proc {
+    /// `cell-a/blue` or `gateway`.
+    pub name: String,
+    /// Its cell (`None`: the gateway).
+    pub cell: Option<String>,
+    /// The program (`None`: this binary).
+    exe: Option<PathBuf>,
+    args: Vec<String>,
+    child: Option<Child>,
+    /// How it says it is ready.
+    ready: Ready,
+    /// Where its pid is written (for anyone who wants to fault it by hand).
+    pub pid_file: PathBuf,
+    /// Its log (stderr).
+    pub log: PathBuf,
+    /// Its public address (proxy listener for the gateway).
+    pub addr: SocketAddr,
+    /// Frozen with SIGSTOP.
+    pub frozen: bool,
+}
+
+/// How a started process says it is ready.
+#[derive(Debug, Clone)]
+pub(crate) enum Ready {
+    /// A line on its stdout starts with this.
+    Line(&'static str),
+    /// etcd: `GET /health` on this address says `"health":"true"`.
+    EtcdHealth(SocketAddr),
+}
+
+impl Proc {
+    /// A process of this binary run with `args` (its first one the hidden
+    /// subcommand), ready once a stdout line starts with `ready_line`; not
+    /// started yet ([`Proc::start`]).
+    pub(crate) fn new(
+        name: String,
+        cell: Option<String>,
+        args: Vec<String>,
+        ready_line: &'static str,
+        (pid_file, log): (PathBuf, PathBuf),
+        addr: SocketAddr,
+    ) -> Proc {
+        Proc {
+            name,
+            cell,
+            exe: None,
+            args,
+            child: None,
+            ready: Ready::Line(ready_line),
+            pid_file,
+            log,
+            addr,
+            frozen: false,
+        }
+    }
+
+    /// Runs `exe` instead of this binary, ready when `ready` says so.
+    pub(crate) fn with_program(mut self, exe: PathBuf, ready: Ready) -> Proc {
+        self.exe = Some(exe);
+        self.ready = ready;
+        self
+    }
+
+    fn program(&self) -> Result<PathBuf> {
+        match &self.exe {
+            Some(e) => Ok(e.clone()),
+            None => Ok(std::env::current_exe()?),
+        }
+    }
+
+    /// The command line that starts it (the program and its arguments).
+    pub fn command_line(&self) -> String {
+        let exe = self
+            .program()
+            .map(|e| e.display().to_string())
+            .unwrap_or_else(|_| "cellchaos".into());
+        std::iter::once(exe)
+            .chain(self.args.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Its pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// True while started (not killed or stopped).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let exe = self.program()?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("cannot open {}", self.log.display()))?;
+        let mut child = Command::new(&exe)
+            .args(&self.args)
+            .env(
+                "CELLGATE_LOG",
+                std::env::var("CELLGATE_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", exe.display()))?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = self.ready.clone();
+        let started = async {
+            match ready {
+                Ready::Line(prefix) => {
+                    while let Some(line) = lines.next_line().await? {
+                        if line.starts_with(prefix) {
+                            return Ok(());
+                        }
+                    }
+                    bail!("it exited")
+                }
+                Ready::EtcdHealth(addr) => {
+                    let client = crate::http::client();
+                    let url = format!("http://{addr}/health");
+                    loop {
+                        let healthy = crate::http::get(&client, &url)
+                            .await
+                            .and_then(|(_, b)| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                            .is_some_and(|v| v["health"] == "true");
+                        if healthy {
+                            return Ok(());
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        };
+        if !matches!(
+            tokio::time::timeout(START_WITHIN, started).await,
+            Ok(Ok(()))
+        ) {
+            let _ = child.kill().await;
+            bail!(
+                "{} did not start on {} within {} s (see {})",
+                self.name,
+                self.addr,
+                START_WITHIN.as_secs(),
+                self.log.display()
+            );
+        }
+        // Keep reading stdout so the process never blocks on it.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        std::fs::write(&self.pid_file, format!("{}\n", child.id().unwrap_or(0)))?;
+        self.child = Some(child);
+        self.frozen = false;
+        Ok(())
+    }
+
+    async fn signal(&self, sig: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .status()
+                .await;
+        }
+    }
+
+    /// SIGKILL; waits until it is gone.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+            let _ = std::fs::remove_file(&self.pid_file);
+        }
+        self.frozen = false;
+    }
+
+    /// SIGSTOP.
+    pub async fn freeze(&mut self) {
+        if self.running() && !self.frozen {
+            self.signal("-STOP").await;
+            self.frozen = true;
+        }
+    }
+
+    /// SIGCONT.
+    pub async fn thaw(&mut self) {
+        if self.frozen {
+            self.signal("-CONT").await;
+            self.frozen = false;
+        }
+    }
+
+    /// SIGTERM (a clean drain), SIGKILL after 5 s.
+    pub async fn stop(&mut self) {
+        self.thaw().await;
+        self.signal("-TERM").await;
+        if let Some(mut c) = self.child.take() {
+            if tokio::time::timeout(Duration::from_secs(5), c.wait())
+                .await
+                .is_err()
+            {
+                let _ = c.kill().await;
+            }
+            let _ = std::fs::remove_file(&self.pid_file);
+        }
+    }
+
+    /// Starts it again on the same addresses (after a kill or stop).
+    pub async fn start(&mut self) -> Result<()> {
+        if self.running() {
+            return Ok(());
+        }
+        self.spawn().await
+    }
+}
