@@ -5,9 +5,10 @@
 //! 421 naming another owner is followed at once), so a credit follows its
 //! payee when slots move. A 2xx marks the record delivered. A definitive
 //! refusal by the owner (400, 403, 409, 422: the payee's balance would
-//! overflow, the payer's cell may not send it, ...) ends the transfer
+//! overflow, ...) ends the transfer
 //! `failed` and refunds the payer in the same transaction. Anything else
-//! (unreachable, 5xx, timeouts, 401 while secrets rotate) is retried with
+//! (unreachable, 5xx, timeouts, 401 while secrets rotate, 403
+//! `cell_mismatch` while the payer's shard moves) is retried with
 //! exponential backoff and full jitter. The payee's cell applies credits
 //! idempotently by transfer id, so a delivery repeated after a crash or a
 //! lost acknowledgement is harmless.
@@ -233,6 +234,14 @@ async fn deliver(
                     last = format!("{addr}: 421 {v}");
                     moved = v["owner_cell"].as_str().map(str::to_string);
                     break;
+                }
+                // The payee's cell does not (yet) see this cell as the
+                // payer's shard's host: its rules are behind or ahead of
+                // ours while the shard moves. Not a refusal of the credit:
+                // refunding here could pay the money twice if an earlier
+                // attempt was applied. Retried until both agree.
+                Ok((403, v)) if v["error"] == "cell_mismatch" => {
+                    last = format!("{addr}: 403 {v}");
                 }
                 Ok((status @ (400 | 403 | 409 | 422), v)) => {
                     return Outcome::Refused(format!(

@@ -515,6 +515,55 @@ async fn a_credit_follows_its_payee_to_the_new_owner() {
     b.shutdown().await;
 }
 
+/// The payee's cell answers 403 `cell_mismatch` while its rules do not see
+/// the payer's cell as the host of the payer's shard (the shard is moving
+/// and the two cells' rules disagree for a moment). That is no refusal of
+/// the credit: refunding then would pay twice if an earlier attempt had
+/// landed (the cell-loss drill found exactly that). The transfer stays
+/// pending and is delivered once the rules agree; the payer is not refunded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credit_refused_as_cell_mismatch_is_retried_not_refunded() {
+    let dir = TempDir::new("mismatch");
+    let (rules_a, rules_b) = (dir.path("rules-a.toml"), dir.path("rules-b.toml"));
+    std::fs::write(&rules_a, placeholder_rules()).unwrap();
+    std::fs::write(&rules_b, placeholder_rules()).unwrap();
+    let a = agent(&dir, "cell-a", &rules_a).await;
+    let b = agent(&dir, "cell-b", &rules_b).await;
+    let internal = [
+        ("cell-a", a.internal_addr.unwrap()),
+        ("cell-b", b.internal_addr.unwrap()),
+    ];
+    let agreed = with_internal(&placeholder_rules(), &internal);
+    // cell-b's rules say cell-a's shard is hosted by cell-c.
+    let moved = with_internal(&placeholder_rules(), &internal).replace(
+        "[cells.cell-a]\n",
+        "[cells.cell-a]\nhosted_by = \"cell-c\"\n",
+    );
+    std::fs::write(&rules_a, &agreed).unwrap();
+    std::fs::write(&rules_b, &moved).unwrap();
+    let client = client();
+    wait_rev(&client, a.addr, &rules_a).await;
+    wait_rev(&client, b.addr, &rules_b).await;
+    let payer = users_in(&agreed, "cell-a", 1).remove(0);
+    let payee = users_in(&agreed, "cell-b", 1).remove(0);
+    deposit(&client, a.addr, &payer, 100, "seed").await;
+    let t = transfer(&client, a.addr, &payer, &payee, 30, "t").await;
+    assert_eq!(t.json["to_cell"], "cell-b", "{}", t.json);
+    let id = t.json["id"].as_str().unwrap().to_string();
+    let pending = wait_outbox_error(&dir.path("cell-a.db"), &id, "cell_mismatch").await;
+    assert_eq!(pending["state"], "pending", "{pending}");
+    assert_eq!(balance(&client, a.addr, &payer).await, 70, "not refunded");
+    // The rules agree again: delivered, once; the payer stays debited.
+    let agreed_now = with_internal(&placeholder_rules(), &internal);
+    std::fs::write(&rules_b, &agreed_now).unwrap();
+    wait_rev(&client, b.addr, &rules_b).await;
+    wait_transfer(&client, a.addr, &payer, &id, "delivered").await;
+    assert_eq!(balance(&client, b.addr, &payee).await, 30);
+    assert_eq!(balance(&client, a.addr, &payer).await, 70);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// Waits until the outbox of `db` shows the transfer's last delivery
 /// error mentioning `code`; returns its record.
 async fn wait_outbox_error(db: &std::path::Path, id: &str, code: &str) -> Value {
