@@ -136,6 +136,26 @@ fn database_files(dir: &Path) -> Result<Vec<PathBuf>, CannotCheck> {
     Ok(out)
 }
 
+/// Cross-cell transfers debited and not yet credited or failed, counted
+/// over every database under `dir` (a relay still has work to do while
+/// this is above 0).
+pub fn pending_transfers(dir: &Path) -> Result<i64, CannotCheck> {
+    let mut n = 0;
+    for path in database_files(dir)? {
+        let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| CannotCheck(format!("{}: {e}", path.display())))?;
+        let _ = conn.busy_timeout(std::time::Duration::from_secs(2));
+        n += conn
+            .query_row(
+                "SELECT COUNT(*) FROM outbox WHERE delivered_ms IS NULL AND failed_ms IS NULL",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(|e| CannotCheck(format!("{}: {e}", path.display())))?;
+    }
+    Ok(n)
+}
+
 /// What a copy is: its cell, role, LSN and history.
 struct Identity {
     cell: String,

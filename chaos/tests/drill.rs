@@ -83,9 +83,7 @@ fn every_built_in_scenario_runs_checks_and_reports() {
                 problems.push(format!("{name}: {check} = {}", r["rpo"][check]));
             }
         }
-        if r["balances_total"] != r["rpo"]["applied_total"]
-            || r["rpo"]["applied_total"] != r["rpo"]["expected_total"]
-        {
+        if r["money_conserved"] != true || r["rpo"]["applied_total"] != r["rpo"]["expected_total"] {
             problems.push(format!("{name}: money not conserved: {}", r["rpo"]));
         }
         if r["acked"].as_u64().unwrap_or(0) < 1_000 {

@@ -172,7 +172,12 @@ impl Drill {
             max_writes: s.workload.max_ops,
             retry_for: s.workload.retry_for,
             rate: s.workload.rate,
-            mix: (s.workload.mix.deposit, s.workload.mix.read),
+            mix: [
+                s.workload.mix.deposit,
+                s.workload.mix.read,
+                s.workload.mix.transfer,
+                s.workload.mix.payment,
+            ],
             stop: stop.clone(),
             live: live.clone(),
         };
@@ -213,6 +218,14 @@ impl Drill {
                 .map_err(|e| format!("{e:#}")),
             Err(e) => Err(format!("a process did not start again: {e}")),
         };
+        // Relays drain: every cross-cell transfer credited (or failed),
+        // waited for up to 20 s (what is still in flight is accounted).
+        let drain_until = Instant::now() + Duration::from_secs(20);
+        while crate::offline::pending_transfers(&data).unwrap_or(0) > 0
+            && Instant::now() < drain_until
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         probe_stop.store(true, Ordering::Relaxed);
         let probes = probes.await.unwrap_or_default();
         tracing::info!("stopping the topology");

@@ -119,6 +119,9 @@ pub struct Report {
     pub acked: u64,
     /// See `ops`.
     pub failed: u64,
+    /// Refused for good (e.g. insufficient funds): not retried, not a
+    /// failure of the system.
+    pub refused: u64,
     /// Latency of acknowledged attempts, p50 / p99 ms.
     pub latency_p50_ms: u64,
     /// See `latency_p50_ms`.
@@ -129,9 +132,13 @@ pub struct Report {
     pub per_second: Vec<Second>,
     /// Lost, doubled, reordered writes; money applied.
     pub rpo: RpoReport,
-    /// Sum of the balances of the primary copies (conservation: equals
-    /// the applied deposits).
+    /// Sum of the balances of the primary copies.
     pub balances_total: i128,
+    /// Deposits applied − payments paid − transfers in flight: what the
+    /// balances must add up to.
+    pub expected_balances: i128,
+    /// `balances_total == expected_balances`.
+    pub money_conserved: bool,
     /// The offline invariants of the stopped topology's files.
     pub offline_violations: Vec<String>,
     /// Every shard back in sync with its standby after the faults were
@@ -198,7 +205,10 @@ fn impact(inp: &Inputs, (from, until): (u64, u64), cell: &str) -> CellImpact {
         .iter()
         .filter(|o| o.due_ms >= from && o.due_ms <= until)
         .collect();
-    let failed = window.iter().filter(|o| o.acked_ms.is_none()).count();
+    let failed = window
+        .iter()
+        .filter(|o| o.acked_ms.is_none() && !o.refused)
+        .count();
     let mut stalls: Vec<u64> = window
         .iter()
         .filter_map(|o| o.acked_ms.map(|a| a.saturating_sub(o.due_ms)))
@@ -285,7 +295,8 @@ impl Report {
         lat.sort_unstable();
         let ops = &inp.recording.ops;
         let acked = ops.iter().filter(|o| o.acked_ms.is_some()).count() as u64;
-        let failed = ops.len() as u64 - acked;
+        let refused = ops.iter().filter(|o| o.refused).count() as u64;
+        let failed = ops.len() as u64 - acked - refused;
         let mut bounds = Vec::new();
         let b = &s.bounds;
         bounds.push(BoundCheck {
@@ -328,8 +339,13 @@ impl Report {
             }
         }
         let balances_total = inp.offline.primary_balance_total;
+        // Money in (deposits) − money out (payments) − money between
+        // cells (transfers debited, not yet credited) = the balances.
+        let expected_balances =
+            inp.rpo.applied_total - inp.rpo.paid_total - inp.rpo.in_flight_total;
+        let money_conserved = balances_total == expected_balances;
         let passed = inp.rpo.ok()
-            && balances_total == inp.rpo.applied_total
+            && money_conserved
             && inp.offline.ok()
             && inp.in_sync.is_ok()
             && inp.aborted.is_none()
@@ -346,6 +362,7 @@ impl Report {
             ops: ops.len() as u64,
             acked,
             failed,
+            refused,
             latency_p50_ms: percentile(&lat, 0.5),
             latency_p99_ms: percentile(&lat, 0.99),
             steps,
@@ -355,6 +372,8 @@ impl Report {
                 .collect(),
             rpo: inp.rpo,
             balances_total,
+            expected_balances,
+            money_conserved,
             offline_violations: inp.offline.violations,
             in_sync_after: inp.in_sync,
             aborted: inp.aborted,
@@ -411,6 +430,12 @@ impl Report {
         }
         if let Err(e) = &self.in_sync_after {
             out.push_str(&format!("  not back in sync: {e}\n"));
+        }
+        if !self.money_conserved {
+            out.push_str(&format!(
+                "  money NOT conserved: balances {} against {} expected (deposits − paid − in flight)\n",
+                self.balances_total, self.expected_balances
+            ));
         }
         for v in &self.offline_violations {
             out.push_str(&format!("  offline: {v}\n"));
@@ -492,15 +517,21 @@ impl Report {
             }
         };
         m.push_str(&format!(
-            "\n## Checks\n\n- Lost acknowledged writes (RPO): {}\n- Doubled writes: {}\n- Out of order (per user): {}\n- Writes applied but never acknowledged (allowed): {}\n- Money: deposits applied {} = written {}; balances of the primary copies {} ({})\n- Offline invariants: {}\n- Every shard back in sync with its standby: {}\n",
+            "\n## Checks\n\n- Lost acknowledged writes (RPO): {}\n- Doubled writes: {}\n- Out of order (per user): {}\n- Writes applied but never acknowledged (allowed): {}\n- Money: deposits applied {} = written {}; − paid {} − in flight between cells {} = {}; balances of the primary copies {} ({})\n- Transfers acknowledged {}, payments acknowledged {}; refused (e.g. insufficient funds) {}\n- Offline invariants: {}\n- Every shard back in sync with its standby: {}\n",
             list(&r.lost),
             list(&r.doubled),
             list(&r.out_of_order),
             r.applied_unacked,
             r.applied_total,
             r.expected_total,
+            r.paid_total,
+            r.in_flight_total,
+            self.expected_balances,
             self.balances_total,
-            if self.balances_total == r.applied_total { "conserved" } else { "NOT conserved" },
+            if self.money_conserved { "conserved" } else { "NOT conserved" },
+            r.transfers_acked,
+            r.payments_acked,
+            self.refused,
             if self.offline_violations.is_empty() { "held".into() } else { list(&self.offline_violations) },
             match &self.in_sync_after { Ok(()) => "yes".into(), Err(e) => format!("no: {e}") },
         ));

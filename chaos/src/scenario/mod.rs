@@ -172,6 +172,12 @@ pub struct Mix {
     /// Balance reads.
     #[serde(default)]
     pub read: u32,
+    /// Transfers to another user (same cell or another).
+    #[serde(default)]
+    pub transfer: u32,
+    /// Payments (an order created, then paid).
+    #[serde(default)]
+    pub payment: u32,
 }
 
 /// The drill's clients.
@@ -494,8 +500,10 @@ impl Scenario {
         let mix = w.mix.unwrap_or(Mix {
             deposit: 9,
             read: 1,
+            transfer: 0,
+            payment: 0,
         });
-        if mix.deposit + mix.read == 0 {
+        if mix.deposit + mix.read + mix.transfer + mix.payment == 0 {
             return Err("workload.mix: every weight is 0".into());
         }
         let workload = WorkloadSpec {

@@ -38,8 +38,8 @@ pub struct Workload {
     /// Operations started per second over all clients (0: each client
     /// starts its next one as soon as the last ended).
     pub rate: u32,
-    /// Weights of deposits and balance reads.
-    pub mix: (u32, u32),
+    /// Weights of deposits, balance reads, transfers and payments.
+    pub mix: [u32; 4],
     /// Set to stop early (clients stop starting operations and retrying).
     pub stop: Arc<AtomicBool>,
     /// Attempts so far, for a watcher of the error rate.
@@ -73,7 +73,7 @@ impl Workload {
             max_writes: 100_000,
             retry_for: Duration::from_secs(10),
             rate: 0,
-            mix: (1, 0),
+            mix: [1, 0, 0, 0],
             stop: Arc::default(),
             live: Arc::default(),
         }
@@ -88,7 +88,14 @@ pub enum OpKind {
     Deposit,
     /// `GET /v1/accounts/USER` (200, or 404 before the first deposit).
     Read,
+    /// `POST /v1/transfers` to another user (same cell or another).
+    Transfer,
+    /// `POST /v1/orders`, then `POST /v1/orders/ID/pay` (try + confirm).
+    Payment,
 }
+
+/// The merchant of the workload's payments.
+pub const MERCHANT: &str = "chaos-shop";
 
 /// One operation and what became of it.
 #[derive(Debug, Clone, Serialize)]
@@ -97,8 +104,15 @@ pub struct Write {
     pub kind: OpKind,
     /// The client that made it.
     pub client: usize,
-    /// The user.
+    /// The user (the payer of a transfer or payment).
     pub user: String,
+    /// The payee of a transfer.
+    pub to: Option<String>,
+    /// The transfer's or the order's id, once the cell gave one.
+    pub id: Option<String>,
+    /// Refused for good (4xx other than 408/421/429, e.g. insufficient
+    /// funds): not retried, not a failure of the system.
+    pub refused: bool,
     /// Its idempotency key (kept across retries; empty for reads).
     pub key: String,
     /// Minor units (0 for reads).
@@ -194,20 +208,33 @@ impl Rng {
     }
 }
 
-/// One attempt: the status and the serving cell, or `None` (no answer).
-async fn attempt(client: &HttpClient, gw: SocketAddr, w: &Write) -> Option<(u16, Option<String>)> {
-    let builder = match w.kind {
-        OpKind::Deposit => {
-            http::Request::post(format!("http://{gw}/v1/accounts/{}/deposit", w.user))
-                .header("content-type", "application/json")
-        }
-        OpKind::Read => http::Request::get(format!("http://{gw}/v1/accounts/{}", w.user)),
+/// What one attempt got: status, serving cell, body.
+type Answer = (u16, Option<String>, Bytes);
+
+/// One attempt of `w`'s next request (a payment's order is created first,
+/// then paid): its answer, or `None` (no answer).
+async fn attempt(client: &HttpClient, gw: SocketAddr, w: &Write) -> Option<Answer> {
+    let post = |path: String| {
+        http::Request::post(format!("http://{gw}{path}")).header("content-type", "application/json")
     };
-    let body = match w.kind {
-        OpKind::Deposit => {
-            serde_json::json!({"amount": w.amount, "idempotency_key": w.key}).to_string()
-        }
-        OpKind::Read => String::new(),
+    let (builder, body) = match (w.kind, &w.id) {
+        (OpKind::Deposit, _) => (
+            post(format!("/v1/accounts/{}/deposit", w.user)),
+            serde_json::json!({"amount": w.amount, "idempotency_key": w.key}).to_string(),
+        ),
+        (OpKind::Read, _) => (
+            http::Request::get(format!("http://{gw}/v1/accounts/{}", w.user)),
+            String::new(),
+        ),
+        (OpKind::Transfer, _) => (
+            post("/v1/transfers".into()),
+            serde_json::json!({"from": w.user, "to": w.to, "amount": w.amount, "idempotency_key": w.key}).to_string(),
+        ),
+        (OpKind::Payment, None) => (
+            post("/v1/orders".into()),
+            serde_json::json!({"user": w.user, "amount": w.amount, "merchant": MERCHANT, "idempotency_key": w.key}).to_string(),
+        ),
+        (OpKind::Payment, Some(id)) => (post(format!("/v1/orders/{id}/pay")), String::new()),
     };
     let req = builder
         .header("x-user-id", &w.user)
@@ -223,11 +250,12 @@ async fn attempt(client: &HttpClient, gw: SocketAddr, w: &Write) -> Option<(u16,
         .get("x-cell")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    tokio::time::timeout(Duration::from_secs(2), resp.into_body().collect())
+    let body = tokio::time::timeout(Duration::from_secs(2), resp.into_body().collect())
         .await
         .ok()?
-        .ok()?;
-    Some((status, cell))
+        .ok()?
+        .to_bytes();
+    Some((status, cell, body))
 }
 
 fn classify(kind: OpKind, status: Option<u16>) -> Outcome {
@@ -248,7 +276,7 @@ pub struct OpGen {
     seed: u64,
     client: usize,
     users: u64,
-    mix: (u32, u32),
+    mix: [u32; 4],
     next: u64,
 }
 
@@ -271,21 +299,43 @@ impl OpGen {
         self.next += 1;
         let user = format!("chaos-user-{}", self.rng.next() % self.users);
         let amount = 1 + (self.rng.next() % 1000) as i64;
-        let total = (self.mix.0 + self.mix.1).max(1) as u64;
-        let kind = if self.rng.next() % total < self.mix.0 as u64 {
+        let [d, r, t, p] = self.mix.map(u64::from);
+        let pick = self.rng.next() % (d + r + t + p).max(1);
+        let kind = if pick < d {
             OpKind::Deposit
-        } else {
+        } else if pick < d + r {
             OpKind::Read
+        } else if pick < d + r + t {
+            OpKind::Transfer
+        } else {
+            OpKind::Payment
         };
+        let to = (kind == OpKind::Transfer).then(|| {
+            let n = self.rng.next() % self.users;
+            let payee = format!("chaos-user-{n}");
+            if payee == user {
+                format!("chaos-user-{}", (n + 1) % self.users.max(2))
+            } else {
+                payee
+            }
+        });
         Write {
             kind,
             client: self.client,
             user,
+            to,
+            id: None,
+            refused: false,
             key: match kind {
-                OpKind::Deposit => format!("chaos-{}-{}-{i}", self.seed, self.client),
                 OpKind::Read => String::new(),
+                _ => format!("chaos-{}-{}-{i}", self.seed, self.client),
             },
-            amount: if kind == OpKind::Deposit { amount } else { 0 },
+            amount: match kind {
+                OpKind::Deposit => amount,
+                OpKind::Read => 0,
+                // Smaller than deposits: most have the funds.
+                OpKind::Transfer | OpKind::Payment => 1 + amount % 50,
+            },
             due_ms: 0,
             sent_ms: 0,
             acked_ms: None,
@@ -328,13 +378,30 @@ async fn perform(
             outcome,
         });
         match (outcome, got) {
-            (Outcome::Ok, Some((_, cell))) => {
+            (Outcome::Ok, Some((_, cell, body))) => {
+                let id = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["id"].as_str().map(str::to_string));
+                if op.kind == OpKind::Payment && op.id.is_none() {
+                    // The order exists: pay it (same retries, same deadline).
+                    op.id = id;
+                    if op.id.is_none() {
+                        break;
+                    }
+                    continue;
+                }
+                if op.kind == OpKind::Transfer {
+                    op.id = id;
+                }
                 op.acked_ms = Some(start.elapsed().as_millis() as u64);
                 op.cell = cell;
                 break;
             }
             // Not retryable: a refusal of the request itself.
-            (Outcome::Client, Some((s, _))) if s != 408 && s != 429 => break,
+            (Outcome::Client, Some((s, ..))) if s != 408 && s != 429 => {
+                op.refused = true;
+                break;
+            }
             _ if Instant::now() >= give_up || w.stop.load(Ordering::Relaxed) => break,
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
@@ -426,7 +493,7 @@ mod tests {
     #[test]
     fn the_same_seed_gives_the_same_operations() {
         let w = |seed| Workload {
-            mix: (3, 1),
+            mix: [3, 1, 0, 0],
             ..Workload::deposits(
                 "127.0.0.1:1".parse().unwrap(),
                 4,

@@ -31,6 +31,16 @@ pub struct RpoReport {
     pub applied_total: i128,
     /// See `applied_total`.
     pub expected_total: i128,
+    /// Transfers and payments the client saw acknowledged.
+    pub transfers_acked: usize,
+    /// See `transfers_acked`.
+    pub payments_acked: usize,
+    /// Minor units paid to the workload's merchant (orders `paid` in the
+    /// primary copies): money that left the wallets.
+    pub paid_total: i128,
+    /// Minor units of cross-cell transfers debited and not yet credited
+    /// (outbox rows neither delivered nor failed).
+    pub in_flight_total: i128,
 }
 
 impl RpoReport {
@@ -42,6 +52,12 @@ impl RpoReport {
             && self.out_of_order.is_empty()
             && self.applied_total == self.expected_total
     }
+}
+
+/// Sums one integer column over a query on `conn` (0 when empty).
+fn sum(conn: &rusqlite::Connection, sql: &str) -> rusqlite::Result<i128> {
+    conn.query_row(sql, [], |r| r.get::<_, Option<i64>>(0))
+        .map(|v| v.unwrap_or(0) as i128)
 }
 
 /// Where a write was applied: its (first) ledger id, how many times.
@@ -64,6 +80,10 @@ pub fn verify(dir: &Path, writes: &[Write]) -> Result<RpoReport, crate::offline:
     let offline = crate::offline::check_dir(dir)?;
     let mut applied: HashMap<String, Applied> = HashMap::new();
     let mut applied_total: i128 = 0;
+    // Transfers by id (copies holding it); orders by id (copies, paid).
+    let mut transfers: HashMap<String, i64> = HashMap::new();
+    let mut orders: HashMap<String, (i64, bool)> = HashMap::new();
+    let (mut paid_total, mut in_flight_total): (i128, i128) = (0, 0);
     for copy in offline.copies.iter().filter(|c| c.role == "primary") {
         let conn = rusqlite::Connection::open_with_flags(
             &copy.path,
@@ -84,18 +104,76 @@ pub fn verify(dir: &Path, writes: &[Write]) -> Result<RpoReport, crate::offline:
             })
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
             .map_err(|e| cannot(&copy.path, e))?;
-        for (key, id, n, sum) in rows {
-            applied_total += sum as i128;
+        for (key, id, n, total) in rows {
+            applied_total += total as i128;
             let a = applied.entry(key).or_default();
             a.id = id;
             a.times += n;
         }
+        let ids = |sql: &str| -> rusqlite::Result<Vec<(String, String)>> {
+            let mut s = conn.prepare(sql)?;
+            let rows = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        };
+        for (id, _) in ids("SELECT id, state FROM transfers").map_err(|e| cannot(&copy.path, e))? {
+            *transfers.entry(id).or_default() += 1;
+        }
+        for (id, state) in ids(&format!(
+            "SELECT id, state FROM orders WHERE merchant = '{}'",
+            super::MERCHANT
+        ))
+        .map_err(|e| cannot(&copy.path, e))?
+        {
+            let o = orders.entry(id).or_default();
+            o.0 += 1;
+            if state == "paid" {
+                o.1 = true;
+            }
+        }
+        paid_total += sum(
+            &conn,
+            &format!(
+                "SELECT SUM(amount) FROM orders WHERE merchant = '{}' AND state = 'paid'",
+                super::MERCHANT
+            ),
+        )
+        .map_err(|e| cannot(&copy.path, e))?;
+        in_flight_total += sum(
+            &conn,
+            "SELECT SUM(amount) FROM outbox WHERE delivered_ms IS NULL AND failed_ms IS NULL",
+        )
+        .map_err(|e| cannot(&copy.path, e))?;
     }
     let mut r = RpoReport {
-        writes: writes.iter().filter(|w| w.kind == OpKind::Deposit).count(),
+        writes: writes.iter().filter(|w| w.kind != OpKind::Read).count(),
         applied_total,
+        paid_total,
+        in_flight_total,
         ..Default::default()
     };
+    // Acknowledged transfers and payments: present once (a payment paid).
+    for w in writes.iter().filter(|w| w.acked_ms.is_some()) {
+        let id = w.id.clone().unwrap_or_default();
+        let (copies, ok) = match w.kind {
+            OpKind::Transfer => {
+                r.transfers_acked += 1;
+                let n = transfers.get(&id).copied().unwrap_or(0);
+                (n, n > 0)
+            }
+            OpKind::Payment => {
+                r.payments_acked += 1;
+                let (n, paid) = orders.get(&id).copied().unwrap_or((0, false));
+                (n, paid)
+            }
+            _ => continue,
+        };
+        if !ok {
+            r.lost.push(format!("{} ({:?} {id})", w.key, w.kind));
+        }
+        if copies > 1 {
+            r.doubled.push(format!("{} ({:?} {id})", w.key, w.kind));
+        }
+    }
     let mut by_user: HashMap<&str, Vec<(&Write, i64)>> = HashMap::new();
     for w in writes.iter().filter(|w| w.kind == OpKind::Deposit) {
         let a = applied.get(&w.key).copied().unwrap_or_default();
@@ -159,6 +237,9 @@ mod tests {
             kind: OpKind::Deposit,
             client: 0,
             user: "u".into(),
+            to: None,
+            id: None,
+            refused: false,
             key: key.into(),
             amount: 1,
             due_ms: sent,
