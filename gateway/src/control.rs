@@ -477,15 +477,28 @@ pub fn read_rules_file(path: &Path, max: u64) -> Result<String, LoadError> {
         path: path.to_path_buf(),
         source,
     };
-    let len = std::fs::metadata(path).map_err(read_err)?.len();
+    // One open file, checked and read: a file replaced between a size
+    // check by path and the read (an atomic rename) cannot slip past the
+    // limit.
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let too_large = |len| LoadError::TooLarge {
+        path: path.to_path_buf(),
+        len,
+        max,
+    };
+    let len = file.metadata().map_err(read_err)?.len();
     if len > max {
-        return Err(LoadError::TooLarge {
-            path: path.to_path_buf(),
-            len,
-            max,
-        });
+        return Err(too_large(len));
     }
-    std::fs::read_to_string(path).map_err(read_err)
+    let mut text = String::new();
+    file.take(max.saturating_add(1))
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
+    if text.len() as u64 > max {
+        return Err(too_large(text.len() as u64));
+    }
+    Ok(text)
 }
 
 fn compile(path: &Path, text: &str, revision: u64) -> Result<RoutingTable, LoadError> {
