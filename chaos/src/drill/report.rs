@@ -36,10 +36,11 @@ pub struct CellImpact {
     /// The cell.
     pub cell: String,
     /// The longest time this cell's users went without an acknowledged
-    /// write (any acknowledgement when the workload has no writes),
-    /// from the fault to the end of the step's window (the fault's end +
-    /// 3 s, or the next step), ms: the recovery time (`None`: nothing acknowledged in the
-    /// window).
+    /// write (any acknowledgement when the workload has no writes), from
+    /// the fault to the end of the step's window (the fault's end + 3 s,
+    /// or the next step) — a gap still open then runs to the next
+    /// acknowledgement — ms: the recovery time (`None`: nothing was
+    /// acknowledged after the fault).
     pub rto_ms: Option<u64>,
     /// Operations of its users due in the step's window.
     pub ops: usize,
@@ -193,9 +194,16 @@ fn impact(inp: &Inputs, (from, until): (u64, u64), cell: &str) -> CellImpact {
         .iter()
         .filter(|o| !writes || o.kind == OpKind::Deposit)
         .filter_map(|o| o.acked_ms)
-        .filter(|&a| a >= from && a <= until)
+        .filter(|&a| a >= from)
         .collect();
     acks.sort_unstable();
+    // Up to the first acknowledgement after the window: an outage that
+    // runs past the window's end counts whole.
+    let past = acks
+        .iter()
+        .position(|&a| a > until)
+        .map_or(acks.len(), |p| p + 1);
+    acks.truncate(past);
     let rto_ms = acks.first().map(|&first| {
         acks.windows(2)
             .map(|w| w[1] - w[0])
