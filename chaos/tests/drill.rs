@@ -40,7 +40,7 @@ fn only_bounds_missed(r: &serde_json::Value) -> bool {
         && empty(&r["rpo"]["doubled"])
         && empty(&r["rpo"]["out_of_order"])
         && empty(&r["offline_violations"])
-        && r["in_sync_after"].get("Err").is_none()
+        && r["not_in_sync_after"].is_null()
         && r["aborted"].is_null()
         && r["bounds"]
             .as_array()

@@ -142,9 +142,9 @@ pub struct Report {
     pub money_conserved: bool,
     /// The offline invariants of the stopped topology's files.
     pub offline_violations: Vec<String>,
-    /// Every shard back in sync with its standby after the faults were
-    /// undone (or why not).
-    pub in_sync_after: Result<(), String>,
+    /// Why not every shard was back in sync with its standby after the
+    /// faults were undone (`None`: every one was).
+    pub not_in_sync_after: Option<String>,
     /// Why the drill stopped early.
     pub aborted: Option<String>,
     /// The bounds.
@@ -383,7 +383,7 @@ impl Report {
             expected_balances,
             money_conserved,
             offline_violations: inp.offline.violations,
-            in_sync_after: inp.in_sync,
+            not_in_sync_after: inp.in_sync.err(),
             aborted: inp.aborted,
             bounds,
             passed,
@@ -436,7 +436,7 @@ impl Report {
                 b.name, b.limit, b.measured
             ));
         }
-        if let Err(e) = &self.in_sync_after {
+        if let Some(e) = &self.not_in_sync_after {
             out.push_str(&format!("  not back in sync: {e}\n"));
         }
         if !self.money_conserved {
@@ -541,7 +541,7 @@ impl Report {
             r.payments_acked,
             self.refused,
             if self.offline_violations.is_empty() { "held".into() } else { list(&self.offline_violations) },
-            match &self.in_sync_after { Ok(()) => "yes".into(), Err(e) => format!("no: {e}") },
+            match &self.not_in_sync_after { None => "yes".into(), Some(e) => format!("no: {e}") },
         ));
         m.push_str("\n## Bounds\n\n| bound | limit | measured | |\n|---|---|---|---|\n");
         for b in &self.bounds {
