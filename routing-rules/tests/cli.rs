@@ -666,3 +666,41 @@ fn a_closed_pipe_ends_cellctl_quietly() {
     assert_ne!(out.status.code(), Some(101), "panicked: {}", stderr(&out));
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
 }
+
+#[test]
+fn split_edits_a_rules_file_in_place() {
+    let dir = TempDir::new("split-file");
+    let rules = dir.file(
+        "rules.toml",
+        &std::fs::read_to_string(example("cells.toml")).unwrap(),
+    );
+    let revision = |text: &str| routing_rules::parse_versioned(text).unwrap().1;
+    let before = std::fs::read_to_string(&rules).unwrap();
+    let o = cellctl(&["split", "cell-c", "--green", "25%", "--rules", &rules]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("revision 2 written"), "{}", stdout(&o));
+    let after = std::fs::read_to_string(&rules).unwrap();
+    assert_eq!(revision(&after), revision(&before).map(|r| r + 1));
+    let parsed = routing_rules::parse_rules(&after).unwrap();
+    assert_eq!(parsed.cells["cell-c"].split.green, 2_500);
+    // The same share again: nothing written.
+    let o = cellctl(&[
+        "split", "cell-c", "--green", "25", "--rules", &rules, "-o", "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["no_changes"], true, "{v}");
+    assert_eq!(std::fs::read_to_string(&rules).unwrap(), after);
+    // Bad input: a precise error, the file unchanged.
+    for (args, want) in [
+        (["split", "cell-c", "--green", "250%"], "250%"),
+        (["split", "cell-z", "--green", "5%"], "cell-z"),
+    ] {
+        let mut a: Vec<&str> = args.to_vec();
+        a.extend(["--rules", &rules]);
+        let o = cellctl(&a);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+        assert_eq!(std::fs::read_to_string(&rules).unwrap(), after);
+    }
+}

@@ -153,7 +153,9 @@ enum Command {
     Rules(RulesCommand),
     /// Show where each KEY is routed: slot, home and serving cell, colour, and why.
     Route(RouteArgs),
-    /// Set a cell's green share (live rules, compare-and-swap).
+    /// Set a cell's green share: the live rules in etcd (compare-and-swap),
+    /// or a rules file with --rules (edited in place under its lock, the
+    /// revision raised; nothing written when nothing changes).
     Split {
         /// The cell.
         cell: String,
@@ -162,6 +164,9 @@ enum Command {
         /// file's `split.green = "25%"`.
         #[arg(long, value_name = "PERCENT")]
         green: String,
+        /// Edit this rules file instead of the rules in etcd.
+        #[arg(long, value_name = "FILE")]
+        rules: Option<PathBuf>,
         #[command(flatten)]
         msg: MessageArg,
     },
@@ -536,9 +541,22 @@ fn run(cli: Cli) -> Result<()> {
                 output: msg.output,
             },
         ),
-        Command::Split { cell, green, msg } => {
-            online::run(&target, edit(EditOp::Split { cell, green }, msg))
-        }
+        #[cfg(feature = "client")]
+        Command::Split {
+            cell,
+            green,
+            rules: Some(file),
+            msg,
+        } => edit_file(&file, msg.output, |text| {
+            Ok(routing_rules::edit::set_split(
+                text,
+                &cell,
+                routing_rules::edit::percent_to_bp(&green)?,
+            )?)
+        }),
+        Command::Split {
+            cell, green, msg, ..
+        } => online::run(&target, edit(EditOp::Split { cell, green }, msg)),
         Command::Cell { cell, state, msg } => {
             online::run(&target, edit(EditOp::State { cell, state }, msg))
         }
@@ -631,4 +649,20 @@ fn run(cli: Cli) -> Result<()> {
         #[cfg(feature = "client")]
         Command::Switchover(args) => switch::switchover(args, &target),
     }
+}
+
+/// Edits a rules file in place under its lock (`cellctl split --rules`):
+/// the revision raised, or "no changes" and nothing written.
+#[cfg(feature = "client")]
+fn edit_file(file: &Path, output: Output, edit: impl FnOnce(&str) -> Result<String>) -> Result<()> {
+    let revision = routing_rules::switchover::edit_rules_file(file, edit)?;
+    match (output, revision) {
+        (Output::Json, r) => println!(
+            "{}",
+            serde_json::json!({"applied": r.is_some(), "no_changes": r.is_none(), "revision": r})
+        ),
+        (Output::Text, Some(r)) => println!("{}: revision {r} written", file.display()),
+        (Output::Text, None) => println!("no changes ({} is left as it is)", file.display()),
+    }
+    Ok(())
 }
