@@ -10,8 +10,18 @@ use routing_rules::Colour;
 /// A free loopback port below the kernel's ephemeral range: a process
 /// that is killed and started again must find its port still free, and
 /// the drill's own outgoing connections (thousands of them) take their
-/// local ports from the ephemeral range only.
+/// local ports from the ephemeral range only. Never the same port twice
+/// in one process (the ports are released until their process binds them,
+/// so a second pick could otherwise land on a port already handed out).
 pub(crate) fn free_port() -> Result<SocketAddr> {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let fresh = |a: SocketAddr, given: &mut Vec<u16>| {
+        (!given.contains(&a.port())).then(|| {
+            given.push(a.port());
+            a
+        })
+    };
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|t| {
@@ -26,10 +36,17 @@ pub(crate) fn free_port() -> Result<SocketAddr> {
         getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
         let port = from + u16::from_le_bytes(b) % (to - from);
         if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            return Ok(l.local_addr()?);
+            if let Some(a) = fresh(l.local_addr()?, &mut given) {
+                return Ok(a);
+            }
         }
     }
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    loop {
+        let a = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        if let Some(a) = fresh(a, &mut given) {
+            return Ok(a);
+        }
+    }
 }
 
 /// The rules of a drill topology: even slot ranges, each cell failing over
@@ -92,4 +109,17 @@ pub(crate) fn write_secret(path: &Path) -> Result<()> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn free_ports_are_never_handed_out_twice() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..500 {
+            let a = super::free_port().unwrap();
+            assert!(a.ip().is_loopback());
+            assert!(seen.insert(a.port()), "port {} handed out twice", a.port());
+        }
+    }
 }
