@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use routing_rules::{parse_rules, Colour};
-use serde_json::Value;
 use tokio::net::TcpListener;
 
 use super::{client, Demo, DemoConfig, DEMO_CELLS, DEMO_CLUSTER, DEMO_RULES};
@@ -285,22 +284,17 @@ async fn wait_ready(
 /// standby (each primary seeds its standby with a snapshot at start).
 pub(super) async fn wait_replicated(rules: &Path) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut records = crate::topology::Records::new(rules, None);
     for cell in DEMO_CELLS {
-        let record = routing_rules::switchover::record_path(rules, cell);
-        loop {
-            let in_sync = std::fs::read_to_string(&record)
-                .ok()
-                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-                .is_some_and(|r| r["state"] == "in-sync");
-            if in_sync {
-                break;
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
+        if records
+            .wait_for(cell, deadline, |r| r["state"] == "in-sync")
+            .await
+            .is_err()
+        {
+            anyhow::bail!(
                 "cell {cell}'s shard was not replicated to its standby within 30 s ({})",
-                record.display()
+                records.place(cell)
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     Ok(())

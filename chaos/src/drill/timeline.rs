@@ -199,22 +199,14 @@ async fn failback(
     .await;
     seeded.map_err(|e| anyhow::anyhow!("cannot seed {cell}'s copy from its host's: {e}"))?;
     restarted?;
-    let mut records = t.records();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let r = records.get(cell).await;
-        if r.as_ref()
-            .is_some_and(|r| r["state"] == "in-sync" && r["standby"] == cell)
-        {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let home = |r: &serde_json::Value| r["state"] == "in-sync" && r["standby"] == cell;
+    if let Err(last) = t.records().wait_for(cell, deadline, home).await {
+        anyhow::bail!(
             "{cell}'s copy was not the in-sync standby of its shard's host within 20 s ({})",
-            r.map(|r| r.to_string())
+            last.map(|r| r.to_string())
                 .unwrap_or_else(|| "no record".into())
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secret = routing_rules::auth::ClusterSecret::from_file(&t.secret)?;
     let req = routing_rules::switchover::Request {

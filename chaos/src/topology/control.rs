@@ -42,6 +42,36 @@ impl Records {
         self.read_etcd(cell).await
     }
 
+    /// Polls `cell`'s record every 20 ms until `wanted` holds for it;
+    /// at `deadline`, the last record read (`None`: none could be read).
+    pub async fn wait_for(
+        &mut self,
+        cell: &str,
+        deadline: tokio::time::Instant,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<(), Option<serde_json::Value>> {
+        loop {
+            let record = self.get(cell).await;
+            if record.as_ref().is_some_and(&wanted) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(record);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Where `cell`'s record is kept, for messages.
+    pub fn place(&self, cell: &str) -> String {
+        match &self.etcd {
+            None => routing_rules::switchover::record_path(&self.rules, cell)
+                .display()
+                .to_string(),
+            Some(t) => format!("etcd cluster {}", t.cluster),
+        }
+    }
+
     #[cfg(feature = "etcd")]
     async fn read_etcd(&mut self, cell: &str) -> Option<serde_json::Value> {
         let target = self.etcd.as_ref()?;

@@ -369,27 +369,17 @@ impl Topology {
     pub async fn wait_in_sync(&self, deadline: tokio::time::Instant) -> Result<()> {
         let mut records = self.records();
         for c in &self.cells {
-            loop {
-                let record = records.get(c).await;
-                let state = record
-                    .as_ref()
-                    .map(|r| r["state"].as_str().unwrap_or("").to_string());
-                if state.as_deref() == Some("in-sync") {
-                    break;
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    bail!(
-                        "cell {c}'s shard is not recorded in sync with its standby (state {}; {})",
-                        state.unwrap_or_else(|| "none".into()),
-                        match &self.etcd {
-                            None => routing_rules::switchover::record_path(&self.rules, c)
-                                .display()
-                                .to_string(),
-                            Some(t) => format!("etcd cluster {}", t.cluster),
-                        }
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            if let Err(last) = records
+                .wait_for(c, deadline, |r| r["state"] == "in-sync")
+                .await
+            {
+                bail!(
+                    "cell {c}'s shard is not recorded in sync with its standby (state {}; {})",
+                    last.as_ref()
+                        .and_then(|r| r["state"].as_str())
+                        .unwrap_or("none"),
+                    records.place(c)
+                );
             }
         }
         Ok(())
