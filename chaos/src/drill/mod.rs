@@ -230,9 +230,11 @@ impl Drill {
         let probes = probes.await.unwrap_or_default();
         tracing::info!("stopping the topology");
         topo.stop().await;
-        let rpo =
-            crate::workload::verify(&data, &recording.ops).map_err(|e| anyhow::anyhow!("{e}"))?;
+        // One offline check of the files: its invariants, and which copies
+        // are the primaries the writes are looked up in.
         let offline = crate::offline::check_dir(&data).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let rpo = crate::workload::verify_copies(&offline, &recording.ops)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let report = Report::build(report::Inputs {
             drill: self,
             recording: &recording,

@@ -484,7 +484,7 @@ pub async fn run_from(w: &Workload, start: Instant) -> Recording {
 }
 
 mod verify;
-pub use verify::{verify, RpoReport};
+pub use verify::{verify, verify_copies, RpoReport};
 
 #[cfg(test)]
 mod tests {

@@ -77,7 +77,14 @@ fn cannot(path: &Path, e: rusqlite::Error) -> crate::offline::CannotCheck {
 /// user's writes are applied in the order the client saw them
 /// acknowledged, and the money applied is the money written.
 pub fn verify(dir: &Path, writes: &[Write]) -> Result<RpoReport, crate::offline::CannotCheck> {
-    let offline = crate::offline::check_dir(dir)?;
+    verify_copies(&crate::offline::check_dir(dir)?, writes)
+}
+
+/// [`verify`] over the copies an offline check already found.
+pub fn verify_copies(
+    offline: &crate::offline::OfflineReport,
+    writes: &[Write],
+) -> Result<RpoReport, crate::offline::CannotCheck> {
     let mut applied: HashMap<String, Applied> = HashMap::new();
     let mut applied_total: i128 = 0;
     // Transfers by id (copies holding it); orders by id (copies, paid).
