@@ -83,19 +83,15 @@ async fn spawn_agent(
     addr: SocketAddr,
     internal: SocketAddr,
 ) -> anyhow::Result<AgentProcess> {
-    let (logs, pids) = (dir.join("logs"), dir.join("pids"));
-    std::fs::create_dir_all(&logs)?;
-    std::fs::create_dir_all(&pids)?;
+    std::fs::create_dir_all(dir.join("logs"))?;
+    std::fs::create_dir_all(dir.join("pids"))?;
     let file = format!("{cell}-{}", colour.as_str());
     let mut proc = crate::topology::Proc::new(
         format!("the {cell} {} agent", colour.as_str()),
         Some(cell.to_string()),
         agent_args(dir, cell, colour, &addr.to_string(), &internal.to_string()),
         "internal listening on ",
-        (
-            pids.join(format!("{file}.pid")),
-            logs.join(format!("{file}.log")),
-        ),
+        (dir, &file),
         addr,
     );
     proc.start().await?;

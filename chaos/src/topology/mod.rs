@@ -148,18 +148,8 @@ impl Topology {
                 .map(|s| s.to_string())
                 .collect();
                 procs.push(
-                    Proc::new(
-                        "etcd".into(),
-                        None,
-                        args,
-                        "",
-                        (
-                            dir.join("pids").join("etcd.pid"),
-                            dir.join("logs").join("etcd.log"),
-                        ),
-                        client,
-                    )
-                    .with_program(PathBuf::from("etcd"), process::Ready::EtcdHealth(client)),
+                    Proc::new("etcd".into(), None, args, "", (dir, "etcd"), client)
+                        .with_program(PathBuf::from("etcd"), process::Ready::EtcdHealth(client)),
                 );
                 Some(EtcdTarget {
                     endpoints: vec![url],
@@ -208,10 +198,7 @@ impl Topology {
                 Some(c.clone()),
                 args,
                 "internal listening on ",
-                (
-                    dir.join("pids").join(format!("{file}.pid")),
-                    dir.join("logs").join(format!("{file}.log")),
-                ),
+                (dir, &file),
                 addr,
             ));
         }
@@ -252,10 +239,7 @@ impl Topology {
             None,
             gw_args,
             "admin listening on ",
-            (
-                dir.join("pids").join("gateway.pid"),
-                dir.join("logs").join("gateway.log"),
-            ),
+            (dir, "gateway"),
             gw,
         ));
         let mut t = Topology {

@@ -46,16 +46,19 @@ pub(crate) enum Ready {
 
 impl Proc {
     /// A process of this binary run with `args` (its first one the hidden
-    /// subcommand), ready once a stdout line starts with `ready_line`; not
+    /// subcommand), ready once a stdout line starts with `ready_line`, its
+    /// pid in `DIR/pids/STEM.pid` and its log in `DIR/logs/STEM.log`; not
     /// started yet ([`Proc::start`]).
     pub(crate) fn new(
         name: String,
         cell: Option<String>,
         args: Vec<String>,
         ready_line: &'static str,
-        (pid_file, log): (PathBuf, PathBuf),
+        (dir, stem): (&std::path::Path, &str),
         addr: SocketAddr,
     ) -> Proc {
+        let pid_file = dir.join("pids").join(format!("{stem}.pid"));
+        let log = dir.join("logs").join(format!("{stem}.log"));
         Proc {
             name,
             cell,
