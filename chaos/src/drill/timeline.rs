@@ -126,14 +126,7 @@ async fn apply(action: &Action, topo: &Mutex<Topology>) -> anyhow::Result<String
             },
         ),
         Action::Switchover { cell, to } => {
-            let secret = routing_rules::auth::ClusterSecret::from_file(&t.secret)?;
-            let req = routing_rules::switchover::Request {
-                rules: t.rules.clone(),
-                cell: cell.clone(),
-                to: to.clone(),
-                catch_up_timeout: Duration::from_secs(5),
-                etcd: t.etcd.clone(),
-            };
+            let (req, secret) = switchover_request(&t, cell, to)?;
             drop(t);
             let out = routing_rules::switchover::run(&req, secret).await?;
             return Ok(format!(
@@ -172,6 +165,27 @@ async fn apply(action: &Action, topo: &Mutex<Topology>) -> anyhow::Result<String
     Ok("ok".into())
 }
 
+/// `cellctl switchover CELL --to TO` against the topology's control plane,
+/// with the cells' secret.
+fn switchover_request(
+    t: &Topology,
+    cell: &str,
+    to: &str,
+) -> anyhow::Result<(
+    routing_rules::switchover::Request,
+    routing_rules::auth::ClusterSecret,
+)> {
+    let secret = routing_rules::auth::ClusterSecret::from_file(&t.secret)?;
+    let req = routing_rules::switchover::Request {
+        rules: t.rules.clone(),
+        cell: cell.to_string(),
+        to: to.to_string(),
+        catch_up_timeout: Duration::from_secs(5),
+        etcd: t.etcd.clone(),
+    };
+    Ok((req, secret))
+}
+
 /// The failback runbook (docs/operations.md): stop the cell's agents,
 /// seed its copy from the host's, start them, wait until the copy is
 /// recorded as the host's in-sync standby, `cellctl failback`.
@@ -208,14 +222,7 @@ async fn failback(
                 .unwrap_or_else(|| "no record".into())
         );
     }
-    let secret = routing_rules::auth::ClusterSecret::from_file(&t.secret)?;
-    let req = routing_rules::switchover::Request {
-        rules: t.rules.clone(),
-        cell: cell.to_string(),
-        to: cell.to_string(),
-        catch_up_timeout: Duration::from_secs(5),
-        etcd: t.etcd.clone(),
-    };
+    let (req, secret) = switchover_request(&t, cell, cell)?;
     drop(t);
     let out = routing_rules::switchover::failback(&req, secret).await?;
     Ok(format!(
