@@ -146,7 +146,7 @@ async fn journal<S: Store>(
         Err(ReplicaError::Primary { .. }) => Err(DomainError::new(
             409,
             "needs_failback",
-            format!("this cell's copy of cell {cell}'s shard still holds the tail it had when the shard was failed over away from it: seed it again (cellctl failback) before it can be a standby"),
+            format!("this cell's copy of cell {cell}'s shard still says primary although the shard was failed over away from it: it is fenced, then seeded again from a snapshot (cellctl failback waits for it)"),
         )),
         Err(e) => Err(DomainError::unavailable(format!(
             "cannot apply the journal: {e}"
@@ -205,13 +205,6 @@ async fn snapshot<S: Store>(
         ));
     }
     require_standby_of(api, &h.cell)?;
-    if h.cell == api.rules.cell() {
-        // The agent's own file is open under it: never replaced live.
-        return Err(DomainError::conflict(
-            "needs_failback",
-            format!("cell {}'s own copy of its shard is not replaced while its agents run: stop them and seed it again (cellctl failback)", h.cell),
-        ));
-    }
     let end = h.offset.checked_add(data.len() as u64);
     if h.total > MAX_SNAPSHOT_BYTES
         || end.is_none_or(|e| e > h.total)

@@ -305,49 +305,10 @@ async fn killing_the_primary_loses_no_acknowledged_write() {
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
     assert_eq!(r["state"], "degraded", "{r}");
-    // Failback: stop cell-a, seed its file from cell-b's copy (its tail
-    // moved aside), start it: it catches up as cell-b's standby.
-    drop(a);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cell-agent"))
-        .args(["replica", "sync", "--from"])
-        .arg(c.dir.path("cell-a.replica.db"))
-        .arg("--to")
-        .arg(c.dir.path("cell-a.db"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let aside = std::fs::read_dir(&c.dir.0)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .any(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("cell-a.db.discarded-")
-        });
-    assert!(aside, "the old file is kept aside");
-    let a = c.a.restart();
-    wait_until(
-        "cell-a in sync as cell-b's standby",
-        Duration::from_secs(20),
-        || {
-            let (client, addr, user, record) =
-                (client.clone(), c.b.addr, user.clone(), record.clone());
-            async move {
-                let _ = deposit(&client, addr, &user, 1, &format!("catch-up-{}", now_ms())).await;
-                std::fs::read_to_string(&record)
-                    .ok()
-                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-                    .is_some_and(|r| r["state"] == "in-sync" && r["standby"] == "cell-a")
-            }
-        },
-    )
-    .await;
-    // Home again by a planned switchover; everything cell-b holds is in
-    // cell-a's file.
+    // Failback by one command while cell-a runs: cell-b seeds cell-a's
+    // fenced copy again from a snapshot (the tail kept aside), the copy
+    // catches up as cell-b's standby, and the shard comes home. Writes go
+    // on at cell-b meanwhile.
     let req = routing_rules::switchover::Request {
         rules: c.rules.clone(),
         cell: "cell-a".into(),
@@ -356,8 +317,55 @@ async fn killing_the_primary_loses_no_acknowledged_write() {
         etcd: None,
     };
     let secret = routing_rules::auth::ClusterSecret::from_file(&c.secret).unwrap();
-    let out = routing_rules::switchover::run(&req, secret).await.unwrap();
+    let writing = Arc::new(AtomicBool::new(false));
+    let during = {
+        let (client, addr, user, writing) =
+            (client.clone(), c.b.addr, user.clone(), writing.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while !writing.load(Ordering::SeqCst) {
+                let key = format!("{user}-during-{i}");
+                if let Ok(r) = support::try_deposit(&client, addr, &user, 1, &key).await {
+                    if r.status == StatusCode::OK {
+                        acked.push(key);
+                    }
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            acked
+        })
+    };
+    let out = routing_rules::switchover::failback(&req, secret, Duration::from_secs(30))
+        .await
+        .unwrap();
+    writing.store(true, Ordering::SeqCst);
+    let during = during.await.unwrap();
     assert_eq!(out.result, "switched");
+    assert!(!during.is_empty(), "cell-b took writes during the re-seed");
+    let aside = std::fs::read_dir(&c.dir.0)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("cell-a.db.discarded-")
+        });
+    assert!(aside, "the old content is kept aside");
+    // The file was re-seeded in place: still in WAL mode, still one file.
+    let mode: String = rusqlite::Connection::open(c.dir.path("cell-a.db"))
+        .unwrap()
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    // A failback of a cell that holds its own shard changes nothing.
+    let secret = routing_rules::auth::ClusterSecret::from_file(&c.secret).unwrap();
+    let e = routing_rules::switchover::failback(&req, secret, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("already holds its own shard"), "{e}");
+    let acked: Vec<String> = acked.into_iter().chain(during).collect();
     let at_b_copy = deposit_keys(&c.dir.path("cell-a.replica.db"));
     wait_until(
         "cell-a serves its users again",

@@ -318,7 +318,7 @@ fn mark_stale_primaries(report: &mut OfflineReport) {
             c.role = "stale-primary";
             let tail = (c.lsn - since).max(0);
             notes.push(format!(
-                "cell {}: {} is a stale primary copy — the shard was failed over to a copy whose history began at LSN {since}; its {tail} batch(es) past that were never acknowledged and are discarded when it is seeded again (cell-agent replica sync, then cellctl failback)",
+                "cell {}: {} is a stale primary copy — the shard was failed over to a copy whose history began at LSN {since}; its {tail} batch(es) past that were never acknowledged and are discarded when it is seeded again (cellctl failback)",
                 c.cell,
                 c.path.display()
             ));

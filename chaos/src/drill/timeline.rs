@@ -186,50 +186,31 @@ fn switchover_request(
     Ok((req, secret))
 }
 
-/// The failback runbook (docs/operations.md): stop the cell's agents,
-/// seed its copy from the host's, start them, wait until the copy is
-/// recorded as the host's in-sync standby, `cellctl failback`.
+/// The failback (docs/operations.md): the cell's agents run (those that
+/// do not are started: their stale copy is fenced and seeded again by the
+/// shard's host), then `cellctl failback`, which waits until the copy is
+/// the host's in-sync standby and switches the shard home.
 async fn failback(
     cell: &str,
     mut t: tokio::sync::MutexGuard<'_, Topology>,
 ) -> anyhow::Result<String> {
     let target = crate::scenario::Target::Cell(cell.to_string());
     for p in t.procs_mut(&target) {
-        p.stop().await;
-    }
-    let (from, to) = (
-        t.dir.join(format!("{cell}.replica.db")),
-        t.dir.join(format!("{cell}.db")),
-    );
-    let seeded =
-        tokio::task::spawn_blocking(move || cell_agent::store::sqlite::replica::sync(&from, &to))
-            .await?;
-    let restarted = async {
-        for p in t.procs_mut(&target) {
+        if !p.running() {
             p.start().await?;
         }
-        anyhow::Ok(())
-    }
-    .await;
-    seeded.map_err(|e| anyhow::anyhow!("cannot seed {cell}'s copy from its host's: {e}"))?;
-    restarted?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let home = |r: &serde_json::Value| r["state"] == "in-sync" && r["standby"] == cell;
-    if let Err(last) = t.records().wait_for(cell, deadline, home).await {
-        anyhow::bail!(
-            "{cell}'s copy was not the in-sync standby of its shard's host within 20 s ({})",
-            last.map(|r| r.to_string())
-                .unwrap_or_else(|| "no record".into())
-        );
     }
     let (req, secret) = switchover_request(&t, cell, cell)?;
     drop(t);
-    let out = routing_rules::switchover::failback(&req, secret).await?;
+    let out = routing_rules::switchover::failback(&req, secret, FAILBACK_WAIT).await?;
     Ok(format!(
         "{} (writes stalled {} ms)",
         out.result, out.stall_ms
     ))
 }
+
+/// How long a failback waits for the cell's copy to be seeded again.
+const FAILBACK_WAIT: Duration = Duration::from_secs(20);
 
 /// Ends a step's fault (`for` is over).
 async fn undo(action: &Action, topo: &Mutex<Topology>) -> anyhow::Result<()> {

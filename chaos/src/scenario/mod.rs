@@ -300,10 +300,10 @@ pub enum Action {
         /// Its standby.
         to: String,
     },
-    /// The failback runbook after a failover: stop the cell's agents, seed
-    /// its copy again from its shard's host (`cell-agent replica sync`),
-    /// start them, wait until the copy is the host's in-sync standby, then
-    /// `cellctl failback CELL`.
+    /// The failback after a failover: the cell's agents that do not run
+    /// are started (their stale copy is fenced and seeded again by the
+    /// shard's host), then `cellctl failback CELL`, which waits until the
+    /// copy is the host's in-sync standby and switches the shard home.
     Failback {
         /// The cell whose shard comes home.
         cell: String,

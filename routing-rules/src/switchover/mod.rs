@@ -421,23 +421,50 @@ pub async fn run(req: &Request, secret: ClusterSecret) -> Result<Outcome> {
     }
 }
 
-/// Brings a failed-over shard home (`cellctl failback`): refused until the
-/// shard's record says its home cell's copy — re-seeded after the failover —
-/// is its host's in-sync standby; then a switchover to the home cell.
-pub async fn failback(req: &Request, secret: ClusterSecret) -> Result<Outcome> {
+/// Brings a failed-over shard home (`cellctl failback`): waits up to
+/// `wait` until the shard's record says its home cell's copy is its host's
+/// in-sync standby — the home cell's agents, once running, fence their
+/// stale copy and their host seeds it again from a snapshot (the old
+/// content kept aside) — then a switchover to the home cell.
+pub async fn failback(req: &Request, secret: ClusterSecret, wait: Duration) -> Result<Outcome> {
     let cell = req.cell.as_str();
     if req.to != req.cell {
         bail!("a failback brings cell {cell}'s shard to cell {cell} itself");
     }
     let mut plane = Plane::open(&req.rules, req.etcd.as_ref()).await?;
-    let seen = plane.record(cell).await?;
-    match &seen.record {
-        Some(r) if r["state"] == "in-sync" && r["standby"] == cell => {}
-        other => bail!(
-            "cell {cell}'s own copy is not recorded as its shard's in-sync standby ({}: {}): re-seed it first (stop its agents, `cell-agent replica sync --from HOST_COPY --to ITS_DB`, start them) and wait until it is",
-            seen.place,
-            other.as_ref().map(|r| r.to_string()).unwrap_or_else(|| "no record".into())
-        ),
+    let (text, _) = plane.rules().await?;
+    let rules = crate::parse_rules(&text).map_err(|e| anyhow::anyhow!("invalid rules: {e}"))?;
+    if !rules.cells.contains_key(cell) {
+        bail!("unknown cell {cell:?}");
+    }
+    let host = rules.host_of(cell).to_string();
+    // A switchover of this shard left half done is finished by `run`.
+    if host == cell && plane.phase().await?.is_none() {
+        bail!("cell {cell} already holds its own shard; nothing to fail back");
+    }
+    let deadline = Instant::now() + wait;
+    let mut last = String::new();
+    loop {
+        let seen = plane.record(cell).await?;
+        let now = seen
+            .record
+            .as_ref()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "no record".into());
+        match &seen.record {
+            Some(r) if r["state"] == "in-sync" && r["standby"] == cell => break,
+            _ if host == cell => break,
+            _ if Instant::now() >= deadline => bail!(
+                "cell {cell}'s own copy did not become its shard's in-sync standby within {wait:?} ({}: {now}): are cell {cell}'s agents running? Once they run, cell {host} seeds their copy again by itself (see `cellctl replication status`)",
+                seen.place,
+            ),
+            _ => {}
+        }
+        if now != last {
+            tracing::info!(%cell, %host, record = %now, "waiting for cell's own copy to be re-seeded and in sync");
+            last = now;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(plane);
     run(req, secret).await

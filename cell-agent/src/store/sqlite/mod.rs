@@ -13,6 +13,7 @@ mod ledger;
 pub mod prune;
 mod read;
 pub mod replica;
+mod reseed;
 mod schema;
 pub mod shard;
 pub mod slots;

@@ -140,13 +140,6 @@ impl Replicas {
     pub fn install_snapshot(&self, cell: &str, id: &str) -> Result<i64, ReplicaError> {
         let incoming = self.incoming(cell, id);
         let bad = |message: String| ReplicaError::Row { lsn: 0, message };
-        if cell == self.home.0 {
-            // The home file is open by this agent's store: it is never
-            // replaced under it.
-            return Err(bad(format!(
-                "cell {cell}'s own database is not replaced by a snapshot while its agent runs; stop the agents of {cell}, run `cell-agent replica sync` and start them again"
-            )));
-        }
         let lsn = {
             let c = Connection::open(&incoming)?;
             let check: String = c.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
@@ -164,6 +157,13 @@ impl Replicas {
         let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
         if let Ok(mut m) = self.open.lock() {
             m.remove(cell);
+        }
+        if cell == self.home.0 {
+            // The home file is open by this agent's stores (and the other
+            // colour's): its content is replaced in place, never the file.
+            super::reseed::install_home(&self.home.1, &incoming)?;
+            let _ = std::fs::remove_file(&incoming);
+            return Ok(lsn);
         }
         let target = replica_path(&self.dir, cell);
         if target.is_file() {
@@ -405,7 +405,10 @@ pub struct SyncReport {
 fn as_replica(c: &Connection) -> Result<i64, ReplicaError> {
     journal::drop_triggers(c)?;
     super::shard::set_role(c, super::shard::Role::Replica)?;
-    c.execute_batch("DELETE FROM journal_rows; DELETE FROM journal;")?;
+    // The primary's own facts (its flags) are not the replica's.
+    c.execute_batch(
+        "DELETE FROM journal_rows; DELETE FROM journal; DELETE FROM local WHERE key <> 'role';",
+    )?;
     Ok(applied_lsn(c)?)
 }
 
@@ -418,7 +421,7 @@ fn move_into_place(from: &Path, to: &Path) -> Result<(), ReplicaError> {
 
 /// A consistent copy (`VACUUM INTO`) of the shard open on `src`, as a new
 /// file `dest`.
-fn copy_into(src: &Connection, dest: &Path) -> Result<(), ReplicaError> {
+pub(super) fn copy_into(src: &Connection, dest: &Path) -> Result<(), ReplicaError> {
     let _ = std::fs::remove_file(dest);
     src.execute("VACUUM INTO ?1", [dest.to_string_lossy()])?;
     Ok(())

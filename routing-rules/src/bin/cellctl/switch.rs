@@ -121,7 +121,7 @@ pub(crate) fn failback(
     cell: String,
     rules: Option<PathBuf>,
     target: &Target,
-    secret_file: Option<PathBuf>,
+    (secret_file, wait_ms): (Option<PathBuf>, u64),
     output: Output,
 ) -> Result<()> {
     let secret = secret(secret_file.as_deref())?;
@@ -133,7 +133,11 @@ pub(crate) fn failback(
         catch_up_timeout: std::time::Duration::from_secs(5),
         etcd,
     };
-    let out: Outcome = runtime()?.block_on(routing_rules::switchover::failback(&req, secret))?;
+    let out: Outcome = runtime()?.block_on(routing_rules::switchover::failback(
+        &req,
+        secret,
+        std::time::Duration::from_millis(wait_ms),
+    ))?;
     print(&out, output)?;
     if out.result == "switched" {
         Ok(())
