@@ -24,3 +24,13 @@ pub fn lock_path(rules: &Path) -> PathBuf {
 pub fn switchover_path(rules: &Path) -> PathBuf {
     PathBuf::from(format!("{}.switchover.json", rules.display()))
 }
+
+/// The directory of the canary pipelines' state files.
+pub fn canary_dir(rules: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.canary", rules.display()))
+}
+
+/// The state file of `cell`'s canary pipeline.
+pub fn canary_path(rules: &Path, cell: &str) -> PathBuf {
+    canary_dir(rules).join(format!("{cell}.json"))
+}

@@ -20,6 +20,7 @@
 
 #[cfg(feature = "client")]
 pub mod auth;
+pub mod canary;
 pub mod diff;
 pub mod edit;
 pub mod error;

@@ -48,6 +48,9 @@ pub struct Backend {
     pub requests: Arc<AtomicUsize>,
     /// When > 0, `GET /big` answers a body of this many bytes.
     pub body_size: Arc<AtomicU64>,
+    /// When n > 0, every n-th request is answered 500 (a release that
+    /// fails some requests).
+    pub fail_every: Arc<AtomicU64>,
     stop: watch::Sender<bool>,
 }
 
@@ -71,7 +74,9 @@ impl Backend {
         let mode = Arc::new(AtomicU8::new(NORMAL));
         let requests = Arc::new(AtomicUsize::new(0));
         let body_size = Arc::new(AtomicU64::new(0));
+        let fail_every = Arc::new(AtomicU64::new(0));
         let b = Backend {
+            fail_every: fail_every.clone(),
             body_size: body_size.clone(),
             cell: cell.into(),
             colour: colour.into(),
@@ -91,7 +96,7 @@ impl Backend {
                 };
                 let (cell, colour) = (cell.clone(), colour.clone());
                 let (delay_ms, mode, requests) = (delay_ms.clone(), mode.clone(), requests.clone());
-                let body_size = body_size.clone();
+                let (body_size, fail_every) = (body_size.clone(), fail_every.clone());
                 let mut stop_conn = stop_rx.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
@@ -99,6 +104,7 @@ impl Backend {
                         let (delay_ms, mode, requests) =
                             (delay_ms.clone(), mode.clone(), requests.clone());
                         let big = body_size.load(Ordering::Relaxed) as usize;
+                        let every = fail_every.load(Ordering::Relaxed) as usize;
                         async move {
                             if big > 0 && req.uri().path() == "/big" {
                                 requests.fetch_add(1, Ordering::SeqCst);
@@ -109,7 +115,7 @@ impl Backend {
                                     Bytes::from("ok"),
                                 )));
                             }
-                            requests.fetch_add(1, Ordering::SeqCst);
+                            let n = requests.fetch_add(1, Ordering::SeqCst) + 1;
                             let (parts, body) = req.into_parts();
                             let body = body
                                 .collect()
@@ -146,6 +152,9 @@ impl Backend {
                             resp.headers_mut()
                                 .insert("x-colour", colour.parse().unwrap());
                             match mode.load(Ordering::Relaxed) {
+                                _ if every > 0 && n % every == 0 => {
+                                    *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR
+                                }
                                 FAIL_500 => *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR,
                                 MISDIRECTED => *resp.status_mut() = StatusCode::MISDIRECTED_REQUEST,
                                 _ => {}

@@ -146,6 +146,9 @@ impl Demo {
             s.push_str(&format!(
                 "\nEvery cell's shard is replicated synchronously to its standby (a -> b, b -> c, c -> a). Move one with its data:\n\n  cellctl switchover cell-a --to cell-b --rules {rules} --internal-secret-file {secret}\n  cellctl switchover cell-a --to cell-a --rules {rules} --internal-secret-file {secret}\n  cellctl failover cell-a --to cell-b --rules {rules} --internal-secret-file {secret}   # as if cell-a were lost\n"
             ));
+            s.push_str(&format!(
+                "\nCanary cell-a's green against its blue (the demo starts green at 50 %: take it to 0 % first; the judge needs traffic, e.g. the loop):\n\n  cellctl canary abort cell-a --rules {rules}\n  for i in $(seq 1 20000); do curl -s -o /dev/null -H \"x-user-id: u$i\" http://{gw}/v1/accounts/u$i; done &\n  cellctl canary run cell-a --rules {rules} --metrics http://{admin}/metrics --steps 5,25,100 --hold 10s --interval 2s --min-requests 20\n"
+            ));
         }
         match &self.etcd {
             None => s.push_str(&format!(

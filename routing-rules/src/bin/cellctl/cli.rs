@@ -185,6 +185,12 @@ pub(crate) enum Command {
     /// takes the slots back: rolled back, exit 1.
     #[cfg(feature = "client")]
     Switchover(switch::SwitchoverArgs),
+    /// Canary pipelines: step a cell's green share, judge green against
+    /// blue of the same cell, abort at once when green is worse (`cellctl
+    /// canary run --help`).
+    #[cfg(feature = "client")]
+    #[command(subcommand)]
+    Canary(crate::canary::CanaryCommand),
 }
 
 #[derive(Debug, Subcommand)]

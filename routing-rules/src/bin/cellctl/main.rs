@@ -9,6 +9,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use routing_rules::{parse_rules, CellState, Colour, Rules};
 
+#[cfg(feature = "client")]
+mod canary;
 mod cli;
 mod offline;
 mod online;
@@ -113,6 +115,10 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            #[cfg(feature = "client")]
+            if let Some(canary::Exit(code)) = e.downcast_ref::<canary::Exit>() {
+                return ExitCode::from(*code);
+            }
             if e.downcast_ref::<Reported>().is_none() {
                 eprintln!("cellctl: {}", routing_rules::error::report(&e));
             }
@@ -298,6 +304,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Route(args) => offline::route(args, None),
         #[cfg(feature = "client")]
         Command::Switchover(args) => switch::switchover(args, &target),
+        #[cfg(feature = "client")]
+        Command::Canary(cmd) => canary::command(cmd),
     }
 }
 
