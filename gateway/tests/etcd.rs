@@ -12,16 +12,6 @@ use routing_rules::etcd::testing::EtcdServer;
 use routing_rules::etcd::ControlPlane;
 use support::*;
 
-fn etcd_config(etcd: &EtcdServer, state_dir: &std::path::Path, id: &str) -> gateway::ServeConfig {
-    let mut cfg = fast_config("unused".into());
-    cfg.rules = None;
-    cfg.etcd = Some(etcd.url.clone());
-    cfg.cluster = "gw-test".into();
-    cfg.state_dir = Some(state_dir.to_path_buf());
-    cfg.gateway_id = Some(id.into());
-    cfg
-}
-
 async fn wait_revision(gw: &gateway::RunningGateway, rev: u64) {
     let control = gw.control.clone();
     wait_until(

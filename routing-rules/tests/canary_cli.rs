@@ -51,7 +51,7 @@ fn bad_input_exits_2_and_changes_nothing() {
         (vec!["a", "--steps", "100"], "no baseline"),
         (vec!["a", "--max-error-ratio", "0.5"], "at least 1"),
         (vec!["a", "--min-requests", "0"], "above 0"),
-        (vec!["a"], "no gateway to read"),
+        (vec!["a"], "give --metrics"),
         (vec!["zz", "--metrics", dead], "unknown cell"),
         (vec!["a", "--metrics", "https://x/metrics"], "only http://"),
         (vec!["a", "--metrics", dead], "must be readable before"),

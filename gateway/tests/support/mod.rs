@@ -16,3 +16,20 @@ pub fn fast_config(rules: PathBuf) -> gateway::ServeConfig {
     cfg.connect_timeout_ms = 300;
     cfg
 }
+
+/// A gateway following cluster `gw-test` in `etcd`, its saved rules in
+/// `state_dir`.
+#[cfg(feature = "etcd")]
+pub fn etcd_config(
+    etcd: &routing_rules::etcd::testing::EtcdServer,
+    state_dir: &std::path::Path,
+    id: &str,
+) -> gateway::ServeConfig {
+    let mut cfg = fast_config("unused".into());
+    cfg.rules = None;
+    cfg.etcd = Some(etcd.url.clone());
+    cfg.cluster = "gw-test".into();
+    cfg.state_dir = Some(state_dir.to_path_buf());
+    cfg.gateway_id = Some(id.into());
+    cfg
+}

@@ -1,6 +1,6 @@
 //! The driver of a canary pipeline (`cellctl canary run` / `resume`), and
 //! the operator's `abort` and `pause`, with the rules in a file (the
-//! embedded mode).
+//! embedded mode) or in etcd ([`Place`]).
 //!
 //! Per step: write the green share into the rules (under the rules lock,
 //! revision raised), wait until every gateway runs that revision, ask the
@@ -9,7 +9,7 @@
 //! 0 % at once. Every tick (≤ 200 ms) renews the lease and reads the
 //! recorded state, so an operator's `abort` or `pause` is seen at once.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -17,8 +17,9 @@ use anyhow::{bail, Context, Result};
 use super::judge::{judge, judge_against, Verdict};
 use super::scrape::{Colour, Reading};
 use super::sources::Sources;
-use super::store::{holder_name, now_ms, FileStore};
+use super::store::{holder_name, now_ms, Place};
 use super::{Event, Hooks, Pipeline, Plan, Status};
+use crate::switchover::EtcdTarget;
 
 /// How often the driver looks at the recorded state and its lease.
 const TICK: Duration = Duration::from_millis(100);
@@ -34,11 +35,34 @@ pub enum Ending {
     Aborted(String),
 }
 
+/// Where the rules are: a file (the embedded mode), else etcd.
+#[derive(Debug, Clone, Default)]
+pub struct Where {
+    /// The rules file the gateways follow.
+    pub rules: Option<PathBuf>,
+    /// Or the etcd cluster they follow.
+    pub etcd: Option<EtcdTarget>,
+}
+
+impl Where {
+    /// The rules file `rules`.
+    pub fn file(rules: &std::path::Path) -> Where {
+        Where {
+            rules: Some(rules.to_path_buf()),
+            etcd: None,
+        }
+    }
+
+    async fn open(&self) -> Result<Place> {
+        Place::open(self.rules.as_deref(), self.etcd.as_ref()).await
+    }
+}
+
 /// What `cellctl canary run` asks.
 #[derive(Debug, Clone)]
 pub struct RunRequest {
-    /// The rules file the gateways follow.
-    pub rules: PathBuf,
+    /// Where the rules are.
+    pub place: Where,
     /// The cell.
     pub cell: String,
     /// The plan.
@@ -56,14 +80,13 @@ pub type Emit<'a> = &'a mut (dyn FnMut(&Event) + Send + Sync);
 
 /// Starts a pipeline and drives it to its end.
 pub async fn run(req: RunRequest, emit: Emit<'_>) -> Result<Ending> {
-    let text = std::fs::read_to_string(&req.rules)
-        .with_context(|| format!("cannot read {}", req.rules.display()))?;
+    let mut place = req.place.open().await?;
+    let (text, _) = place.rules().await?;
     let rules = crate::parse_rules(&text).map_err(|e| anyhow::anyhow!("invalid rules: {e}"))?;
     let Some(cell) = rules.cells.get(&req.cell) else {
         bail!("unknown cell {:?}", req.cell);
     };
-    let store = FileStore::new(&req.rules);
-    store.check_free(&req.cell)?;
+    place.check_free(&req.cell).await?;
     let first = req.plan.steps[0];
     if cell.split.green > first {
         bail!(
@@ -75,32 +98,39 @@ pub async fn run(req: RunRequest, emit: Emit<'_>) -> Result<Ending> {
         );
     }
     // The sources must be readable before anything changes.
-    let sources = Sources::new(&req.cell, &req.metrics, req.prometheus.as_deref())?;
+    let sources = sources_of(
+        &mut place,
+        &req.cell,
+        &req.metrics,
+        req.prometheus.as_deref(),
+    )
+    .await?;
     sources
         .read()
         .await
         .context("the gateways' metrics must be readable before the canary starts")?;
     let holder = holder_name();
-    let p = store.begin(
-        Pipeline {
-            cell: req.cell.clone(),
-            plan: req.plan,
-            metrics: req.metrics,
-            prometheus: req.prometheus,
-            hooks: req.hooks,
-            step: 0,
-            status: Status::Running,
-            reason: None,
-            revision: None,
-            started_ms: now_ms(),
-            updated_ms: now_ms(),
-            lease: None,
-        },
-        &holder,
-    )?;
+    let p = place
+        .begin(
+            Pipeline {
+                cell: req.cell.clone(),
+                plan: req.plan,
+                metrics: req.metrics,
+                prometheus: req.prometheus,
+                hooks: req.hooks,
+                step: 0,
+                status: Status::Running,
+                reason: None,
+                revision: None,
+                started_ms: now_ms(),
+                updated_ms: now_ms(),
+                lease: None,
+            },
+            &holder,
+        )
+        .await?;
     Driver {
-        rules: req.rules,
-        store,
+        place,
         holder,
         sources,
         emit,
@@ -109,19 +139,32 @@ pub async fn run(req: RunRequest, emit: Emit<'_>) -> Result<Ending> {
     .await
 }
 
+/// Where a pipeline reads its counters: its `--metrics` URLs, its
+/// Prometheus server, or else the gateways registered in etcd.
+async fn sources_of(
+    place: &mut Place,
+    cell: &str,
+    metrics: &[String],
+    prometheus: Option<&str>,
+) -> Result<Sources> {
+    if metrics.is_empty() && prometheus.is_none() {
+        return Sources::new(cell, &place.gateways().await?, None);
+    }
+    Sources::new(cell, metrics, prometheus)
+}
+
 /// Resumes a pipeline: takes over one whose driver stopped and drives it
 /// from its recorded step (`Some`), or sets a paused one with a live driver
 /// running again (`None`).
-pub async fn resume(rules: &Path, cell: &str, emit: Emit<'_>) -> Result<Option<Ending>> {
-    let store = FileStore::new(rules);
+pub async fn resume(place: &Where, cell: &str, emit: Emit<'_>) -> Result<Option<Ending>> {
+    let mut place = place.open().await?;
     let holder = holder_name();
-    let Some(p) = store.take_over(cell, &holder)? else {
+    let Some(p) = place.take_over(cell, &holder).await? else {
         return Ok(None);
     };
-    let sources = Sources::new(cell, &p.metrics, p.prometheus.as_deref())?;
+    let sources = sources_of(&mut place, cell, &p.metrics, p.prometheus.as_deref()).await?;
     Driver {
-        rules: rules.to_path_buf(),
-        store,
+        place,
         holder,
         sources,
         emit,
@@ -133,17 +176,38 @@ pub async fn resume(rules: &Path, cell: &str, emit: Emit<'_>) -> Result<Option<E
 
 /// Pauses a running pipeline at its step (it is still judged, and aborted
 /// on failure, but not advanced).
-pub fn pause(rules: &Path, cell: &str) -> Result<Pipeline> {
-    FileStore::new(rules).update(cell, |p| {
-        match p.status {
-            Status::Running => {
-                p.status = Status::Paused;
-                p.reason = Some("paused by an operator".into());
+pub async fn pause(place: &Where, cell: &str) -> Result<Pipeline> {
+    place
+        .open()
+        .await?
+        .update(cell, |p| {
+            match p.status {
+                Status::Running => {
+                    p.status = Status::Paused;
+                    p.reason = Some("paused by an operator".into());
+                }
+                Status::Paused => {}
+                s => bail!("the canary of cell {cell} is over ({})", s.as_str()),
             }
-            Status::Paused => {}
-            s => bail!("the canary of cell {cell} is over ({})", s.as_str()),
-        }
-        Ok(p.clone())
+            Ok(p.clone())
+        })
+        .await
+}
+
+/// The rules document where `place` keeps it.
+pub async fn rules_text(place: &Where) -> Result<String> {
+    Ok(place.open().await?.rules().await?.0)
+}
+
+/// `cell`'s recorded pipeline.
+pub async fn status(place: &Where, cell: &str) -> Result<Pipeline> {
+    let mut place = place.open().await?;
+    let found = place.load(cell).await?;
+    found.with_context(|| {
+        format!(
+            "no canary of cell {cell} is recorded ({})",
+            place.describe()
+        )
     })
 }
 
@@ -152,37 +216,33 @@ pub fn pause(rules: &Path, cell: &str) -> Result<Pipeline> {
 /// Without a recorded pipeline the share is still set to 0 %. Returns the
 /// revision written (none when green was 0 % already) and, when the
 /// pipeline's gateways could be read, how long until all of them ran it.
-pub async fn abort(rules: &Path, cell: &str, reason: &str) -> Result<(Option<u64>, Option<u64>)> {
+pub async fn abort(place: &Where, cell: &str, reason: &str) -> Result<(Option<u64>, Option<u64>)> {
     let t0 = Instant::now();
-    let revision = set_share(rules, cell, 0)?;
-    let store = FileStore::new(rules);
-    let recorded = store.load(cell)?;
+    let mut place = place.open().await?;
+    let revision = place.set_share(cell, 0).await?;
+    let recorded = place.load(cell).await?;
     if recorded.is_some() {
-        store.update(cell, |p| {
-            if !p.status.is_final() || p.status == Status::Promoted {
+        place
+            .update(cell, |p| {
                 p.status = Status::Aborted;
                 p.reason = Some(reason.to_string());
                 p.lease = None;
-            }
-            Ok(())
-        })?;
+                Ok(())
+            })
+            .await?;
     }
     let propagation = match (&recorded, revision) {
         (Some(p), Some(rev)) => {
-            let sources = Sources::new(cell, &p.metrics, p.prometheus.as_deref())?;
-            propagate(&sources, rev, t0, Duration::from_secs(10))
-                .await
-                .ok()
+            match sources_of(&mut place, cell, &p.metrics, p.prometheus.as_deref()).await {
+                Ok(sources) => propagate(&sources, rev, t0, Duration::from_secs(10))
+                    .await
+                    .ok(),
+                Err(_) => None,
+            }
         }
         _ => None,
     };
     Ok((revision, propagation))
-}
-
-/// Sets `cell`'s green share in the rules file; the revision written, or
-/// `None` when it was that share already.
-fn set_share(rules: &Path, cell: &str, green: u32) -> Result<Option<u64>> {
-    crate::switchover::edit_rules_file(rules, |text| Ok(crate::edit::set_split(text, cell, green)?))
 }
 
 /// Waits until every source runs revision `rev` or later; the time since
@@ -203,8 +263,7 @@ async fn propagate(sources: &Sources, rev: u64, t0: Instant, timeout: Duration) 
 }
 
 struct Driver<'a> {
-    rules: PathBuf,
-    store: FileStore,
+    place: Place,
     holder: String,
     sources: Sources,
     emit: Emit<'a>,
@@ -219,18 +278,21 @@ enum Seen {
 
 impl Driver<'_> {
     /// Renews the lease and reads what operators changed.
-    fn tick(&self, cell: &str) -> Result<Seen> {
-        self.store.renew(cell, &self.holder, |p| {
-            Ok(match p.status {
-                Status::Running | Status::Promoted => Seen::Running,
-                Status::Paused => Seen::Paused,
-                Status::Aborted => Seen::Aborted(
-                    p.reason
-                        .clone()
-                        .unwrap_or_else(|| "aborted by an operator".into()),
-                ),
+    async fn tick(&mut self, cell: &str) -> Result<Seen> {
+        let holder = self.holder.clone();
+        self.place
+            .renew(cell, &holder, |p| {
+                Ok(match p.status {
+                    Status::Running | Status::Promoted => Seen::Running,
+                    Status::Paused => Seen::Paused,
+                    Status::Aborted => Seen::Aborted(
+                        p.reason
+                            .clone()
+                            .unwrap_or_else(|| "aborted by an operator".into()),
+                    ),
+                })
             })
-        })
+            .await
     }
 
     async fn hook(&self, url: &Option<String>, event: &Event) {
@@ -247,13 +309,16 @@ impl Driver<'_> {
     /// Sets green to 0 % because `why`; the pipeline recorded aborted.
     async fn abort(&mut self, p: &Pipeline, why: String) -> Result<Ending> {
         let t0 = Instant::now();
-        let revision = set_share(&self.rules, &p.cell, 0)?;
-        self.store.renew(&p.cell, &self.holder, |r| {
-            r.status = Status::Aborted;
-            r.reason = Some(why.clone());
-            r.lease = None;
-            Ok(())
-        })?;
+        let revision = self.place.set_share(&p.cell, 0).await?;
+        let holder = self.holder.clone();
+        self.place
+            .renew(&p.cell, &holder, |r| {
+                r.status = Status::Aborted;
+                r.reason = Some(why.clone());
+                r.lease = None;
+                Ok(())
+            })
+            .await?;
         let propagation_ms = match revision {
             Some(rev) => propagate(&self.sources, rev, t0, Duration::from_secs(10))
                 .await
@@ -280,17 +345,23 @@ impl Driver<'_> {
             let (step, share) = (p.step, p.share());
             let green = crate::model::format_percent(share);
             let t0 = Instant::now();
-            let revision = match set_share(&self.rules, &cell, share)? {
+            let revision = match self.place.set_share(&cell, share).await? {
                 Some(r) => r,
-                None => crate::validate::parse_versioned(&std::fs::read_to_string(&self.rules)?)
-                    .map_err(|e| anyhow::anyhow!("invalid rules: {e}"))?
-                    .1
-                    .unwrap_or(0),
+                None => self.place.rules().await?.1,
             };
-            self.store.renew(&cell, &self.holder, |r| {
-                r.revision = Some(revision);
-                Ok(())
-            })?;
+            let holder = self.holder.clone();
+            self.place
+                .renew(&cell, &holder, |r| {
+                    r.revision = Some(revision);
+                    Ok(())
+                })
+                .await?;
+            // Registered gateways come and go: read the current ones.
+            if p.metrics.is_empty() && p.prometheus.is_none() {
+                if let Ok(s) = sources_of(&mut self.place, &cell, &[], None).await {
+                    self.sources = s;
+                }
+            }
             let started = Event::StepStarted {
                 cell: cell.clone(),
                 step,
@@ -321,15 +392,18 @@ impl Driver<'_> {
             };
             (self.emit)(&passed);
             self.hook(&p.hooks.on_step, &passed).await;
-            p = self.store.renew(&cell, &self.holder, |r| {
-                r.step += 1;
-                if r.step == r.plan.steps.len() {
-                    r.status = Status::Promoted;
-                    r.lease = None;
-                    r.reason = None;
-                }
-                Ok(r.clone())
-            })?;
+            p = self
+                .place
+                .renew(&cell, &holder, |r| {
+                    r.step += 1;
+                    if r.step == r.plan.steps.len() {
+                        r.status = Status::Promoted;
+                        r.lease = None;
+                        r.reason = None;
+                    }
+                    Ok(r.clone())
+                })
+                .await?;
         }
         (self.emit)(&Event::Finished {
             cell: cell.clone(),
@@ -367,7 +441,7 @@ impl Driver<'_> {
             }
             let until = Instant::now() + Duration::from_millis(p.plan.interval_ms);
             while Instant::now() < until {
-                if let Seen::Aborted(why) = self.tick(&p.cell)? {
+                if let Seen::Aborted(why) = self.tick(&p.cell).await? {
                     return Ok(Some(Ending::Aborted(why)));
                 }
                 tokio::time::sleep(TICK).await;
@@ -389,7 +463,7 @@ impl Driver<'_> {
         let mut next = Instant::now() + Duration::from_millis(plan.interval_ms);
         loop {
             tokio::time::sleep(TICK).await;
-            let seen = self.tick(&p.cell)?;
+            let seen = self.tick(&p.cell).await?;
             let paused = match seen {
                 Seen::Aborted(why) => return Ok(Err(Ending::Aborted(why))),
                 Seen::Paused => true,
@@ -453,7 +527,7 @@ impl Driver<'_> {
     }
 
     /// The first reading of a step's window (retried until readable).
-    async fn read_or_wait(&self, p: &Pipeline) -> Result<Reading> {
+    async fn read_or_wait(&mut self, p: &Pipeline) -> Result<Reading> {
         let t0 = Instant::now();
         loop {
             match self.sources.read().await {
@@ -461,7 +535,7 @@ impl Driver<'_> {
                 Err(e) if t0.elapsed() > PROPAGATION_TIMEOUT => return Err(e),
                 Err(_) => {}
             }
-            self.tick(&p.cell)?;
+            self.tick(&p.cell).await?;
             tokio::time::sleep(TICK).await;
         }
     }

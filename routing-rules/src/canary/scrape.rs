@@ -267,6 +267,24 @@ cellgate_rules_revision 12
     }
 
     #[test]
+    fn a_federation_of_two_gateways_is_summed() {
+        // Prometheus' /federate: one series per gateway, with its labels
+        // and a timestamp.
+        let fed = r#"# TYPE cellgate_requests_total untyped
+cellgate_requests_total{cell="cell-a",code_class="2xx",colour="green",instance="127.0.0.1:1",job="gw"} 30 1733100000000
+cellgate_requests_total{cell="cell-a",code_class="2xx",colour="green",instance="127.0.0.1:2",job="gw"} 12 1733100000000
+cellgate_request_duration_seconds_bucket{cell="cell-a",colour="green",instance="127.0.0.1:1",job="gw",le="+Inf"} 30 1733100000000
+cellgate_request_duration_seconds_bucket{cell="cell-a",colour="green",instance="127.0.0.1:2",job="gw",le="+Inf"} 12 1733100000000
+cellgate_rules_revision{instance="127.0.0.1:1",job="gw"} 7 1733100000000
+cellgate_rules_revision{instance="127.0.0.1:2",job="gw"} 6 1733100000000
+"#;
+        let r = Reading::parse(fed, "cell-a");
+        assert_eq!(r.green.requests, 42);
+        assert_eq!(r.green.buckets, vec![42]);
+        assert_eq!(r.revision, Some(6), "the lowest revision served");
+    }
+
+    #[test]
     fn a_window_is_the_difference_and_survives_a_restart() {
         let before = Reading::parse(TEXT, "cell-a");
         let later = TEXT.replace("} 90", "} 190").replace("} 100\n", "} 200\n");

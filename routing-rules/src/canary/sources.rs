@@ -26,6 +26,9 @@ const FEDERATE: &str = "/federate?match%5B%5D=%7B__name__%3D~%22cellgate_request
 pub struct Sources {
     urls: Vec<String>,
     cell: String,
+    /// The gateways' admin token (env `CELLGATE_ADMIN_TOKEN`), not sent to
+    /// a Prometheus server.
+    token: Option<String>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -56,6 +59,10 @@ impl Sources {
             check_url(u)?;
         }
         Ok(Sources {
+            token: match prometheus {
+                Some(_) => None,
+                None => std::env::var("CELLGATE_ADMIN_TOKEN").ok(),
+            },
             urls,
             cell: cell.to_string(),
             client: Client::builder(TokioExecutor::new()).build_http(),
@@ -77,11 +84,11 @@ impl Sources {
     pub async fn read(&self) -> Result<Reading> {
         let mut set = tokio::task::JoinSet::new();
         for (i, url) in self.urls.iter().enumerate() {
-            let (client, url) = (self.client.clone(), url.clone());
+            let (client, url, token) = (self.client.clone(), url.clone(), self.token.clone());
             set.spawn(async move {
                 (
                     i,
-                    get(&client, &url)
+                    get(&client, &url, token.as_deref())
                         .await
                         .map_err(|e| format!("{url}: {e:#}")),
                 )
@@ -119,8 +126,16 @@ impl Sources {
     }
 }
 
-async fn get(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> Result<String> {
-    let req = http::Request::get(check_url(url)?).body(Full::new(Bytes::new()))?;
+async fn get(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+    token: Option<&str>,
+) -> Result<String> {
+    let mut req = http::Request::get(check_url(url)?);
+    if let Some(t) = token {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req.body(Full::new(Bytes::new()))?;
     let resp = tokio::time::timeout(READ_TIMEOUT, client.request(req))
         .await
         .map_err(|_| anyhow!("no answer within {READ_TIMEOUT:?}"))??;

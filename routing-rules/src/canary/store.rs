@@ -1,18 +1,23 @@
-//! Where a pipeline's state lives: in the embedded mode a state file next
-//! to the rules (`RULES.canary/CELL.json`), read and changed under its own
-//! advisory lock (`CELL.json.lock`), so a driver's renewal, an operator's
-//! pause and an abort never overwrite each other.
+//! Where a pipeline reads and writes: the rules (its green share) and its
+//! own state. In the embedded mode the rules file, and a state file next
+//! to it (`RULES.canary/CELL.json`) changed under its own advisory lock
+//! (`CELL.json.lock`); with etcd, the rules by compare-and-swap and the
+//! state under `/cellgate/CLUSTER/canary/CELL`, changed by
+//! compare-and-swap on its version. Either way a driver's renewal, an
+//! operator's pause and an abort never overwrite each other.
 //!
 //! The driver holds a lease in the state ([`super::Lease`]) and renews it
 //! every tick: a second `run` finds it live and is refused; a driver that
 //! died leaves it to expire, and then anyone may `resume` (taking the
-//! lease) or `abort`.
+//! lease) or `abort`. (The lease is a deadline in the state: drivers on
+//! other hosts rely on clocks agreeing to well within its 5 s.)
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
 use super::{Lease, Pipeline, Status};
+use crate::switchover::EtcdTarget;
 
 /// How long a lease lasts unless renewed, ms.
 pub const LEASE_MS: i64 = 5_000;
@@ -37,133 +42,251 @@ pub fn holder_name() -> String {
     )
 }
 
-/// The pipelines of the rules file at `rules`.
-#[derive(Debug, Clone)]
-pub struct FileStore {
-    rules: PathBuf,
+/// The control plane a pipeline runs against.
+pub enum Place {
+    /// A rules file and the files next to it.
+    File(PathBuf),
+    /// etcd.
+    #[cfg(feature = "etcd")]
+    Etcd(Box<crate::etcd::ControlPlane>),
 }
 
-impl FileStore {
-    /// The pipelines kept next to `rules`.
-    pub fn new(rules: &Path) -> Self {
-        FileStore {
-            rules: rules.to_path_buf(),
+impl std::fmt::Debug for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl Place {
+    /// The rules file `rules`, or (without one) the etcd cluster `etcd`.
+    pub async fn open(rules: Option<&Path>, etcd: Option<&EtcdTarget>) -> Result<Place> {
+        match (rules, etcd) {
+            (Some(r), _) => Ok(Place::File(r.to_path_buf())),
+            #[cfg(feature = "etcd")]
+            (None, Some(t)) => {
+                let cp = crate::etcd::ControlPlane::connect(&t.endpoints, &t.cluster)
+                    .await
+                    .with_context(|| format!("cannot reach etcd at {}", t.endpoints.join(",")))?;
+                Ok(Place::Etcd(Box::new(cp)))
+            }
+            #[cfg(not(feature = "etcd"))]
+            (None, Some(_)) => {
+                bail!("this build has no etcd support (it was built with --no-default-features)")
+            }
+            (None, None) => {
+                bail!("no rules: give --rules FILE, or --etcd URL (env CELLGATE_ETCD) for the rules in etcd")
+            }
         }
     }
 
-    fn path(&self, cell: &str) -> PathBuf {
-        crate::files::canary_path(&self.rules, cell)
-    }
-
-    fn lock(&self, cell: &str) -> Result<std::fs::File> {
-        let dir = crate::files::canary_dir(&self.rules);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        let path = PathBuf::from(format!("{}.lock", self.path(cell).display()));
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
-        fs4::FileExt::lock(&f).with_context(|| format!("cannot lock {}", path.display()))?;
-        Ok(f)
-    }
-
-    fn read(&self, cell: &str) -> Result<Option<Pipeline>> {
-        let path = self.path(cell);
-        match std::fs::read_to_string(&path) {
-            Ok(t) => Ok(Some(serde_json::from_str(&t).with_context(|| {
-                format!("{} is not a canary state file", path.display())
-            })?)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    /// For messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Place::File(p) => p.display().to_string(),
+            #[cfg(feature = "etcd")]
+            Place::Etcd(cp) => format!("etcd ({})", cp.keys().rules()),
         }
     }
 
-    fn write(&self, p: &Pipeline) -> Result<()> {
-        crate::switchover::write_atomically(&self.path(&p.cell), &serde_json::to_string_pretty(p)?)
+    /// The rules document and its revision.
+    pub async fn rules(&mut self) -> Result<(String, u64)> {
+        match self {
+            Place::File(p) => {
+                let text = std::fs::read_to_string(&*p)
+                    .with_context(|| format!("cannot read {}", p.display()))?;
+                let (_, rev) = crate::parse_versioned(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: invalid rules: {e}", p.display()))?;
+                Ok((text, rev.unwrap_or(0)))
+            }
+            #[cfg(feature = "etcd")]
+            Place::Etcd(cp) => {
+                let stored = cp
+                    .get()
+                    .await?
+                    .context("no rules in etcd for this cluster (cellctl rules apply FILE)")?;
+                Ok((stored.document, stored.revision))
+            }
+        }
+    }
+
+    /// Sets `cell`'s green share; the revision written, or `None` when it
+    /// was that share already.
+    pub async fn set_share(&mut self, cell: &str, green: u32) -> Result<Option<u64>> {
+        match self {
+            Place::File(p) => crate::switchover::edit_rules_file(p, |text| {
+                Ok(crate::edit::set_split(text, cell, green)?)
+            }),
+            #[cfg(feature = "etcd")]
+            Place::Etcd(cp) => loop {
+                let stored = cp
+                    .get()
+                    .await?
+                    .context("no rules in etcd for this cluster (cellctl rules apply FILE)")?;
+                let edited = crate::edit::set_split(&stored.document, cell, green)?;
+                if edited == stored.document {
+                    return Ok(None);
+                }
+                let message = format!(
+                    "canary: cell {cell} green {}",
+                    crate::model::format_percent(green)
+                );
+                match cp
+                    .apply(&edited, stored.revision, &holder_name(), &message)
+                    .await
+                {
+                    Ok(rev) => return Ok(Some(rev)),
+                    // Someone else changed the rules meanwhile: edit theirs.
+                    Err(crate::etcd::ControlError::Conflict { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            },
+        }
+    }
+
+    /// The registered gateways' metrics URLs (etcd: from their
+    /// registrations' admin address); a file knows of none.
+    pub async fn gateways(&mut self) -> Result<Vec<String>> {
+        match self {
+            Place::File(p) => bail!(
+                "with a rules file ({}) no gateway is registered: give --metrics URL,... (each gateway's http://ADMIN/metrics) or --prometheus URL",
+                p.display()
+            ),
+            #[cfg(feature = "etcd")]
+            Place::Etcd(cp) => {
+                let status = cp.status().await?;
+                let urls: Vec<String> = status
+                    .gateways
+                    .iter()
+                    .filter_map(|g| g.registration["admin"].as_str())
+                    .map(|a| format!("http://{a}/metrics"))
+                    .collect();
+                if urls.is_empty() {
+                    bail!("no gateway with an admin address is registered in etcd: give --metrics URL,... or --prometheus URL");
+                }
+                Ok(urls)
+            }
+        }
+    }
+
+    /// Reads `cell`'s pipeline, lets `change` decide what to write (and
+    /// what to answer), writes it unless someone changed it meanwhile (etcd:
+    /// then `change` runs again on theirs).
+    async fn modify<T>(
+        &mut self,
+        cell: &str,
+        mut change: impl FnMut(Option<Pipeline>) -> Result<(Option<Pipeline>, T)>,
+    ) -> Result<T> {
+        match self {
+            Place::File(rules) => {
+                let dir = crate::files::canary_dir(rules);
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                let path = crate::files::canary_path(rules, cell);
+                let lock = PathBuf::from(format!("{}.lock", path.display()));
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&lock)
+                    .with_context(|| format!("cannot open {}", lock.display()))?;
+                fs4::FileExt::lock(&f)
+                    .with_context(|| format!("cannot lock {}", lock.display()))?;
+                let before = match std::fs::read_to_string(&path) {
+                    Ok(t) => Some(parse(&t, &path.display().to_string())?),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot read {}", path.display()))
+                    }
+                };
+                let (after, out) = change(before.clone())?;
+                if let Some(p) = after.filter(|a| Some(a) != before.as_ref()) {
+                    crate::switchover::write_atomically(&path, &serde_json::to_string_pretty(&p)?)?;
+                }
+                Ok(out)
+            }
+            #[cfg(feature = "etcd")]
+            Place::Etcd(cp) => {
+                let key = cp.keys().canary(cell);
+                loop {
+                    let (value, seen) = cp.get_versioned(&key).await?;
+                    let before = match value {
+                        Some(v) => Some(parse(&String::from_utf8_lossy(&v), &key)?),
+                        None => None,
+                    };
+                    let (after, out) = change(before.clone())?;
+                    let Some(p) = after.filter(|a| Some(a) != before.as_ref()) else {
+                        return Ok(out);
+                    };
+                    if cp
+                        .put_if_unchanged(&key, &serde_json::to_string_pretty(&p)?, seen)
+                        .await?
+                    {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
     }
 
     /// `cell`'s pipeline, if one was ever recorded.
-    pub fn load(&self, cell: &str) -> Result<Option<Pipeline>> {
-        let _l = self.lock(cell)?;
-        self.read(cell)
-    }
-
-    /// Records a new pipeline with `holder`'s lease; refused while another
-    /// is running or paused (whether its driver lives or not).
-    pub fn begin(&self, mut p: Pipeline, holder: &str) -> Result<Pipeline> {
-        let _l = self.lock(&p.cell)?;
-        self.refuse_active(&p.cell)?;
-        p.lease = Some(Lease {
-            holder: holder.to_string(),
-            expires_ms: now_ms() + LEASE_MS,
-        });
-        p.updated_ms = now_ms();
-        self.write(&p)?;
-        Ok(p)
+    pub async fn load(&mut self, cell: &str) -> Result<Option<Pipeline>> {
+        self.modify(cell, |p| Ok((None, p))).await
     }
 
     /// Refuses when `cell` has a pipeline that is not over (running or
     /// paused, whether its driver lives or not).
-    pub fn check_free(&self, cell: &str) -> Result<()> {
-        let _l = self.lock(cell)?;
-        self.refuse_active(cell)
+    pub async fn check_free(&mut self, cell: &str) -> Result<()> {
+        self.modify(cell, |p| {
+            refuse_active(cell, p.as_ref()).map(|()| (None, ()))
+        })
+        .await
     }
 
-    fn refuse_active(&self, cell: &str) -> Result<()> {
-        if let Some(old) = self.read(cell)? {
-            if !old.status.is_final() {
-                let now = now_ms();
-                if old.leased(now) {
-                    bail!(
-                        "a canary of cell {} is already {} ({}): two pipelines never drive one cell",
-                        cell,
-                        old.status.as_str(),
-                        old.summary(now)
-                    );
-                }
-                bail!(
-                    "a canary of cell {} was left {} by a driver that stopped: `cellctl canary resume {}` finishes it, `cellctl canary abort {}` rolls it back ({})",
-                    cell,
-                    old.status.as_str(),
-                    cell,
-                    cell,
-                    old.summary(now)
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// Changes `cell`'s pipeline under the lock: `change` sees the recorded
-    /// state and returns what to answer; the state is written back.
-    pub fn update<T>(
-        &self,
-        cell: &str,
-        change: impl FnOnce(&mut Pipeline) -> Result<T>,
-    ) -> Result<T> {
-        let _l = self.lock(cell)?;
-        let Some(mut p) = self.read(cell)? else {
-            bail!("no canary of cell {cell} is recorded");
-        };
-        let before = p.clone();
-        let out = change(&mut p)?;
-        if p != before {
+    /// Records a new pipeline with `holder`'s lease; refused while another
+    /// is running or paused.
+    pub async fn begin(&mut self, p: Pipeline, holder: &str) -> Result<Pipeline> {
+        let cell = p.cell.clone();
+        self.modify(&cell, |old| {
+            refuse_active(&cell, old.as_ref())?;
+            let mut p = p.clone();
+            p.lease = Some(Lease {
+                holder: holder.to_string(),
+                expires_ms: now_ms() + LEASE_MS,
+            });
             p.updated_ms = now_ms();
-            self.write(&p)?;
-        }
-        Ok(out)
+            Ok((Some(p.clone()), p))
+        })
+        .await
+    }
+
+    /// Changes `cell`'s recorded pipeline: `change` sees it and returns
+    /// what to answer; it is written back (stamped) when changed.
+    pub async fn update<T>(
+        &mut self,
+        cell: &str,
+        mut change: impl FnMut(&mut Pipeline) -> Result<T>,
+    ) -> Result<T> {
+        self.modify(cell, |p| {
+            let Some(mut p) = p else {
+                bail!("no canary of cell {cell} is recorded");
+            };
+            let before = p.clone();
+            let out = change(&mut p)?;
+            if p != before {
+                p.updated_ms = now_ms();
+            }
+            Ok((Some(p), out))
+        })
+        .await
     }
 
     /// The driver `holder` renews its lease (and may change the state);
     /// refused when another holds it now.
-    pub fn renew<T>(
-        &self,
+    pub async fn renew<T>(
+        &mut self,
         cell: &str,
         holder: &str,
-        change: impl FnOnce(&mut Pipeline) -> Result<T>,
+        mut change: impl FnMut(&mut Pipeline) -> Result<T>,
     ) -> Result<T> {
         self.update(cell, |p| {
             match &p.lease {
@@ -183,12 +306,13 @@ impl FileStore {
             }
             change(p)
         })
+        .await
     }
 
     /// Takes over a pipeline whose driver stopped (`resume`): its lease
     /// must have expired. Returns the pipeline to drive, or `None` when a
     /// live driver holds it (then a paused one is just set running).
-    pub fn take_over(&self, cell: &str, holder: &str) -> Result<Option<Pipeline>> {
+    pub async fn take_over(&mut self, cell: &str, holder: &str) -> Result<Option<Pipeline>> {
         self.update(cell, |p| {
             if p.status.is_final() {
                 bail!(
@@ -196,20 +320,42 @@ impl FileStore {
                     p.status.as_str()
                 );
             }
-            if p.leased(now_ms()) {
-                p.status = Status::Running;
-                p.reason = None;
-                return Ok(None);
-            }
             p.status = Status::Running;
             p.reason = None;
+            if p.leased(now_ms()) {
+                return Ok(None);
+            }
             p.lease = Some(Lease {
                 holder: holder.to_string(),
                 expires_ms: now_ms() + LEASE_MS,
             });
             Ok(Some(p.clone()))
         })
+        .await
     }
+}
+
+fn parse(text: &str, place: &str) -> Result<Pipeline> {
+    serde_json::from_str(text).with_context(|| format!("{place} is not a canary state record"))
+}
+
+fn refuse_active(cell: &str, old: Option<&Pipeline>) -> Result<()> {
+    let Some(old) = old.filter(|o| !o.status.is_final()) else {
+        return Ok(());
+    };
+    let now = now_ms();
+    if old.leased(now) {
+        bail!(
+            "a canary of cell {cell} is already {} ({}): two pipelines never drive one cell",
+            old.status.as_str(),
+            old.summary(now)
+        );
+    }
+    bail!(
+        "a canary of cell {cell} was left {} by a driver that stopped: `cellctl canary resume {cell}` finishes it, `cellctl canary abort {cell}` rolls it back ({})",
+        old.status.as_str(),
+        old.summary(now)
+    )
 }
 
 #[cfg(test)]
@@ -240,18 +386,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn one_driver_per_cell_and_a_stopped_one_can_be_taken_over() {
+    #[tokio::test]
+    async fn one_driver_per_cell_and_a_stopped_one_can_be_taken_over() {
         let dir = tempfile::tempdir().unwrap();
-        let rules = dir.path().join("rules.toml");
-        let s = FileStore::new(&rules);
-        s.begin(pipeline("a"), "one").unwrap();
-        let e = s.begin(pipeline("a"), "two").unwrap_err().to_string();
+        let mut s = Place::File(dir.path().join("rules.toml"));
+        s.begin(pipeline("a"), "one").await.unwrap();
+        let e = s.begin(pipeline("a"), "two").await.unwrap_err().to_string();
         assert!(e.contains("already running"), "{e}");
         // Another cell is independent.
-        s.begin(pipeline("b"), "two").unwrap();
+        s.begin(pipeline("b"), "two").await.unwrap();
         // A renewal by someone else is refused.
-        let e = s.renew("a", "two", |_| Ok(())).unwrap_err().to_string();
+        let e = s
+            .renew("a", "two", |_| Ok(()))
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("driven by one"), "{e}");
         // The driver stops: its lease runs out; a new run is refused,
         // resume takes it over.
@@ -259,19 +408,21 @@ mod tests {
             p.lease.as_mut().unwrap().expires_ms = 0;
             Ok(())
         })
+        .await
         .unwrap();
-        let e = s.begin(pipeline("a"), "two").unwrap_err().to_string();
+        let e = s.begin(pipeline("a"), "two").await.unwrap_err().to_string();
         assert!(e.contains("resume a"), "{e}");
-        let p = s.take_over("a", "two").unwrap().unwrap();
+        let p = s.take_over("a", "two").await.unwrap().unwrap();
         assert_eq!(p.lease.unwrap().holder, "two");
-        assert!(s.renew("a", "one", |_| Ok(())).is_err());
+        assert!(s.renew("a", "one", |_| Ok(())).await.is_err());
         // Over: a new pipeline may start.
         s.renew("a", "two", |p| {
             p.status = Status::Promoted;
             p.lease = None;
             Ok(())
         })
+        .await
         .unwrap();
-        s.begin(pipeline("a"), "three").unwrap();
+        s.begin(pipeline("a"), "three").await.unwrap();
     }
 }

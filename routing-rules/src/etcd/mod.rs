@@ -210,6 +210,10 @@ impl Keys {
     pub fn switchover(&self) -> String {
         format!("{}switchover", self.prefix)
     }
+    /// A cell's canary pipeline (`cellctl canary`).
+    pub fn canary(&self, cell: &str) -> String {
+        format!("{}canary/{cell}", self.prefix)
+    }
 }
 
 /// A connection to the control plane of one cluster.
@@ -424,6 +428,7 @@ fn parse_revision(key: &str, bytes: &[u8]) -> Result<u64, ControlError> {
 
 mod backoff;
 mod follow;
+mod kv;
 mod replication;
 mod status;
 pub mod testing;

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use routing_rules::canary::driver::{self, Ending, RunRequest};
+use routing_rules::canary::driver::{self, Ending, RunRequest, Where};
 use routing_rules::canary::exposure::exposure;
-use routing_rules::canary::store::{now_ms, FileStore};
+use routing_rules::canary::store::now_ms;
 use routing_rules::canary::{Event, Hooks, Plan, Thresholds};
 use routing_rules::model::format_percent;
 
-use crate::{Output, OutputArg};
+use crate::{Output, OutputArg, Target};
 
 /// Exit with this code, the reason already printed.
 #[derive(Debug)]
@@ -111,9 +111,23 @@ pub(crate) enum CanaryCommand {
 #[derive(Debug, Args)]
 pub(crate) struct Place {
     /// The rules file the gateways follow (the embedded mode; the
-    /// pipeline's state is kept next to it).
+    /// pipeline's state is kept next to it). Without it: the rules in etcd
+    /// (--etcd/--cluster), the state under /cellgate/CLUSTER/canary/CELL.
     #[arg(long, value_name = "FILE")]
-    rules: PathBuf,
+    rules: Option<PathBuf>,
+}
+
+impl Place {
+    fn resolve(&self, target: &Target) -> Result<Where> {
+        let (rules, etcd) = crate::switch::place(self.rules.clone(), target)?;
+        Ok(match etcd {
+            Some(t) => Where {
+                rules: None,
+                etcd: Some(t),
+            },
+            None => Where::file(&rules),
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -145,7 +159,10 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value_t = 200)]
     min_requests: u64,
     /// The gateways' metrics URLs, comma-separated
-    /// (http://ADMIN_ADDR/metrics each); their sum is judged.
+    /// (http://ADMIN_ADDR/metrics each); their sum is judged. With etcd
+    /// and neither this nor --prometheus: every registered gateway (from its
+    /// registration's admin address). Env CELLGATE_ADMIN_TOKEN: sent as
+    /// the admin API's bearer token.
     #[arg(long, value_name = "URL,...", value_delimiter = ',')]
     metrics: Vec<String>,
     /// Read the gateways' series from this Prometheus server instead
@@ -190,25 +207,32 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// Runs one `cellctl canary` command. Exit status: 0 done (a pipeline
 /// promoted), 1 a pipeline aborted, 2 an error (nothing changed).
-pub(crate) fn command(cmd: CanaryCommand) -> Result<()> {
-    match one(cmd) {
+pub(crate) fn command(cmd: CanaryCommand, target: &Target) -> Result<()> {
+    match one(cmd, target) {
         Err(e) if e.downcast_ref::<Exit>().is_none() => failed(e),
         r => r,
     }
 }
 
-fn one(cmd: CanaryCommand) -> Result<()> {
+fn one(cmd: CanaryCommand, target: &Target) -> Result<()> {
     match cmd {
-        CanaryCommand::Run(args) => run(args),
-        CanaryCommand::Status { cell, place, out } => status(&cell, &place.rules, out.output),
+        CanaryCommand::Run(args) => run(args, target),
+        CanaryCommand::Status { cell, place, out } => {
+            let p = runtime()?.block_on(driver::status(&place.resolve(target)?, &cell))?;
+            match out.output {
+                Output::Json => println!("{}", serde_json::to_string(&p)?),
+                Output::Text => println!("{}", p.summary(now_ms())),
+            }
+            Ok(())
+        }
         CanaryCommand::Abort {
             cell,
             place,
             reason,
             out,
         } => {
-            let (revision, ms) =
-                runtime()?.block_on(driver::abort(&place.rules, &cell, &reason))?;
+            let place = place.resolve(target)?;
+            let (revision, ms) = runtime()?.block_on(driver::abort(&place, &cell, &reason))?;
             match out.output {
                 Output::Json => println!(
                     "{}",
@@ -226,13 +250,14 @@ fn one(cmd: CanaryCommand) -> Result<()> {
             Ok(())
         }
         CanaryCommand::Pause { cell, place } => {
-            let p = driver::pause(&place.rules, &cell)?;
+            let p = runtime()?.block_on(driver::pause(&place.resolve(target)?, &cell))?;
             println!("{}", p.summary(now_ms()));
             Ok(())
         }
         CanaryCommand::Resume { cell, place, out } => {
             let mut emit = printer(out.output);
-            let ended = runtime()?.block_on(driver::resume(&place.rules, &cell, &mut emit));
+            let place = place.resolve(target)?;
+            let ended = runtime()?.block_on(driver::resume(&place, &cell, &mut emit));
             match ended {
                 Ok(None) => {
                     println!("resumed: the pipeline's running driver goes on");
@@ -250,7 +275,7 @@ fn one(cmd: CanaryCommand) -> Result<()> {
             out,
         } => {
             let steps = Plan::parse_steps(&steps).map_err(anyhow::Error::msg)?;
-            let e = exposure_of(&place.rules, &cell, &users, &steps)?;
+            let e = exposure_of(&place.resolve(target)?, &cell, &users, &steps)?;
             match out.output {
                 Output::Json => println!("{}", serde_json::to_string(&e)?),
                 Output::Text => {
@@ -277,12 +302,12 @@ fn one(cmd: CanaryCommand) -> Result<()> {
 }
 
 fn exposure_of(
-    rules: &Path,
+    place: &Where,
     cell: &str,
     users: &Path,
     steps: &[u32],
 ) -> Result<routing_rules::canary::exposure::Exposure> {
-    let text = crate::read(rules)?;
+    let text = runtime()?.block_on(driver::rules_text(place))?;
     let table = routing_rules::RoutingTable::compile(
         routing_rules::parse_rules(&text).map_err(|e| anyhow::anyhow!("invalid rules: {e}"))?,
         0,
@@ -302,7 +327,7 @@ fn exposure_of(
     exposure(&table, cell, &users, steps).map_err(anyhow::Error::msg)
 }
 
-fn run(a: RunArgs) -> Result<()> {
+fn run(a: RunArgs, target: &Target) -> Result<()> {
     let steps = Plan::parse_steps(&a.steps).map_err(anyhow::Error::msg)?;
     for (name, v) in [
         ("--max-error-ratio", a.max_error_ratio),
@@ -326,14 +351,15 @@ fn run(a: RunArgs) -> Result<()> {
         },
         max_wait_ms: a.max_wait.as_millis() as u64,
     };
+    let place = a.place.resolve(target)?;
     if a.dry_run {
-        return dry_run(&a, &plan);
+        return dry_run(&a, &place, &plan);
     }
     if a.users.is_some() {
         bail!("--users is for --dry-run (and `cellctl canary exposure`)");
     }
     let req = RunRequest {
-        rules: a.place.rules,
+        place,
         cell: a.cell,
         plan,
         metrics: a.metrics,
@@ -351,9 +377,9 @@ fn run(a: RunArgs) -> Result<()> {
     }
 }
 
-fn dry_run(a: &RunArgs, plan: &Plan) -> Result<()> {
+fn dry_run(a: &RunArgs, place: &Where, plan: &Plan) -> Result<()> {
     let exposed = match &a.users {
-        Some(users) => Some(exposure_of(&a.place.rules, &a.cell, users, &plan.steps)?),
+        Some(users) => Some(exposure_of(place, &a.cell, users, &plan.steps)?),
         None => None,
     };
     let mut prev = 0;
@@ -402,20 +428,6 @@ fn dry_run(a: &RunArgs, plan: &Plan) -> Result<()> {
                 plan.thresholds.max_p99_ratio
             );
         }
-    }
-    Ok(())
-}
-
-fn status(cell: &str, rules: &Path, output: Output) -> Result<()> {
-    let Some(p) = FileStore::new(rules).load(cell)? else {
-        bail!(
-            "no canary of cell {cell} is recorded next to {}",
-            rules.display()
-        );
-    };
-    match output {
-        Output::Json => println!("{}", serde_json::to_string(&p)?),
-        Output::Text => println!("{}", p.summary(now_ms())),
     }
     Ok(())
 }

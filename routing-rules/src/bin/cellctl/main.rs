@@ -305,7 +305,7 @@ fn run(cli: Cli) -> Result<()> {
         #[cfg(feature = "client")]
         Command::Switchover(args) => switch::switchover(args, &target),
         #[cfg(feature = "client")]
-        Command::Canary(cmd) => canary::command(cmd),
+        Command::Canary(cmd) => canary::command(cmd, &target),
     }
 }
 

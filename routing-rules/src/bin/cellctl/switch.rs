@@ -68,7 +68,10 @@ fn print(out: &Outcome, output: Output) -> Result<()> {
 }
 
 /// Where the command goes: the rules file, else etcd (`--etcd`).
-fn place(rules: Option<PathBuf>, target: &Target) -> Result<(PathBuf, Option<EtcdTarget>)> {
+pub(crate) fn place(
+    rules: Option<PathBuf>,
+    target: &Target,
+) -> Result<(PathBuf, Option<EtcdTarget>)> {
     match (rules, &target.etcd) {
         (Some(r), _) => Ok((r, None)),
         (None, Some(list)) => Ok((
