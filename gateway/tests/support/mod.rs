@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 pub use test_util::*;
 
+pub mod canary;
+
 /// Fast health settings for tests.
 pub fn fast_config(rules: PathBuf) -> gateway::ServeConfig {
     let mut cfg = gateway::ServeConfig::for_tests(rules);
