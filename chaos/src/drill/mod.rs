@@ -177,6 +177,7 @@ impl Drill {
                 s.workload.mix.read,
                 s.workload.mix.transfer,
                 s.workload.mix.payment,
+                s.workload.mix.tcc,
             ],
             stop: stop.clone(),
             live: live.clone(),
@@ -226,6 +227,9 @@ impl Drill {
         {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // Every acknowledged deposit, looked up as a user would (through
+        // the gateway), before the files are.
+        let api = crate::workload::check_through_api(gateway, &recording.ops).await;
         probe_stop.store(true, Ordering::Relaxed);
         let probes = probes.await.unwrap_or_default();
         tracing::info!("stopping the topology");
@@ -233,7 +237,7 @@ impl Drill {
         // One offline check of the files: its invariants, and which copies
         // are the primaries the writes are looked up in.
         let offline = crate::offline::check_dir(&data).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let rpo = crate::workload::verify_copies(&offline, &recording.ops)
+        let rpo = crate::workload::verify_copies(&offline, &recording.ops, Some(&homes))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let report = Report::build(report::Inputs {
             drill: self,
@@ -242,6 +246,7 @@ impl Drill {
             probes: &probes,
             homes: &homes,
             rpo,
+            api,
             offline,
             in_sync,
             aborted,

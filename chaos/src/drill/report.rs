@@ -24,6 +24,7 @@ pub(crate) struct Inputs<'a> {
     pub probes: &'a [Probe],
     pub homes: &'a HashMap<String, String>,
     pub rpo: RpoReport,
+    pub api: crate::workload::ApiCheck,
     pub offline: OfflineReport,
     pub in_sync: Result<(), String>,
     pub aborted: Option<String>,
@@ -133,6 +134,9 @@ pub struct Report {
     pub per_second: Vec<Second>,
     /// Lost, doubled, reordered writes; money applied.
     pub rpo: RpoReport,
+    /// The acknowledged deposits looked up through the API (each user's
+    /// ledger, before the topology stopped).
+    pub api: crate::workload::ApiCheck,
     /// Sum of the balances of the primary copies.
     pub balances_total: i128,
     /// Deposits applied − payments paid − transfers in flight: what the
@@ -353,6 +357,7 @@ impl Report {
             inp.rpo.applied_total - inp.rpo.paid_total - inp.rpo.in_flight_total;
         let money_conserved = balances_total == expected_balances;
         let passed = inp.rpo.ok()
+            && inp.api.ok()
             && money_conserved
             && inp.offline.ok()
             && inp.in_sync.is_ok()
@@ -379,6 +384,7 @@ impl Report {
                 .map(|(second, counts)| Second { second, counts })
                 .collect(),
             rpo: inp.rpo,
+            api: inp.api,
             balances_total,
             expected_balances,
             money_conserved,
@@ -405,7 +411,7 @@ impl Report {
     /// failed.
     pub fn summary(&self) -> String {
         let mut out = format!(
-            "drill {}: {} — {} ops, {} acknowledged, {} given up; lost {}, doubled {}, out of order {}\n",
+            "drill {}: {} — {} ops, {} acknowledged, {} given up; lost {}, doubled {}, misplaced {}, out of order {}\n",
             self.scenario,
             if self.passed { "PASSED" } else { "FAILED" },
             self.ops,
@@ -413,6 +419,7 @@ impl Report {
             self.failed,
             self.rpo.lost.len(),
             self.rpo.doubled.len(),
+            self.rpo.misplaced.len(),
             self.rpo.out_of_order.len()
         );
         for st in &self.steps {
@@ -525,9 +532,15 @@ impl Report {
             }
         };
         m.push_str(&format!(
-            "\n## Checks\n\n- Lost acknowledged writes (RPO): {}\n- Doubled writes: {}\n- Out of order (per user): {}\n- Writes applied but never acknowledged (allowed): {}\n- Money: deposits applied {} = written {}; − paid {} − in flight between cells {} = {}; balances of the primary copies {} ({})\n- Transfers acknowledged {}, payments acknowledged {}; refused (e.g. insufficient funds) {}\n- Offline invariants: {}\n- Every shard back in sync with its standby: {}\n",
+            "\n## Checks\n\n- Lost acknowledged writes (RPO): {}\n- Doubled writes: {}\n- Misplaced (in a shard that does not own the user's slot): {}\n- Through the API (each user's ledger, before stopping): {} users, {} entries; lost {}, doubled {}, unreadable {}\n- Out of order (per user): {}\n- Writes applied but never acknowledged (allowed): {}\n- Money: deposits applied {} = written {}; − paid {} − in flight between cells {} = {}; balances of the primary copies {} ({})\n- Transfers acknowledged {}, payments acknowledged {}, TCC orders confirmed or cancelled {}; refused (e.g. insufficient funds) {}\n- Offline invariants: {}\n- Every shard back in sync with its standby: {}\n",
             list(&r.lost),
             list(&r.doubled),
+            list(&r.misplaced),
+            self.api.users,
+            self.api.entries,
+            list(&self.api.lost),
+            list(&self.api.doubled),
+            list(&self.api.unreadable),
             list(&r.out_of_order),
             r.applied_unacked,
             r.applied_total,
@@ -539,6 +552,7 @@ impl Report {
             if self.money_conserved { "conserved" } else { "NOT conserved" },
             r.transfers_acked,
             r.payments_acked,
+            r.tcc_acked,
             self.refused,
             if self.offline_violations.is_empty() { "held".into() } else { list(&self.offline_violations) },
             match &self.not_in_sync_after { None => "yes".into(), Some(e) => format!("no: {e}") },

@@ -178,6 +178,10 @@ pub struct Mix {
     /// Payments (an order created, then paid).
     #[serde(default)]
     pub payment: u32,
+    /// TCC orders (created, tried, then confirmed or — one in four —
+    /// cancelled).
+    #[serde(default)]
+    pub tcc: u32,
 }
 
 /// The drill's clients.
@@ -502,8 +506,9 @@ impl Scenario {
             read: 1,
             transfer: 0,
             payment: 0,
+            tcc: 0,
         });
-        if mix.deposit + mix.read + mix.transfer + mix.payment == 0 {
+        if mix.deposit + mix.read + mix.transfer + mix.payment + mix.tcc == 0 {
             return Err("workload.mix: every weight is 0".into());
         }
         let workload = WorkloadSpec {

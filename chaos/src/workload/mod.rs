@@ -38,8 +38,9 @@ pub struct Workload {
     /// Operations started per second over all clients (0: each client
     /// starts its next one as soon as the last ended).
     pub rate: u32,
-    /// Weights of deposits, balance reads, transfers and payments.
-    pub mix: [u32; 4],
+    /// Weights of deposits, balance reads, transfers, payments and TCC
+    /// orders.
+    pub mix: [u32; 5],
     /// Set to stop early (clients stop starting operations and retrying).
     pub stop: Arc<AtomicBool>,
     /// Attempts so far, for a watcher of the error rate.
@@ -73,7 +74,7 @@ impl Workload {
             max_writes: 100_000,
             retry_for: Duration::from_secs(10),
             rate: 0,
-            mix: [1, 0, 0, 0],
+            mix: [1, 0, 0, 0, 0],
             stop: Arc::default(),
             live: Arc::default(),
         }
@@ -92,6 +93,10 @@ pub enum OpKind {
     Transfer,
     /// `POST /v1/orders`, then `POST /v1/orders/ID/pay` (try + confirm).
     Payment,
+    /// `POST /v1/orders`, then `POST /v1/orders/ID/try` (the amount
+    /// frozen), then `.../confirm` (paid) or, one in four, `.../cancel`
+    /// (unfrozen): the try/confirm/cancel of a TCC transaction.
+    Tcc,
 }
 
 /// The merchant of the workload's payments.
@@ -110,6 +115,10 @@ pub struct Write {
     pub to: Option<String>,
     /// The transfer's or the order's id, once the cell gave one.
     pub id: Option<String>,
+    /// A TCC order: cancelled after its try instead of confirmed.
+    pub cancel: bool,
+    /// A TCC order: its try was acknowledged (next: confirm or cancel).
+    pub tried: bool,
     /// Refused for good (4xx other than 408/421/429, e.g. insufficient
     /// funds): not retried, not a failure of the system.
     pub refused: bool,
@@ -230,11 +239,19 @@ async fn attempt(client: &HttpClient, gw: SocketAddr, w: &Write) -> Option<Answe
             post("/v1/transfers".into()),
             serde_json::json!({"from": w.user, "to": w.to, "amount": w.amount, "idempotency_key": w.key}).to_string(),
         ),
-        (OpKind::Payment, None) => (
+        (OpKind::Payment | OpKind::Tcc, None) => (
             post("/v1/orders".into()),
             serde_json::json!({"user": w.user, "amount": w.amount, "merchant": MERCHANT, "idempotency_key": w.key}).to_string(),
         ),
         (OpKind::Payment, Some(id)) => (post(format!("/v1/orders/{id}/pay")), String::new()),
+        (OpKind::Tcc, Some(id)) => {
+            let action = match (w.tried, w.cancel) {
+                (false, _) => "try",
+                (true, false) => "confirm",
+                (true, true) => "cancel",
+            };
+            (post(format!("/v1/orders/{id}/{action}")), String::new())
+        }
     };
     let req = builder
         .header("x-user-id", &w.user)
@@ -276,7 +293,7 @@ pub struct OpGen {
     seed: u64,
     client: usize,
     users: u64,
-    mix: [u32; 4],
+    mix: [u32; 5],
     next: u64,
 }
 
@@ -299,17 +316,20 @@ impl OpGen {
         self.next += 1;
         let user = format!("chaos-user-{}", self.rng.next() % self.users);
         let amount = 1 + (self.rng.next() % 1000) as i64;
-        let [d, r, t, p] = self.mix.map(u64::from);
-        let pick = self.rng.next() % (d + r + t + p).max(1);
+        let [d, r, t, p, c] = self.mix.map(u64::from);
+        let pick = self.rng.next() % (d + r + t + p + c).max(1);
         let kind = if pick < d {
             OpKind::Deposit
         } else if pick < d + r {
             OpKind::Read
         } else if pick < d + r + t {
             OpKind::Transfer
-        } else {
+        } else if pick < d + r + t + p {
             OpKind::Payment
+        } else {
+            OpKind::Tcc
         };
+        let cancel = kind == OpKind::Tcc && self.rng.next() % 4 == 0;
         let to = (kind == OpKind::Transfer).then(|| {
             let n = self.rng.next() % self.users;
             let payee = format!("chaos-user-{n}");
@@ -325,6 +345,8 @@ impl OpGen {
             user,
             to,
             id: None,
+            cancel,
+            tried: false,
             refused: false,
             key: match kind {
                 OpKind::Read => String::new(),
@@ -334,7 +356,7 @@ impl OpGen {
                 OpKind::Deposit => amount,
                 OpKind::Read => 0,
                 // Smaller than deposits: most have the funds.
-                OpKind::Transfer | OpKind::Payment => 1 + amount % 50,
+                OpKind::Transfer | OpKind::Payment | OpKind::Tcc => 1 + amount % 50,
             },
             due_ms: 0,
             sent_ms: 0,
@@ -382,12 +404,18 @@ async fn perform(
                 let id = serde_json::from_slice::<serde_json::Value>(&body)
                     .ok()
                     .and_then(|v| v["id"].as_str().map(str::to_string));
-                if op.kind == OpKind::Payment && op.id.is_none() {
-                    // The order exists: pay it (same retries, same deadline).
+                if matches!(op.kind, OpKind::Payment | OpKind::Tcc) && op.id.is_none() {
+                    // The order exists: pay it, or try it (same retries,
+                    // same deadline).
                     op.id = id;
                     if op.id.is_none() {
                         break;
                     }
+                    continue;
+                }
+                if op.kind == OpKind::Tcc && !op.tried {
+                    // Frozen: confirm or cancel it.
+                    op.tried = true;
                     continue;
                 }
                 if op.kind == OpKind::Transfer {
@@ -483,7 +511,9 @@ pub async fn run_from(w: &Workload, start: Instant) -> Recording {
     all
 }
 
+mod api_check;
 mod verify;
+pub use api_check::{check_through_api, ApiCheck};
 pub use verify::{verify, verify_copies, RpoReport};
 
 #[cfg(test)]
@@ -493,7 +523,7 @@ mod tests {
     #[test]
     fn the_same_seed_gives_the_same_operations() {
         let w = |seed| Workload {
-            mix: [3, 1, 0, 0],
+            mix: [3, 1, 0, 0, 0],
             ..Workload::deposits(
                 "127.0.0.1:1".parse().unwrap(),
                 4,

@@ -19,6 +19,9 @@ pub struct RpoReport {
     pub lost: Vec<String>,
     /// Writes applied more than once (counted over the primary copies).
     pub doubled: Vec<String>,
+    /// Writes found in the shard of a cell that does not own their user's
+    /// slot (`KEY in CELL's shard, not HOME's`).
+    pub misplaced: Vec<String>,
     /// Writes never acknowledged but applied (allowed: the client gave up
     /// after the cell had applied it).
     pub applied_unacked: usize,
@@ -35,6 +38,8 @@ pub struct RpoReport {
     pub transfers_acked: usize,
     /// See `transfers_acked`.
     pub payments_acked: usize,
+    /// TCC orders whose confirm (or cancel) was acknowledged.
+    pub tcc_acked: usize,
     /// Minor units paid to the workload's merchant (orders `paid` in the
     /// primary copies): money that left the wallets.
     pub paid_total: i128,
@@ -49,6 +54,7 @@ impl RpoReport {
     pub fn ok(&self) -> bool {
         self.lost.is_empty()
             && self.doubled.is_empty()
+            && self.misplaced.is_empty()
             && self.out_of_order.is_empty()
             && self.applied_total == self.expected_total
     }
@@ -77,19 +83,30 @@ fn cannot(path: &Path, e: rusqlite::Error) -> crate::offline::CannotCheck {
 /// user's writes are applied in the order the client saw them
 /// acknowledged, and the money applied is the money written.
 pub fn verify(dir: &Path, writes: &[Write]) -> Result<RpoReport, crate::offline::CannotCheck> {
-    verify_copies(&crate::offline::check_dir(dir)?, writes)
+    verify_copies(&crate::offline::check_dir(dir)?, writes, None)
 }
 
 /// [`verify`] over the copies an offline check already found.
 pub fn verify_copies(
     offline: &crate::offline::OfflineReport,
     writes: &[Write],
+    homes: Option<&HashMap<String, String>>,
 ) -> Result<RpoReport, crate::offline::CannotCheck> {
+    // A row of `user` in `copy`'s shard: misplaced unless it is the
+    // shard of the cell owning the user's slot.
+    let mut misplaced = Vec::new();
+    let mut check_place = |what: &str, user: &str, shard: &str| {
+        if let Some(home) = homes.and_then(|h| h.get(user)) {
+            if home != shard {
+                misplaced.push(format!("{what} in {shard}'s shard, not {home}'s"));
+            }
+        }
+    };
     let mut applied: HashMap<String, Applied> = HashMap::new();
     let mut applied_total: i128 = 0;
     // Transfers by id (copies holding it); orders by id (copies, paid).
     let mut transfers: HashMap<String, i64> = HashMap::new();
-    let mut orders: HashMap<String, (i64, bool)> = HashMap::new();
+    let mut orders: HashMap<String, (i64, String)> = HashMap::new();
     let (mut paid_total, mut in_flight_total): (i128, i128) = (0, 0);
     for copy in offline.copies.iter().filter(|c| c.role == "primary") {
         let conn = rusqlite::Connection::open_with_flags(
@@ -98,7 +115,7 @@ pub fn verify_copies(
         )
         .map_err(|e| cannot(&copy.path, e))?;
         let mut s = conn
-            .prepare("SELECT ref, MIN(id), COUNT(*), SUM(amount) FROM ledger WHERE ref LIKE 'chaos-%' AND kind = 'deposit' GROUP BY ref")
+            .prepare("SELECT ref, MIN(id), COUNT(*), SUM(amount), MIN(user) FROM ledger WHERE ref LIKE 'chaos-%' AND kind = 'deposit' GROUP BY ref")
             .map_err(|e| cannot(&copy.path, e))?;
         let rows = s
             .query_map([], |r| {
@@ -107,35 +124,39 @@ pub fn verify_copies(
                     r.get::<_, i64>(1)?,
                     r.get::<_, i64>(2)?,
                     r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
                 ))
             })
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
             .map_err(|e| cannot(&copy.path, e))?;
-        for (key, id, n, total) in rows {
+        for (key, id, n, total, user) in rows {
+            check_place(&key, &user, &copy.cell);
             applied_total += total as i128;
             let a = applied.entry(key).or_default();
             a.id = id;
             a.times += n;
         }
-        let ids = |sql: &str| -> rusqlite::Result<Vec<(String, String)>> {
+        let ids = |sql: &str| -> rusqlite::Result<Vec<(String, String, String)>> {
             let mut s = conn.prepare(sql)?;
-            let rows = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let rows = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             rows.collect()
         };
-        for (id, _) in ids("SELECT id, state FROM transfers").map_err(|e| cannot(&copy.path, e))? {
+        for (id, _, user) in
+            ids("SELECT id, state, from_user FROM transfers").map_err(|e| cannot(&copy.path, e))?
+        {
+            check_place(&format!("transfer {id}"), &user, &copy.cell);
             *transfers.entry(id).or_default() += 1;
         }
-        for (id, state) in ids(&format!(
-            "SELECT id, state FROM orders WHERE merchant = '{}'",
+        for (id, state, user) in ids(&format!(
+            "SELECT id, state, user FROM orders WHERE merchant = '{}'",
             super::MERCHANT
         ))
         .map_err(|e| cannot(&copy.path, e))?
         {
+            check_place(&format!("order {id}"), &user, &copy.cell);
             let o = orders.entry(id).or_default();
             o.0 += 1;
-            if state == "paid" {
-                o.1 = true;
-            }
+            o.1 = state;
         }
         paid_total += sum(
             &conn,
@@ -151,7 +172,9 @@ pub fn verify_copies(
         )
         .map_err(|e| cannot(&copy.path, e))?;
     }
+    misplaced.sort();
     let mut r = RpoReport {
+        misplaced,
         writes: writes.iter().filter(|w| w.kind != OpKind::Read).count(),
         applied_total,
         paid_total,
@@ -167,10 +190,23 @@ pub fn verify_copies(
                 let n = transfers.get(&id).copied().unwrap_or(0);
                 (n, n > 0)
             }
-            OpKind::Payment => {
-                r.payments_acked += 1;
-                let (n, paid) = orders.get(&id).copied().unwrap_or((0, false));
-                (n, paid)
+            OpKind::Payment | OpKind::Tcc => {
+                let want = match (w.kind, w.cancel) {
+                    (OpKind::Payment, _) => {
+                        r.payments_acked += 1;
+                        "paid"
+                    }
+                    (_, false) => {
+                        r.tcc_acked += 1;
+                        "paid"
+                    }
+                    (_, true) => {
+                        r.tcc_acked += 1;
+                        "cancelled"
+                    }
+                };
+                let (n, state) = orders.get(&id).cloned().unwrap_or_default();
+                (n, state == want)
             }
             _ => continue,
         };
@@ -246,6 +282,8 @@ mod tests {
             user: "u".into(),
             to: None,
             id: None,
+            cancel: false,
+            tried: false,
             refused: false,
             key: key.into(),
             amount: 1,
@@ -267,5 +305,68 @@ mod tests {
         // c overlapped a: any order is fine.
         let mut list = vec![(&a, 5), (&b, 6), (&c, 1)];
         assert!(out_of_order(&mut list).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod placement {
+    use super::*;
+    use crate::offline::{Copy, OfflineReport};
+
+    /// A primary copy of `cell`'s shard with just the tables the check
+    /// reads, holding one deposit, one transfer and one order of `user`.
+    fn copy(dir: &Path, cell: &str, user: &str) -> Copy {
+        let path = dir.join(format!("{cell}.db"));
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(&format!(
+            "CREATE TABLE ledger (id INTEGER PRIMARY KEY, user TEXT, kind TEXT, amount INTEGER, ref TEXT);
+             CREATE TABLE transfers (id TEXT, state TEXT, from_user TEXT);
+             CREATE TABLE orders (id TEXT, state TEXT, user TEXT, merchant TEXT, amount INTEGER);
+             CREATE TABLE outbox (amount INTEGER, delivered_ms INTEGER, failed_ms INTEGER);
+             INSERT INTO ledger (user, kind, amount, ref) VALUES ('{user}', 'deposit', 5, 'chaos-1-0-{cell}');
+             INSERT INTO transfers VALUES ('t-{cell}', 'settled', '{user}');
+             INSERT INTO orders VALUES ('o-{cell}', 'paid', '{user}', '{}', 3);",
+            super::super::MERCHANT
+        ))
+        .unwrap();
+        Copy {
+            path,
+            cell: cell.into(),
+            role: "primary",
+            lsn: 0,
+            timeline: String::new(),
+            timeline_since: 0,
+            balance_total: 0,
+            ledger_entries: 1,
+            violations: vec![],
+        }
+    }
+
+    #[test]
+    fn a_write_in_a_shard_that_does_not_own_its_user_is_misplaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let offline = OfflineReport {
+            copies: vec![
+                copy(dir.path(), "cell-a", "alice"),
+                copy(dir.path(), "cell-b", "alice"),
+            ],
+            ..Default::default()
+        };
+        let homes: HashMap<String, String> = [("alice".to_string(), "cell-a".to_string())].into();
+        let r = verify_copies(&offline, &[], Some(&homes)).unwrap();
+        assert_eq!(
+            r.misplaced,
+            vec![
+                "chaos-1-0-cell-b in cell-b's shard, not cell-a's",
+                "order o-cell-b in cell-b's shard, not cell-a's",
+                "transfer t-cell-b in cell-b's shard, not cell-a's",
+            ]
+        );
+        assert!(!r.ok());
+        // Without the owners (the offline `check`), nothing is judged.
+        assert!(verify_copies(&offline, &[], None)
+            .unwrap()
+            .misplaced
+            .is_empty());
     }
 }
