@@ -1,36 +1,46 @@
 //! The smoke run's high-availability part (rules-file mode): cell-a's
 //! replicated shard switched over to its standby cell-b and back under
 //! load, then both of cell-a's agents killed and the shard failed over to
-//! cell-b — with every acknowledged write checked in the promoted copy.
+//! cell-b. The load is `cellchaos`'s recording client (deposits, each with
+//! its own key, retried with it) and the check is its RPO check over the
+//! copies that are primary afterwards: nothing acknowledged lost, nothing
+//! doubled, misplaced or reordered.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use routing_rules::switchover::{self, FailoverRequest, Request};
-use routing_rules::{AllHealthy, RouteAttrs};
+use routing_rules::{AllHealthy, RouteAttrs, RoutingTable};
 use serde_json::json;
 
 use super::{client, post, Demo};
+use crate::workload::{Outcome, Workload};
 
 /// What the drill saw.
 #[derive(Debug, Default, Clone)]
 pub struct DrillReport {
-    /// Writes acknowledged (each a deposit of 1 with its own key).
+    /// Writes acknowledged.
     pub acked: u64,
-    /// Requests sent while the shard switched over (and back).
+    /// Money the drill's deposits put in (applied, acknowledged or not).
+    pub deposited: i128,
+    /// Attempts by cell-a's users while the shard switched over (and back).
     pub switchover_requests: u64,
-    /// Answers other than 200 while it switched over (must be none: the
-    /// gateway holds what the cells refuse while the shard moves).
+    /// Those that were not answered 200 (must be none: the gateway holds
+    /// what the cells refuse while the shard moves).
     pub switchover_failed: Vec<String>,
-    /// The slowest write during the switchovers, ms.
+    /// The slowest of cell-a's users' writes during the switchovers, ms.
     pub switchover_stall_ms: u64,
-    /// From killing cell-a's agents to the next acknowledged write, ms.
+    /// From killing cell-a's agents to the next acknowledged write of one
+    /// of its users, ms.
     pub failover_ms: u64,
     /// How long `cellctl failover` itself took, ms.
     pub failover_command_ms: u64,
-    /// Acknowledged writes missing from (or doubled in) the promoted copy.
+    /// Acknowledged writes lost.
     pub lost: Vec<String>,
+    /// Writes doubled, misplaced or reordered; money from nowhere.
+    pub other_problems: Vec<String>,
     /// Money deposited besides the drill's writes (the cross-cell part).
     pub other_deposits: i64,
     /// Cross-cell transfers after the failover, to and from a user of the
@@ -38,18 +48,20 @@ pub struct DrillReport {
     pub cross_cell: Vec<String>,
 }
 
-/// Which phase the writers are in.
-const SWITCHING: u8 = 0;
-const FAILING_OVER: u8 = 1;
+/// Users of the drill's load, and the cell owning each one's slot.
+const USERS: usize = 48;
 
-struct Shared {
-    phase: AtomicU8,
-    stop: AtomicBool,
-    /// (sent, acknowledged, key) of every acknowledged write.
-    acked: Mutex<Vec<(Instant, Instant, String)>>,
-    failed: Mutex<Vec<String>>,
-    slowest_switching: Mutex<Duration>,
-    requests_switching: Mutex<u64>,
+fn homes(table: &RoutingTable) -> HashMap<String, String> {
+    (0..USERS)
+        .map(|i| format!("chaos-user-{i}"))
+        .filter_map(|u| {
+            let d = table
+                .route(Some(u.as_bytes()), &RouteAttrs::default(), &AllHealthy)
+                .ok()?;
+            let home = table.cell_name(d.home_cell).to_string();
+            Some((u, home))
+        })
+        .collect()
 }
 
 impl Demo {
@@ -57,41 +69,27 @@ impl Demo {
     /// replicated and in sync); leaves cell-a's shard at cell-b.
     pub async fn drill(&mut self) -> anyhow::Result<DrillReport> {
         let gw = self.gateway.proxy_addr;
-        let table = self.gateway.control.current().table.clone();
-        let users: Vec<String> = (0..)
-            .map(|i| format!("drill-{i}"))
-            .filter(|u| {
-                table
-                    .route(Some(u.as_bytes()), &RouteAttrs::default(), &AllHealthy)
-                    .is_ok_and(|d| table.cell_name(d.home_cell) == "cell-a")
-            })
-            .take(8)
-            .collect();
-        let shared = Arc::new(Shared {
-            phase: AtomicU8::new(SWITCHING),
-            stop: AtomicBool::new(false),
-            acked: Mutex::default(),
-            failed: Mutex::default(),
-            slowest_switching: Mutex::default(),
-            requests_switching: Mutex::default(),
-        });
-        let writers: Vec<_> = users
-            .iter()
-            .cloned()
-            .map(|user| tokio::spawn(writer(gw, user, shared.clone())))
-            .collect();
-        let acked = |s: &Shared| s.acked.lock().map(|a| a.len()).unwrap_or(0);
-        let wait_for = |n: usize| {
-            let shared = shared.clone();
+        let homes = homes(&self.gateway.control.current().table);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut w = Workload::deposits(gw, 8, Duration::from_secs(120), USERS, 7);
+        w.stop = stop.clone();
+        w.retry_for = Duration::from_secs(30);
+        let live = w.live.clone();
+        let start = Instant::now();
+        let load = tokio::spawn(async move { crate::workload::run_from(&w, start).await });
+        let acked = || live.ok.load(Ordering::Relaxed);
+        let wait_for = |n: u64| {
+            let live = live.clone();
             async move {
                 let deadline = Instant::now() + Duration::from_secs(30);
-                while acked(&shared) < n {
+                while live.ok.load(Ordering::Relaxed) < n {
                     anyhow::ensure!(Instant::now() < deadline, "the drill's writes stalled");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 Ok(())
             }
         };
+        let at = || start.elapsed().as_millis() as u64;
         let secret = routing_rules::auth::ClusterSecret::from_file(&self.secret_path)?;
         let switch = |to: &str| Request {
             rules: self.rules_path.clone(),
@@ -101,6 +99,7 @@ impl Demo {
             etcd: None,
         };
         wait_for(100).await?;
+        let switching_from = at();
         for to in ["cell-b", "cell-a"] {
             let out = switchover::run(&switch(to), secret.clone()).await?;
             anyhow::ensure!(
@@ -108,11 +107,11 @@ impl Demo {
                 "switchover to {to}: {}",
                 out.result
             );
-            wait_for(acked(&shared) + 100).await?;
+            wait_for(acked() + 100).await?;
         }
+        let switching_to = at();
         // Both of cell-a's agents die at once.
-        shared.phase.store(FAILING_OVER, Ordering::SeqCst);
-        let killed = Instant::now();
+        let killed = at();
         let mut kept = Vec::new();
         for (cell, colour, agent) in self.agents.drain(..) {
             if cell == "cell-a" {
@@ -132,45 +131,75 @@ impl Demo {
         let t = Instant::now();
         switchover::failover(&req, secret).await?;
         let failover_command_ms = t.elapsed().as_millis() as u64;
-        wait_for(acked(&shared) + 100).await?;
-        shared.stop.store(true, Ordering::SeqCst);
-        for w in writers {
-            let _ = w.await;
-        }
+        wait_for(acked() + 100).await?;
+        stop.store(true, Ordering::SeqCst);
+        let rec = load.await?;
 
-        let (other_deposits, cross_cell) = self.cross_cell_after_failover(&users[0]).await?;
-        let acked: Vec<(Instant, Instant, String)> =
-            shared.acked.lock().map(|a| a.clone()).unwrap_or_default();
-        // The first write sent after the kill that was acknowledged.
-        let first_after = acked
+        let moved_user = homes
             .iter()
-            .filter(|(sent, _, _)| *sent > killed)
-            .map(|(_, at, _)| *at)
+            .find(|(_, h)| h.as_str() == "cell-a")
+            .map(|(u, _)| u.clone())
+            .unwrap_or_default();
+        let (other_deposits, cross_cell) = self.cross_cell_after_failover(&moved_user).await?;
+        let in_a = |user: &str| homes.get(user).is_some_and(|h| h == "cell-a");
+        // Every attempt while the shards switched over was answered 200
+        // (only cell-a's users were affected; the others count too).
+        let during: Vec<_> = rec
+            .attempts
+            .iter()
+            .filter(|a| (switching_from..switching_to).contains(&a.at_ms))
+            .collect();
+        let switchover_requests = during.len() as u64;
+        let switchover_failed = during
+            .iter()
+            .filter(|a| a.outcome != Outcome::Ok)
+            .map(|a| format!("attempt ended at {} ms: {:?}", a.at_ms, a.outcome))
+            .collect();
+        let switchover_stall_ms = rec
+            .ops
+            .iter()
+            .filter(|o| in_a(&o.user) && (switching_from..switching_to).contains(&o.sent_ms))
+            .filter_map(|o| Some(o.acked_ms? - o.sent_ms))
+            .max()
+            .unwrap_or(0);
+        // The first write of a cell-a user sent after the kill and
+        // acknowledged.
+        let first_after = rec
+            .ops
+            .iter()
+            .filter(|o| in_a(&o.user) && o.sent_ms >= killed)
+            .filter_map(|o| o.acked_ms)
             .min()
             .unwrap_or(killed);
-        let copy = self.data_dir.join("cell-a.replica.db");
-        let rows = deposits(&copy)?;
-        let lost = acked
-            .iter()
-            .filter(|(_, _, k)| rows.get(k) != Some(&1))
-            .map(|(_, _, k)| k.clone())
-            .collect();
-        let switchover_requests = *shared
-            .requests_switching
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        // The copies as they are now (cell-a's shard primary at cell-b).
+        let offline =
+            crate::offline::check_dir(&self.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let rpo = crate::workload::verify_copies(&offline, &rec.ops, Some(&homes))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut other = Vec::new();
+        other.extend(rpo.doubled.iter().map(|k| format!("doubled: {k}")));
+        other.extend(rpo.misplaced.iter().map(|k| format!("misplaced: {k}")));
+        other.extend(
+            rpo.out_of_order
+                .iter()
+                .map(|k| format!("out of order: {k}")),
+        );
+        if rpo.applied_total != rpo.expected_total {
+            other.push(format!(
+                "deposits applied {} ≠ the client's applied deposits {}",
+                rpo.applied_total, rpo.expected_total
+            ));
+        }
         Ok(DrillReport {
-            acked: acked.len() as u64,
+            acked: rpo.acked as u64,
+            deposited: rpo.applied_total,
             switchover_requests,
-            switchover_failed: shared.failed.lock().map(|f| f.clone()).unwrap_or_default(),
-            switchover_stall_ms: shared
-                .slowest_switching
-                .lock()
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-            failover_ms: (first_after - killed).as_millis() as u64,
+            switchover_failed,
+            switchover_stall_ms,
+            failover_ms: first_after - killed,
             failover_command_ms,
-            lost,
+            lost: rpo.lost,
+            other_problems: other,
             other_deposits,
             cross_cell,
         })
@@ -267,64 +296,4 @@ async fn balance(
     r.2["balance"]
         .as_i64()
         .ok_or_else(|| anyhow::anyhow!("balance of {user}: {} {}", r.0, r.2))
-}
-
-/// One user's deposits, each retried with its key until acknowledged.
-async fn writer(gw: std::net::SocketAddr, user: String, s: Arc<Shared>) {
-    let client = client();
-    let mut n = 0u64;
-    while !s.stop.load(Ordering::SeqCst) {
-        let key = format!("{user}-{n}");
-        n += 1;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            let switching = s.phase.load(Ordering::SeqCst) == SWITCHING;
-            let t = Instant::now();
-            let r = post(
-                &client,
-                gw,
-                &format!("/v1/accounts/{user}/deposit"),
-                &user,
-                json!({"amount": 1, "idempotency_key": key}),
-            )
-            .await;
-            // A request the kill overtook belongs to the failover.
-            let switching = switching && s.phase.load(Ordering::SeqCst) == SWITCHING;
-            if switching {
-                *s.requests_switching
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) += 1;
-                let mut slowest = s
-                    .slowest_switching
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                *slowest = (*slowest).max(t.elapsed());
-            }
-            match r {
-                Ok((200, _, _)) => {
-                    if let Ok(mut a) = s.acked.lock() {
-                        a.push((t, Instant::now(), key));
-                    }
-                    break;
-                }
-                other => {
-                    if switching {
-                        if let Ok(mut f) = s.failed.lock() {
-                            f.push(format!("{key}: {other:?}"));
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
-    }
-}
-
-/// Deposit keys in a shard file with their count.
-fn deposits(db: &std::path::Path) -> anyhow::Result<std::collections::HashMap<String, i64>> {
-    let c = cell_agent::store::sqlite::open(db, true)?;
-    let mut s =
-        c.prepare("SELECT ref, COUNT(*) FROM ledger WHERE kind = 'deposit' GROUP BY ref")?;
-    let rows = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    Ok(rows.collect::<Result<_, _>>()?)
 }

@@ -260,11 +260,12 @@ async fn drill(demo: &mut Demo, report: &mut SmokeReport) -> anyhow::Result<bool
         d.failover_ms, d.failover_command_ms
     );
     println!(
-        "smoke: acknowledged writes lost: {} (of {})",
+        "smoke: acknowledged writes lost: {} (of {}); doubled, misplaced or reordered: {}",
         d.lost.len(),
-        d.acked
+        d.acked,
+        d.other_problems.len()
     );
-    for k in d.lost.iter().take(10) {
+    for k in d.lost.iter().chain(&d.other_problems).take(10) {
         println!("  - {k}");
     }
     println!(
@@ -289,7 +290,7 @@ async fn drill(demo: &mut Demo, report: &mut SmokeReport) -> anyhow::Result<bool
             Err(e) => violations.push(format!("{file}: cannot check: {e}")),
         }
     }
-    let expected = report.total + d.acked as i128 + d.other_deposits as i128;
+    let expected = report.total + d.deposited + d.other_deposits as i128;
     println!("smoke: money after the drill: {expected} expected, {total} found; invariant violations: {}", violations.len());
     for v in violations.iter().take(10) {
         println!("  - {v}");
@@ -297,6 +298,7 @@ async fn drill(demo: &mut Demo, report: &mut SmokeReport) -> anyhow::Result<bool
     report.violations.extend(violations.iter().cloned());
     Ok(d.switchover_failed.is_empty()
         && d.lost.is_empty()
+        && d.other_problems.is_empty()
         && d.cross_cell.is_empty()
         && violations.is_empty()
         && total == expected)

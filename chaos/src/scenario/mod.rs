@@ -11,7 +11,7 @@ mod step;
 use step::{step, StepFile};
 
 /// Scenario files built into `cellchaos` (`cellchaos list`).
-pub const BUILT_IN: [(&str, &str); 9] = [
+pub const BUILT_IN: [(&str, &str); 10] = [
     (
         "switchover",
         include_str!("../../scenarios/switchover.toml"),
@@ -42,6 +42,7 @@ pub const BUILT_IN: [(&str, &str); 9] = [
         include_str!("../../scenarios/rules-flapping.toml"),
     ),
     ("etcd-loss", include_str!("../../scenarios/etcd-loss.toml")),
+    ("etcd-link", include_str!("../../scenarios/etcd-link.toml")),
 ];
 
 /// A scenario as written.
@@ -241,6 +242,9 @@ pub enum Link {
         /// The cell whose internal listeners the proxy fronts.
         to: String,
     },
+    /// A cell's agents → etcd (`cell-a->etcd`): their lease renewals,
+    /// registrations, rules watch and replication records.
+    ToEtcd(String),
 }
 
 impl std::fmt::Display for Link {
@@ -248,6 +252,7 @@ impl std::fmt::Display for Link {
         match self {
             Link::GatewayToAgent(c, col) => write!(f, "gateway->{c}/{}", col.as_str()),
             Link::Internal { from, to } => write!(f, "{from}->{to}"),
+            Link::ToEtcd(c) => write!(f, "{c}->etcd"),
         }
     }
 }
@@ -348,7 +353,7 @@ impl Action {
                 ..
             } => vec![c.clone()],
             Action::Link {
-                link: Link::Internal { from, .. },
+                link: Link::Internal { from, .. } | Link::ToEtcd(from),
                 ..
             } => vec![from.clone()],
             Action::Switchover { cell, .. }
@@ -562,6 +567,9 @@ impl Scenario {
                         target: Target::Etcd
                     } | Action::Restart {
                         target: Target::Etcd
+                    } | Action::Link {
+                        link: Link::ToEtcd(_),
+                        ..
                     }
                 )
             }) {

@@ -66,9 +66,11 @@ fn target(cells: &[String], s: &Option<String>) -> Result<Target, String> {
 
 fn link(cells: &[String], s: &str) -> Result<Link, String> {
     let (from, to) = s.split_once("->").ok_or_else(|| {
-        format!("link = {s:?}: write \"gateway->CELL/COLOUR\" or \"CELL->STANDBY\"")
+        format!("link = {s:?}: write \"gateway->CELL/COLOUR\", \"CELL->STANDBY\" or \"CELL->etcd\"")
     })?;
-    if from == "gateway" {
+    if to == "etcd" {
+        Ok(Link::ToEtcd(cell(cells, "link", from)?))
+    } else if from == "gateway" {
         let (c, col) = agent(cells, "link", to)?;
         Ok(Link::GatewayToAgent(c, col))
     } else {

@@ -93,6 +93,13 @@ impl Topology {
                 agents.push((c.clone(), colour, addr, int));
             }
         }
+        // etcd's client address, known before the proxies that front it.
+        let etcd_client = match s.topology.control_plane {
+            ControlPlane::File => None,
+            ControlPlane::Etcd => Some(free_port()?),
+        };
+        // A cell whose link to etcd is faulted reaches it through a proxy.
+        let mut etcd_via: BTreeMap<String, String> = BTreeMap::new();
         // Proxies: the rules name them instead of the real addresses.
         let mut proxies: BTreeMap<String, Vec<FaultProxy>> = BTreeMap::new();
         let mut named_public = public.clone();
@@ -112,6 +119,13 @@ impl Topology {
                     named_internal.insert(to.clone(), ps.iter().map(|p| p.addr()).collect());
                     proxies.insert(link.to_string(), ps);
                 }
+                Link::ToEtcd(c) => {
+                    let etcd =
+                        etcd_client.context("a link to etcd needs control_plane = \"etcd\"")?;
+                    let p = FaultProxy::start(etcd).await?;
+                    etcd_via.insert(c.clone(), format!("http://{}", p.addr()));
+                    proxies.insert(link.to_string(), vec![p]);
+                }
             }
         }
         let text = drill_rules(&cells, s.topology.slots, &named_public, &named_internal);
@@ -121,10 +135,10 @@ impl Topology {
         let path = |p: PathBuf| p.display().to_string();
         let mut procs = Vec::new();
         // The control plane: the rules file, or an etcd started first.
-        let etcd = match s.topology.control_plane {
-            ControlPlane::File => None,
-            ControlPlane::Etcd => {
-                let (client, peer) = (free_port()?, free_port()?);
+        let etcd = match etcd_client {
+            None => None,
+            Some(client) => {
+                let peer = free_port()?;
                 let (url, peer_url) = (format!("http://{client}"), format!("http://{peer}"));
                 let args: Vec<String> = [
                     "--name",
@@ -167,6 +181,16 @@ impl Topology {
             ],
         };
         for (c, colour, addr, int) in agents {
+            // Its own way to etcd when that link is faulted.
+            let follow: Vec<String> = match (&etcd, etcd_via.get(&c)) {
+                (Some(t), Some(via)) => vec![
+                    "--etcd".into(),
+                    via.clone(),
+                    "--cluster".into(),
+                    t.cluster.clone(),
+                ],
+                _ => follow.clone(),
+            };
             let name = format!("{c}/{}", colour.as_str());
             let file = format!("{c}-{}", colour.as_str());
             let args: Vec<String> = [
@@ -191,7 +215,7 @@ impl Topology {
             ]
             .iter()
             .map(|s| s.to_string())
-            .chain(follow.clone())
+            .chain(follow)
             .collect();
             procs.push(Proc::new(
                 name,

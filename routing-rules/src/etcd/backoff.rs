@@ -29,6 +29,8 @@ pub enum Note {
 #[derive(Debug)]
 pub struct Backoff {
     what: String,
+    /// The longest pause.
+    max: Duration,
     failures: u32,
     since: Option<Instant>,
     last_summary: Option<Instant>,
@@ -36,10 +38,21 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// A backoff whose pauses never exceed `max` (a fenced instance
+    /// retries its lease often: every second it waits is a second without
+    /// writes).
+    pub fn up_to(what: impl Into<String>, max: Duration) -> Self {
+        Backoff {
+            max: max.min(MAX_RETRY),
+            ..Backoff::new(what)
+        }
+    }
+
     /// A follower that has not failed yet.
     pub fn new(what: impl Into<String>) -> Self {
         Backoff {
             what: what.into(),
+            max: MAX_RETRY,
             failures: 0,
             since: None,
             last_summary: None,
@@ -51,10 +64,15 @@ impl Backoff {
     /// capped at [`MAX_RETRY`], times a random factor in [0.5, 1.0) so
     /// followers that lost etcd together do not come back in step.
     pub fn delay(failures: u32, random: u64) -> Duration {
+        Self::delay_up_to(failures, random, MAX_RETRY)
+    }
+
+    /// [`Backoff::delay`] with another cap.
+    fn delay_up_to(failures: u32, random: u64, max: Duration) -> Duration {
         let base = Duration::from_millis(super::RETRY_MS);
         let exp = base
             .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
-            .min(MAX_RETRY);
+            .min(max);
         let factor = 0.5 + (random % 1000) as f64 / 2000.0;
         exp.mul_f64(factor)
     }
@@ -69,9 +87,9 @@ impl Backoff {
                 self.since = Some(now);
                 self.last_summary = Some(now);
                 Some(Note::Lost(format!(
-                    "etcd {} session lost ({error}); retrying with backoff up to {} s, logging a summary every {} s",
+                    "etcd {} session lost ({error}); retrying with backoff up to {:?}, logging a summary every {} s",
                     self.what,
-                    MAX_RETRY.as_secs(),
+                    self.max,
                     SUMMARY_EVERY.as_secs()
                 )))
             }
@@ -93,7 +111,7 @@ impl Backoff {
         let random = std::collections::hash_map::RandomState::new()
             .build_hasher()
             .finish();
-        (Self::delay(self.failures, random), note)
+        (Self::delay_up_to(self.failures, random, self.max), note)
     }
 
     /// A session works (again) at `now`: resets the backoff; what to log
@@ -162,6 +180,16 @@ mod tests {
                 let d = Backoff::delay(n, random);
                 assert!(d >= MAX_RETRY / 2 && d < MAX_RETRY, "{n}: {d:?}");
             }
+        }
+    }
+
+    #[test]
+    fn a_capped_backoff_never_waits_longer_than_its_cap() {
+        let mut b = Backoff::up_to("registration", Duration::from_secs(1));
+        let t0 = Instant::now();
+        for _ in 0..40 {
+            let (d, _) = b.failed("down", t0);
+            assert!(d < Duration::from_secs(1), "{d:?}");
         }
     }
 

@@ -117,7 +117,11 @@ pub async fn keep_registered(
     on_lease: impl Fn(bool) + Send,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut backoff = Backoff::new(format!("registration of {key}"));
+    // Fenced while it has no lease: retried at least every second.
+    let mut backoff = Backoff::up_to(
+        format!("registration of {key}"),
+        std::time::Duration::from_secs(1),
+    );
     let ttl = std::time::Duration::from_secs(ttl_s as u64);
     // After a failed session: when the old lease could lapse at etcd.
     let mut fence_at: Option<tokio::time::Instant> = None;
