@@ -52,6 +52,23 @@ enum Command {
         /// end within it).
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<Duration>,
+        /// Run against a topology someone else started, described by this
+        /// attach file (TOML: gateway, admin, rules, data_dir, each
+        /// process's pid file and how to start it again; `cellchaos up`
+        /// writes one). Its processes are faulted through their pid files
+        /// and left running; link faults are refused.
+        #[arg(long, value_name = "FILE")]
+        attach: Option<PathBuf>,
+    },
+    /// Start a scenario's topology and keep it running until Ctrl-C (or
+    /// SIGTERM): real processes on free loopback ports, files in DIR, and
+    /// DIR/attach.toml for `cellchaos drill SCENARIO --attach`.
+    Up {
+        /// A scenario file, or a built-in scenario's name (its topology).
+        scenario: String,
+        /// Where the topology's files go (must not exist yet).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
     },
     /// The built-in scenarios, one line each (expected-to-fail ones are
     /// marked with the reason).
@@ -114,7 +131,9 @@ fn main() -> ExitCode {
             seed,
             report_dir,
             duration,
-        } => drill(&scenario, seed, report_dir, duration),
+            attach,
+        } => drill(&scenario, seed, report_dir, duration, attach),
+        Command::Up { scenario, dir } => up(&scenario, &dir),
         Command::CellAgent(cfg) => served(cell_agent::server::serve_until_signal(*cfg)),
         Command::Gateway(cfg) => served(gateway::server::serve_until_signal(*cfg)),
     }
@@ -173,11 +192,60 @@ fn load(scenario: &str) -> Result<(Scenario, String), String> {
         .map_err(|e| format!("{scenario}: {e}"))
 }
 
+/// `cellchaos up`.
+fn up(scenario: &str, dir: &std::path::Path) -> ExitCode {
+    let fail = |e: String| {
+        eprintln!("cellchaos up: {e}");
+        ExitCode::from(2)
+    };
+    let (s, source) = match load(scenario) {
+        Ok(x) => x,
+        Err(e) => return fail(e),
+    };
+    if dir.exists() {
+        return fail(format!(
+            "{} exists: choose a new directory for the topology's files",
+            dir.display()
+        ));
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(e.to_string()),
+    };
+    let r: anyhow::Result<()> = rt.block_on(async {
+        let mut topo = chaos::topology::Topology::start(&s, dir).await?;
+        let spec = chaos::topology::attach::AttachSpec::of(&topo);
+        let file = dir.join("attach.toml");
+        std::fs::write(&file, toml::to_string(&spec)?)?;
+        println!(
+            "topology of {} up: gateway http://{}, admin http://{}, files in {}\nattach: cellchaos drill {source} --attach {}\nCtrl-C stops it.",
+            s.name,
+            spec.gateway,
+            spec.admin,
+            dir.display(),
+            file.display()
+        );
+        routing_rules::signal::wait_for_signal().await;
+        // By pid file first: a process a drill started again is not ours.
+        chaos::topology::attach::stop_by_pid_files(&spec).await;
+        topo.stop().await;
+        Ok(())
+    });
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!("{e:#}")),
+    }
+}
+
 fn drill(
     scenario: &str,
     seed: Option<u64>,
     report_dir: Option<PathBuf>,
     duration: Option<Duration>,
+    attach: Option<PathBuf>,
 ) -> ExitCode {
     let fail = |e: String| {
         eprintln!("cellchaos drill: {e}");
@@ -203,10 +271,21 @@ fn drill(
         replay.push_str(&format!(" --duration {}ms", s.duration.as_millis()));
     }
     replay.push_str(&format!(" --report-dir {}", report_dir.display()));
+    let attach = match attach {
+        Some(f) => {
+            replay.push_str(&format!(" --attach {}", f.display()));
+            match chaos::topology::attach::AttachSpec::load(&f) {
+                Ok(spec) => Some(spec),
+                Err(e) => return fail(format!("{e:#}")),
+            }
+        }
+        None => None,
+    };
     let d = chaos::drill::Drill {
         scenario: s,
         report_dir: report_dir.clone(),
         replay,
+        attach,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -93,7 +93,7 @@ async fn a_demo_topology_checks_out_and_broken_copies_are_named() {
     assert!(v["transfers_matched"].as_u64().unwrap() > 0, "{out}");
     assert_eq!(
         v["primary_balance_total"].as_i64().unwrap() as i128,
-        smoke.total + drill.acked as i128 + drill.other_deposits as i128,
+        smoke.total + drill.deposited + drill.other_deposits as i128,
         "{out}"
     );
 

@@ -184,3 +184,90 @@ fn a_bound_not_met_fails_the_drill_and_a_bad_scenario_runs_nothing() {
     assert!(err.contains("ends after it"), "{err}");
     assert!(!dir.exists());
 }
+
+/// `cellchaos up` starts a topology and keeps it; `cellchaos drill
+/// --attach` faults it through the pid files (a kill, then the process
+/// started again with the attach file's command), checks it, and leaves it
+/// running; a link fault is refused on an attached topology.
+#[test]
+fn a_drill_attaches_to_a_running_topology_and_leaves_it_running() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("topology");
+    let mut up = Command::new(env!("CARGO_BIN_EXE_cellchaos"))
+        .args(["up", "colour-kill", "--dir"])
+        .arg(&dir)
+        .env("CELLGATE_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let attach = dir.join("attach.toml");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while !attach.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cellchaos up did not come up"
+        );
+        assert!(up.try_wait().unwrap().is_none(), "cellchaos up exited");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let spec: toml::Value = toml::from_str(&std::fs::read_to_string(&attach).unwrap()).unwrap();
+    let blue_pid_file = spec["process"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str() == Some("cell-a/blue"))
+        .map(|p| p["pid_file"].as_str().unwrap().to_string())
+        .unwrap();
+    let pid = |f: &str| std::fs::read_to_string(f).unwrap().trim().to_string();
+    let blue_before = pid(&blue_pid_file);
+
+    let rdir = tmp.path().join("report");
+    let (code, out, err) = drill(
+        &["colour-kill", "--attach", attach.to_str().unwrap()],
+        &rdir,
+    );
+    let r = report(&rdir);
+    // Every invariant held (a timing bound may be missed on a busy machine).
+    assert!(
+        code == 0 || (code == 1 && only_bounds_missed(&r)),
+        "{out}\n{err}"
+    );
+    // cell-a/blue was killed and started again: another process, running.
+    let blue_after = pid(&blue_pid_file);
+    assert_ne!(blue_before, blue_after);
+    assert!(Path::new(&format!("/proc/{blue_after}")).exists());
+    // The topology is still up.
+    assert!(
+        up.try_wait().unwrap().is_none(),
+        "the drill stopped the topology"
+    );
+
+    // A link fault needs proxies an attached topology does not have.
+    let link = tmp.path().join("link.toml");
+    std::fs::write(
+        &link,
+        "name = \"l\"\ndescription = \"d\"\nduration = \"3s\"\n[[step]]\nat = \"1s\"\naction = \"link\"\nlink = \"gateway->cell-a/blue\"\nfault = \"reset\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = drill(
+        &[link.to_str().unwrap(), "--attach", attach.to_str().unwrap()],
+        &tmp.path().join("report2"),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no fault proxies"), "{err}");
+
+    // `up` stops everything on SIGTERM, the restarted agent included.
+    Command::new("kill")
+        .args(["-TERM", &up.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(up.wait().unwrap().success());
+    assert!(
+        !Path::new(&format!("/proc/{blue_after}/stat")).exists()
+            || std::fs::read_to_string(format!("/proc/{blue_after}/stat"))
+                .unwrap()
+                .contains(") Z")
+    );
+}

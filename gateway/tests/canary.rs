@@ -7,7 +7,7 @@
 mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use routing_rules::canary::driver::{self, Ending};
 use routing_rules::canary::{Event, Hooks, Status, Verdict};
@@ -121,11 +121,7 @@ async fn judged_from_a_prometheus_server_a_failing_green_is_aborted() {
     let mut req = request(&s, "10,100", Hooks::default());
     req.metrics = vec![];
     req.prometheus = Some(prom.url.clone());
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let mut emit = {
-        let events = events.clone();
-        move |e: &Event| events.lock().unwrap().push(e.clone())
-    };
+    let (events, mut emit) = recorder();
     let ending = driver::run(req, &mut emit).await.unwrap();
     stop.store(true, Ordering::Relaxed);
     for c in clients {

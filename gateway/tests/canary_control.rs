@@ -5,7 +5,7 @@
 mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use routing_rules::canary::driver::{self, Ending, RunRequest, Where};
@@ -236,11 +236,7 @@ async fn with_etcd_the_registered_gateways_are_judged_and_the_state_lives_in_etc
         prometheus: None,
         hooks: Hooks::default(),
     };
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let mut emit = {
-        let events = events.clone();
-        move |e: &Event| events.lock().unwrap().push(e.clone())
-    };
+    let (events, mut emit) = recorder();
     let ending = driver::run(req.clone(), &mut emit).await.unwrap();
     let events = events.lock().unwrap().clone();
     assert_eq!(ending, Ending::Promoted, "{events:#?}");

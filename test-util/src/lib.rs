@@ -354,9 +354,15 @@ pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
 
 /// A user whose home is `cell` under the topology's rules.
 pub fn user_of(rules: &str, cell: &str, skip: usize) -> String {
+    users_of(rules, cell, skip + 1).remove(skip)
+}
+
+/// The first `n` users (`u0`, `u1`, ...) whose home is `cell` under
+/// `rules`.
+pub fn users_of(rules: &str, cell: &str, n: usize) -> Vec<String> {
     let t = routing_rules::RoutingTable::compile(routing_rules::parse_rules(rules).unwrap(), 0)
         .unwrap();
-    (0..10_000)
+    (0..)
         .map(|i| format!("u{i}"))
         .filter(|u| {
             let d = t
@@ -368,6 +374,6 @@ pub fn user_of(rules: &str, cell: &str, skip: usize) -> String {
                 .unwrap();
             t.cell_name(d.home_cell) == cell
         })
-        .nth(skip)
-        .unwrap()
+        .take(n)
+        .collect()
 }

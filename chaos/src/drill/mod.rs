@@ -31,6 +31,9 @@ pub struct Drill {
     pub report_dir: PathBuf,
     /// The command that replays this drill (printed in the report).
     pub replay: String,
+    /// Run against a topology someone else started (`--attach FILE`)
+    /// instead of starting one.
+    pub attach: Option<crate::topology::attach::AttachSpec>,
 }
 
 /// One health probe of the gateway: when, and what it said (revision and
@@ -148,14 +151,24 @@ impl Drill {
         let s = &self.scenario;
         std::fs::create_dir_all(&self.report_dir)
             .with_context(|| format!("cannot create {}", self.report_dir.display()))?;
-        let data = self.report_dir.join("data");
-        anyhow::ensure!(
-            !data.exists(),
-            "{} exists (a drill's files): remove it or choose another --report-dir",
-            data.display()
-        );
-        tracing::info!(scenario = %s.name, dir = %data.display(), "starting the topology");
-        let topo = Topology::start(s, &data).await?;
+        let (topo, data) = match &self.attach {
+            Some(spec) => {
+                tracing::info!(scenario = %s.name, gateway = %spec.gateway, "attaching to a running topology");
+                let topo = Topology::attach(spec, s)?;
+                topo.wait_ready().await?;
+                (topo, spec.data_dir.clone())
+            }
+            None => {
+                let data = self.report_dir.join("data");
+                anyhow::ensure!(
+                    !data.exists(),
+                    "{} exists (a drill's files): remove it or choose another --report-dir",
+                    data.display()
+                );
+                tracing::info!(scenario = %s.name, dir = %data.display(), "starting the topology");
+                (Topology::start(s, &data).await?, data)
+            }
+        };
         let homes = home_cells(&topo.rules, s.workload.users)?;
         let (gateway, admin) = (topo.gateway(), topo.admin);
         let records = (topo.cells.clone(), topo.records());
@@ -232,7 +245,11 @@ impl Drill {
         let api = crate::workload::check_through_api(gateway, &recording.ops).await;
         probe_stop.store(true, Ordering::Relaxed);
         let probes = probes.await.unwrap_or_default();
-        tracing::info!("stopping the topology");
+        if topo.attached {
+            tracing::info!("leaving the attached topology running (frozen processes thawed)");
+        } else {
+            tracing::info!("stopping the topology");
+        }
         topo.stop().await;
         // One offline check of the files: its invariants, and which copies
         // are the primaries the writes are looked up in.

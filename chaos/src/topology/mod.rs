@@ -22,6 +22,7 @@ use crate::fault_proxy::{Fault, FaultProxy};
 use crate::scenario::{ControlPlane, Link, Scenario, Target};
 use routing_rules::switchover::EtcdTarget;
 
+pub mod attach;
 pub mod control;
 mod process;
 mod setup;
@@ -49,10 +50,15 @@ pub struct Topology {
     pub procs: Vec<Proc>,
     /// The gateway's admin listener.
     pub admin: SocketAddr,
+    /// The gateway's proxy listener.
+    gateway: SocketAddr,
     /// Fault proxies by link (as the scenario names it).
     pub proxies: BTreeMap<String, Vec<FaultProxy>>,
     /// The etcd every process follows (`None`: the rules file).
     pub etcd: Option<EtcdTarget>,
+    /// Someone else started it (`--attach`): its processes are faulted
+    /// through their pid files and never stopped.
+    pub attached: bool,
 }
 
 /// The links the scenario's steps fault.
@@ -273,8 +279,10 @@ impl Topology {
             cells,
             procs,
             admin,
+            gateway: gw,
             proxies,
             etcd,
+            attached: false,
         };
         if let Err(e) = t.start_all(&text).await {
             t.stop().await;
@@ -297,11 +305,7 @@ impl Topology {
 
     /// The gateway's proxy address.
     pub fn gateway(&self) -> SocketAddr {
-        self.procs
-            .iter()
-            .find(|p| p.name == "gateway")
-            .expect("a gateway")
-            .addr
+        self.gateway
     }
 
     /// A reader of the shards' replication records.
@@ -413,7 +417,8 @@ impl Topology {
         first_err.map_or(Ok(()), Err)
     }
 
-    /// Stops every process (SIGCONT, SIGTERM, SIGKILL after 5 s).
+    /// Stops every process (SIGCONT, SIGTERM, SIGKILL after 5 s); of an
+    /// attached topology, only thaws them.
     pub async fn stop(&mut self) {
         for ps in self.proxies.values() {
             for p in ps {

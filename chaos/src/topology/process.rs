@@ -33,6 +33,10 @@ pub struct Proc {
     pub addr: SocketAddr,
     /// Frozen with SIGSTOP.
     pub frozen: bool,
+    /// Someone else started it (`cellchaos drill --attach`): reached by its
+    /// pid file, never stopped; started again (detached) only with the
+    /// command the attach file gives.
+    attached: Option<Vec<String>>,
 }
 
 /// How a started process says it is ready.
@@ -70,7 +74,43 @@ impl Proc {
             log,
             addr,
             frozen: false,
+            attached: None,
         }
+    }
+
+    /// A process someone else started, faulted through its pid file;
+    /// `command` (program and arguments) starts it again after a kill.
+    pub(crate) fn attached(
+        name: String,
+        cell: Option<String>,
+        (pid_file, log): (PathBuf, PathBuf),
+        addr: SocketAddr,
+        command: Vec<String>,
+    ) -> Proc {
+        Proc {
+            name,
+            cell,
+            exe: None,
+            args: Vec::new(),
+            child: None,
+            ready: Ready::Line(""),
+            pid_file,
+            log,
+            addr,
+            frozen: false,
+            attached: Some(command),
+        }
+    }
+
+    /// The program and arguments that start it.
+    pub(crate) fn argv(&self) -> Vec<String> {
+        let exe = self
+            .program()
+            .map(|e| e.display().to_string())
+            .unwrap_or_else(|_| "cellchaos".into());
+        std::iter::once(exe)
+            .chain(self.args.iter().cloned())
+            .collect()
     }
 
     /// Runs `exe` instead of this binary, ready when `ready` says so.
@@ -101,11 +141,20 @@ impl Proc {
 
     /// Its pid while it runs.
     pub fn pid(&self) -> Option<u32> {
+        if self.attached.is_some() {
+            return std::fs::read_to_string(&self.pid_file)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .filter(|pid: &u32| *pid > 0);
+        }
         self.child.as_ref().and_then(|c| c.id())
     }
 
     /// True while started (not killed or stopped).
     pub fn running(&self) -> bool {
+        if self.attached.is_some() {
+            return self.pid().is_some_and(alive);
+        }
         self.child.is_some()
     }
 
@@ -189,11 +238,38 @@ impl Proc {
 
     /// SIGKILL; waits until it is gone.
     pub async fn kill(&mut self) {
+        if self.attached.is_some() {
+            if let Some(pid) = self.pid().filter(|_| self.running()) {
+                self.signal("-KILL").await;
+                let until = tokio::time::Instant::now() + Duration::from_secs(5);
+                while alive(pid) && tokio::time::Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let _ = std::fs::remove_file(&self.pid_file);
+            }
+            self.frozen = false;
+            return;
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill().await;
             let _ = std::fs::remove_file(&self.pid_file);
         }
         self.frozen = false;
+    }
+
+    /// SIGTERM to the process its pid file names, SIGKILL if it is still
+    /// there 5 s later; waits until it is gone.
+    pub(crate) async fn terminate(&mut self) {
+        let Some(pid) = self.pid() else { return };
+        self.thaw().await;
+        self.signal("-TERM").await;
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        while alive(pid) && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if alive(pid) {
+            self.signal("-KILL").await;
+        }
     }
 
     /// SIGSTOP.
@@ -212,9 +288,13 @@ impl Proc {
         }
     }
 
-    /// SIGTERM (a clean drain), SIGKILL after 5 s.
+    /// SIGTERM (a clean drain), SIGKILL after 5 s. An attached process is
+    /// only thawed: it is someone else's to stop.
     pub async fn stop(&mut self) {
         self.thaw().await;
+        if self.attached.is_some() {
+            return;
+        }
         self.signal("-TERM").await;
         if let Some(mut c) = self.child.take() {
             if tokio::time::timeout(Duration::from_secs(5), c.wait())
@@ -232,6 +312,60 @@ impl Proc {
         if self.running() {
             return Ok(());
         }
-        self.spawn().await
+        match self.attached.clone() {
+            Some(command) => self.spawn_detached(&command).await,
+            None => self.spawn().await,
+        }
     }
+
+    /// Starts an attached process again with its command, detached (it
+    /// outlives the drill, as the one it replaces would have), its output
+    /// appended to its log; ready once its address takes connections.
+    async fn spawn_detached(&mut self, command: &[String]) -> Result<()> {
+        let Some((exe, args)) = command.split_first() else {
+            bail!(
+                "{} is not running and the attach file gives no command to start it again",
+                self.name
+            );
+        };
+        let log = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .with_context(|| format!("cannot open {}", self.log.display()))
+        };
+        let child = std::process::Command::new(exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log()?)
+            .stderr(log()?)
+            .spawn()
+            .with_context(|| format!("cannot start {exe}"))?;
+        std::fs::write(&self.pid_file, format!("{}\n", child.id()))?;
+        let until = tokio::time::Instant::now() + START_WITHIN;
+        while tokio::net::TcpStream::connect(self.addr).await.is_err() {
+            if tokio::time::Instant::now() >= until {
+                bail!(
+                    "{} did not listen on {} within {} s (see {})",
+                    self.name,
+                    self.addr,
+                    START_WITHIN.as_secs(),
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.frozen = false;
+        Ok(())
+    }
+}
+
+/// The process `pid` exists and is not a zombie (a process a drill started
+/// detached and that died is one until the drill exits).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
 }

@@ -50,22 +50,7 @@ pub async fn setup(tag: &str) -> Setup {
 
 /// Users whose home is cell-a.
 pub fn users_of_a(rules: &str, n: usize) -> Vec<String> {
-    let t = routing_rules::RoutingTable::compile(routing_rules::parse_rules(rules).unwrap(), 0)
-        .unwrap();
-    (0..)
-        .map(|i| format!("user-{i}"))
-        .filter(|u| {
-            let d = t
-                .route(
-                    Some(u.as_bytes()),
-                    &Default::default(),
-                    &routing_rules::AllHealthy,
-                )
-                .unwrap();
-            t.cell_name(d.home_cell) == "cell-a"
-        })
-        .take(n)
-        .collect()
+    users_of(rules, "cell-a", n)
 }
 
 /// Clients through both gateways, every user in turn, until `stop` (at
@@ -118,15 +103,20 @@ pub fn request(s: &Setup, steps: &str, hooks: Hooks) -> RunRequest {
     }
 }
 
+/// Where a pipeline's events are kept, and the emitter that keeps them.
+pub fn recorder() -> (Arc<Mutex<Vec<Event>>>, impl FnMut(&Event) + Send + Sync) {
+    let events: Arc<Mutex<Vec<Event>>> = Arc::default();
+    let keep = events.clone();
+    (events, move |e: &Event| {
+        keep.lock().unwrap().push(e.clone())
+    })
+}
+
 /// Runs a pipeline under load; how it ended and its events.
 pub async fn canary(s: &Setup, steps: &str, hooks: Hooks) -> (Ending, Vec<Event>) {
     let stop = Arc::new(AtomicBool::new(false));
     let clients = load(s, &stop);
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let mut emit = {
-        let events = events.clone();
-        move |e: &Event| events.lock().unwrap().push(e.clone())
-    };
+    let (events, mut emit) = recorder();
     let ending = driver::run(request(s, steps, hooks), &mut emit)
         .await
         .unwrap();

@@ -91,21 +91,9 @@ impl Place {
     /// The rules document and its revision.
     pub async fn rules(&mut self) -> Result<(String, u64)> {
         match self {
-            Place::File(p) => {
-                let text = std::fs::read_to_string(&*p)
-                    .with_context(|| format!("cannot read {}", p.display()))?;
-                let (_, rev) = crate::parse_versioned(&text)
-                    .map_err(|e| anyhow::anyhow!("{}: invalid rules: {e}", p.display()))?;
-                Ok((text, rev.unwrap_or(0)))
-            }
+            Place::File(p) => crate::switchover::plane::rules_in_file(p),
             #[cfg(feature = "etcd")]
-            Place::Etcd(cp) => {
-                let stored = cp
-                    .get()
-                    .await?
-                    .context("no rules in etcd for this cluster (cellctl rules apply FILE)")?;
-                Ok((stored.document, stored.revision))
-            }
+            Place::Etcd(cp) => crate::switchover::plane::rules_in_etcd(cp).await,
         }
     }
 
@@ -118,22 +106,16 @@ impl Place {
             }),
             #[cfg(feature = "etcd")]
             Place::Etcd(cp) => loop {
-                let stored = cp
-                    .get()
-                    .await?
-                    .context("no rules in etcd for this cluster (cellctl rules apply FILE)")?;
-                let edited = crate::edit::set_split(&stored.document, cell, green)?;
-                if edited == stored.document {
+                let (document, revision) = crate::switchover::plane::rules_in_etcd(cp).await?;
+                let edited = crate::edit::set_split(&document, cell, green)?;
+                if edited == document {
                     return Ok(None);
                 }
                 let message = format!(
                     "canary: cell {cell} green {}",
                     crate::model::format_percent(green)
                 );
-                match cp
-                    .apply(&edited, stored.revision, &holder_name(), &message)
-                    .await
-                {
+                match cp.apply(&edited, revision, &holder_name(), &message).await {
                     Ok(rev) => return Ok(Some(rev)),
                     // Someone else changed the rules meanwhile: edit theirs.
                     Err(crate::etcd::ControlError::Conflict { .. }) => continue,

@@ -26,7 +26,7 @@ use crate::auth::ClusterSecret;
 use crate::edit;
 
 mod failover;
-mod plane;
+pub(crate) mod plane;
 
 pub use failover::{failover, FailoverRequest};
 pub use plane::EtcdTarget;

@@ -37,6 +37,25 @@ pub(super) struct RecordSeen {
     pub(super) place: String,
 }
 
+/// The rules document in the file at `p` and its revision (0: none).
+pub(crate) fn rules_in_file(p: &Path) -> Result<(String, u64)> {
+    let text =
+        std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+    let (_, rev) = crate::parse_versioned(&text)
+        .map_err(|e| anyhow::anyhow!("{}: invalid rules: {e}", p.display()))?;
+    Ok((text, rev.unwrap_or(0)))
+}
+
+/// The rules document in etcd and its revision.
+#[cfg(feature = "etcd")]
+pub(crate) async fn rules_in_etcd(cp: &mut crate::etcd::ControlPlane) -> Result<(String, u64)> {
+    let stored = cp
+        .get()
+        .await?
+        .context("no rules in etcd for this cluster (cellctl rules apply FILE)")?;
+    Ok((stored.document, stored.revision))
+}
+
 impl Plane {
     pub(super) async fn open(rules: &Path, etcd: Option<&EtcdTarget>) -> Result<Plane> {
         match etcd {
@@ -58,21 +77,9 @@ impl Plane {
     /// The rules document and its revision.
     pub(super) async fn rules(&mut self) -> Result<(String, u64)> {
         match self {
-            Plane::File(p) => {
-                let text = std::fs::read_to_string(&*p)
-                    .with_context(|| format!("cannot read {}", p.display()))?;
-                let (_, rev) = crate::parse_versioned(&text)
-                    .map_err(|e| anyhow::anyhow!("{}: invalid rules: {e}", p.display()))?;
-                Ok((text, rev.unwrap_or(0)))
-            }
+            Plane::File(p) => rules_in_file(p),
             #[cfg(feature = "etcd")]
-            Plane::Etcd(cp) => {
-                let stored = cp
-                    .get()
-                    .await?
-                    .context("no rules in etcd for this cluster (cellctl rules apply FILE)")?;
-                Ok((stored.document, stored.revision))
-            }
+            Plane::Etcd(cp) => rules_in_etcd(cp).await,
         }
     }
 
