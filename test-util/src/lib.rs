@@ -188,10 +188,15 @@ impl TempDir {
     /// A new one, its name starting with `tag`.
     pub fn new(tag: &str) -> Self {
         let dir = tempfile::Builder::new()
-            .prefix(&format!("cellgate-gw-{tag}-"))
+            .prefix(&format!("cellgate-test-{tag}-"))
             .tempdir()
             .unwrap();
         TempDir(dir.path().to_path_buf(), dir)
+    }
+
+    /// `name` inside it.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
     }
 }
 

@@ -9,29 +9,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::Request;
+use http_body_util::Full;
 use routing_rules::{parse_rules, AllHealthy, RouteAttrs, RoutingTable};
 use serde_json::Value;
 
-/// A temporary directory (tempfile), removed on drop; `.0` is its path.
-pub struct TempDir(pub PathBuf, #[allow(dead_code)] tempfile::TempDir);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("cell-agent-{tag}-"))
-            .tempdir()
-            .unwrap();
-        TempDir(dir.path().to_path_buf(), dir)
-    }
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
+// (Not every test uses every helper.)
+#[allow(unused_imports)]
+pub use test_util::{client, wait_until, HttpClient, Reply, TempDir};
 
 /// Rules for cells a, b, c with the given instance addresses (blue, green)
 /// and slot split [0-32] a, [33-65] b, [66-99] c unless `ranges` is given.
@@ -200,18 +185,6 @@ impl Drop for AgentProcess {
     }
 }
 
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-pub fn client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).build_http()
-}
-
-pub struct Reply {
-    pub status: StatusCode,
-    pub headers: http::HeaderMap,
-    pub json: Value,
-}
-
 pub async fn call(
     client: &HttpClient,
     method: &str,
@@ -230,17 +203,9 @@ pub async fn call(
         b = b.header("content-type", "application/json");
     }
     let body = body.map(|v| Bytes::from(v.to_string())).unwrap_or_default();
-    let resp = client
-        .request(b.body(Full::new(body)).unwrap())
+    test_util::send(client, b.body(Full::new(body)).unwrap())
         .await
-        .expect("request");
-    let (parts, body) = resp.into_parts();
-    let bytes = body.collect().await.unwrap().to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        json: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    }
+        .expect("request")
 }
 
 pub async fn raw(
@@ -255,14 +220,7 @@ pub async fn raw(
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from_static(body.as_bytes())))
         .unwrap();
-    let resp = client.request(req).await.expect("request");
-    let (parts, body) = resp.into_parts();
-    let bytes = body.collect().await.unwrap().to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        json: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    }
+    test_util::send(client, req).await.expect("request")
 }
 
 pub async fn deposit(
@@ -298,14 +256,7 @@ pub async fn try_deposit(
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
         .unwrap();
-    let resp = client.request(req).await.map_err(|e| e.to_string())?;
-    let (parts, body) = resp.into_parts();
-    let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok(Reply {
-        status: parts.status,
-        headers: parts.headers,
-        json: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    })
+    test_util::send(client, req).await
 }
 
 pub async fn balance(client: &HttpClient, addr: SocketAddr, user: &str) -> i64 {
@@ -321,21 +272,6 @@ pub async fn balance(client: &HttpClient, addr: SocketAddr, user: &str) -> i64 {
     r.json["balance"]
         .as_i64()
         .unwrap_or_else(|| panic!("no balance: {} {}", r.status, r.json))
-}
-
-/// Polls until `f` is true (an observed event), or panics after `timeout`.
-pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !f().await {
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Every row of every table, for "nothing changed" comparisons.
