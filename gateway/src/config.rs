@@ -209,7 +209,8 @@ pub struct ServeConfig {
     #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
     pub max_rules_bytes: u64,
 
-    /// How often the rules file is checked for changes.
+    /// How often the rules file is checked for changes, besides the file
+    /// system's change events (which wake the check at once).
     #[arg(long, value_name = "MS", default_value_t = 200)]
     pub reload_interval_ms: u64,
 

@@ -421,7 +421,10 @@ impl Control {
         }
     }
 
-    /// Watches `path` every `interval` until `stop` resolves.
+    /// Watches `path` until `stop` resolves: woken by the file system's
+    /// change events on its directory (inotify; an edit is seen at once),
+    /// and every `interval` whatever happens (file systems without events,
+    /// a missed event).
     pub async fn watch(
         self: Arc<Self>,
         path: PathBuf,
@@ -433,9 +436,12 @@ impl Control {
         let mut last_meta = None;
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let _events = file_events(&path, changed.clone());
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
+                _ = changed.notified() => {}
                 _ = stop.changed() => return,
             }
             let meta = meta_key(&path);
@@ -457,6 +463,35 @@ impl Control {
                 }
                 Err(e) => tracing::error!(error = %e, "rules reload task failed"),
             }
+        }
+    }
+}
+
+/// Wakes `changed` on every change in `path`'s directory (the rules are
+/// replaced by a rename, so the directory is watched, not the file); `None`
+/// (polling only) when the system gives no events.
+fn file_events(
+    path: &Path,
+    changed: Arc<tokio::sync::Notify>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+        if e.is_ok() {
+            changed.notify_one();
+        }
+    });
+    match watcher.and_then(|mut w| {
+        w.watch(&dir, notify::RecursiveMode::NonRecursive)
+            .map(|()| w)
+    }) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "no file-system events for the rules file; polling it only");
+            None
         }
     }
 }
