@@ -487,7 +487,7 @@ impl Driver<'_> {
             let window = now.since(&start);
             let j = match (p.share() == crate::model::BASIS_POINTS, baseline) {
                 (true, Some(blue)) => {
-                    judge_against(&window.green, blue, &window.bounds, &plan.thresholds)
+                    judge_against(&window.green, blue, &window.bounds, &plan.thresholds, true)
                 }
                 _ => judge(&window, &plan.thresholds),
             };

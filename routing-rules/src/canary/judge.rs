@@ -10,9 +10,10 @@
 //!   (interpolated as Prometheus' `histogram_quantile` does) is above
 //!   `max_p99_ratio` × blue's *and* the difference is significant: a
 //!   Mann-Whitney rank test on the bucketed latencies (tie-corrected; a
-//!   whole-distribution shift), or a test that more of green's requests
-//!   than blue's are slower than `max_p99_ratio` × blue's p99 (a tail that
-//!   only the p99 sees).
+//!   whole-distribution shift; 99.9 %, as it is asked at every interval),
+//!   or a test that more of green's requests than blue's are slower than
+//!   `max_p99_ratio` × blue's p99 (a tail that only the p99 sees; 99 %).
+//!   Against an earlier baseline (a 100 % step) only the tail test counts.
 //! - Fewer than `min_requests` on either colour: no verdict, wait. A canary
 //!   never passes for lack of traffic.
 
@@ -20,6 +21,11 @@ use super::scrape::{Colour, Reading};
 
 /// One-sided z for 99 % confidence.
 pub const Z_99: f64 = 2.326;
+
+/// One-sided z for 99.9 %: the rank test's bar. It is asked every
+/// interval of every step, and over thousands of requests it notices a
+/// shift far smaller than any the p99 ratio cares about.
+pub const Z_999: f64 = 3.09;
 
 /// What a canary tolerates.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -90,12 +96,21 @@ pub struct Judgement {
 
 /// Judges green against blue over `window`.
 pub fn judge(window: &Reading, t: &Thresholds) -> Judgement {
-    judge_against(&window.green, &window.blue, &window.bounds, t)
+    judge_against(&window.green, &window.blue, &window.bounds, t, false)
 }
 
-/// Judges `green` against a `blue` baseline (the same cell's blue over the
-/// same window; at a 100 % step, blue's last window before it).
-pub fn judge_against(green: &Colour, blue: &Colour, bounds: &[f64], t: &Thresholds) -> Judgement {
+/// Judges `green` against a `blue` baseline: the same cell's blue over the
+/// same window, or (`earlier`, at a 100 % step) blue's last window before
+/// it. An earlier baseline is not a same-time one — the machine's load may
+/// have moved since — so on latency only the tail test may fail it, never
+/// the rank test alone.
+pub fn judge_against(
+    green: &Colour,
+    blue: &Colour,
+    bounds: &[f64],
+    t: &Thresholds,
+    earlier: bool,
+) -> Judgement {
     let figures = |c: &Colour| Figures {
         requests: c.requests,
         errors: c.errors,
@@ -147,7 +162,8 @@ pub fn judge_against(green: &Colour, blue: &Colour, bounds: &[f64], t: &Threshol
             ));
             verdict = Verdict::Failed;
         }
-        if p99_ratio.is_some_and(|r| r > t.max_p99_ratio) && (rank_z > Z_99 || tail_z > Z_99) {
+        let significant = tail_z > Z_99 || (!earlier && rank_z > Z_999);
+        if p99_ratio.is_some_and(|r| r > t.max_p99_ratio) && significant {
             reasons.push(format!(
                 "green's p99 {:.1} ms is above {} × blue's {:.1} ms (rank test z = {:.1}, tail test z = {:.1})",
                 g.p99_ms.unwrap_or(0.0),
@@ -269,7 +285,7 @@ mod tests {
     }
 
     fn judge6(g: &Colour, b: &Colour) -> Judgement {
-        judge_against(g, b, &BOUNDS, &Thresholds::default())
+        judge_against(g, b, &BOUNDS, &Thresholds::default(), false)
     }
 
     #[test]
@@ -319,6 +335,24 @@ mod tests {
         let j = judge6(&same, &blue);
         assert_eq!(j.verdict, Verdict::Healthy, "{j:?}");
         assert!(j.rank_z.abs() < Z_99);
+    }
+
+    #[test]
+    fn an_earlier_baseline_is_not_failed_on_a_small_shift_alone() {
+        // Green's whole distribution a little slower than blue's earlier
+        // window (the machine got busier): the rank test sees it, the tail
+        // test does not — no abort at a 100 % step.
+        let blue = colour(1700, 0, [0, 1200, 480, 20, 0, 0]);
+        let green = colour(1450, 0, [0, 900, 500, 50, 0, 0]);
+        let same = judge_against(&green, &blue, &BOUNDS, &Thresholds::default(), false);
+        let earlier = judge_against(&green, &blue, &BOUNDS, &Thresholds::default(), true);
+        assert!(same.rank_z > Z_999, "{same:?}");
+        assert!(same.tail_z < Z_99, "{same:?}");
+        assert_eq!(earlier.verdict, Verdict::Healthy, "{earlier:?}");
+        // Every green request 30 ms slower fails either way.
+        let slow = colour(300, 0, [0, 0, 0, 0, 297, 3]);
+        let j = judge_against(&slow, &blue, &BOUNDS, &Thresholds::default(), true);
+        assert_eq!(j.verdict, Verdict::Failed, "{j:?}");
     }
 
     #[test]
