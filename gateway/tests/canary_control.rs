@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use routing_rules::canary::driver::{self, Ending, RunRequest, Where};
-use routing_rules::canary::{Event, Hooks, Plan, Status, Thresholds};
+use routing_rules::canary::{Event, Hooks, Status};
 use support::canary::*;
 use support::*;
 
@@ -222,16 +222,7 @@ async fn with_etcd_the_registered_gateways_are_judged_and_the_state_lives_in_etc
     let mut req = RunRequest {
         place: place.clone(),
         cell: "cell-a".into(),
-        plan: Plan {
-            steps: Plan::parse_steps("10,100").unwrap(),
-            hold_ms: 1000,
-            interval_ms: 250,
-            thresholds: Thresholds {
-                min_requests: 100,
-                ..Thresholds::default()
-            },
-            max_wait_ms: 20_000,
-        },
+        plan: plan("10,100"),
         metrics: vec![],
         prometheus: None,
         hooks: Hooks::default(),

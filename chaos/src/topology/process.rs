@@ -129,14 +129,7 @@ impl Proc {
 
     /// The command line that starts it (the program and its arguments).
     pub fn command_line(&self) -> String {
-        let exe = self
-            .program()
-            .map(|e| e.display().to_string())
-            .unwrap_or_else(|_| "cellchaos".into());
-        std::iter::once(exe)
-            .chain(self.args.iter().cloned())
-            .collect::<Vec<_>>()
-            .join(" ")
+        self.argv().join(" ")
     }
 
     /// Its pid while it runs.

@@ -83,20 +83,26 @@ pub fn load_through(
         .collect()
 }
 
+/// The tests' plan: `steps`, each held 1 s, judged every 250 ms on at
+/// least 100 requests a colour.
+pub fn plan(steps: &str) -> Plan {
+    Plan {
+        steps: Plan::parse_steps(steps).unwrap(),
+        hold_ms: 1000,
+        interval_ms: 250,
+        thresholds: Thresholds {
+            min_requests: 100,
+            ..Thresholds::default()
+        },
+        max_wait_ms: 20_000,
+    }
+}
+
 pub fn request(s: &Setup, steps: &str, hooks: Hooks) -> RunRequest {
     RunRequest {
         place: Where::file(&s.rules),
         cell: "cell-a".into(),
-        plan: Plan {
-            steps: Plan::parse_steps(steps).unwrap(),
-            hold_ms: 1000,
-            interval_ms: 250,
-            thresholds: Thresholds {
-                min_requests: 100,
-                ..Thresholds::default()
-            },
-            max_wait_ms: 20_000,
-        },
+        plan: plan(steps),
         metrics: s.metrics.clone(),
         prometheus: None,
         hooks,
