@@ -6,8 +6,8 @@
 //! compare-and-swap on its version. Either way a driver's renewal, an
 //! operator's pause and an abort never overwrite each other.
 //!
-//! The driver holds a lease in the state ([`super::Lease`]) and renews it
-//! every tick: a second `run` finds it live and is refused; a driver that
+//! The driver holds a lease in the state ([`super::Lease`]), checks it every
+//! tick and extends it once half of it is gone: a second `run` finds it live and is refused; a driver that
 //! died leaves it to expire, and then anyone may `resume` (taking the
 //! lease) or `abort`. (The lease is a deadline in the state: drivers on
 //! other hosts rely on clocks agreeing to well within its 5 s.)
@@ -28,6 +28,16 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+impl Lease {
+    /// `holder`'s lease from now for [`LEASE_MS`].
+    fn fresh(holder: &str) -> Lease {
+        Lease {
+            holder: holder.to_string(),
+            expires_ms: now_ms() + LEASE_MS,
+        }
+    }
 }
 
 /// A driver's name in a lease: host, pid and a random part.
@@ -231,10 +241,7 @@ impl Place {
         self.modify(&cell, |old| {
             refuse_active(&cell, old.as_ref())?;
             let mut p = p.clone();
-            p.lease = Some(Lease {
-                holder: holder.to_string(),
-                expires_ms: now_ms() + LEASE_MS,
-            });
+            p.lease = Some(Lease::fresh(holder));
             p.updated_ms = now_ms();
             Ok((Some(p.clone()), p))
         })
@@ -280,11 +287,15 @@ impl Place {
                 None if p.status.is_final() => {}
                 None => bail!("the canary of cell {cell} lost its driver's lease"),
             }
-            if !p.status.is_final() {
-                p.lease = Some(Lease {
-                    holder: holder.to_string(),
-                    expires_ms: now_ms() + LEASE_MS,
-                });
+            // Extended once half of it is gone: a tick that finds it fresh
+            // writes nothing (the state is read every tick, written only
+            // when something changed).
+            let due = p
+                .lease
+                .as_ref()
+                .is_none_or(|l| l.expires_ms - now_ms() < LEASE_MS / 2);
+            if !p.status.is_final() && due {
+                p.lease = Some(Lease::fresh(holder));
             }
             change(p)
         })
@@ -307,10 +318,7 @@ impl Place {
             if p.leased(now_ms()) {
                 return Ok(None);
             }
-            p.lease = Some(Lease {
-                holder: holder.to_string(),
-                expires_ms: now_ms() + LEASE_MS,
-            });
+            p.lease = Some(Lease::fresh(holder));
             Ok(Some(p.clone()))
         })
         .await
