@@ -365,10 +365,16 @@ pub fn user_of(rules: &str, cell: &str, skip: usize) -> String {
 /// The first `n` users (`u0`, `u1`, ...) whose home is `cell` under
 /// `rules`.
 pub fn users_of(rules: &str, cell: &str, n: usize) -> Vec<String> {
+    users_named(rules, cell, n, "u")
+}
+
+/// The first `n` users named `PREFIX0`, `PREFIX1`, ... whose home is
+/// `cell` under `rules`.
+pub fn users_named(rules: &str, cell: &str, n: usize, prefix: &str) -> Vec<String> {
     let t = routing_rules::RoutingTable::compile(routing_rules::parse_rules(rules).unwrap(), 0)
         .unwrap();
     (0..)
-        .map(|i| format!("u{i}"))
+        .map(|i| format!("{prefix}{i}"))
         .filter(|u| {
             let d = t
                 .route(

@@ -11,7 +11,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use routing_rules::{parse_rules, AllHealthy, RouteAttrs, RoutingTable};
 use serde_json::Value;
 
 // (Not every test uses every helper.)
@@ -57,17 +56,7 @@ pub fn placeholder_rules() -> String {
 
 /// `n` user ids whose home cell is `cell` under `rules_text`.
 pub fn users_in(rules_text: &str, cell: &str, n: usize) -> Vec<String> {
-    let t = RoutingTable::compile(parse_rules(rules_text).unwrap(), 0).unwrap();
-    (0..100_000)
-        .map(|i| format!("user-{i}"))
-        .filter(|k| {
-            let d = t
-                .route(Some(k.as_bytes()), &RouteAttrs::default(), &AllHealthy)
-                .unwrap();
-            t.cell_name(d.home_cell) == cell
-        })
-        .take(n)
-        .collect()
+    test_util::users_named(rules_text, cell, n, "user-")
 }
 
 pub fn config(cell: &str, colour: &str, db: &Path, rules: &Path) -> cell_agent::AgentConfig {

@@ -12,6 +12,7 @@ use routing_rules::canary::store::now_ms;
 use routing_rules::canary::{Event, Hooks, Plan, Thresholds};
 use routing_rules::model::format_percent;
 
+use crate::switch::runtime;
 use crate::{Output, OutputArg, Target};
 
 /// Exit with this code, the reason already printed.
@@ -197,12 +198,6 @@ fn duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?}: must be above 0"));
     }
     Ok(d)
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
 }
 
 /// Runs one `cellctl canary` command. Exit status: 0 done (a pipeline

@@ -42,7 +42,9 @@ fn secret(file: Option<&std::path::Path>) -> Result<ClusterSecret> {
     })
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+/// The runtime a `cellctl` command that talks to the cells or gateways
+/// runs on (one thread: a CLI).
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
