@@ -132,11 +132,14 @@ async fn judged_from_a_prometheus_server_a_failing_green_is_aborted() {
         panic!("promoted: {events:#?}");
     };
     assert!(why.contains("error ratio"), "{why}");
-    // The judge saw both colours' series through the federation endpoint.
+    // The judgement that failed green saw both colours' series through the
+    // federation endpoint. (An earlier one may precede the first scrape.)
     let judged = events
         .iter()
         .find_map(|e| match e {
-            Event::Judged { judgement, .. } => Some(judgement.clone()),
+            Event::Judged { judgement, .. } if judgement.verdict == Verdict::Failed => {
+                Some(judgement.clone())
+            }
             _ => None,
         })
         .unwrap();
