@@ -14,6 +14,8 @@ use super::scrape::Reading;
 
 /// How long one read of a gateway's metrics may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest metrics page read (a gateway's is tens of kilobytes).
+const MAX_METRICS_BYTES: usize = 16 * 1024 * 1024;
 /// How long a webhook may take.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -140,12 +142,47 @@ async fn get(
         .await
         .map_err(|_| anyhow!("no answer within {READ_TIMEOUT:?}"))??;
     let status = resp.status();
-    let body = tokio::time::timeout(READ_TIMEOUT, resp.into_body().collect())
+    let limited = http_body_util::Limited::new(resp.into_body(), MAX_METRICS_BYTES);
+    let body = tokio::time::timeout(READ_TIMEOUT, limited.collect())
         .await
-        .map_err(|_| anyhow!("the body took longer than {READ_TIMEOUT:?}"))??
+        .map_err(|_| anyhow!("the body took longer than {READ_TIMEOUT:?}"))?
+        .map_err(|e| anyhow!("{e} (at most {MAX_METRICS_BYTES} bytes are read)"))?
         .to_bytes();
     if !status.is_success() {
         bail!("answered {status}");
     }
     String::from_utf8(body.to_vec()).context("the metrics are not UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A "gateway" whose metrics page never ends is read up to the bound,
+    /// then refused with a clear error (nothing judged from it).
+    #[tokio::test]
+    async fn an_endless_metrics_page_is_refused_at_the_bound() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut req = [0u8; 1024];
+            let _ = s.read(&mut req).await;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                MAX_METRICS_BYTES * 2
+            );
+            let _ = s.write_all(head.as_bytes()).await;
+            let chunk = vec![b'#'; 64 * 1024];
+            for _ in 0..(MAX_METRICS_BYTES * 2 / chunk.len()) {
+                if s.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let sources = Sources::new("cell-a", &[format!("http://{addr}/metrics")], None).unwrap();
+        let e = sources.read().await.unwrap_err().to_string();
+        assert!(e.contains("at most"), "{e}");
+    }
 }
