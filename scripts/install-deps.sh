@@ -10,6 +10,8 @@ command -v cc >/dev/null || need+=(gcc)
 # The etcd control plane's tests start a real etcd (the build needs no protoc:
 # scripts/protoc runs the one vendored in the crate protoc-bin-vendored).
 command -v etcd >/dev/null || need+=(etcd-server)
+# Drills in network namespaces (`ip netns`, `tc`; run as root).
+command -v ip >/dev/null && command -v tc >/dev/null || need+=(iproute2)
 # promtool checks and unit-tests deploy/prometheus/alerts.yml.
 command -v promtool >/dev/null || need+=(prometheus)
 

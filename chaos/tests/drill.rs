@@ -51,6 +51,17 @@ fn only_bounds_missed(r: &serde_json::Value) -> bool {
             .is_some_and(|b| b.iter().any(|b| b["ok"] == false))
 }
 
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
 #[test]
 fn every_built_in_scenario_runs_checks_and_reports() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -71,6 +82,15 @@ fn every_built_in_scenario_runs_checks_and_reports() {
             eprintln!("{name}: a bound was missed, running it again\n{out}");
             dir = tmp.path().join(format!("{name}-again"));
             (code, out, err) = drill(&[name], &dir);
+        }
+        // A partition needs root (network namespaces): without it the
+        // drill must refuse to run, saying so.
+        if s.topology.network == chaos::scenario::Network::Namespaces && !is_root() {
+            if code != 2 || !err.contains("needs root") {
+                problems.push(format!("{name}: not root, but exit {code}: {err}"));
+            }
+            eprintln!("{name}: not root, refused as it should be");
+            continue;
         }
         if code != want {
             problems.push(format!(

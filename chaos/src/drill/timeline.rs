@@ -117,6 +117,7 @@ async fn apply(action: &Action, topo: &Mutex<Topology>) -> anyhow::Result<String
                 p.start().await?;
             }
         }
+        Action::Partition { cell } => t.partition(cell)?,
         Action::Link { link, fault } => t.set_link(
             link,
             match fault {
@@ -227,6 +228,7 @@ async fn undo(action: &Action, topo: &Mutex<Topology>) -> anyhow::Result<()> {
             }
         }
         Action::Link { link, .. } => t.set_link(link, Fault::Pass),
+        Action::Partition { cell } => t.join(cell)?,
         Action::Restart { .. }
         | Action::Switchover { .. }
         | Action::Failover { .. }

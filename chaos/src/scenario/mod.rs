@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod action;
 mod step;
+pub use action::{Action, Link, LinkFault, Step, Target};
 use step::{step, StepFile};
 
 /// Scenario files built into `cellchaos` (`cellchaos list`).
-pub const BUILT_IN: [(&str, &str); 10] = [
+pub const BUILT_IN: [(&str, &str); 11] = [
     (
         "switchover",
         include_str!("../../scenarios/switchover.toml"),
@@ -43,6 +45,7 @@ pub const BUILT_IN: [(&str, &str); 10] = [
     ),
     ("etcd-loss", include_str!("../../scenarios/etcd-loss.toml")),
     ("etcd-link", include_str!("../../scenarios/etcd-link.toml")),
+    ("partition", include_str!("../../scenarios/partition.toml")),
 ];
 
 /// A scenario as written.
@@ -98,6 +101,21 @@ pub enum ControlPlane {
     Etcd,
 }
 
+/// How the topology's processes reach each other.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Network {
+    /// Every process on the loopback interface (links are faulted through
+    /// fault proxies; no root needed).
+    #[default]
+    Loopback,
+    /// Each cell's agents in a network namespace of their own, joined to
+    /// the gateway and etcd by a bridge in another namespace the drill
+    /// creates (root only): a `partition` step cuts a cell's namespace off
+    /// with `tc`.
+    Namespaces,
+}
+
 /// The topology a drill starts: one gateway and `cells` cells × blue and
 /// green agents, each cell's shard replicated to its standby (the next
 /// cell), the rules in a file or in etcd.
@@ -124,6 +142,9 @@ pub struct Topology {
     /// standby before the shard goes on degraded).
     #[serde(default = "default_sync_timeout")]
     pub sync_timeout_ms: u64,
+    /// How the processes reach each other.
+    #[serde(default)]
+    pub network: Network,
 }
 
 fn default_cells() -> usize {
@@ -148,6 +169,7 @@ impl Default for Topology {
             health_interval_ms: default_health_ms(),
             auto_failover_after_ms: None,
             sync_timeout_ms: default_sync_timeout(),
+            network: Network::Loopback,
         }
     }
 }
@@ -201,202 +223,6 @@ pub struct WorkloadSpec {
     pub retry_for: Duration,
     /// The op mix.
     pub mix: Mix,
-}
-
-/// A process a step acts on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Target {
-    /// One agent: cell and colour (`cell-a/blue`).
-    Agent(String, routing_rules::Colour),
-    /// Both agents of a cell (`cell-a`).
-    Cell(String),
-    /// The gateway.
-    Gateway,
-    /// The etcd of the control plane.
-    Etcd,
-}
-
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Target::Agent(c, col) => write!(f, "{c}/{}", col.as_str()),
-            Target::Cell(c) => f.write_str(c),
-            Target::Gateway => f.write_str("gateway"),
-            Target::Etcd => f.write_str("etcd"),
-        }
-    }
-}
-
-/// A link a fault proxy is put on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub enum Link {
-    /// Gateway → one agent's public listener (`gateway->cell-a/blue`).
-    GatewayToAgent(String, routing_rules::Colour),
-    /// Every internal call into a cell's internal listeners — from its
-    /// primary's shipper and from other cells' transfer relays
-    /// (`cell-a->cell-b`: cell-a's journal to its standby cell-b).
-    Internal {
-        /// The cell whose shard ships (named for the report).
-        from: String,
-        /// The cell whose internal listeners the proxy fronts.
-        to: String,
-    },
-    /// A cell's agents → etcd (`cell-a->etcd`): their lease renewals,
-    /// registrations, rules watch and replication records.
-    ToEtcd(String),
-}
-
-impl std::fmt::Display for Link {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Link::GatewayToAgent(c, col) => write!(f, "gateway->{c}/{}", col.as_str()),
-            Link::Internal { from, to } => write!(f, "{from}->{to}"),
-            Link::ToEtcd(c) => write!(f, "{c}->etcd"),
-        }
-    }
-}
-
-/// A fault on a link.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum LinkFault {
-    /// Every chunk delayed this long each way.
-    Latency(#[serde(with = "ms")] Duration),
-    /// Held open, nothing forwarded.
-    Blackhole,
-    /// Connections reset.
-    Reset,
-}
-
-/// What a step does.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case", tag = "action")]
-pub enum Action {
-    /// SIGKILL; with `for`, started again (same addresses) when it ends.
-    Kill {
-        /// The processes.
-        target: Target,
-    },
-    /// SIGSTOP, SIGCONT when `for` ends (or at the drill's end).
-    Freeze {
-        /// The processes.
-        target: Target,
-    },
-    /// SIGTERM (a clean drain), then started again at once.
-    Restart {
-        /// The processes.
-        target: Target,
-    },
-    /// A fault on a link; back to passing when `for` ends.
-    Link {
-        /// The link.
-        link: Link,
-        /// The fault.
-        fault: LinkFault,
-    },
-    /// `cellctl switchover CELL --to TO`.
-    Switchover {
-        /// The cell whose shard moves.
-        cell: String,
-        /// Where to.
-        to: String,
-    },
-    /// `cellctl failover CELL --to TO` (the primary is lost).
-    Failover {
-        /// The lost cell.
-        cell: String,
-        /// Its standby.
-        to: String,
-    },
-    /// The failback after a failover: the cell's agents that do not run
-    /// are started (their stale copy is fenced and seeded again by the
-    /// shard's host), then `cellctl failback CELL`, which waits until the
-    /// copy is the host's in-sync standby and switches the shard home.
-    Failback {
-        /// The cell whose shard comes home.
-        cell: String,
-    },
-    /// `cellctl split CELL --green SHARE`.
-    Split {
-        /// The cell.
-        cell: String,
-        /// Green's share, basis points.
-        green_bp: u32,
-    },
-}
-
-impl Action {
-    /// The cells whose users this step may hurt (RTO is measured for
-    /// them): a process's own cell and the cell it is the standby of (the
-    /// previous one in the ring), every cell for the gateway; a link's
-    /// shipping cell; an operator action's cell.
-    pub fn affected(&self, cells: &[String]) -> Vec<String> {
-        let with_primary = |c: &String| {
-            let i = cells.iter().position(|x| x == c).unwrap_or(0);
-            let prev = &cells[(i + cells.len() - 1) % cells.len()];
-            if prev == c {
-                vec![c.clone()]
-            } else {
-                vec![c.clone(), prev.clone()]
-            }
-        };
-        match self {
-            Action::Kill { target } | Action::Freeze { target } | Action::Restart { target } => {
-                match target {
-                    Target::Agent(c, _) | Target::Cell(c) => with_primary(c),
-                    Target::Gateway | Target::Etcd => cells.to_vec(),
-                }
-            }
-            Action::Link {
-                link: Link::GatewayToAgent(c, _),
-                ..
-            } => vec![c.clone()],
-            Action::Link {
-                link: Link::Internal { from, .. } | Link::ToEtcd(from),
-                ..
-            } => vec![from.clone()],
-            Action::Switchover { cell, .. }
-            | Action::Failover { cell, .. }
-            | Action::Failback { cell }
-            | Action::Split { cell, .. } => vec![cell.clone()],
-        }
-    }
-
-    /// One line for logs and the report.
-    pub fn describe(&self) -> String {
-        match self {
-            Action::Kill { target } => format!("kill -9 {target}"),
-            Action::Freeze { target } => format!("freeze (SIGSTOP) {target}"),
-            Action::Restart { target } => format!("restart {target}"),
-            Action::Link { link, fault } => match fault {
-                LinkFault::Latency(d) => format!("link {link}: +{} ms each way", d.as_millis()),
-                LinkFault::Blackhole => format!("link {link}: blackhole"),
-                LinkFault::Reset => format!("link {link}: reset"),
-            },
-            Action::Switchover { cell, to } => format!("cellctl switchover {cell} --to {to}"),
-            Action::Failover { cell, to } => format!("cellctl failover {cell} --to {to}"),
-            Action::Failback { cell } => format!("failback {cell} (re-seed, cellctl failback)"),
-            Action::Split { cell, green_bp } => format!(
-                "cellctl split {cell} --green {}",
-                routing_rules::model::format_percent(*green_bp)
-            ),
-        }
-    }
-}
-
-/// One step on the timeline.
-#[derive(Debug, Clone, Serialize)]
-pub struct Step {
-    /// When, from the workload's start.
-    #[serde(with = "ms")]
-    pub at: Duration,
-    /// How long the fault lasts (`None`: it stays until the drill ends, or
-    /// the step is an instant action).
-    #[serde(with = "opt_ms")]
-    pub for_: Option<Duration>,
-    /// What it does.
-    pub action: Action,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -470,6 +296,29 @@ fn duration(what: &str, s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| {
         format!("{what} = {s:?}: not a duration ({e}); write e.g. \"5s\" or \"250ms\"")
     })
+}
+
+/// Partitions need the cells in namespaces; link faults need the
+/// loopback topology's fault proxies.
+fn check_network(network: Network, steps: &[Step]) -> Result<(), String> {
+    for s in steps {
+        match (&s.action, network) {
+            (Action::Partition { .. }, Network::Loopback) => {
+                return Err(format!(
+                    "the step \"{}\" needs the cells in network namespaces: set topology.network = \"namespaces\" (root only)",
+                    s.action.describe()
+                ))
+            }
+            (Action::Link { .. }, Network::Namespaces) => {
+                return Err(format!(
+                    "the step \"{}\" faults a link through a fault proxy, which a topology in network namespaces does not have: use topology.network = \"loopback\", or a partition step",
+                    s.action.describe()
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 impl Scenario {
@@ -579,6 +428,7 @@ impl Scenario {
                 ));
             }
         }
+        check_network(f.topology.network, &steps)?;
         let bounds = Bounds {
             max_rto: match &f.bounds.max_rto {
                 Some(s) => Some(duration("bounds.max_rto", s)?),
@@ -639,7 +489,7 @@ impl Scenario {
     }
 }
 
-mod ms {
+pub(crate) mod ms {
     use std::time::Duration;
 
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -647,7 +497,7 @@ mod ms {
     }
 }
 
-mod opt_ms {
+pub(crate) mod opt_ms {
     use std::time::Duration;
 
     pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {

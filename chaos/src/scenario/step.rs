@@ -154,6 +154,19 @@ pub(super) fn step(s: &StepFile, cells: &[String]) -> Result<Vec<Step>, String> 
             }
             Action::Link { link: l, fault }
         }
+        "partition" => {
+            unused(&[
+                ("target", s.target.is_some()),
+                ("link", s.link.is_some()),
+                ("fault", s.fault.is_some()),
+                ("latency", s.latency.is_some()),
+                ("to", s.to.is_some()),
+                ("green", s.green.is_some()),
+            ])?;
+            Action::Partition {
+                cell: cell(cells, "cell", required(&s.cell, "cell (the cell cut off)")?)?,
+            }
+        }
         "switchover" | "failover" => {
             unused(&[
                 ("target", s.target.is_some()),
@@ -219,7 +232,7 @@ pub(super) fn step(s: &StepFile, cells: &[String]) -> Result<Vec<Step>, String> 
         }
         other => {
             return Err(format!(
-            "action = {other:?}: one of kill, freeze, restart, link, switchover, failover, failback, split"
+            "action = {other:?}: one of kill, freeze, restart, link, partition, switchover, failover, failback, split"
         ))
         }
     };

@@ -26,6 +26,11 @@ fn bad_scenarios_get_precise_errors() {
         (&format!("{base}[[step]]\nat = \"1s\"\naction = \"split\"\ncell = \"cell-a\"\ngreen = \"200%\"\n"), "green = \"200%\""),
         (&format!("{base}bogus = 1\n"), "unknown field `bogus`"),
         (&format!("{base}expect = \"fail\"\n"), "needs expect_reason"),
+        (&format!("{base}[[step]]\nat = \"1s\"\naction = \"partition\"\ncell = \"cell-a\"\n"), "needs the cells in network namespaces: set topology.network = \"namespaces\""),
+        (&format!("{base}[topology]\nnetwork = \"namespaces\"\n[[step]]\nat = \"1s\"\naction = \"link\"\nlink = \"cell-a->cell-b\"\nfault = \"reset\"\n"), "which a topology in network namespaces does not have"),
+        (&format!("{base}[topology]\nnetwork = \"namespaces\"\n[[step]]\nat = \"1s\"\naction = \"partition\"\n"), "step 1 (partition): needs cell"),
+        (&format!("{base}[topology]\nnetwork = \"namespaces\"\n[[step]]\nat = \"1s\"\naction = \"partition\"\ncell = \"cell-a\"\nfault = \"reset\"\n"), "fault does not apply"),
+        (&format!("{base}[topology]\nnetwork = \"tunnels\"\n"), "unknown variant `tunnels`"),
     ];
     for (text, want) in cases {
         let e = Scenario::parse(text).unwrap_err();
@@ -58,4 +63,22 @@ fn split_steps_repeat_and_duration_is_checked() {
         s.with_duration(Duration::from_secs(4)).unwrap().duration,
         Duration::from_secs(4)
     );
+}
+
+#[test]
+fn a_partition_affects_its_cell_and_the_cell_it_is_the_standby_of() {
+    let s = Scenario::parse(
+        "name = \"x\"\nduration = \"5s\"\n[topology]\nnetwork = \"namespaces\"\n[[step]]\nat = \"1s\"\nfor = \"2s\"\naction = \"partition\"\ncell = \"cell-b\"\n",
+    )
+    .unwrap();
+    assert_eq!(s.topology.network, Network::Namespaces);
+    let step = &s.steps[0];
+    assert_eq!(step.for_, Some(Duration::from_secs(2)));
+    assert_eq!(
+        step.action,
+        Action::Partition {
+            cell: "cell-b".into()
+        }
+    );
+    assert_eq!(step.action.affected(&s.cells()), ["cell-b", "cell-a"]);
 }

@@ -136,6 +136,11 @@ impl Topology {
                 step.action.describe()
             );
         }
+        if s.topology.network == crate::scenario::Network::Namespaces {
+            bail!(
+                "the scenario puts its cells in network namespaces (topology.network = \"namespaces\"): only a topology the drill starts has them (run it without --attach, or `cellchaos up` it)"
+            );
+        }
         let text = std::fs::read_to_string(&spec.rules)
             .with_context(|| format!("cannot read {}", spec.rules.display()))?;
         let rules = routing_rules::parse_rules(&text)
@@ -182,6 +187,7 @@ impl Topology {
                 cluster: spec.cluster.clone(),
             }),
             attached: true,
+            netns: None,
         })
     }
 }

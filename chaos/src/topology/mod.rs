@@ -19,13 +19,16 @@ use anyhow::{bail, Context, Result};
 use routing_rules::Colour;
 
 use crate::fault_proxy::{Fault, FaultProxy};
-use crate::scenario::{ControlPlane, Link, Scenario, Target};
+use crate::scenario::{ControlPlane, Link, Network, Scenario, Target};
 use routing_rules::switchover::EtcdTarget;
 
 pub mod attach;
 pub mod control;
+mod netns;
 mod process;
 mod setup;
+
+pub use netns::Namespaces;
 
 pub use control::Records;
 pub use process::Proc;
@@ -59,6 +62,8 @@ pub struct Topology {
     /// Someone else started it (`--attach`): its processes are faulted
     /// through their pid files and never stopped.
     pub attached: bool,
+    /// The cells' network namespaces (`topology.network = "namespaces"`).
+    pub netns: Option<Namespaces>,
 }
 
 /// The links the scenario's steps fault.
@@ -87,13 +92,26 @@ impl Topology {
         write_secret(&secret)?;
         let rules = dir.join("rules.toml");
         let links = faulted_links(s);
+        let netns = match s.topology.network {
+            Network::Loopback => None,
+            Network::Namespaces => Some(Namespaces::create(&cells)?),
+        };
+        // In a namespace, a cell's agents listen on its address (the port
+        // is a free loopback one: unique, and free there too).
+        let at = |c: &str| -> Result<SocketAddr> {
+            let port = free_port()?.port();
+            Ok(match &netns {
+                Some(ns) => SocketAddr::new(ns.cell_ip(c), port),
+                None => SocketAddr::from(([127, 0, 0, 1], port)),
+            })
+        };
 
         let mut public = BTreeMap::new();
         let mut internal_real: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::new();
         let mut agents = Vec::new();
         for c in &cells {
             for colour in Colour::ALL {
-                let (addr, int) = (free_port()?, free_port()?);
+                let (addr, int) = (at(c)?, at(c)?);
                 public.insert((c.clone(), colour), addr);
                 internal_real.entry(c.clone()).or_default().push(int);
                 agents.push((c.clone(), colour, addr, int));
@@ -146,15 +164,20 @@ impl Topology {
             Some(client) => {
                 let peer = free_port()?;
                 let (url, peer_url) = (format!("http://{client}"), format!("http://{peer}"));
+                // The agents in namespaces reach it on the drill's end.
+                let urls = match &netns {
+                    Some(ns) => format!("{url},http://{}:{}", ns.host(), client.port()),
+                    None => url.clone(),
+                };
                 let args: Vec<String> = [
                     "--name",
                     "drill",
                     "--data-dir",
                     &path(dir.join("etcd")),
                     "--listen-client-urls",
-                    &url,
+                    &urls,
                     "--advertise-client-urls",
-                    &url,
+                    &urls,
                     "--listen-peer-urls",
                     &peer_url,
                     "--initial-advertise-peer-urls",
@@ -186,6 +209,16 @@ impl Topology {
                 t.cluster.clone(),
             ],
         };
+        if let (Some(ns), Some(t)) = (&netns, &etcd) {
+            // The agents reach etcd on the drill's end of their link.
+            if let Some(port) = t.endpoints[0].rsplit(':').next() {
+                etcd_via.extend(
+                    cells
+                        .iter()
+                        .map(|c| (c.clone(), format!("http://{}:{port}", ns.host()))),
+                );
+            }
+        }
         for (c, colour, addr, int) in agents {
             // Its own way to etcd when that link is faulted.
             let follow: Vec<String> = match (&etcd, etcd_via.get(&c)) {
@@ -223,14 +256,18 @@ impl Topology {
             .map(|s| s.to_string())
             .chain(follow)
             .collect();
-            procs.push(Proc::new(
+            let agent = Proc::new(
                 name,
                 Some(c.clone()),
                 args,
                 "internal listening on ",
                 (dir, &file),
                 addr,
-            ));
+            );
+            procs.push(match &netns {
+                Some(ns) => agent.in_netns(ns.of(&c)),
+                None => agent,
+            });
         }
         let (gw, admin) = (free_port()?, free_port()?);
         let mut gw_args: Vec<String> = [
@@ -283,6 +320,7 @@ impl Topology {
             proxies,
             etcd,
             attached: false,
+            netns,
         };
         if let Err(e) = t.start_all(&text).await {
             t.stop().await;
@@ -328,6 +366,22 @@ impl Topology {
     pub fn set_link(&self, link: &Link, fault: Fault) {
         for p in self.proxies.get(&link.to_string()).into_iter().flatten() {
             p.set(fault);
+        }
+    }
+
+    /// Cuts `cell`'s namespace off (a partition).
+    pub fn partition(&mut self, cell: &str) -> Result<()> {
+        match &mut self.netns {
+            Some(ns) => ns.cut(cell),
+            None => bail!("a partition needs topology.network = \"namespaces\""),
+        }
+    }
+
+    /// Joins `cell`'s namespace again.
+    pub fn join(&mut self, cell: &str) -> Result<()> {
+        match &mut self.netns {
+            Some(ns) => ns.join(cell),
+            None => Ok(()),
         }
     }
 
@@ -405,10 +459,15 @@ impl Topology {
                 p.set(Fault::Pass);
             }
         }
+        let mut first_err = None;
+        if let Some(ns) = &mut self.netns {
+            if let Err(e) = ns.join_all() {
+                first_err.get_or_insert(e);
+            }
+        }
         for p in &mut self.procs {
             p.thaw().await;
         }
-        let mut first_err = None;
         for p in &mut self.procs {
             if let Err(e) = p.start().await {
                 first_err.get_or_insert(e);
@@ -425,9 +484,16 @@ impl Topology {
                 p.set(Fault::Pass);
             }
         }
+        if let Some(ns) = &mut self.netns {
+            // Stopping processes drain: they must reach each other.
+            let _ = ns.join_all();
+        }
         // The gateway first (no new requests), then the agents.
         for p in self.procs.iter_mut().rev() {
             p.stop().await;
+        }
+        if let Some(ns) = &mut self.netns {
+            ns.remove();
         }
     }
 }

@@ -37,6 +37,9 @@ pub struct Proc {
     /// pid file, never stopped; started again (detached) only with the
     /// command the attach file gives.
     attached: Option<Vec<String>>,
+    /// The network namespace it runs in (`ip netns exec NS ...`, which
+    /// execs: the pid is the process's own).
+    netns: Option<String>,
 }
 
 /// How a started process says it is ready.
@@ -75,6 +78,7 @@ impl Proc {
             addr,
             frozen: false,
             attached: None,
+            netns: None,
         }
     }
 
@@ -99,6 +103,7 @@ impl Proc {
             addr,
             frozen: false,
             attached: Some(command),
+            netns: None,
         }
     }
 
@@ -108,9 +113,20 @@ impl Proc {
             .program()
             .map(|e| e.display().to_string())
             .unwrap_or_else(|_| "cellchaos".into());
-        std::iter::once(exe)
+        let netns = self
+            .netns
+            .iter()
+            .flat_map(|ns| ["ip".to_string(), "netns".into(), "exec".into(), ns.clone()]);
+        netns
+            .chain(std::iter::once(exe))
             .chain(self.args.iter().cloned())
             .collect()
+    }
+
+    /// Runs it in network namespace `ns`.
+    pub(crate) fn in_netns(mut self, ns: String) -> Proc {
+        self.netns = Some(ns);
+        self
     }
 
     /// Runs `exe` instead of this binary, ready when `ready` says so.
@@ -158,7 +174,15 @@ impl Proc {
             .append(true)
             .open(&self.log)
             .with_context(|| format!("cannot open {}", self.log.display()))?;
-        let mut child = Command::new(&exe)
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        let mut child = command
             .args(&self.args)
             .env(
                 "CELLGATE_LOG",
