@@ -136,6 +136,29 @@ fn every_built_in_scenario_runs_checks_and_reports() {
                 ));
             }
         }
+        // Scenario-specific evidence that the step did what it says.
+        if name == "gateway-loss" {
+            // The clients of the killed gateway hit it once, then stayed on
+            // the other (without moving, each of their operations would
+            // fail there first: ≈ 150 a second for 4 s).
+            let failed: u64 = r["per_second"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["counts"]["timeout"].as_u64().unwrap_or(0))
+                .sum();
+            if failed == 0 || failed > 50 {
+                problems.push(format!("{name}: {failed} attempts got no answer"));
+            }
+        }
+        if name == "rules-flapping" {
+            let rules = std::fs::read_to_string(dir.join("data/rules.toml")).unwrap();
+            if !rules.contains(r#""chaos-user-7" = { colour = "green" }"#)
+                || !rules.contains(r#"green = "30%""#)
+            {
+                problems.push(format!("{name}: the rules apply is not in the rules:\n{rules}"));
+            }
+        }
         let svg = std::fs::read_to_string(dir.join("timeline.svg")).unwrap();
         let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
         if !svg.starts_with("<svg") || !md.contains(&format!("# Drill `{name}`")) {

@@ -71,6 +71,47 @@ pub fn bump_revision(text: &str) -> Result<(String, u64), EditError> {
     Ok((finish(d)?, next))
 }
 
+/// Merges a TOML fragment into the document — what an operator does by
+/// editing the file before `cellctl rules apply`: tables (and inline
+/// tables) are merged key by key, anything else the fragment sets replaces
+/// the document's value (an array of tables such as `[[ranges]]` is
+/// replaced whole). `revision` may not be set (it is raised when the edit
+/// is applied). The result is validated.
+pub fn merge(text: &str, fragment: &str) -> Result<String, EditError> {
+    let mut d = doc(text)?;
+    let f = fragment
+        .parse::<DocumentMut>()
+        .map_err(|e| EditError::BadArgument(format!("the fragment is not TOML: {e}")))?;
+    if f.contains_key("revision") {
+        return Err(EditError::BadArgument(
+            "the fragment sets `revision`: it is raised when the edit is applied".into(),
+        ));
+    }
+    if f.is_empty() {
+        return Err(EditError::BadArgument("the fragment sets nothing".into()));
+    }
+    merge_table(d.as_table_mut(), f.as_table());
+    finish(d)
+}
+
+fn merge_table(into: &mut dyn toml_edit::TableLike, from: &dyn toml_edit::TableLike) {
+    for (key, item) in from.iter() {
+        let nested = item.as_table_like();
+        match (into.get_mut(key).and_then(Item::as_table_like_mut), nested) {
+            (Some(t), Some(f)) => merge_table(t, f),
+            _ => {
+                // The fragment's own spacing is not kept: the value is
+                // written as the document writes a new one.
+                let mut item = item.clone();
+                if let Some(v) = item.as_value_mut() {
+                    v.decor_mut().clear();
+                }
+                into.insert(key, item);
+            }
+        }
+    }
+}
+
 /// Parses a percentage such as `5`, `0.5`, `12.34` or `10%` into basis
 /// points (see [`crate::model::parse_percent`]).
 pub fn percent_to_bp(s: &str) -> Result<u32, EditError> {
@@ -288,6 +329,45 @@ mod tests {
         assert_eq!(parse_rules(&old).unwrap().cells["cell-a"].split.green, 1000);
         let t = set_split(&old, "cell-a", 2500).unwrap();
         assert!(t.contains(r#"green = "25%""#), "{t}");
+    }
+
+    #[test]
+    fn a_fragment_is_merged_key_by_key_and_checked() {
+        // Nested tables and inline tables merge; other values are replaced;
+        // comments stay.
+        let t = merge(
+            DOC,
+            "[cells.cell-b]\nsplit = { green = \"25%\" }\n[overrides]\n\"vip-7\" = { colour = \"green\" }\n",
+        )
+        .unwrap();
+        let r = parse_rules(&t).unwrap();
+        assert!(t.contains(r#"split = { green = "25%", seed = 22 }"#), "{t}");
+        assert_eq!(r.cells["cell-b"].split.green, 2500);
+        assert_eq!(r.cells["cell-b"].split.seed, 22, "the seed was kept");
+        assert_eq!(r.cells["cell-b"].blue.len(), 1);
+        assert!(r.overrides.contains_key("vip-42") && r.overrides.contains_key("vip-7"));
+        assert!(t.contains("# Per-user pins"), "{t}");
+        // An array of tables is replaced whole.
+        let t = merge(
+            DOC,
+            "[[ranges]]\nfrom = 0\nto = 49\ncell = \"cell-a\"\n[[ranges]]\nfrom = 50\nto = 99\ncell = \"cell-c\"\n",
+        )
+        .unwrap();
+        assert_eq!(parse_rules(&t).unwrap().table.len(), 2);
+        // Bad fragments change nothing and say why.
+        for (fragment, want) in [
+            ("revision = 9", "sets `revision`"),
+            ("[cells.cell-b\n", "not TOML"),
+            ("", "sets nothing"),
+            (
+                "[cells.cell-b]\nsplit = { green = \"200%\" }",
+                "would be invalid",
+            ),
+            ("slots = 7", "would be invalid"),
+        ] {
+            let e = merge(DOC, fragment).unwrap_err().to_string();
+            assert!(e.contains(want), "{fragment:?}: {e}");
+        }
     }
 
     #[test]

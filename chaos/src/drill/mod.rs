@@ -170,14 +170,14 @@ impl Drill {
             }
         };
         let homes = home_cells(&topo.rules, s.workload.users)?;
-        let (gateway, admin) = (topo.gateway(), topo.admin);
+        let (gateways, admin) = (topo.gateways(), topo.admin);
         let records = (topo.cells.clone(), topo.records());
         let topo = Arc::new(Mutex::new(topo));
 
         let stop = Arc::new(AtomicBool::new(false));
         let live = Arc::new(Live::default());
         let w = Workload {
-            gateway,
+            gateways,
             clients: s.workload.clients,
             duration: s.duration,
             users: s.workload.users,
@@ -242,7 +242,7 @@ impl Drill {
         }
         // Every acknowledged deposit, looked up as a user would (through
         // the gateway), before the files are.
-        let api = crate::workload::check_through_api(gateway, &recording.ops).await;
+        let api = crate::workload::check_through_api(w.gateways[0], &recording.ops).await;
         probe_stop.store(true, Ordering::Relaxed);
         let probes = probes.await.unwrap_or_default();
         if topo.attached {

@@ -149,6 +149,7 @@ async fn apply(action: &Action, topo: &Mutex<Topology>) -> anyhow::Result<String
             return Ok(out.result.to_string());
         }
         Action::Failback { cell } => return failback(cell, t).await,
+        Action::RulesApply { merge } => return rules_apply(merge, t).await,
         Action::Split { cell, green_bp } => {
             let (rules, etcd) = (t.rules.clone(), t.etcd.clone());
             drop(t);
@@ -233,7 +234,40 @@ async fn undo(action: &Action, topo: &Mutex<Topology>) -> anyhow::Result<()> {
         | Action::Switchover { .. }
         | Action::Failover { .. }
         | Action::Failback { .. }
-        | Action::Split { .. } => {}
+        | Action::Split { .. }
+        | Action::RulesApply { .. } => {}
     }
     Ok(())
+}
+
+/// `cellctl rules apply` of the live rules with `merge` merged in: the
+/// new revision, and what `cellctl rules diff` warns of (e.g. slots that
+/// change owner without their data).
+async fn rules_apply(
+    merge: &str,
+    t: tokio::sync::MutexGuard<'_, Topology>,
+) -> anyhow::Result<String> {
+    let (rules, etcd) = (t.rules.clone(), t.etcd.clone());
+    drop(t);
+    let mut warnings = Vec::new();
+    let rev = crate::topology::control::edit_rules(&rules, etcd.as_ref(), |text| {
+        let edited = routing_rules::edit::merge(text, merge).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let (Ok(a), Ok(b)) = (
+            routing_rules::parse_rules(text),
+            routing_rules::parse_rules(&edited),
+        ) {
+            warnings = routing_rules::diff::diff(&a, &b).warnings;
+        }
+        Ok(edited)
+    })
+    .await?;
+    let mut out = match rev {
+        Some(r) => format!("revision {r}"),
+        None => "no change".into(),
+    };
+    for w in warnings {
+        tracing::warn!(warning = %w, "rules apply");
+        out.push_str(&format!("; warning: {w}"));
+    }
+    Ok(out)
 }

@@ -15,8 +15,10 @@ pub enum Target {
     Agent(String, routing_rules::Colour),
     /// Both agents of a cell (`cell-a`).
     Cell(String),
-    /// The gateway.
+    /// Every gateway.
     Gateway,
+    /// One gateway (`gateway-N`, from 1).
+    GatewayN(usize),
     /// The etcd of the control plane.
     Etcd,
 }
@@ -27,6 +29,7 @@ impl std::fmt::Display for Target {
             Target::Agent(c, col) => write!(f, "{c}/{}", col.as_str()),
             Target::Cell(c) => f.write_str(c),
             Target::Gateway => f.write_str("gateway"),
+            Target::GatewayN(n) => write!(f, "gateway-{n}"),
             Target::Etcd => f.write_str("etcd"),
         }
     }
@@ -128,6 +131,12 @@ pub enum Action {
         /// The cell whose shard comes home.
         cell: String,
     },
+    /// `cellctl rules apply` of the live rules with a TOML fragment merged
+    /// in (tables key by key; see `routing_rules::edit::merge`).
+    RulesApply {
+        /// The fragment.
+        merge: String,
+    },
     /// `cellctl split CELL --green SHARE`.
     Split {
         /// The cell.
@@ -157,9 +166,10 @@ impl Action {
             Action::Kill { target } | Action::Freeze { target } | Action::Restart { target } => {
                 match target {
                     Target::Agent(c, _) | Target::Cell(c) => with_primary(c),
-                    Target::Gateway | Target::Etcd => cells.to_vec(),
+                    Target::Gateway | Target::GatewayN(_) | Target::Etcd => cells.to_vec(),
                 }
             }
+            Action::RulesApply { .. } => cells.to_vec(),
             Action::Link {
                 link: Link::GatewayToAgent(c, _),
                 ..
@@ -192,6 +202,14 @@ impl Action {
             Action::Switchover { cell, to } => format!("cellctl switchover {cell} --to {to}"),
             Action::Failover { cell, to } => format!("cellctl failover {cell} --to {to}"),
             Action::Failback { cell } => format!("failback {cell} (re-seed, cellctl failback)"),
+            Action::RulesApply { merge } => {
+                let set: Vec<&str> = merge
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .collect();
+                format!("cellctl rules apply (merged: {})", set.join(" "))
+            }
             Action::Split { cell, green_bp } => format!(
                 "cellctl split {cell} --green {}",
                 routing_rules::model::format_percent(*green_bp)

@@ -13,7 +13,7 @@ pub use action::{Action, Link, LinkFault, Step, Target};
 use step::{step, StepFile};
 
 /// Scenario files built into `cellchaos` (`cellchaos list`).
-pub const BUILT_IN: [(&str, &str); 11] = [
+pub const BUILT_IN: [(&str, &str); 12] = [
     (
         "switchover",
         include_str!("../../scenarios/switchover.toml"),
@@ -46,6 +46,10 @@ pub const BUILT_IN: [(&str, &str); 11] = [
     ("etcd-loss", include_str!("../../scenarios/etcd-loss.toml")),
     ("etcd-link", include_str!("../../scenarios/etcd-link.toml")),
     ("partition", include_str!("../../scenarios/partition.toml")),
+    (
+        "gateway-loss",
+        include_str!("../../scenarios/gateway-loss.toml"),
+    ),
 ];
 
 /// A scenario as written.
@@ -145,6 +149,15 @@ pub struct Topology {
     /// How the processes reach each other.
     #[serde(default)]
     pub network: Network,
+    /// Gateways (1..=4), each following the same rules; the drill's
+    /// clients are spread over them and move to the next one when theirs
+    /// does not answer, as clients behind a load balancer do.
+    #[serde(default = "default_gateways")]
+    pub gateways: usize,
+}
+
+fn default_gateways() -> usize {
+    1
 }
 
 fn default_cells() -> usize {
@@ -170,6 +183,7 @@ impl Default for Topology {
             auto_failover_after_ms: None,
             sync_timeout_ms: default_sync_timeout(),
             network: Network::Loopback,
+            gateways: default_gateways(),
         }
     }
 }
@@ -347,6 +361,12 @@ impl Scenario {
                 f.topology.slots
             ));
         }
+        if !(1..=4).contains(&f.topology.gateways) {
+            return Err(format!(
+                "topology.gateways = {}: must be 1..=4",
+                f.topology.gateways
+            ));
+        }
         if !(20..=10_000).contains(&f.topology.health_interval_ms) {
             return Err(format!(
                 "topology.health_interval_ms = {}: must be 20..=10000",
@@ -387,8 +407,8 @@ impl Scenario {
         }
         let mut steps = Vec::new();
         for (i, s) in f.steps.iter().enumerate() {
-            let expanded =
-                step(s, &cells).map_err(|e| format!("step {} ({}): {e}", i + 1, s.action))?;
+            let expanded = step(s, &cells, f.topology.gateways)
+                .map_err(|e| format!("step {} ({}): {e}", i + 1, s.action))?;
             for st in &expanded {
                 if st.at + st.for_.unwrap_or_default() > duration_ {
                     return Err(format!(

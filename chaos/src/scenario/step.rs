@@ -23,6 +23,7 @@ pub(super) struct StepFile {
     green: Option<String>,
     every: Option<String>,
     times: Option<u32>,
+    merge: Option<String>,
 }
 
 fn cell(cells: &[String], what: &str, name: &str) -> Result<String, String> {
@@ -48,12 +49,19 @@ fn agent(cells: &[String], what: &str, s: &str) -> Result<(String, routing_rules
     Ok((cell(cells, what, c)?, colour))
 }
 
-fn target(cells: &[String], s: &Option<String>) -> Result<Target, String> {
-    let s = s
-        .as_deref()
-        .ok_or("needs target (\"gateway\", \"etcd\", \"CELL\" or \"CELL/COLOUR\")")?;
+fn target(cells: &[String], gateways: usize, s: &Option<String>) -> Result<Target, String> {
+    let s = s.as_deref().ok_or(
+        "needs target (\"gateway\", \"gateway-N\", \"etcd\", \"CELL\" or \"CELL/COLOUR\")",
+    )?;
     if s == "gateway" {
         Ok(Target::Gateway)
+    } else if let Some(n) = s.strip_prefix("gateway-") {
+        match n.parse::<usize>() {
+            Ok(n) if (1..=gateways).contains(&n) => Ok(Target::GatewayN(n)),
+            _ => Err(format!(
+                "target = {s:?}: no such gateway (the topology has gateway-1 .. gateway-{gateways}; \"gateway\" is every one)"
+            )),
+        }
     } else if s == "etcd" {
         Ok(Target::Etcd)
     } else if s.contains('/') {
@@ -88,7 +96,7 @@ fn required<'a>(v: &'a Option<String>, what: &str) -> Result<&'a str, String> {
 
 /// One step as written → the steps it stands for (`every`/`times` repeat
 /// a `split`).
-pub(super) fn step(s: &StepFile, cells: &[String]) -> Result<Vec<Step>, String> {
+pub(super) fn step(s: &StepFile, cells: &[String], gateways: usize) -> Result<Vec<Step>, String> {
     let at = duration("at", &s.at)?;
     let for_ = match &s.for_ {
         Some(f) => Some(duration("for", f)?),
@@ -103,13 +111,14 @@ pub(super) fn step(s: &StepFile, cells: &[String]) -> Result<Vec<Step>, String> 
     let action = match s.action.as_str() {
         "kill" | "freeze" | "restart" => {
             unused(&[
+                ("merge", s.merge.is_some()),
                 ("link", s.link.is_some()),
                 ("fault", s.fault.is_some()),
                 ("cell", s.cell.is_some()),
                 ("to", s.to.is_some()),
                 ("green", s.green.is_some()),
             ])?;
-            let target = target(cells, &s.target)?;
+            let target = target(cells, gateways, &s.target)?;
             match s.action.as_str() {
                 "kill" => Action::Kill { target },
                 "freeze" => {
@@ -130,6 +139,7 @@ pub(super) fn step(s: &StepFile, cells: &[String]) -> Result<Vec<Step>, String> 
         }
         "link" => {
             unused(&[
+                ("merge", s.merge.is_some()),
                 ("target", s.target.is_some()),
                 ("cell", s.cell.is_some()),
                 ("to", s.to.is_some()),
@@ -154,8 +164,34 @@ pub(super) fn step(s: &StepFile, cells: &[String]) -> Result<Vec<Step>, String> 
             }
             Action::Link { link: l, fault }
         }
+        "rules-apply" => {
+            unused(&[
+                ("target", s.target.is_some()),
+                ("link", s.link.is_some()),
+                ("fault", s.fault.is_some()),
+                ("latency", s.latency.is_some()),
+                ("cell", s.cell.is_some()),
+                ("to", s.to.is_some()),
+                ("green", s.green.is_some()),
+                ("for", for_.is_some()),
+            ])?;
+            let merge = required(&s.merge, "merge (the TOML merged into the live rules)")?;
+            let fragment = merge
+                .parse::<toml_edit::DocumentMut>()
+                .map_err(|e| format!("merge: not TOML: {e}"))?;
+            if fragment.contains_key("revision") {
+                return Err("merge sets `revision`: the step raises it".into());
+            }
+            if fragment.is_empty() {
+                return Err("merge sets nothing".into());
+            }
+            Action::RulesApply {
+                merge: merge.to_string(),
+            }
+        }
         "partition" => {
             unused(&[
+                ("merge", s.merge.is_some()),
                 ("target", s.target.is_some()),
                 ("link", s.link.is_some()),
                 ("fault", s.fault.is_some()),
@@ -169,6 +205,7 @@ pub(super) fn step(s: &StepFile, cells: &[String]) -> Result<Vec<Step>, String> 
         }
         "switchover" | "failover" => {
             unused(&[
+                ("merge", s.merge.is_some()),
                 ("target", s.target.is_some()),
                 ("link", s.link.is_some()),
                 ("fault", s.fault.is_some()),
@@ -185,6 +222,7 @@ pub(super) fn step(s: &StepFile, cells: &[String]) -> Result<Vec<Step>, String> 
         }
         "failback" => {
             unused(&[
+                ("merge", s.merge.is_some()),
                 ("target", s.target.is_some()),
                 ("link", s.link.is_some()),
                 ("fault", s.fault.is_some()),
@@ -198,6 +236,7 @@ pub(super) fn step(s: &StepFile, cells: &[String]) -> Result<Vec<Step>, String> 
         }
         "split" => {
             unused(&[
+                ("merge", s.merge.is_some()),
                 ("target", s.target.is_some()),
                 ("link", s.link.is_some()),
                 ("fault", s.fault.is_some()),
@@ -232,7 +271,7 @@ pub(super) fn step(s: &StepFile, cells: &[String]) -> Result<Vec<Step>, String> 
         }
         other => {
             return Err(format!(
-            "action = {other:?}: one of kill, freeze, restart, link, partition, switchover, failover, failback, split"
+            "action = {other:?}: one of kill, freeze, restart, link, partition, switchover, failover, failback, split, rules-apply"
         ))
         }
     };

@@ -31,6 +31,13 @@ fn bad_scenarios_get_precise_errors() {
         (&format!("{base}[topology]\nnetwork = \"namespaces\"\n[[step]]\nat = \"1s\"\naction = \"partition\"\n"), "step 1 (partition): needs cell"),
         (&format!("{base}[topology]\nnetwork = \"namespaces\"\n[[step]]\nat = \"1s\"\naction = \"partition\"\ncell = \"cell-a\"\nfault = \"reset\"\n"), "fault does not apply"),
         (&format!("{base}[topology]\nnetwork = \"tunnels\"\n"), "unknown variant `tunnels`"),
+        (&format!("{base}[topology]\ngateways = 5\n"), "topology.gateways = 5: must be 1..=4"),
+        (&format!("{base}[[step]]\nat = \"1s\"\naction = \"kill\"\ntarget = \"gateway-2\"\n"), "target = \"gateway-2\": no such gateway"),
+        (&format!("{base}[[step]]\nat = \"1s\"\naction = \"rules-apply\"\n"), "needs merge"),
+        (&format!("{base}[[step]]\nat = \"1s\"\naction = \"rules-apply\"\nmerge = \"[cells\"\n"), "merge: not TOML"),
+        (&format!("{base}[[step]]\nat = \"1s\"\naction = \"rules-apply\"\nmerge = \"revision = 3\"\n"), "merge sets `revision`"),
+        (&format!("{base}[[step]]\nat = \"1s\"\nfor = \"1s\"\naction = \"rules-apply\"\nmerge = \"slots = 7\"\n"), "for does not apply"),
+        (&format!("{base}[[step]]\nat = \"1s\"\naction = \"kill\"\ntarget = \"gateway\"\nmerge = \"slots = 7\"\n"), "merge does not apply"),
     ];
     for (text, want) in cases {
         let e = Scenario::parse(text).unwrap_err();

@@ -6,6 +6,7 @@
 //!
 //! ```toml
 //! gateway = "127.0.0.1:8080"          # the gateway's proxy listener
+//! more_gateways = ["127.0.0.1:8081"]  # optional: more gateways the clients are spread over
 //! admin = "127.0.0.1:9090"            # its admin API (health, metrics)
 //! rules = "/srv/cellgate/rules.toml"  # the rules file (with etcd: the document as published)
 //! etcd = ["http://127.0.0.1:2379"]    # when the rules live in etcd
@@ -37,6 +38,10 @@ use routing_rules::switchover::EtcdTarget;
 pub struct AttachSpec {
     /// The gateway's proxy listener.
     pub gateway: SocketAddr,
+    /// More gateways' proxy listeners (the drill's clients are spread
+    /// over all of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_gateways: Vec<SocketAddr>,
     /// The gateway's admin listener.
     pub admin: SocketAddr,
     /// The rules file.
@@ -92,6 +97,7 @@ impl AttachSpec {
     pub fn of(t: &Topology) -> AttachSpec {
         AttachSpec {
             gateway: t.gateway(),
+            more_gateways: t.gateways().split_off(1),
             admin: t.admin,
             rules: t.rules.clone(),
             etcd: t
@@ -180,7 +186,10 @@ impl Topology {
             cells,
             procs,
             admin: spec.admin,
-            gateway: spec.gateway,
+            admins: vec![spec.admin],
+            gateways: std::iter::once(spec.gateway)
+                .chain(spec.more_gateways.iter().copied())
+                .collect(),
             proxies: Default::default(),
             etcd: (!spec.etcd.is_empty()).then(|| EtcdTarget {
                 endpoints: spec.etcd.clone(),

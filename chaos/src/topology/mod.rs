@@ -49,12 +49,14 @@ pub struct Topology {
     pub secret: PathBuf,
     /// Cell names.
     pub cells: Vec<String>,
-    /// Agents, then the gateway last.
+    /// Agents, then the gateways last.
     pub procs: Vec<Proc>,
-    /// The gateway's admin listener.
+    /// The first gateway's admin listener.
     pub admin: SocketAddr,
-    /// The gateway's proxy listener.
-    gateway: SocketAddr,
+    /// Every gateway's admin listener.
+    pub admins: Vec<SocketAddr>,
+    /// The gateways' proxy listeners.
+    gateways: Vec<SocketAddr>,
     /// Fault proxies by link (as the scenario names it).
     pub proxies: BTreeMap<String, Vec<FaultProxy>>,
     /// The etcd every process follows (`None`: the rules file).
@@ -269,54 +271,71 @@ impl Topology {
                 None => agent,
             });
         }
-        let (gw, admin) = (free_port()?, free_port()?);
-        let mut gw_args: Vec<String> = [
-            "gateway",
-            "--listen",
-            &gw.to_string(),
-            "--admin",
-            &admin.to_string(),
-            "--health-interval-ms",
-            &s.topology.health_interval_ms.to_string(),
-            "--health-timeout-ms",
-            &s.topology.health_interval_ms.min(500).to_string(),
-            "--internal-secret-file",
-            &path(secret.clone()),
-            "--request-timeout-ms",
-            "5000",
-            "--drain-timeout-ms",
-            "5000",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(follow.clone())
-        .collect();
-        if etcd.is_some() {
-            gw_args.extend(["--state-dir".into(), path(dir.join("gateway-state"))]);
+        let (mut gateways, mut admins) = (Vec::new(), Vec::new());
+        for i in 1..=s.topology.gateways {
+            // One gateway keeps the plain name (attach files name it so).
+            let name = if s.topology.gateways == 1 {
+                "gateway".to_string()
+            } else {
+                format!("gateway-{i}")
+            };
+            let (gw, admin) = (free_port()?, free_port()?);
+            let mut gw_args: Vec<String> = [
+                "gateway",
+                "--listen",
+                &gw.to_string(),
+                "--admin",
+                &admin.to_string(),
+                "--health-interval-ms",
+                &s.topology.health_interval_ms.to_string(),
+                "--health-timeout-ms",
+                &s.topology.health_interval_ms.min(500).to_string(),
+                "--internal-secret-file",
+                &path(secret.clone()),
+                "--request-timeout-ms",
+                "5000",
+                "--drain-timeout-ms",
+                "5000",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(follow.clone())
+            .collect();
+            if etcd.is_some() {
+                let state = if i == 1 {
+                    "gateway-state".to_string()
+                } else {
+                    format!("gateway-state-{i}")
+                };
+                gw_args.extend(["--state-dir".into(), path(dir.join(state))]);
+            }
+            if let Some(ms) = s.topology.auto_failover_after_ms {
+                gw_args.extend([
+                    "--auto-failover".into(),
+                    "--auto-failover-after-ms".into(),
+                    ms.to_string(),
+                ]);
+            }
+            procs.push(Proc::new(
+                name.clone(),
+                None,
+                gw_args,
+                "admin listening on ",
+                (dir, &name),
+                gw,
+            ));
+            gateways.push(gw);
+            admins.push(admin);
         }
-        if let Some(ms) = s.topology.auto_failover_after_ms {
-            gw_args.extend([
-                "--auto-failover".into(),
-                "--auto-failover-after-ms".into(),
-                ms.to_string(),
-            ]);
-        }
-        procs.push(Proc::new(
-            "gateway".into(),
-            None,
-            gw_args,
-            "admin listening on ",
-            (dir, "gateway"),
-            gw,
-        ));
         let mut t = Topology {
             dir: dir.to_path_buf(),
             rules,
             secret,
             cells,
             procs,
-            admin,
-            gateway: gw,
+            admin: admins[0],
+            admins,
+            gateways,
             proxies,
             etcd,
             attached: false,
@@ -341,9 +360,14 @@ impl Topology {
         self.wait_ready().await
     }
 
-    /// The gateway's proxy address.
+    /// The first gateway's proxy address.
     pub fn gateway(&self) -> SocketAddr {
-        self.gateway
+        self.gateways[0]
+    }
+
+    /// Every gateway's proxy address.
+    pub fn gateways(&self) -> Vec<SocketAddr> {
+        self.gateways.clone()
     }
 
     /// A reader of the shards' replication records.
@@ -355,7 +379,10 @@ impl Topology {
     pub fn procs_mut(&mut self, target: &Target) -> impl Iterator<Item = &mut Proc> {
         let target = target.clone();
         self.procs.iter_mut().filter(move |p| match &target {
-            Target::Gateway => p.name == "gateway",
+            Target::Gateway => p.cell.is_none() && p.name.starts_with("gateway"),
+            Target::GatewayN(n) => {
+                p.name == format!("gateway-{n}") || (*n == 1 && p.name == "gateway")
+            }
             Target::Etcd => p.name == "etcd",
             Target::Cell(c) => p.cell.as_deref() == Some(c.as_str()),
             Target::Agent(c, col) => p.name == format!("{c}/{}", col.as_str()),
@@ -404,28 +431,30 @@ impl Topology {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        let url = format!("http://{}/admin/health", self.admin);
-        loop {
-            let all_up = crate::http::get(&client, &url)
-                .await
-                .and_then(|(_, body)| serde_json::from_slice::<serde_json::Value>(&body).ok())
-                .is_some_and(|v| {
-                    v["cells"].as_object().is_some_and(|cells| {
-                        cells
-                            .values()
-                            .all(|c| c["up"]["blue"] == true && c["up"]["green"] == true)
-                    })
-                });
-            if all_up {
-                break;
+        for admin in &self.admins {
+            let url = format!("http://{admin}/admin/health");
+            loop {
+                let all_up = crate::http::get(&client, &url)
+                    .await
+                    .and_then(|(_, body)| serde_json::from_slice::<serde_json::Value>(&body).ok())
+                    .is_some_and(|v| {
+                        v["cells"].as_object().is_some_and(|cells| {
+                            cells
+                                .values()
+                                .all(|c| c["up"]["blue"] == true && c["up"]["green"] == true)
+                        })
+                    });
+                if all_up {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    bail!(
+                        "the gateway's health checks did not see every instance up within {} s",
+                        START_WITHIN.as_secs()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            if tokio::time::Instant::now() >= deadline {
-                bail!(
-                    "the gateway's health checks did not see every instance up within {} s",
-                    START_WITHIN.as_secs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.wait_in_sync(deadline).await
     }

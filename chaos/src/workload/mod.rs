@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -21,8 +21,11 @@ use crate::http::HttpClient;
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Workload {
-    /// The gateway's proxy address (loopback).
-    pub gateway: SocketAddr,
+    /// The gateways' proxy addresses (at least one): client *c* starts on
+    /// gateway *c* mod n and moves to the next one when its gateway does
+    /// not answer, staying there (as a client behind a load balancer or
+    /// DNS does).
+    pub gateways: Vec<SocketAddr>,
     /// Concurrent clients.
     pub clients: usize,
     /// How long clients start new operations.
@@ -66,7 +69,7 @@ impl Workload {
         seed: u64,
     ) -> Workload {
         Workload {
-            gateway,
+            gateways: vec![gateway],
             clients,
             duration,
             users,
@@ -378,7 +381,7 @@ async fn perform(
     client: HttpClient,
     w: Arc<Workload>,
     mut op: Write,
-    start: Instant,
+    (start, preferred): (Instant, Arc<AtomicUsize>),
 ) -> (Write, Vec<Attempt>) {
     let mut attempts = Vec::new();
     op.sent_ms = start.elapsed().as_millis() as u64;
@@ -386,7 +389,15 @@ async fn perform(
     loop {
         op.attempts += 1;
         let began = Instant::now();
-        let got = attempt(&client, w.gateway, &op).await;
+        let gateway = preferred.load(Ordering::Relaxed) % w.gateways.len();
+        let got = attempt(&client, w.gateways[gateway], &op).await;
+        if got.is_none() {
+            // No answer at all (refused, reset, timed out): this client's
+            // next attempts go to the next gateway (unless another of its
+            // operations moved it already).
+            let next = (gateway + 1) % w.gateways.len();
+            let _ = preferred.compare_exchange(gateway, next, Ordering::Relaxed, Ordering::Relaxed);
+        }
         op.last_status = got.as_ref().map(|g| g.0);
         let outcome = classify(op.kind, op.last_status);
         match outcome {
@@ -447,6 +458,7 @@ async fn client_run(w: Arc<Workload>, c: usize, start: Instant) -> (Vec<Write>, 
     let per_client = w.max_writes.div_ceil(w.clients.max(1) as u64);
     let interval = (w.rate > 0).then(|| Duration::from_secs_f64(w.clients as f64 / w.rate as f64));
     let (mut ops, mut attempts) = (Vec::new(), Vec::new());
+    let preferred = Arc::new(AtomicUsize::new(c % w.gateways.len().max(1)));
     let mut in_flight = tokio::task::JoinSet::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_PER_CLIENT));
     for i in 0..per_client {
@@ -466,14 +478,14 @@ async fn client_run(w: Arc<Workload>, c: usize, start: Instant) -> (Vec<Write>, 
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 break;
             };
-            let (client, w) = (client.clone(), w.clone());
+            let (client, w, preferred) = (client.clone(), w.clone(), preferred.clone());
             in_flight.spawn(async move {
-                let done = perform(client, w, op, start).await;
+                let done = perform(client, w, op, (start, preferred)).await;
                 drop(permit);
                 done
             });
         } else {
-            let (op, a) = perform(client.clone(), w.clone(), op, start).await;
+            let (op, a) = perform(client.clone(), w.clone(), op, (start, preferred.clone())).await;
             ops.push(op);
             attempts.extend(a);
         }
