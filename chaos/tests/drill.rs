@@ -136,6 +136,36 @@ fn every_built_in_scenario_runs_checks_and_reports() {
                 ));
             }
         }
+        // Every request is in requests.jsonl, with its operation's user
+        // and key, and every operation in operations.jsonl.
+        let attempts: u64 = r["per_second"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p["counts"].as_object().unwrap().values())
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        let requests = std::fs::read_to_string(dir.join("requests.jsonl")).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = requests
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() as u64 != attempts
+            || lines
+                .iter()
+                .any(|l| l["user"].is_null() || l["request"].is_null())
+        {
+            problems.push(format!(
+                "{name}: requests.jsonl has {} lines (attempts {attempts}), or one without its user",
+                lines.len()
+            ));
+        }
+        let ops = std::fs::read_to_string(dir.join("operations.jsonl")).unwrap_or_default();
+        if ops.lines().count() as u64 != r["ops"].as_u64().unwrap() {
+            problems.push(format!(
+                "{name}: operations.jsonl does not hold every operation"
+            ));
+        }
         // Scenario-specific evidence that the step did what it says.
         if name == "gateway-loss" {
             // The clients of the killed gateway hit it once, then stayed on
@@ -156,7 +186,9 @@ fn every_built_in_scenario_runs_checks_and_reports() {
             if !rules.contains(r#""chaos-user-7" = { colour = "green" }"#)
                 || !rules.contains(r#"green = "30%""#)
             {
-                problems.push(format!("{name}: the rules apply is not in the rules:\n{rules}"));
+                problems.push(format!(
+                    "{name}: the rules apply is not in the rules:\n{rules}"
+                ));
             }
         }
         let svg = std::fs::read_to_string(dir.join("timeline.svg")).unwrap();

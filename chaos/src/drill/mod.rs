@@ -270,6 +270,12 @@ impl Drill {
             data_dir: &data,
         });
         report.write(&self.report_dir)?;
+        recording.write_jsonl(&self.report_dir).with_context(|| {
+            format!(
+                "cannot write the recording into {}",
+                self.report_dir.display()
+            )
+        })?;
         Ok(report)
     }
 }

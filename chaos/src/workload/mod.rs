@@ -112,6 +112,8 @@ pub struct Write {
     pub kind: OpKind,
     /// The client that made it.
     pub client: usize,
+    /// Its number among the client's operations (from 0).
+    pub seq: u64,
     /// The user (the payer of a transfer or payment).
     pub user: String,
     /// The payee of a transfer.
@@ -189,7 +191,7 @@ impl Outcome {
 }
 
 /// One attempt (every try of every operation).
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Attempt {
     /// When it ended, ms since the run began.
     pub at_ms: u64,
@@ -197,6 +199,78 @@ pub struct Attempt {
     pub latency_ms: u64,
     /// How it ended.
     pub outcome: Outcome,
+    /// The operation's client and number ([`Write::client`],
+    /// [`Write::seq`]).
+    pub client: usize,
+    /// See [`Attempt::client`].
+    pub seq: u64,
+    /// The request (`deposit`, `read`, `transfer`, `create-order`, `pay`,
+    /// `try`, `confirm`, `cancel`).
+    pub request: &'static str,
+    /// The gateway it went to (index into [`Workload::gateways`]).
+    pub gateway: usize,
+    /// The status (`None`: no answer).
+    pub status: Option<u16>,
+    /// The cell that answered (its `x-cell` header).
+    pub cell: Option<String>,
+}
+
+/// The request an attempt of `w` makes now (a payment's order is created,
+/// then paid; a TCC order created, tried, then confirmed or cancelled).
+fn request_name(w: &Write) -> &'static str {
+    match (w.kind, &w.id) {
+        (OpKind::Deposit, _) => "deposit",
+        (OpKind::Read, _) => "read",
+        (OpKind::Transfer, _) => "transfer",
+        (OpKind::Payment | OpKind::Tcc, None) => "create-order",
+        (OpKind::Payment, Some(_)) => "pay",
+        (OpKind::Tcc, Some(_)) => match (w.tried, w.cancel) {
+            (false, _) => "try",
+            (true, false) => "confirm",
+            (true, true) => "cancel",
+        },
+    }
+}
+
+impl Recording {
+    /// Writes the run as evidence: `operations.jsonl` (one line per
+    /// operation: user, kind, key, amount, when due, sent and
+    /// acknowledged, attempts, last status, serving cell) and
+    /// `requests.jsonl` (one line per attempt: when, how long, which
+    /// operation, user, request, key, gateway, status, serving cell,
+    /// outcome).
+    pub fn write_jsonl(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut ops = std::io::BufWriter::new(std::fs::File::create(dir.join("operations.jsonl"))?);
+        let mut by_id = std::collections::HashMap::new();
+        for o in &self.ops {
+            serde_json::to_writer(&mut ops, o)?;
+            ops.write_all(b"\n")?;
+            by_id.insert((o.client, o.seq), o);
+        }
+        ops.flush()?;
+        let mut reqs = std::io::BufWriter::new(std::fs::File::create(dir.join("requests.jsonl"))?);
+        for a in &self.attempts {
+            let op = by_id.get(&(a.client, a.seq));
+            let line = serde_json::json!({
+                "at_ms": a.at_ms,
+                "latency_ms": a.latency_ms,
+                "client": a.client,
+                "seq": a.seq,
+                "user": op.map(|o| o.user.as_str()),
+                "op": op.map(|o| o.kind),
+                "request": a.request,
+                "key": op.map(|o| o.key.as_str()),
+                "gateway": a.gateway,
+                "status": a.status,
+                "cell": a.cell,
+                "outcome": a.outcome,
+            });
+            serde_json::to_writer(&mut reqs, &line)?;
+            reqs.write_all(b"\n")?;
+        }
+        reqs.flush()
+    }
 }
 
 /// Everything a run did.
@@ -345,6 +419,7 @@ impl OpGen {
         Write {
             kind,
             client: self.client,
+            seq: i,
             user,
             to,
             id: None,
@@ -390,6 +465,7 @@ async fn perform(
         op.attempts += 1;
         let began = Instant::now();
         let gateway = preferred.load(Ordering::Relaxed) % w.gateways.len();
+        let request = request_name(&op);
         let got = attempt(&client, w.gateways[gateway], &op).await;
         if got.is_none() {
             // No answer at all (refused, reset, timed out): this client's
@@ -409,6 +485,12 @@ async fn perform(
             at_ms: start.elapsed().as_millis() as u64,
             latency_ms: began.elapsed().as_millis() as u64,
             outcome,
+            client: op.client,
+            seq: op.seq,
+            request,
+            gateway,
+            status: op.last_status,
+            cell: got.as_ref().and_then(|g| g.1.clone()),
         });
         match (outcome, got) {
             (Outcome::Ok, Some((_, cell, body))) => {

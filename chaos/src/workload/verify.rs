@@ -279,6 +279,7 @@ mod tests {
         Write {
             kind: OpKind::Deposit,
             client: 0,
+            seq: sent,
             user: "u".into(),
             to: None,
             id: None,
