@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use chaos::scenario::{Expect, Scenario, BUILT_IN};
+use chaos::topology::is_root;
 
 fn drill(args: &[&str], report_dir: &Path) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_cellchaos"))
@@ -49,17 +50,6 @@ fn only_bounds_missed(r: &serde_json::Value) -> bool {
         && r["bounds"]
             .as_array()
             .is_some_and(|b| b.iter().any(|b| b["ok"] == false))
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
 }
 
 #[test]
@@ -345,4 +335,77 @@ fn a_drill_attaches_to_a_running_topology_and_leaves_it_running() {
                 .unwrap()
                 .contains(") Z")
     );
+}
+
+#[test]
+fn a_broken_invariant_stops_the_drill_early() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("long.toml");
+    std::fs::write(
+        &file,
+        "name = \"long\"\nduration = \"40s\"\n[topology]\ncells = 2\n",
+    )
+    .unwrap();
+    let dir = tmp.path().join("long");
+    let started = std::time::Instant::now();
+    let child = Command::new(env!("CARGO_BIN_EXE_cellchaos"))
+        .arg("drill")
+        .arg(&file)
+        .arg("--report-dir")
+        .arg(&dir)
+        .env("CELLGATE_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Once cell-a's shard holds accounts, one balance is changed behind
+    // the agents' back: it no longer follows from its ledger.
+    let db = dir.join("data/cell-a.db");
+    let deadline = started + std::time::Duration::from_secs(30);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no accounts in cell-a's shard"
+        );
+        let accounts = rusqlite::Connection::open(&db)
+            .and_then(|c| c.query_row("SELECT COUNT(*) FROM accounts", [], |r| r.get::<_, i64>(0)))
+            .unwrap_or(0);
+        if accounts >= 5 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    c.execute(
+        "UPDATE accounts SET balance = balance + 7 WHERE user = (SELECT MIN(user) FROM accounts)",
+        [],
+    )
+    .unwrap();
+    let broken_at = started.elapsed();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let r = report(&dir);
+    let aborted = r["aborted"].as_str().unwrap_or_default();
+    assert!(
+        // The next write of that account ships the broken row to the
+        // standby too, so either file may be the first one seen broken.
+        aborted.contains("an invariant broke in cell-a.") && aborted.contains("but ledger sums to"),
+        "{r}"
+    );
+    // Stopped within seconds of the break, not at the end of its 40 s.
+    let stopped_ms: u64 = aborted
+        .trim_start_matches("stopped early at ")
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(
+        stopped_ms < 20_000,
+        "stopped at {stopped_ms} ms; the break was {} ms after the start",
+        broken_at.as_millis()
+    );
+    assert_eq!(r["passed"], false);
 }

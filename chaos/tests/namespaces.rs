@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use chaos::topology::Namespaces;
+use chaos::topology::{is_root, Namespaces};
 
 const LISTEN: &str = "NAMESPACES_TEST_LISTEN";
 
@@ -33,17 +33,6 @@ fn echo_server_child() {
             }
         });
     }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
 }
 
 /// The server, killed when dropped (also when an assertion fails).

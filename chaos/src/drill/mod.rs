@@ -129,6 +129,59 @@ async fn watch_errors(live: Arc<Live>, max: f64, stop: Arc<AtomicBool>) -> Optio
     None
 }
 
+/// Checks every shard file's own invariants (`cell-agent check`: balances
+/// follow from the ledger, none negative, every order debited at most
+/// once, ...) every second while the workload runs; the first violation
+/// stops the workload, and its reason is returned. Each invariant is one
+/// query, so it reads one committed state of a file being written.
+async fn watch_invariants(
+    data: std::path::PathBuf,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+) -> Option<String> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let dir = data.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            let files = std::fs::read_dir(&dir).ok()?;
+            for f in files.flatten() {
+                let path = f.path();
+                if path.extension().is_none_or(|e| e != "db") {
+                    continue;
+                }
+                // A file being replaced (a snapshot installed) is skipped.
+                let Ok(report) = cell_agent::check::check(&path) else {
+                    continue;
+                };
+                if !report.ok() {
+                    let name = path.file_name().unwrap_or_default().to_string_lossy();
+                    let shown: Vec<&str> = report
+                        .violations
+                        .iter()
+                        .take(3)
+                        .map(String::as_str)
+                        .collect();
+                    return Some(format!("{name}: {}", shown.join("; ")));
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten();
+        if let Some(why) = found {
+            stop.store(true, Ordering::Relaxed);
+            tracing::error!(%why, "an invariant broke: stopping the workload");
+            return Some(format!(
+                "stopped early at {} ms: an invariant broke in {why}",
+                start.elapsed().as_millis()
+            ));
+        }
+    }
+    None
+}
+
 /// Each user's home cell under the rules the drill started with.
 fn home_cells(rules: &Path, users: usize) -> Result<HashMap<String, String>> {
     let text = std::fs::read_to_string(rules)?;
@@ -206,6 +259,9 @@ impl Drill {
         let watcher = s
             .max_error_ratio
             .map(|max| tokio::spawn(watch_errors(live.clone(), max, stop.clone())));
+        let invariants = s
+            .stop_on_invariant
+            .then(|| tokio::spawn(watch_invariants(data.clone(), start, stop.clone())));
         let timeline = tokio::spawn(timeline::run(
             s.steps.clone(),
             topo.clone(),
@@ -218,6 +274,10 @@ impl Drill {
         let aborted = match watcher {
             Some(t) => t.await.ok().flatten(),
             None => None,
+        };
+        let aborted = match invariants {
+            Some(t) => t.await.ok().flatten().or(aborted),
+            None => aborted,
         };
         // Every fault undone, whatever happened; then the shards must be
         // back in sync with their standbys.

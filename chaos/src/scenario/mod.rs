@@ -269,6 +269,7 @@ pub struct Bounds {
 #[serde(deny_unknown_fields)]
 struct StopFile {
     max_error_ratio: Option<f64>,
+    on_invariant: Option<bool>,
 }
 
 /// A parsed, checked scenario.
@@ -297,6 +298,9 @@ pub struct Scenario {
     pub bounds: Bounds,
     /// Abort when more than this share of one second's attempts fail.
     pub max_error_ratio: Option<f64>,
+    /// Abort as soon as a shard file breaks an invariant (checked every
+    /// second while the workload runs; default true).
+    pub stop_on_invariant: bool,
 }
 
 /// Cell names of a topology: `cell-a`, `cell-b`, ...
@@ -481,6 +485,7 @@ impl Scenario {
             steps,
             bounds,
             max_error_ratio: f.stop.max_error_ratio,
+            stop_on_invariant: f.stop.on_invariant.unwrap_or(true),
         })
     }
 

@@ -28,7 +28,7 @@ mod netns;
 mod process;
 mod setup;
 
-pub use netns::Namespaces;
+pub use netns::{is_root, Namespaces};
 
 pub use control::Records;
 pub use process::Proc;

@@ -33,6 +33,18 @@ pub struct Namespaces {
     removed: bool,
 }
 
+/// Whether this process runs as root (network namespaces need it).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
 /// Runs `ip`/`tc` with `args`; the error names the command and what it
 /// printed.
 fn run(program: &str, args: &[&str]) -> Result<()> {
@@ -78,6 +90,9 @@ impl Namespaces {
     /// Creates the hub and one namespace per cell, linked and addressed.
     /// Needs root (`CAP_NET_ADMIN`) and iproute2.
     pub fn create(cells: &[String]) -> Result<Namespaces> {
+        if !is_root() {
+            bail!("cannot create the drill's network namespaces (topology.network = \"namespaces\" needs root and iproute2): this process does not run as root");
+        }
         remove_stale();
         let pid = std::process::id();
         // Claim a subnet: the drill's veth end is named after it, and a
