@@ -67,6 +67,10 @@ pub fn check(path: &Path) -> rusqlite::Result<CheckReport> {
     }
     let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // One read transaction: every query below sees the same snapshot, so a
+    // file checked while its agents write (a drill's live watch) is judged
+    // on one consistent state, not on totals read between two commits.
+    conn.execute_batch("BEGIN")?;
     let mut r = CheckReport {
         accounts: q(&conn, "SELECT COUNT(*) FROM accounts")?,
         ledger_entries: q(&conn, "SELECT COUNT(*) FROM ledger")?,
@@ -179,5 +183,6 @@ pub fn check(path: &Path) -> rusqlite::Result<CheckReport> {
              WHERE state IS NOT 'open'",
         )?);
     }
+    conn.execute_batch("COMMIT")?;
     Ok(r)
 }
