@@ -250,6 +250,21 @@ fn a_bound_not_met_fails_the_drill_and_a_bad_scenario_runs_nothing() {
     assert!(!dir.exists());
 }
 
+/// A `cellchaos up` stopped (SIGTERM: it stops its topology) when the test
+/// ends, also when an assertion fails half-way.
+struct StopOnDrop(std::process::Child);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.0.id().to_string()])
+                .status();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// `cellchaos up` starts a topology and keeps it; `cellchaos drill
 /// --attach` faults it through the pid files (a kill, then the process
 /// started again with the attach file's command), checks it, and leaves it
@@ -259,14 +274,17 @@ fn a_drill_attaches_to_a_running_topology_and_leaves_it_running() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("topology");
-    let mut up = Command::new(env!("CARGO_BIN_EXE_cellchaos"))
-        .args(["up", "colour-kill", "--dir"])
-        .arg(&dir)
-        .env("CELLGATE_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut up = StopOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_cellchaos"))
+            .args(["up", "colour-kill", "--dir"])
+            .arg(&dir)
+            .env("CELLGATE_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let up = &mut up.0;
     let attach = dir.join("attach.toml");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
     while !attach.exists() {
