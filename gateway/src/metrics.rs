@@ -30,6 +30,9 @@ pub enum UpstreamErrorKind {
     Saturated,
     /// The upstream answered 5xx.
     Status5xx,
+    /// The active checks found the instance down while a request waited
+    /// for its answer.
+    Lost,
 }
 
 impl UpstreamErrorKind {
@@ -41,6 +44,7 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::Reset => "reset",
             UpstreamErrorKind::Saturated => "saturated",
             UpstreamErrorKind::Status5xx => "5xx",
+            UpstreamErrorKind::Lost => "lost",
         }
     }
 }

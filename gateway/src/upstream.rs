@@ -93,6 +93,9 @@ pub struct Instance {
     idle: Mutex<Vec<UpConn>>,
     permits: Arc<Semaphore>,
     up_gauge: IntGauge,
+    /// Woken when the active checks find the instance down: requests
+    /// waiting on it for an answer stop waiting.
+    lost: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Instance {
@@ -151,6 +154,7 @@ impl Instance {
             streak_5xx: AtomicU32::new(0),
             idle: Mutex::new(Vec::new()),
             up_gauge,
+            lost: tokio::sync::Notify::new(),
         }
     }
 
@@ -159,6 +163,14 @@ impl Instance {
     pub fn is_up(&self, now: u64) -> bool {
         self.active_up.load(Ordering::Relaxed)
             && self.ejected_until_ms.load(Ordering::Relaxed) <= now
+    }
+
+    /// Resolves when the active checks next find the instance down (a
+    /// frozen or unreachable process): a request waiting for its answer
+    /// stops waiting instead of holding the cell's in-flight slot until
+    /// the request timeout.
+    pub fn lost(&self) -> tokio::sync::futures::Notified<'_> {
+        self.lost.notified()
     }
 
     /// Whether active checks currently pass.
@@ -172,6 +184,9 @@ impl Instance {
         if up && changed {
             self.ejections.store(0, Ordering::Relaxed);
             self.ejected_until_ms.store(0, Ordering::Relaxed);
+        }
+        if !up && changed {
+            self.lost.notify_waiters();
         }
         self.refresh_gauge(now_ms());
         changed

@@ -31,6 +31,17 @@ pub const FAIL_500: u8 = 1;
 pub const RESET: u8 = 2;
 /// Answer 421 Misdirected (this user's data is not here).
 pub const MISDIRECTED: u8 = 3;
+/// Frozen (a SIGSTOPped process): nothing is answered, health checks
+/// included, until the mode changes; then it answers as `NORMAL`.
+pub const FROZEN: u8 = 4;
+
+/// Waits while `mode` is [`FROZEN`] (the backend's model of a stopped
+/// process; polled, as a stopped process has no events to give).
+async fn thawed(mode: &AtomicU8) {
+    while mode.load(Ordering::Relaxed) == FROZEN {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
 
 /// A real HTTP backend standing in for one instance of a (cell, colour).
 pub struct Backend {
@@ -42,7 +53,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// Added to every answer, ms.
     pub delay_ms: Arc<AtomicU64>,
-    /// How it answers ([`NORMAL`], [`FAIL_500`], [`RESET`], [`MISDIRECTED`]).
+    /// How it answers ([`NORMAL`], [`FAIL_500`], [`RESET`], [`MISDIRECTED`],
+    /// [`FROZEN`]).
     pub mode: Arc<AtomicU8>,
     /// Requests served (health checks not counted).
     pub requests: Arc<AtomicUsize>,
@@ -106,6 +118,7 @@ impl Backend {
                         let big = body_size.load(Ordering::Relaxed) as usize;
                         let every = fail_every.load(Ordering::Relaxed) as usize;
                         async move {
+                            thawed(&mode).await;
                             if big > 0 && req.uri().path() == "/big" {
                                 requests.fetch_add(1, Ordering::SeqCst);
                                 return Ok(Response::new(Full::new(Bytes::from(vec![b'x'; big]))));

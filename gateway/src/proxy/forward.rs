@@ -86,6 +86,10 @@ pub(super) enum Failure {
     ClientStalled,
     /// No response head within the request timeout.
     Timeout,
+    /// The active checks found the instance down while the request waited
+    /// for its answer (a frozen process): whether it was carried out is
+    /// unknown.
+    Lost,
 }
 
 /// Reads more of a client body within the body timeout.
@@ -225,6 +229,16 @@ impl Shared {
             out.attempts += 1;
             out.upstream = Some(instance.address.clone());
             let exchange = self.exchange(gen, out, &decision, &mut conn, &mut body, &uploading);
+            // The instance found down meanwhile (health checks): stop
+            // waiting for an answer that may never come.
+            let exchange = async {
+                let lost = instance.lost();
+                tokio::select! {
+                    biased;
+                    r = exchange => r,
+                    _ = lost => Err(Failure::Lost),
+                }
+            };
             let result = match timer.as_mut() {
                 Some(t) => {
                     let deadline =
@@ -323,6 +337,31 @@ impl Shared {
                         "upstream_timeout",
                         "the upstream did not answer in time",
                     ));
+                }
+                Err(Failure::Lost) => {
+                    // Health already took the instance out of routing;
+                    // this is not one more failure to count against it.
+                    sent_once = true;
+                    tried.push(instance.clone());
+                    metrics.upstream_error(
+                        &instance.cell,
+                        colour.as_str(),
+                        UpstreamErrorKind::Lost,
+                    );
+                    tracing::warn!(cell = %instance.cell, colour = %colour, instance = %instance.address, "instance found down by the health checks while a request waited for its answer");
+                    last_error = Refusal::new(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_lost",
+                        "the instance stopped answering health checks while this request waited for its answer; \
+                         whether it was carried out is unknown: send it again with the same idempotency key",
+                    );
+                    if replayable {
+                        retry = true;
+                        match out.reroute(gen, &decision, &tried) {
+                            Some(d) => decision = d,
+                            None => break,
+                        }
+                    }
                 }
                 Err(Failure::Failed(error)) => {
                     sent_once = true;
