@@ -338,48 +338,41 @@ impl Shared {
                         "the upstream did not answer in time",
                     ));
                 }
-                Err(Failure::Lost) => {
-                    // Health already took the instance out of routing;
-                    // this is not one more failure to count against it.
+                Err(failure @ (Failure::Lost | Failure::Failed(_))) => {
+                    // Sent: another attempt only for a replayable request.
                     sent_once = true;
                     tried.push(instance.clone());
-                    metrics.upstream_error(
-                        &instance.cell,
-                        colour.as_str(),
-                        UpstreamErrorKind::Lost,
-                    );
-                    tracing::warn!(cell = %instance.cell, colour = %colour, instance = %instance.address, "instance found down by the health checks while a request waited for its answer");
-                    last_error = Refusal::new(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream_lost",
-                        "the instance stopped answering health checks while this request waited for its answer; \
-                         whether it was carried out is unknown: send it again with the same idempotency key",
-                    );
-                    if replayable {
-                        retry = true;
-                        match out.reroute(gen, &decision, &tried) {
-                            Some(d) => decision = d,
-                            None => break,
+                    last_error = if let Failure::Failed(error) = failure {
+                        metrics.upstream_error(
+                            &instance.cell,
+                            colour.as_str(),
+                            UpstreamErrorKind::Reset,
+                        );
+                        if instance.note_failure() {
+                            self.maybe_eject(gen, &instance, "failure streak");
                         }
-                    }
-                }
-                Err(Failure::Failed(error)) => {
-                    sent_once = true;
-                    tried.push(instance.clone());
-                    metrics.upstream_error(
-                        &instance.cell,
-                        colour.as_str(),
-                        UpstreamErrorKind::Reset,
-                    );
-                    if instance.note_failure() {
-                        self.maybe_eject(gen, &instance, "failure streak");
-                    }
-                    tracing::warn!(cell = %instance.cell, colour = %colour, instance = %instance.address, error = %error, "upstream failed after the request was sent");
-                    last_error = Refusal::new(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream_failed",
-                        "the upstream failed after the request was sent",
-                    );
+                        tracing::warn!(cell = %instance.cell, colour = %colour, instance = %instance.address, error = %error, "upstream failed after the request was sent");
+                        Refusal::new(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream_failed",
+                            "the upstream failed after the request was sent",
+                        )
+                    } else {
+                        // Health already took the instance out of routing;
+                        // not one more failure to count against it.
+                        metrics.upstream_error(
+                            &instance.cell,
+                            colour.as_str(),
+                            UpstreamErrorKind::Lost,
+                        );
+                        tracing::warn!(cell = %instance.cell, colour = %colour, instance = %instance.address, "instance found down by the health checks while a request waited for its answer");
+                        Refusal::new(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream_lost",
+                            "the instance stopped answering health checks while this request waited for its answer; \
+                             whether it was carried out is unknown: send it again with the same idempotency key",
+                        )
+                    };
                     if replayable {
                         retry = true;
                         match out.reroute(gen, &decision, &tried) {
