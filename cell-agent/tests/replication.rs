@@ -285,10 +285,21 @@ fn status(db: &Path) -> (i32, serde_json::Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_without_a_replica_is_sent_a_snapshot_over_the_network() {
+    snapshot_over_the_network(false).await;
+}
+
+/// The standby cell's first internal address is down (one colour
+/// stopped): the snapshot goes to the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_goes_to_the_standby_instance_that_is_up() {
+    snapshot_over_the_network(true).await;
+}
+
+async fn snapshot_over_the_network(first_address_down: bool) {
     let dir = TempDir::new("syncsnap");
     let rules_path = dir.path("rules.toml");
     let (la, lb) = (bind().await, bind().await);
-    let text = with_internal(
+    let mut text = with_internal(
         &placeholder_rules().replacen(
             "[cells.cell-a]\n",
             "[cells.cell-a]\nstandby = \"cell-b\"\n",
@@ -296,6 +307,17 @@ async fn a_standby_without_a_replica_is_sent_a_snapshot_over_the_network() {
         ),
         &[("cell-a", addr(&la.1)), ("cell-b", addr(&lb.1))],
     );
+    if first_address_down {
+        // A port that was free a moment ago: connections to it are refused.
+        let down = addr(&TcpListener::bind("127.0.0.1:0").await.unwrap());
+        let live = format!("internal = [\"{}\"]", addr(&lb.1));
+        text = text.replacen(
+            &live,
+            &format!("internal = [\"{down}\", \"{}\"]", addr(&lb.1)),
+            1,
+        );
+        assert!(text.contains(&down.to_string()));
+    }
     std::fs::write(&rules_path, &text).unwrap();
     // The standby keeps its replicas elsewhere, and has none yet.
     let standby_dir = dir.path("standby");

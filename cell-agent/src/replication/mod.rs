@@ -144,6 +144,26 @@ impl Shipper {
         Ok((standby, addrs))
     }
 
+    /// [`Self::standby`] with the address that answered last first (a
+    /// standby instance that is down or hangs costs one try, not every
+    /// one).
+    fn standby_in_order(&self) -> Result<(String, Vec<String>), Failure> {
+        let (standby, mut addrs) = self.standby()?;
+        if let Some(good) = self.last_good.lock().ok().and_then(|g| g.clone()) {
+            if let Some(i) = addrs.iter().position(|a| *a == good) {
+                addrs[..=i].rotate_right(1);
+            }
+        }
+        Ok((standby, addrs))
+    }
+
+    /// Remembers `addr` as the standby address that answered last.
+    fn answered(&self, addr: &str) {
+        if let Ok(mut g) = self.last_good.lock() {
+            *g = Some(addr.to_string());
+        }
+    }
+
     /// The shard was failed over while this copy was cut off: it becomes a
     /// replica (its writer refuses every write) and the writes held for the
     /// standby are answered as not acknowledged — their rows are this

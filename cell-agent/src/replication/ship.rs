@@ -41,7 +41,7 @@ impl Shipper {
             .max(now + MIN_TRY);
         while *acked < target {
             let me = self.shard.as_str();
-            let (_, addrs) = self.standby()?;
+            let (_, addrs) = self.standby_in_order()?;
             let read;
             let (timeline, batches): (&Timeline, Vec<&Batch>) = match in_memory(pending, *acked) {
                 Some(found) => found,
@@ -76,15 +76,8 @@ impl Shipper {
             );
             let mut last = String::new();
             let mut moved = false;
-            // The address that answered last first (a standby instance that
-            // hangs costs one shipment, not every one); each address gets
-            // an equal share of the time left.
-            let mut addrs = addrs;
-            if let Some(good) = self.last_good.lock().ok().and_then(|g| g.clone()) {
-                if let Some(i) = addrs.iter().position(|a| *a == good) {
-                    addrs[..=i].rotate_right(1);
-                }
-            }
+            // The address that answered last first; each address gets an
+            // equal share of the time left.
             let n = addrs.len();
             for (k, addr) in addrs.iter().enumerate() {
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -109,9 +102,7 @@ impl Shipper {
                     Ok((200, v)) => {
                         *acked = v["applied"].as_i64().unwrap_or(*acked);
                         moved = true;
-                        if let Ok(mut g) = self.last_good.lock() {
-                            *g = Some(addr.clone());
-                        }
+                        self.answered(addr);
                         break;
                     }
                     Ok((409, v)) if v["error"] == "journal_gap" => {
