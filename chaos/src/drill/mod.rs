@@ -61,25 +61,32 @@ fn digest(body: &[u8]) -> Option<String> {
     Some(s)
 }
 
-/// Probes the gateway's health and the shards' replication records every
-/// 100 ms until `stop`.
+/// Probes every gateway's health and the shards' replication records
+/// every 100 ms until `stop` (a change in any gateway's view counts).
 async fn probe(
-    admin: std::net::SocketAddr,
+    admins: Vec<std::net::SocketAddr>,
     (cells, mut records): (Vec<String>, crate::topology::Records),
     start: Instant,
     stop: Arc<AtomicBool>,
 ) -> Vec<Probe> {
     let client = crate::http::client();
-    let url = format!("http://{admin}/admin/health");
+    let urls: Vec<String> = admins
+        .iter()
+        .map(|a| format!("http://{a}/admin/health"))
+        .collect();
     let mut out = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut known = vec![String::from("unknown"); cells.len()];
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
-        let mut digest = match crate::http::get(&client, &url).await {
-            Some((200, body)) => digest(&body).unwrap_or_else(|| "unreadable".into()),
-            _ => "gateway-down".into(),
-        };
+        let mut views = Vec::with_capacity(urls.len());
+        for url in &urls {
+            views.push(match crate::http::get(&client, url).await {
+                Some((200, body)) => digest(&body).unwrap_or_else(|| "unreadable".into()),
+                _ => "gateway-down".into(),
+            });
+        }
+        let mut digest = views.join(" | ");
         for (c, last) in cells.iter().zip(known.iter_mut()) {
             // A record that cannot be read now (etcd down) is not a
             // change: the last one read stands.
@@ -223,7 +230,7 @@ impl Drill {
             }
         };
         let homes = home_cells(&topo.rules, s.workload.users)?;
-        let (gateways, admin) = (topo.gateways(), topo.admin);
+        let (gateways, admins) = (topo.gateways(), topo.admins.clone());
         let records = (topo.cells.clone(), topo.records());
         let topo = Arc::new(Mutex::new(topo));
 
@@ -255,7 +262,7 @@ impl Drill {
         );
         let start = Instant::now();
         let probe_stop = Arc::new(AtomicBool::new(false));
-        let probes = tokio::spawn(probe(admin, records, start, probe_stop.clone()));
+        let probes = tokio::spawn(probe(admins, records, start, probe_stop.clone()));
         let watcher = s
             .max_error_ratio
             .map(|max| tokio::spawn(watch_errors(live.clone(), max, stop.clone())));
