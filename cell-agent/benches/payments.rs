@@ -8,6 +8,11 @@
 //!   PAYMENTS_JOURNAL=1 cargo bench -p cell-agent --bench payments   # with --journal
 //!   PAYMENTS_REPLICATE=1 cargo bench -p cell-agent --bench payments # and a synchronous standby
 //!
+//! After the figures it prints where a write's time went, from the agents'
+//! own histograms over the run (means): the primary's handling of a
+//! request, the store's part of it, the standby's acknowledgement after the
+//! commit, and the standby's handling of a shipment.
+//!
 //! Loopback only; bounded by PAYMENTS_SECONDS. Figures: docs/benchmarks.md.
 
 use std::io::{BufRead, BufReader};
@@ -110,9 +115,11 @@ fn main() {
     let db = dir.join("cell-a.db");
     let mut children = Vec::new();
     let mut standby_internal = None;
+    let mut standby_metrics: Option<String> = None;
     if replicate {
-        let (child, _, internal) =
+        let (child, standby_addr, internal) =
             start_agent("cell-b", &dir.join("cell-b.db"), &rules, &secret, &[]);
+        standby_metrics = Some(format!("http://{standby_addr}/metrics"));
         children.push(child);
         standby_internal = internal;
     }
@@ -143,10 +150,11 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let (elapsed, latencies) = rt.block_on(async move {
+    let (elapsed, latencies, stages) = rt.block_on(async move {
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(workers)
             .build_http();
+        let (metrics_client, metrics_url) = (client.clone(), format!("http://{addr}/metrics"));
         let post = move |path: String, user: String, body: String| {
             let client = client.clone();
             let addr = addr.clone();
@@ -172,6 +180,11 @@ fn main() {
             .await;
             assert!(s.is_success(), "{s} {b:?}");
         }
+        let before = scrape(&metrics_client, &metrics_url).await;
+        let standby_before = match &standby_metrics {
+            Some(url) => Some(scrape(&metrics_client, url).await),
+            None => None,
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let start = Instant::now();
         let mut tasks = Vec::new();
@@ -209,7 +222,14 @@ fn main() {
         for t in tasks {
             all.extend(t.await.unwrap());
         }
-        (start.elapsed(), all)
+        let elapsed = start.elapsed();
+        let after = scrape(&metrics_client, &metrics_url).await;
+        let standby_after = match &standby_metrics {
+            Some(url) => Some(scrape(&metrics_client, url).await),
+            None => None,
+        };
+        let standby = standby_before.as_ref().zip(standby_after.as_ref());
+        (elapsed, all, stages((&before, &after), standby))
     });
     for mut child in children {
         let _ = child.kill();
@@ -228,6 +248,9 @@ fn main() {
         pct(0.99),
         pct(1.0)
     );
+    // Where a write request's time goes, from the primary agent's own
+    // histograms over the measured run (means).
+    println!("{stages}");
     let report = cell_agent::check::check(&db).expect("check");
     println!(
         "check: {} (balance total {}, {} orders)",
@@ -251,3 +274,66 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(report.ok(), "{:?}", report.violations);
 }
+
+/// The primary agent's `/metrics` as `series -> value`.
+async fn scrape(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    url: &str,
+) -> Metrics {
+    let req = http::Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.expect("metrics");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Where a write's time goes, as means over the run from the difference
+/// of two scrapes of each agent: the primary's handling of a request, the
+/// store's part of it (queue, batch, commit and, replicated, the standby's
+/// acknowledgement), the standby's acknowledgement after the commit (per
+/// batch), and the standby's handling of a shipment.
+fn stages((before, after): (&Metrics, &Metrics), standby: Option<(&Metrics, &Metrics)>) -> String {
+    let mean = |(b, a): (&Metrics, &Metrics), name: &str, label: &str| {
+        let total = |m: &Metrics, suffix: &str| -> f64 {
+            m.iter()
+                .filter(|(k, _)| {
+                    let (n, labels) = k.split_once('{').unwrap_or((k.as_str(), ""));
+                    n == format!("{name}{suffix}") && labels.contains(label)
+                })
+                .map(|(_, v)| v)
+                .sum()
+        };
+        let (sum, count) = (
+            total(a, "_sum") - total(b, "_sum"),
+            total(a, "_count") - total(b, "_count"),
+        );
+        if count > 0.0 {
+            format!("{:.2} ms (×{count:.0})", 1000.0 * sum / count)
+        } else {
+            "-".to_string()
+        }
+    };
+    let mut out = format!(
+        "primary: request {}, store write {}, standby ack after commit {}",
+        mean((before, after), "cell_request_duration_seconds", ""),
+        mean((before, after), "cell_db_write_seconds", ""),
+        mean((before, after), "cellgate_replication_ack_seconds", ""),
+    );
+    if let Some(s) = standby {
+        out.push_str(&format!(
+            "; standby: shipment handled in {}",
+            mean(s, "cell_request_duration_seconds", "route=\"journal\"")
+        ));
+    }
+    out
+}
+
+type Metrics = std::collections::HashMap<String, f64>;
