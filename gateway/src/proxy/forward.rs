@@ -230,9 +230,17 @@ impl Shared {
             out.upstream = Some(instance.address.clone());
             let exchange = self.exchange(gen, out, &decision, &mut conn, &mut body, &uploading);
             // The instance found down meanwhile (health checks): stop
-            // waiting for an answer that may never come.
+            // waiting for an answer that may never come. The wake-up is
+            // armed before the verdict is read, so a verdict given while
+            // the connection was being checked out is not missed (nothing
+            // was sent yet then: another instance is tried).
             let exchange = async {
                 let lost = instance.lost();
+                tokio::pin!(lost);
+                lost.as_mut().enable();
+                if !instance.active_up() {
+                    return Err(Failure::Unsent);
+                }
                 tokio::select! {
                     biased;
                     r = exchange => r,
