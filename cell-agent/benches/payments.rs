@@ -248,8 +248,8 @@ fn main() {
         pct(0.99),
         pct(1.0)
     );
-    // Where a write request's time goes, from the primary agent's own
-    // histograms over the measured run (means).
+    // Where a write's time goes, from the agents' own histograms over the
+    // measured run (means).
     println!("{stages}");
     let report = cell_agent::check::check(&db).expect("check");
     println!(
@@ -275,7 +275,7 @@ fn main() {
     assert!(report.ok(), "{:?}", report.violations);
 }
 
-/// The primary agent's `/metrics` as `series -> value`.
+/// An agent's `/metrics` as `series -> value`.
 async fn scrape(
     client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
     url: &str,

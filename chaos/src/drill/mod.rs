@@ -139,8 +139,8 @@ async fn watch_errors(live: Arc<Live>, max: f64, stop: Arc<AtomicBool>) -> Optio
 /// Checks every shard file's own invariants (`cell-agent check`: balances
 /// follow from the ledger, none negative, every order debited at most
 /// once, ...) every second while the workload runs; the first violation
-/// stops the workload, and its reason is returned. Each invariant is one
-/// query, so it reads one committed state of a file being written.
+/// stops the workload, and its reason is returned. A check reads one
+/// snapshot of a file being written (one read transaction).
 async fn watch_invariants(
     data: std::path::PathBuf,
     start: Instant,
